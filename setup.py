@@ -1,0 +1,36 @@
+"""Packaging for megatron-eslm.
+
+The top-level ``kernels/`` folder is installed as ``megatron_eslm.kernels`` (see ``package_dir``) so it
+never shadows, or is shadowed by, the unrelated PyPI package called ``kernels``.
+"""
+from setuptools import setup
+
+PACKAGES = [
+    "megatron_eslm",
+    "megatron_eslm.data",
+    "megatron_eslm.eslm",
+    "megatron_eslm.model",
+    "megatron_eslm.tokenizer",
+    "megatron_eslm.training",
+    "megatron_eslm.kernels",
+]
+
+setup(
+    name="megatron-eslm",
+    version="0.1.0",
+    description="Megatron-style GPT pretraining with ESLM (Efficient Selective Language Modeling)",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"megatron_eslm.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.3",
+        "numpy>=1.24",
+        "sentencepiece>=0.1.99",
+        "tensorboard>=2.12",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.14"],
+        "triton": ["triton>=2.3"],
+        "test": ["pytest>=7", "hypothesis>=6"],
+    },
+)
