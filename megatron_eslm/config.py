@@ -1,0 +1,314 @@
+"""One dataclass tree for a run, filled from Megatron-style flags (and an optional JSON file), validated
+before any work starts so that a bad value fails in one line instead of deep inside a training step."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from megatron_eslm.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    ffn_hidden_size: int | None = None  # None: 4 * hidden_size
+    seq_length: int = 1024
+    max_position_embeddings: int | None = None  # None: seq_length
+    make_vocab_size_divisible_by: int = 128
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    layernorm_epsilon: float = 1e-5
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer_type: str = "SentencePieceTokenizer"
+    tokenizer_model: str | None = None
+    num_workers: int = 2
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"  # cosine | linear | constant | WSD
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # None: train_iters
+    lr_wsd_decay_iters: int | None = None  # WSD: length of the final decay; None: 10% of decay iters
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int | None = None  # None: micro_batch_size (no accumulation)
+    train_iters: int = 1000
+    bf16: bool = False
+    seed: int = 1234
+    eval_interval: int = 1000
+    eval_iters: int = 10
+
+
+@dataclass
+class SelectionConfig:
+    selection: str = "eslm"  # none | eslm | random
+    eslm_score: str = "loss"  # loss | entropy
+    eslm_alpha: float = 0.5  # confidence level: the alpha-quantile of scores is the VaR threshold
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: str | None = None
+    metrics_file: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+SELECTIONS = ("none", "eslm", "random")
+SCORES = ("loss", "entropy")
+
+# Flags that are not dataclass fields: the launcher's rank argument and the config file itself.
+_NON_CONFIG_DESTS = {"local_rank", "config"}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; a bad flag should cost the user exactly one line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(message)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_section(parser: argparse.ArgumentParser, title: str, section: type, helps: dict[str, str]) -> None:
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(section):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = helps.get(f.name, "") + f" (default: {default})"
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            group.add_argument(_flag(f.name), action="store_true", help=help_text)
+        elif kind.startswith("list"):
+            group.add_argument(_flag(f.name), nargs="+", default=default, help=help_text)
+        else:
+            base = kind.split("|")[0].strip()
+            typ = {"int": int, "float": float, "str": str}[base]
+            group.add_argument(_flag(f.name), type=typ, default=default, help=help_text)
+
+
+_HELP = {
+    "num_layers": "transformer blocks",
+    "hidden_size": "model width",
+    "num_attention_heads": "attention heads (must divide --hidden-size)",
+    "ffn_hidden_size": "MLP width; unset means 4x hidden",
+    "seq_length": "tokens per training sample",
+    "max_position_embeddings": "learned position table size; unset means --seq-length",
+    "make_vocab_size_divisible_by": "pad the tokenizer vocabulary to a multiple of this",
+    "hidden_dropout": "dropout after attention/MLP and on embeddings",
+    "attention_dropout": "dropout on attention probabilities",
+    "init_method_std": "std of the normal weight init",
+    "layernorm_epsilon": "LayerNorm epsilon",
+    "data_path": "prefix of a .bin/.idx dataset (without _text_document suffix added)",
+    "split": "train,valid,test proportions over documents, e.g. 969,30,1",
+    "tokenizer_type": "SentencePieceTokenizer",
+    "tokenizer_model": "tokenizer model file",
+    "num_workers": "DataLoader worker processes",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate floor after decay",
+    "lr_decay_style": "one of " + ", ".join(LR_DECAY_STYLES),
+    "lr_warmup_iters": "linear warmup iterations",
+    "lr_decay_iters": "iterations over which to decay; unset means --train-iters",
+    "lr_wsd_decay_iters": "WSD only: length of the final decay phase",
+    "weight_decay": "AdamW weight decay (not applied to biases and norms)",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_eps": "AdamW epsilon",
+    "clip_grad": "global gradient-norm clip; 0 disables",
+    "micro_batch_size": "samples per forward/backward",
+    "global_batch_size": "samples per optimizer step (accumulates micro-batches)",
+    "train_iters": "optimizer steps",
+    "bf16": "bfloat16 autocast for the model (fp32 master weights)",
+    "seed": "seed for init, dropout, data order and random selection",
+    "eval_interval": "evaluate every N iterations (and at the end)",
+    "eval_iters": "validation batches per evaluation",
+    "selection": "token selection: " + ", ".join(SELECTIONS),
+    "eslm_score": "per-token score for the VaR threshold: " + ", ".join(SCORES),
+    "eslm_alpha": "confidence alpha in [0, 1): tokens below the alpha-quantile score are dropped",
+    "log_interval": "log every N iterations",
+    "tensorboard_dir": "write TensorBoard scalars here",
+    "metrics_file": "append JSON lines of metrics here",
+    "save": "checkpoint directory to write",
+    "load": "checkpoint directory to resume from",
+    "save_interval": "save every N iterations (and at the end when --save is set)",
+}
+
+_SECTIONS = (
+    ("model", "model", ModelConfig),
+    ("data", "data", DataConfig),
+    ("optimizer", "optimizer and learning rate", OptimizerConfig),
+    ("training", "training", TrainingConfig),
+    ("selection", "token selection (ESLM)", SelectionConfig),
+    ("logging", "logging", LoggingConfig),
+    ("checkpoint", "checkpointing", CheckpointConfig),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m megatron_eslm.pretrain",
+        description="Pretrain a GPT with ESLM token selection (Megatron-style flags).",
+    )
+    parser.add_argument("--config", help="JSON file of flag values (keys as flag names or dests); "
+                        "flags on the command line override it")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; the rank is read from the environment")
+    for _, title, section in _SECTIONS:
+        _add_section(parser, title, section, _HELP)
+    return parser
+
+
+def _file_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    try:
+        with open(path) as fh:
+            values = json.load(fh)
+    except OSError as err:
+        raise UserError(f"--config {path}: cannot read ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"--config {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    known = {a.dest for a in parser._actions}
+    out = {}
+    for key, value in values.items():
+        dest = key.lstrip("-").replace("-", "_")
+        if dest not in known or dest in _NON_CONFIG_DESTS | {"help"}:
+            raise UserError(f"--config {path}: unknown key '{key}'")
+        out[dest] = value
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Parse flags (over an optional --config file) into a validated Config."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_file_defaults(pre.config, parser))
+    args = parser.parse_args(argv)
+    cfg = Config()
+    for name, _, section in _SECTIONS:
+        sub = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            setattr(sub, f.name, getattr(args, f.name))
+    return finalize(cfg)
+
+
+def finalize(cfg: Config) -> Config:
+    """Fill derived defaults and reject inconsistent settings, each with one line naming the flag."""
+    m, t, o, s = cfg.model, cfg.training, cfg.optimizer, cfg.selection
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = 4 * m.hidden_size
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size
+    if o.lr_decay_iters is None:
+        o.lr_decay_iters = t.train_iters
+    validate(cfg)
+    return cfg
+
+
+def _positive(value: int | float, flag: str) -> None:
+    if value <= 0:
+        raise UserError(f"{flag} must be positive, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    m, t, o, s, d = cfg.model, cfg.training, cfg.optimizer, cfg.selection, cfg.data
+    for value, flag in ((m.num_layers, "--num-layers"), (m.hidden_size, "--hidden-size"),
+                        (m.num_attention_heads, "--num-attention-heads"), (m.seq_length, "--seq-length"),
+                        (m.ffn_hidden_size, "--ffn-hidden-size"),
+                        (m.make_vocab_size_divisible_by, "--make-vocab-size-divisible-by"),
+                        (t.micro_batch_size, "--micro-batch-size"), (t.global_batch_size, "--global-batch-size"),
+                        (t.train_iters, "--train-iters"), (t.eval_interval, "--eval-interval"),
+                        (cfg.logging.log_interval, "--log-interval"), (o.lr_decay_iters, "--lr-decay-iters")):
+        _positive(value, flag)
+    if m.hidden_size % m.num_attention_heads:
+        raise UserError(f"--hidden-size {m.hidden_size} is not divisible by "
+                        f"--num-attention-heads {m.num_attention_heads}")
+    if m.seq_length > m.max_position_embeddings:
+        raise UserError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
+                        f"{m.max_position_embeddings}")
+    for value, flag in ((m.hidden_dropout, "--hidden-dropout"), (m.attention_dropout, "--attention-dropout")):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"{flag} must be in [0, 1), got {value}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise UserError(f"--global-batch-size {t.global_batch_size} is not divisible by "
+                        f"--micro-batch-size {t.micro_batch_size}")
+    if t.eval_iters < 0:
+        raise UserError(f"--eval-iters must be >= 0, got {t.eval_iters}")
+    if not 0.0 <= s.eslm_alpha < 1.0:
+        raise UserError(f"--eslm-alpha must be in [0, 1), got {s.eslm_alpha}")
+    if s.selection not in SELECTIONS:
+        raise UserError(f"--selection must be one of {', '.join(SELECTIONS)}, got '{s.selection}'")
+    if s.eslm_score not in SCORES:
+        raise UserError(f"--eslm-score must be one of {', '.join(SCORES)}, got '{s.eslm_score}'")
+    if o.lr_decay_style not in LR_DECAY_STYLES:
+        raise UserError(f"--lr-decay-style must be one of {', '.join(LR_DECAY_STYLES)}, got '{o.lr_decay_style}'")
+    if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise UserError(f"--min-lr {o.min_lr} must be in [0, --lr {o.lr}]")
+    if o.lr_warmup_iters < 0 or o.lr_warmup_iters > o.lr_decay_iters:
+        raise UserError(f"--lr-warmup-iters {o.lr_warmup_iters} must be in [0, --lr-decay-iters {o.lr_decay_iters}]")
+    if o.lr_wsd_decay_iters is not None and not 0 <= o.lr_wsd_decay_iters <= o.lr_decay_iters - o.lr_warmup_iters:
+        raise UserError(f"--lr-wsd-decay-iters {o.lr_wsd_decay_iters} must fit after warmup within "
+                        f"--lr-decay-iters {o.lr_decay_iters}")
+    if o.clip_grad < 0:
+        raise UserError(f"--clip-grad must be >= 0, got {o.clip_grad}")
+    if not d.data_path:
+        raise UserError("--data-path is required")
+    if len(d.data_path) != 1:
+        raise UserError(f"--data-path takes one dataset prefix, got {len(d.data_path)}")
+    if d.tokenizer_model is None:
+        raise UserError("--tokenizer-model is required")
+    if not os.path.exists(d.tokenizer_model):
+        raise UserError(f"--tokenizer-model {d.tokenizer_model}: file not found")
+    if d.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {d.num_workers}")
+    ck = cfg.checkpoint
+    if ck.save_interval is not None and ck.save_interval <= 0:
+        raise UserError(f"--save-interval must be positive, got {ck.save_interval}")
+    if ck.save_interval is not None and ck.save is None:
+        raise UserError("--save-interval needs --save")

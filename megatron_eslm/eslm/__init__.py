@@ -1,0 +1,1 @@
+"""ESLM token selection: scores, the value-at-risk threshold, and selection policies."""

@@ -1,0 +1,1 @@
+"""GPT model: transformer blocks, embeddings and the selective LM head."""

@@ -1,0 +1,1 @@
+"""Training: the step, optimizer and schedule, checkpoints, FLOPs accounting and logging."""

@@ -1,0 +1,32 @@
+"""Learning-rate schedules (Megatron's OptimizerParamScheduler semantics), as a pure function of the step.
+
+Linear warmup from 0 to --lr over --lr-warmup-iters, then over the remaining --lr-decay-iters:
+cosine or linear decay to --min-lr, constant, or warmup-stable-decay (WSD: hold --lr, then decay
+linearly to --min-lr over the last --lr-wsd-decay-iters). After --lr-decay-iters the rate is --min-lr.
+"""
+from __future__ import annotations
+
+import math
+
+from megatron_eslm.config import OptimizerConfig
+
+
+def learning_rate(cfg: OptimizerConfig, step: int) -> float:
+    """Rate used by optimizer step number `step` (1-based)."""
+    max_lr, min_lr, warmup, decay = cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters
+    if warmup > 0 and step <= warmup:
+        return max_lr * step / warmup
+    if cfg.lr_decay_style == "constant":
+        return max_lr
+    if step > decay:
+        return min_lr
+    if cfg.lr_decay_style == "WSD":
+        wsd = cfg.lr_wsd_decay_iters if cfg.lr_wsd_decay_iters is not None else max(1, (decay - warmup) // 10)
+        start = decay - wsd
+        if step <= start:
+            return max_lr
+        return min_lr + (max_lr - min_lr) * (decay - step) / max(wsd, 1)
+    ratio = (step - warmup) / max(decay - warmup, 1)
+    if cfg.lr_decay_style == "linear":
+        return min_lr + (max_lr - min_lr) * (1.0 - ratio)
+    return min_lr + (max_lr - min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)

@@ -1,0 +1,258 @@
+"""The training loop. One step, top to bottom:
+
+  for each micro-batch of the global batch:
+      hidden = model(tokens)                                  # transformer forward, all tokens
+      out = model.loss(hidden, labels, policy)                # LM-head pass 1 over all tokens -> scores,
+                                                              # policy -> kept tokens (VaR threshold),
+                                                              # loss = mean loss of the kept tokens
+      (out.loss / num_micro_batches).backward()               # LM-head backward over kept rows only,
+                                                              # then the dense transformer backward
+  clip gradients, set the learning rate, optimizer step, log, evaluate, save.
+
+The ESLM threshold covers one micro-batch: the backward of a micro-batch cannot wait for the scores of
+micro-batches that have not run yet (the same holds for pipelining). Each micro-batch's loss is its kept
+mean, and micro-batches are averaged, like Megatron's dense loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from megatron_eslm.config import Config
+from megatron_eslm.data.gpt_dataset import build_train_valid_test_datasets
+from megatron_eslm.data.samplers import ResumableBatchSampler
+from megatron_eslm.errors import UserError
+from megatron_eslm.eslm.policies import build_policy
+from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
+from megatron_eslm.tokenizer import build_tokenizer
+from megatron_eslm.training import checkpointing
+from megatron_eslm.training.flops import StepFlops, micro_batch_flops
+from megatron_eslm.training.lr_schedule import learning_rate
+from megatron_eslm.training.metrics import MetricsWriter
+from megatron_eslm.training.optimizer import build_optimizer
+from megatron_eslm.training.progress import progress_bar
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def check_single_process() -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise UserError(f"WORLD_SIZE={world}: this build trains in one process; launch with one process "
+                        "(torchrun --nproc_per_node 1, deepspeed --num_gpus 1)")
+
+
+@dataclass
+class StepStats:
+    """Sums over the micro-batches of one optimizer step."""
+    loss_sum: float = 0.0
+    valid: int = 0
+    kept_loss_sum: float = 0.0
+    kept: int = 0
+    thresholds: list[float] = field(default_factory=list)
+    flops: StepFlops = field(default_factory=StepFlops)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, device: torch.device | None = None, log=print):
+        check_single_process()
+        self.cfg = cfg
+        self.log = log
+        self.device = device or default_device()
+        set_seed(cfg.training.seed)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by)
+        self.model = GPTModel(cfg.model, self.vocab_size).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.policy = build_policy(cfg.selection)
+        self.iteration = 0
+        self.consumed_samples = 0
+        t = cfg.training
+        self.num_micro_batches = t.global_batch_size // t.micro_batch_size
+        eval_samples = t.eval_iters * t.global_batch_size
+        self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
+            cfg.data.data_path[0], cfg.data.split, cfg.model.seq_length, t.seed,
+            t.train_iters * t.global_batch_size, eval_samples, 0)
+        if self.train_ds is None:
+            raise UserError(f"--split {cfg.data.split}: the train split of {cfg.data.data_path[0]} is empty")
+        if cfg.checkpoint.load:
+            self._load(cfg.checkpoint.load)
+        self.metrics = MetricsWriter(cfg.logging.metrics_file, cfg.logging.tensorboard_dir)
+
+    # ----------------------------------------------------------------- data
+    def _loader(self, dataset, total: int, consumed: int) -> DataLoader:
+        sampler = ResumableBatchSampler(total, consumed, self.cfg.training.micro_batch_size)
+        # A private generator: DataLoader otherwise draws its worker seed from the global RNG, which would
+        # shift the dropout stream between an uninterrupted and a resumed run.
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+                          generator=torch.Generator().manual_seed(self.cfg.training.seed),
+                          pin_memory=self.device.type == "cuda")
+
+    def _autocast(self):
+        if self.cfg.training.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------- step
+    def train_step(self, batches) -> StepStats:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = StepStats()
+        for _ in range(self.num_micro_batches):
+            batch = next(batches)
+            tokens = batch["tokens"].to(self.device, non_blocking=True)
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            with self._autocast():
+                hidden = self.model(tokens)
+                out = self.model.loss(hidden, labels, self.policy)
+            (out.loss / self.num_micro_batches).backward()
+            scores, sel = out.scores, out.selection
+            kept = int(sel.kept.sum())
+            stats.loss_sum += float(scores.loss.sum())
+            stats.valid += int(scores.valid.sum())
+            stats.kept_loss_sum += float(scores.loss[sel.kept].sum())
+            stats.kept += kept
+            if sel.threshold is not None:
+                stats.thresholds.append(sel.threshold)
+            stats.flops += micro_batch_flops(self.cfg.model, self.vocab_size, tokens.numel(),
+                                             int(scores.valid.sum()), kept, selective=self.policy is not None)
+        return stats
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        clip = self.cfg.optimizer.clip_grad
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+        lr = learning_rate(self.cfg.optimizer, self.iteration + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return lr, grad_norm
+
+    # ----------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        """Loss over ALL valid tokens of the same first --eval-iters validation batches each time, so
+        evaluations are comparable across the run (and before/after training)."""
+        if self.valid_ds is None or self.cfg.training.eval_iters == 0:
+            return None
+        self.model.eval()
+        total = min(len(self.valid_ds), self.cfg.training.eval_iters * self.cfg.training.global_batch_size)
+        loss_sum, count = 0.0, 0
+        for batch in self._loader(self.valid_ds, total, 0):
+            with self._autocast():
+                hidden = self.model(batch["tokens"].to(self.device))
+                out = self.model.loss(hidden, batch["labels"].to(self.device), None)
+            loss_sum += float(out.scores.loss.sum())
+            count += int(out.scores.valid.sum())
+        self.model.train()
+        val_loss = loss_sum / max(count, 1)
+        return {"iteration": self.iteration, "split": "valid", "val_loss": val_loss,
+                "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    # ----------------------------------------------------------------- loop
+    def train(self) -> list[dict]:
+        """Run to --train-iters; returns the logged training records."""
+        cfg, t = self.cfg, self.cfg.training
+        batches = iter(self._loader(self.train_ds, len(self.train_ds), self.consumed_samples))
+        records = []
+        start_iteration, start = self.iteration, time.perf_counter()
+        while self.iteration < t.train_iters:
+            tic = time.perf_counter()
+            stats = self.train_step(batches)
+            lr, grad_norm = self._optimizer_step()
+            self.iteration += 1
+            self.consumed_samples += t.global_batch_size
+            elapsed = time.perf_counter() - tic
+            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
+                record = self._train_record(stats, lr, grad_norm, elapsed)
+                records.append(record)
+                self.metrics.write(record)
+                self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
+            if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
+                self._log_eval()
+            save = cfg.checkpoint
+            if save.save and ((save.save_interval and self.iteration % save.save_interval == 0)
+                              or self.iteration == t.train_iters):
+                self.save(save.save)
+        return records
+
+    def _train_record(self, stats: StepStats, lr: float, grad_norm: float, elapsed: float) -> dict:
+        tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length
+        return {
+            "iteration": self.iteration,
+            "lm_loss": stats.loss_sum / max(stats.valid, 1),
+            "kept_loss": stats.kept_loss_sum / max(stats.kept, 1),
+            "kept_fraction": stats.kept / max(stats.valid, 1),
+            "threshold": sum(stats.thresholds) / len(stats.thresholds) if stats.thresholds else None,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens / elapsed,
+            "iteration_time_ms": 1000.0 * elapsed,
+            "executed_flops": stats.flops.executed,
+            "dense_flops": stats.flops.dense,
+            "consumed_samples": self.consumed_samples,
+        }
+
+    def _console_line(self, r: dict, elapsed: float, start_iteration: int) -> str:
+        done = self.iteration - start_iteration
+        todo = self.cfg.training.train_iters - start_iteration
+        threshold = "-" if r["threshold"] is None else f"{r['threshold']:.3f}"
+        return (f"{progress_bar(done, todo, elapsed)} | iter {self.iteration} | lm loss {r['lm_loss']:.4f} | "
+                f"kept loss {r['kept_loss']:.4f} | kept {r['kept_fraction']:.2f} | threshold {threshold} | "
+                f"lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | {r['tokens_per_sec']:.0f} tok/s | "
+                f"flops {r['executed_flops'] / r['dense_flops']:.3f}x dense")
+
+    def _log_eval(self) -> None:
+        record = self.evaluate()
+        if record is not None:
+            self.metrics.write(record)
+            self.log(f"validation at iter {record['iteration']} | loss {record['val_loss']:.4f} | "
+                     f"ppl {record['val_ppl']:.2f}")
+
+    # ----------------------------------------------------------------- checkpoints
+    def save(self, root: str) -> str:
+        path = checkpointing.save_checkpoint(root, self.iteration, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"num_steps": self.iteration},
+            "consumed_samples": self.consumed_samples,
+            "config": self.cfg.to_dict(),
+        })
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    def _load(self, root: str) -> None:
+        state = checkpointing.load_checkpoint(root)
+        if state is None:
+            self.log(f"no checkpoint under --load {root}; starting from scratch")
+            return
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise UserError(f"--load {root}: checkpoint does not fit this model ({first})") from None
+        self.iteration = state["iteration"]
+        self.consumed_samples = state["consumed_samples"]
+        self.log(f"resumed from {root} at iteration {self.iteration} ({self.consumed_samples} samples)")
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny tokenizer and dataset generated on the fly (no downloads, no shared files)."""
+import json
+import random
+
+import pytest
+
+from megatron_eslm.data.preprocess import preprocess
+from megatron_eslm.tokenizer.train import train_sentencepiece
+
+WORDS = ("the king queen castle river stone bread wine sword horse night morning speaks rides "
+         "walks sings holds sees loves fears and with under over near far old young red green").split()
+
+
+def synthetic_text(rng: random.Random, sentences: int) -> str:
+    """Sentences from a tiny grammar: learnable structure, so a few steps visibly lower the loss."""
+    out = []
+    for _ in range(sentences):
+        subject, verb, obj = rng.choice(WORDS[:8]), rng.choice(WORDS[12:18]), rng.choice(WORDS[:12])
+        out.append(f"the {rng.choice(WORDS[26:])} {subject} {verb} the {obj} {rng.choice(WORDS[18:26])} the river.")
+    return " ".join(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """(data_prefix, tokenizer_model) of ~400 small documents."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    jsonl = root / "corpus.jsonl"
+    with open(jsonl, "w") as fh:
+        for _ in range(400):
+            fh.write(json.dumps({"text": synthetic_text(rng, rng.randint(3, 12))}) + "\n")
+    train_sentencepiece([str(jsonl)], 200, str(root / "tok"))
+    model = str(root / "tok.model")
+    preprocess(str(jsonl), str(root / "corpus"), tokenizer_type="SentencePieceTokenizer",
+               tokenizer_model=model, append_eod=True, workers=1)
+    return str(root / "corpus_text_document"), model
