@@ -1,0 +1,1 @@
+"""Datasets: Megatron indexed token files, GPT samples over them, and resumable samplers."""
