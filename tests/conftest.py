@@ -29,7 +29,7 @@ def tiny_corpus(tmp_path_factory):
     with open(jsonl, "w") as fh:
         for _ in range(400):
             fh.write(json.dumps({"text": synthetic_text(rng, rng.randint(3, 12))}) + "\n")
-    train_sentencepiece([str(jsonl)], 200, str(root / "tok"))
+    train_sentencepiece([str(jsonl)], 320, str(root / "tok"))
     model = str(root / "tok.model")
     preprocess(str(jsonl), str(root / "corpus"), tokenizer_type="SentencePieceTokenizer",
                tokenizer_model=model, append_eod=True, workers=1)

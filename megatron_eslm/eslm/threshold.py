@@ -23,7 +23,7 @@ def var_threshold(scores: torch.Tensor, valid: torch.Tensor, alpha: float) -> to
     if values.numel() == 0:
         return None
     # kthvalue is a selection (O(n)), not a sort; it is 1-based.
-    return values.float().kthvalue(var_index(alpha, values.numel()) + 1).values
+    return values.kthvalue(var_index(alpha, values.numel()) + 1).values
 
 
 def keep_mask(scores: torch.Tensor, valid: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
