@@ -1,0 +1,362 @@
+"""Triton passes of the selective LM head: same functions, signatures and semantics as ``lm_head_torch``.
+
+Design (why each pass looks the way it does):
+
+* Pass 1 (``lm_head_scores``) is one kernel that computes logit tiles with ``tl.dot`` (looping over the
+  hidden dimension) and folds them into online softmax statistics while sweeping the vocabulary; logits
+  never reach memory. Each program writes four per-row *partials* for its vocabulary range (max, sum-exp,
+  target logit, sum of exp-weighted shifted logits) and a few elementwise torch ops turn them into loss,
+  lse and entropy. With few rows the vocabulary is split across programs so every SM has work; the same
+  partials serve vocab-parallel (tensor-parallel) heads, see ``lm_head_partials`` / ``combine_partials``.
+* Pass 2 (``lm_head_backward_rows``) walks the kept rows in chunks. Per chunk a Triton kernel recomputes
+  the logit tiles of the kept rows and writes ``(softmax - onehot) * grad_scale`` into a bounded
+  ``[chunk, V]`` buffer in the hidden dtype; then ``grad_hidden = d_logits @ W`` is a cuBLAS GEMM
+  (torch.mm, fp32 accumulation inside) and ``grad_weight += d_logits.T @ hidden[rows]`` is a Triton
+  kernel that gathers the kept rows itself and accumulates into the float32 weight gradient, so nothing is
+  rounded to 16 bits between chunks. The grid only covers kept rows: dropped rows cost nothing.
+* ``lm_head_fused_dense`` is pass 1 followed by pass 2 over every valid row: one logits GEMM more than a
+  true single pass, in exchange for never holding float32 logits (only the 16-bit d_logits chunk).
+
+Precision: tiles are accumulated in the score dtype (float32, float64 for float64 inputs). Float32 dots
+use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` allows it for torch matmuls.
+
+Triton is imported on the first kernel launch, not with this module: the module imports (and can be
+registered) without triton, and ``TRITON_INTERPRET=1`` (kernels run by triton's interpreter on CPU tensors)
+only has to be set before triton itself is first imported.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import SimpleNamespace
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Bytes of the [chunk, V] d_logits buffer of pass 2. Large chunks matter on GPUs: every chunk re-reads
+# and re-writes the [V, H] float32 weight gradient, which must stay small next to the chunk's GEMMs.
+CHUNK_BYTES = {"cpu": 2**20}
+DEFAULT_CHUNK_BYTES = 2**30
+PROGRAMS_PER_SM = 2  # pass 1 splits the vocabulary until this many programs per SM exist
+MIN_SPLIT_COLUMNS = 4096  # ... but never into ranges narrower than this
+# Autotune candidates (three block sizes, warps, stages) for Hopper: (rows, vocab, hidden) tiles of the
+# logits GEMM and (vocab, hidden, rows) tiles of the weight-gradient GEMM. The last, small tile is there
+# because its shared memory also fits float64 operands.
+LOGIT_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4),
+               (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 32, 4, 2)]
+GRAD_WEIGHT_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                     (64, 128, 64, 4, 4), (64, 64, 32, 4, 2)]
+INTERPRETER_TILE = (16, 16, 16, 1, 1)  # a single config: the interpreter then skips benchmarking
+tl = None  # triton.language, bound by _kernels() on the first launch
+
+
+def is_available() -> bool:
+    """True when triton is installed and kernels can run: on CUDA, or on CPU through TRITON_INTERPRET=1."""
+    return importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Partials(NamedTuple):
+    """Per-row softmax statistics over one vocabulary range, mergeable across ranges.
+
+    Fields are [N] (one range) or [R, N] (R ranges stacked); all in the score dtype.
+    """
+
+    row_max: Tensor  # max logit over the range
+    sumexp: Tensor  # sum exp(logit - row_max)
+    target: Tensor  # logit of the label, 0 when the label lies outside the range (or is ignored)
+    sum_shifted: Tensor  # sum exp(logit - row_max) * (logit - row_max)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+def _logits_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask, H, stride_h, stride_w,
+                 ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """hidden[rows] @ weight[cols].T as a [BLOCK_N, BLOCK_V] tile in ACC; masked entries are 0."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
+    for start in range(0, H, BLOCK_H):
+        ks = start + tl.arange(0, BLOCK_H)
+        k_mask = ks[None, :] < H
+        h = tl.load(h_rows + ks[None, :], mask=row_mask[:, None] & k_mask, other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask, other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+def _partials_kernel(h_ptr, w_ptr, label_ptr, max_ptr, sumexp_ptr, target_ptr, shifted_ptr,
+                     N, V, H, split_width, stride_h, stride_w, DOT_PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Grid (row blocks, vocab splits): Partials of BLOCK_N rows over columns [split * split_width, +width)."""
+    acc_dtype = max_ptr.dtype.element_ty
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    labels = tl.load(label_ptr + rows, mask=row_mask, other=-1)
+    v_start = split * split_width
+    v_end = tl.minimum(v_start + split_width, V)
+    # -1e30 is a finite "minus infinity": it keeps 0 * (-inf) = NaN out of the online rescaling.
+    row_max = tl.full((BLOCK_N,), -1e30, acc_dtype)
+    sumexp = tl.zeros((BLOCK_N,), acc_dtype)
+    target = tl.zeros((BLOCK_N,), acc_dtype)
+    sum_shifted = tl.zeros((BLOCK_N,), acc_dtype)
+    for v in range(v_start, v_end, BLOCK_V):
+        cols = v + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        logits = _logits_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask, H, stride_h, stride_w,
+                              acc_dtype, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        logits = tl.where(col_mask[None, :], logits, -1e30)
+        is_target = (cols[None, :] == labels[:, None]) & col_mask[None, :]
+        target += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        max_shift = row_max - new_max  # <= 0; rescales what was accumulated against the old max
+        alpha = tl.exp(max_shift)
+        shifted = logits - new_max[:, None]
+        exp = tl.exp(shifted)
+        sum_shifted = alpha * (sum_shifted + max_shift * sumexp) + tl.sum(exp * shifted, axis=1)
+        sumexp = alpha * sumexp + tl.sum(exp, axis=1)
+        row_max = new_max
+    out = split * N + rows
+    tl.store(max_ptr + out, row_max, mask=row_mask)
+    tl.store(sumexp_ptr + out, sumexp, mask=row_mask)
+    tl.store(target_ptr + out, target, mask=row_mask)
+    tl.store(shifted_ptr + out, sum_shifted, mask=row_mask)
+
+
+def _logit_grad_kernel(h_ptr, w_ptr, rows_ptr, label_ptr, lse_ptr, scale_ptr, d_ptr, K, V, H,
+                       stride_h, stride_w, stride_d, DOT_PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """d[k, v] = (softmax - onehot(label))[rows[k], v] * scale for K gathered rows; 1-D grid over tiles.
+
+    Row blocks vary fastest, so programs running together share a weight tile through L2.
+    """
+    row_blocks = tl.cdiv(K, BLOCK_N)
+    pid = tl.program_id(0)
+    ks = (pid % row_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = ks < K
+    rows = tl.load(rows_ptr + ks, mask=k_mask, other=0)
+    labels = tl.load(label_ptr + rows, mask=k_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=k_mask, other=0.0)
+    cols = (pid // row_blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    logits = _logits_tile(h_ptr, w_ptr, rows, k_mask, cols, col_mask, H, stride_h, stride_w,
+                          lse_ptr.dtype.element_ty, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    d = tl.exp(logits - lse[:, None]) - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+    d = d * tl.load(scale_ptr)
+    tl.store(d_ptr + ks.to(tl.int64)[:, None] * stride_d + cols[None, :], d.to(d_ptr.dtype.element_ty),
+             mask=k_mask[:, None] & col_mask[None, :])
+
+
+def _grad_weight_kernel(d_ptr, h_ptr, rows_ptr, gw_ptr, K, V, H, stride_d, stride_h, stride_gw,
+                        DOT_PRECISION: tl.constexpr,
+                        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gw[V, H] += d[K, V].T @ hidden[rows[K]] in gw's dtype; 1-D grid over (vocab, hidden) tiles."""
+    h_blocks = tl.cdiv(H, BLOCK_H)
+    pid = tl.program_id(0)
+    cols = (pid // h_blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
+    hs = (pid % h_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < V
+    h_mask = hs < H
+    acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=gw_ptr.dtype.element_ty)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        rows = tl.load(rows_ptr + ks, mask=k_mask, other=0)
+        d = tl.load(d_ptr + ks.to(tl.int64)[:, None] * stride_d + cols[None, :],
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_h + hs[None, :],
+                    mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(d), h, acc, input_precision=DOT_PRECISION)
+    out = gw_ptr + cols.to(tl.int64)[:, None] * stride_gw + hs[None, :]
+    mask = col_mask[:, None] & h_mask[None, :]
+    tl.store(out, tl.load(out, mask=mask) + acc, mask=mask)
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    """Import triton and decorate the kernels on first launch rather than at import.
+
+    Importing this module (to register it, say) then needs no triton, and does not fix too early whether
+    triton runs compiled or interpreted: triton decides that when it is imported, from TRITON_INTERPRET.
+    """
+    import triton
+    import triton.language as tl
+
+    # The kernel bodies above resolve these module globals when triton compiles or interprets them.
+    globals().update(tl=tl, _logits_tile=triton.jit(_logits_tile))
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+
+    def tuned(kernel, names: tuple[str, str, str], tiles: list[tuple[int, ...]], **kwargs):
+        """Autotuned on the problem width (H, V), never on the row count, which changes every step."""
+        configs = [triton.Config(dict(zip(names, tile[:3])), num_warps=tile[3], num_stages=tile[4])
+                   for tile in ([INTERPRETER_TILE] if interpret else tiles)]
+        return triton.autotune(configs, key=["H", "V"], **kwargs)(triton.jit(kernel))
+
+    logit_blocks = ("BLOCK_N", "BLOCK_V", "BLOCK_H")
+    return SimpleNamespace(
+        partials=tuned(_partials_kernel, logit_blocks, LOGIT_TILES),
+        logit_grad=tuned(_logit_grad_kernel, logit_blocks, LOGIT_TILES),
+        # restore_value: tuning runs the accumulating kernel several times on the real gradient.
+        grad_weight=tuned(_grad_weight_kernel, ("BLOCK_V", "BLOCK_H", "BLOCK_K"), GRAD_WEIGHT_TILES,
+                          restore_value=["gw_ptr"]))
+
+
+# ------------------------------------------------------------------------------------------- host side
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the tile accumulators, softmax statistics and weight gradient: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """TF32 for float32 dots only where torch matmuls would use it too."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Row-major hidden and the weight cast to the hidden dtype (tl.dot needs one dtype)."""
+    return hidden.contiguous(), weight.to(hidden.dtype).contiguous()
+
+
+def _vocab_splits(num_rows: int, vocab: int, device: torch.device) -> int:
+    """How many vocabulary ranges pass 1 scores in separate programs, so that few rows still fill the GPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = _cdiv(PROGRAMS_PER_SM * sms, _cdiv(num_rows, 128))
+    return max(1, min(wanted, vocab // MIN_SPLIT_COLUMNS))
+
+
+def _split_partials(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, ignore_index: int
+                    ) -> Partials:
+    """[S, N] Partials over S contiguous ranges of the shard ``weight`` (head rows vocab_start..)."""
+    (num_rows, hidden_size), vocab = hidden.shape, weight.shape[0]
+    local_labels = torch.where(labels == ignore_index, -1, labels - vocab_start)  # -1 never matches a column
+    width = _cdiv(vocab, _vocab_splits(num_rows, vocab, hidden.device))
+    splits = _cdiv(vocab, width)
+    partials = Partials(*(hidden.new_empty(splits, num_rows, dtype=score_dtype(hidden.dtype)) for _ in range(4)))
+    if num_rows:
+        grid = lambda meta: (_cdiv(num_rows, meta["BLOCK_N"]), splits)  # noqa: E731
+        _kernels().partials[grid](hidden, weight, local_labels, *partials, num_rows, vocab, hidden_size, width,
+                               hidden.stride(0), weight.stride(0), DOT_PRECISION=_dot_precision(hidden.dtype))
+    return partials
+
+
+def rescale_partials(partials: Partials, new_max: Tensor) -> Partials:
+    """The same statistics expressed relative to ``new_max`` (>= row_max, broadcastable)."""
+    max_shift = partials.row_max - new_max
+    alpha = max_shift.exp()
+    return Partials(new_max.expand_as(partials.row_max), partials.sumexp * alpha, partials.target,
+                    alpha * (partials.sum_shifted + max_shift * partials.sumexp))
+
+
+def merge_partials(stacked: Partials) -> Partials:
+    """Fold [R, N] partials of disjoint vocabulary ranges into the [N] partials of their union."""
+    rescaled = rescale_partials(stacked, stacked.row_max.amax(dim=0))
+    return Partials(rescaled.row_max[0], *(field.sum(dim=0) for field in rescaled[1:]))
+
+
+def combine_partials(partials: Partials, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse, entropy) from the partials of the whole vocabulary; loss is 0 where ``valid`` is False.
+
+    Accepts [R, N] partials of R disjoint shards (gathered from the vocab-parallel ranks), or [N] partials
+    already reduced over the ranks. The all-reduce a vocab-parallel caller does (two collectives)::
+
+        p = lm_head_partials(hidden, weight_shard, labels, vocab_start, ignore_index)
+        global_max = p.row_max.clone(); dist.all_reduce(global_max, op=ReduceOp.MAX, group=tp)
+        q = rescale_partials(p, global_max)
+        sums = torch.stack([q.sumexp, q.target, q.sum_shifted]); dist.all_reduce(sums, group=tp)  # SUM
+        loss, lse, entropy = combine_partials(Partials(global_max, *sums), labels != ignore_index)
+    """
+    if partials.row_max.dim() == 2:
+        partials = merge_partials(partials)
+    log_z = partials.sumexp.log()
+    lse = partials.row_max + log_z
+    loss = torch.where(valid, lse - partials.target, 0.0)
+    return loss, lse, log_z - partials.sum_shifted / partials.sumexp
+
+
+@torch.no_grad()
+def lm_head_partials(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int,
+                     ignore_index: int = -100) -> Partials:
+    """[N] Partials of ``hidden @ weight.T`` for a vocab shard: ``weight`` holds rows vocab_start.. of the head.
+
+    Labels outside the shard (and ignored labels) contribute a target of 0, so summing ``target`` over the
+    shards yields the label logit.
+    """
+    return merge_partials(_split_partials(*_operands(hidden, weight), labels, vocab_start, ignore_index))
+
+
+@torch.no_grad()
+def lm_head_scores(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
+                   chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1: per-row (loss, lse, entropy) for all N rows; no logits are written to memory.
+
+    Ignored rows get loss 0. ``chunk_rows`` is accepted for signature parity and unused: pass 1 needs no
+    buffer.
+    """
+    partials = _split_partials(*_operands(hidden, weight), labels, 0, ignore_index)
+    return combine_partials(partials, labels != ignore_index)
+
+
+def _chunk_rows(num_rows: int, vocab: int, hidden: Tensor) -> int:
+    """Rows per pass-2 chunk so that one [chunk, vocab] d_logits buffer fits the device's byte budget."""
+    budget = CHUNK_BYTES.get(hidden.device.type, DEFAULT_CHUNK_BYTES)
+    return max(1, min(num_rows, budget // (vocab * hidden.element_size())))
+
+
+@torch.no_grad()
+def lm_head_backward_rows(hidden: Tensor, weight: Tensor, labels: Tensor, rows: Tensor, lse: Tensor,
+                          grad_scale: float | Tensor, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """Pass 2: gradients of grad_scale * sum(loss[rows]) w.r.t. hidden[rows] and weight.
+
+    ``rows`` must have valid labels. Returns (grad_hidden_rows [K, H] in hidden dtype, grad_weight [V, H]
+    in the score dtype). Work and memory scale with K; the d_logits buffer holds ``chunk_rows`` rows.
+    """
+    hidden, weight = _operands(hidden, weight)
+    (num_kept,), (vocab, hidden_size) = rows.shape, weight.shape
+    acc_dtype = score_dtype(hidden.dtype)
+    chunk_rows = chunk_rows or _chunk_rows(num_kept, vocab, hidden)
+    d_logits = hidden.new_empty(max(1, min(chunk_rows, num_kept)), vocab)
+    scale = torch.as_tensor(grad_scale, dtype=acc_dtype, device=hidden.device).reshape(1)
+    labels, lse = labels.contiguous(), lse.to(acc_dtype).contiguous()
+    precision = _dot_precision(hidden.dtype)
+    grad_hidden = hidden.new_empty(num_kept, hidden_size)
+    grad_weight = torch.zeros(vocab, hidden_size, dtype=acc_dtype, device=hidden.device)
+    for start in range(0, num_kept, chunk_rows):
+        chunk = rows[start:start + chunk_rows].contiguous()
+        size = chunk.shape[0]
+        grid = lambda meta: (_cdiv(size, meta["BLOCK_N"]) * _cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+        _kernels().logit_grad[grid](hidden, weight, chunk, labels, lse, scale, d_logits, size, vocab, hidden_size,
+                                 hidden.stride(0), weight.stride(0), d_logits.stride(0), DOT_PRECISION=precision)
+        torch.mm(d_logits[:size], weight, out=grad_hidden[start:start + size])
+        grid = lambda meta: (  # noqa: E731
+            _cdiv(vocab, meta["BLOCK_V"]) * _cdiv(hidden_size, meta["BLOCK_H"]),)
+        _kernels().grad_weight[grid](d_logits, hidden, chunk, grad_weight, size, vocab, hidden_size,
+                                  d_logits.stride(0), hidden.stride(0), grad_weight.stride(0),
+                                  DOT_PRECISION=precision)
+    return grad_hidden, grad_weight
+
+
+@torch.no_grad()
+def lm_head_fused_dense(hidden: Tensor, weight: Tensor, labels: Tensor, grad_scale: float | Tensor,
+                        ignore_index: int = -100, chunk_rows: int | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Scores and gradients of grad_scale * sum(valid losses), for dense training.
+
+    Pass 1 over all rows then pass 2 over the valid rows (see the module docstring for why). Ignored rows
+    get zero gradient. Returns (loss, lse, entropy, grad_hidden [N, H] hidden dtype, grad_weight [V, H]).
+    """
+    loss, lse, entropy = lm_head_scores(hidden, weight, labels, ignore_index)
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    grad_rows, grad_weight = lm_head_backward_rows(hidden, weight, labels, rows, lse, grad_scale, chunk_rows)
+    grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_rows)
+    return loss, lse, entropy, grad_hidden, grad_weight

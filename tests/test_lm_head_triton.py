@@ -1,0 +1,191 @@
+"""The Triton LM head matches a float64 full-logits reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU (float32/float64 only: the interpreter's
+bf16 dot is unreliable), on tiny shapes chosen to leave ragged tiles in every dimension. With a GPU the same
+tests run compiled, and ``TestOnGPU`` adds bf16 and larger shapes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own",
+                    allow_module_level=True)
+    # Triton reads this when it is imported: its kernels (and ours) then run in the interpreter on CPU.
+    # Other test modules do not use triton, so setting it for the whole session is harmless.
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="triton is not installed (optional: pip install -e '.[triton]')")
+
+from megatron_eslm.kernels import lm_head_torch, lm_head_triton  # noqa: E402
+from megatron_eslm.model.lm_head import IMPLEMENTATIONS, Selection, selective_lm_head_loss  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IGNORE = -100
+# (N, H, V): ragged against the 16-wide interpreter tiles, then exact multiples of them.
+SHAPES = [(13, 24, 37), (32, 32, 48)]
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def make_inputs(shape, dtype, seed=0, device=DEVICE):
+    num_rows, hidden_size, vocab = shape
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_rows, hidden_size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) / hidden_size ** 0.25
+    labels = torch.randint(0, vocab, (num_rows,), generator=gen)
+    labels[torch.randperm(num_rows, generator=gen)[: num_rows // 5]] = IGNORE
+    return hidden.to(device, dtype), weight.to(device, dtype), labels.to(device)
+
+
+def kept_rows(labels, keep, seed=1):
+    valid = (labels != IGNORE).nonzero().squeeze(1)
+    order = torch.randperm(len(valid), generator=torch.Generator().manual_seed(seed)).to(labels.device)
+    return valid[order[: round(keep * len(valid))]].sort().values
+
+
+def reference(hidden, weight, labels, rows, grad_scale):
+    """Float64, full logits: (loss, lse, entropy, grad_hidden[rows], grad_weight) of grad_scale * sum(loss[rows])."""
+    hidden, weight = hidden.double(), weight.double()
+    logits = hidden @ weight.t()
+    log_probs = logits.log_softmax(-1)
+    valid = labels != IGNORE
+    loss = -log_probs.gather(1, labels.where(valid, 0).unsqueeze(1)).squeeze(1) * valid
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    d_logits = (log_probs[rows].exp() - F.one_hot(labels[rows], weight.shape[0])) * grad_scale
+    return loss, logits.logsumexp(-1), entropy, d_logits @ weight, d_logits.t() @ hidden[rows]
+
+
+def assert_all_close(actual, expected, dtype):
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want.to(got.dtype), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scores(shape, dtype):
+    hidden, weight, labels = make_inputs(shape, dtype)
+    scores = lm_head_triton.lm_head_scores(hidden, weight, labels, IGNORE)
+    assert all(s.dtype == lm_head_triton.score_dtype(dtype) for s in scores)
+    assert_all_close(scores, reference(hidden, weight, labels, labels[:0], 1.0)[:3], dtype)
+    assert not scores[0][labels == IGNORE].any()
+
+
+def test_scores_with_vocab_split_across_programs(monkeypatch):
+    """Pass 1 splits the vocabulary over programs when rows are few; the split partials must merge exactly."""
+    monkeypatch.setattr(lm_head_triton, "_vocab_splits", lambda *_: 3)
+    hidden, weight, labels = make_inputs(SHAPES[0], torch.float32)
+    scores = lm_head_triton.lm_head_scores(hidden, weight, labels, IGNORE)
+    assert_all_close(scores, reference(hidden, weight, labels, labels[:0], 1.0)[:3], torch.float32)
+
+
+@pytest.mark.parametrize("bounds", [(0, 20, 37), (0, 5, 16, 37)])
+def test_vocab_shards_combine_to_unsharded(bounds):
+    hidden, weight, labels = make_inputs(SHAPES[0], torch.float32)
+    shards = [lm_head_triton.lm_head_partials(hidden, weight[start:end], labels, start, IGNORE)
+              for start, end in zip(bounds, bounds[1:])]
+    valid = labels != IGNORE
+    unsharded = lm_head_triton.lm_head_scores(hidden, weight, labels, IGNORE)
+    gathered = lm_head_triton.Partials(*(torch.stack(fields) for fields in zip(*shards)))
+    assert_all_close(lm_head_triton.combine_partials(gathered, valid), unsharded, torch.float32)
+    # The all-reduce recipe: MAX of the maxima, then SUM of the partials rescaled to it.
+    global_max = torch.stack([p.row_max for p in shards]).amax(0)
+    rescaled = [lm_head_triton.rescale_partials(p, global_max) for p in shards]
+    sums = [sum(p[i] for p in rescaled) for i in (1, 2, 3)]
+    reduced = lm_head_triton.combine_partials(lm_head_triton.Partials(global_max, *sums), valid)
+    assert_all_close(reduced, unsharded, torch.float32)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+@pytest.mark.parametrize("keep", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_rows(shape, keep, chunk_rows):
+    hidden, weight, labels = make_inputs(shape, torch.float32)
+    rows = kept_rows(labels, keep)
+    expected = reference(hidden, weight, labels, rows, 2.5)
+    grads = lm_head_triton.lm_head_backward_rows(hidden, weight, labels, rows, expected[1].float(),
+                                                  torch.tensor(2.5, device=DEVICE), chunk_rows)
+    assert grads[0].shape == (len(rows), shape[1]) and grads[1].dtype == torch.float32
+    assert_all_close(grads, expected[3:], torch.float32)
+
+
+def test_backward_rows_float64():
+    hidden, weight, labels = make_inputs(SHAPES[0], torch.float64)
+    rows = kept_rows(labels, 0.5)
+    expected = reference(hidden, weight, labels, rows, 0.3)
+    grads = lm_head_triton.lm_head_backward_rows(hidden, weight, labels, rows, expected[1], 0.3, 3)
+    assert_all_close(grads, expected[3:], torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_dense(shape, dtype):
+    hidden, weight, labels = make_inputs(shape, dtype)
+    expected = reference(hidden, weight, labels, (labels != IGNORE).nonzero().squeeze(1), 0.5)
+    loss, lse, entropy, grad_hidden, grad_weight = lm_head_triton.lm_head_fused_dense(
+        hidden, weight, labels, 0.5, IGNORE, chunk_rows=5)
+    assert_all_close((loss, lse, entropy, grad_weight), expected[:3] + expected[4:], dtype)
+    assert_all_close((grad_hidden[labels != IGNORE],), expected[3:4], dtype)
+    assert not grad_hidden[labels == IGNORE].any()
+
+
+@pytest.mark.parametrize("select", [None, "some"])
+def test_plugs_into_the_autograd_head(monkeypatch, select):
+    """Through selective_lm_head_loss the Triton module gives the torch module's loss and gradients."""
+    monkeypatch.setitem(IMPLEMENTATIONS, "triton", lm_head_triton)
+    hidden, weight, labels = make_inputs(SHAPES[0], torch.float32)
+    kept = torch.zeros_like(labels, dtype=torch.bool).index_fill_(0, kept_rows(labels, 0.5), True)
+    selector = (lambda scores: Selection(kept=kept, normalizer=float(kept.sum()))) if select else None
+    results = []
+    for impl in ("torch", "triton"):
+        leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+        loss = selective_lm_head_loss(*leaves, labels, selector, IGNORE, impl=impl).loss
+        loss.backward()
+        results.append((loss, *(leaf.grad for leaf in leaves)))
+    assert_all_close(results[1], results[0], torch.float32)
+
+
+def test_is_available():
+    assert lm_head_triton.is_available()
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+class TestOnGPU:
+    """Compiled kernels: no worse than the torch implementation in the same dtype, plus a margin."""
+
+    MARGIN = {torch.bfloat16: 1e-2, torch.float32: 5e-4}
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    @pytest.mark.parametrize("shape", [(1000, 768, 32003), (4096, 1024, 50304)])
+    def test_error_bounded_by_torch_error(self, shape, dtype):
+        hidden, weight, labels = make_inputs(shape, dtype)
+        rows = kept_rows(labels, 0.3)
+        expected = reference(hidden, weight, labels, rows, 1.0 / len(rows))
+        outputs = {}
+        for impl in (lm_head_torch, lm_head_triton):
+            scores = impl.lm_head_scores(hidden, weight, labels, IGNORE)
+            grads = impl.lm_head_backward_rows(hidden, weight, labels, rows, scores[1], 1.0 / len(rows))
+            dense = impl.lm_head_fused_dense(hidden, weight, labels, 1.0, IGNORE)
+            outputs[impl] = (*scores, *grads, dense[0], dense[4])
+        dense_expected = reference(hidden, weight, labels, (labels != IGNORE).nonzero().squeeze(1), 1.0)
+        expected = (*expected, dense_expected[0], dense_expected[4])
+        names = ("loss", "lse", "entropy", "grad_hidden", "grad_weight", "dense loss", "dense grad_weight")
+        for name, ours, theirs, want in zip(names, outputs[lm_head_triton], outputs[lm_head_torch], expected):
+            ours_err, torch_err = relative_error(ours, want), relative_error(theirs, want)
+            assert ours_err <= torch_err + self.MARGIN[dtype], (name, ours_err, torch_err)
+
+    def test_bf16_hidden_with_fp32_weight(self):
+        hidden, weight, labels = make_inputs((512, 256, 5000), torch.float32)
+        hidden = hidden.bfloat16()
+        loss, lse, entropy = lm_head_triton.lm_head_scores(hidden, weight, labels, IGNORE)
+        expected = lm_head_torch.lm_head_scores(hidden, weight, labels, IGNORE)
+        for got, want in zip((loss, lse, entropy), expected):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
