@@ -1,0 +1,71 @@
+"""Every threshold mode on real gloo process groups of 2 and 4 ranks, against sorting all the scores.
+
+One spawn per world size runs every case, mode, alpha and sketch size; the parent checks the results.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+from megatron_eslm.eslm.distributed_threshold import MODES, ThresholdResult, global_var_threshold
+from test_sketch import Group, check_against_sorting, expected_bytes
+
+ALPHAS = (0.0, 0.5, 0.9)
+SKETCH_SIZES = (16, 2048)  # slack > 0 (a refinement round), and the default (every rank exact)
+
+
+def cases(world: int) -> list[Group]:
+    """Uneven ranks with bf16 ties and an empty rank, heavy ties, NaN/inf on one rank, no valid token."""
+    g = torch.Generator().manual_seed(world)
+    counts = [2500, 0] if world == 2 else [4000, 0, 700, 31]
+
+    def group(values: Tensor, valid: Tensor) -> Group:
+        return Group(list(values.split(counts)), list(valid.split(counts)))
+
+    total = sum(counts)
+    bf16 = (torch.randn(total, generator=g) * 3).bfloat16().float()
+    few = torch.randint(0, 4, (total,), generator=g).float() / 2
+    spoiled = bf16.clone()
+    spoiled[:40:3] = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(5)[:14]
+    valid = torch.rand(total, generator=g) > 0.2
+    return [group(bf16, valid), group(few, valid), group(spoiled, valid),
+            group(bf16, torch.zeros(total, dtype=torch.bool))]
+
+
+def calls(world: int):
+    return list(itertools.product(range(len(cases(world))), MODES, ALPHAS, SKETCH_SIZES))
+
+
+def _rank_main(rank: int, world: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    groups = cases(world)
+    results = [global_var_threshold(groups[case].scores[rank], groups[case].valid[rank], alpha, mode, size,
+                                    group=dist.group.WORLD)
+               for case, mode, alpha, size in calls(world)]
+    torch.save(results, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_group_every_mode_against_sorting(world: int, tmp_path: Path):
+    mp.spawn(_rank_main, args=(world, str(tmp_path)), nprocs=world, join=True)
+    per_rank: list[list[ThresholdResult]] = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+                                             for r in range(world)]
+    groups = cases(world)
+    for i, (case, mode, alpha, size) in enumerate(calls(world)):
+        results = [per_rank[r][i] for r in range(world)]
+        label = f"case {case}, {mode}, alpha={alpha}, sketch size {size}"
+        try:
+            check_against_sorting(groups[case], results, alpha, exact=mode != "sketch")
+            assert results[0].bytes_sent == expected_bytes(groups[case], mode, size, alpha)
+        except AssertionError as err:
+            raise AssertionError(label) from err
