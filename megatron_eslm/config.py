@@ -67,6 +67,9 @@ class SelectionConfig:
     selection: str = "eslm"  # none | eslm | random
     eslm_score: str = "loss"  # loss | entropy
     eslm_alpha: float = 0.5  # confidence level: the alpha-quantile of scores is the VaR threshold
+    eslm_threshold: str = "sketch-exact"  # sketch | sketch-exact | exact
+    eslm_sketch_size: int = 2048
+    lm_head_impl: str = "auto"  # auto | torch | triton
 
 
 @dataclass
@@ -100,6 +103,8 @@ class Config:
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
 SELECTIONS = ("none", "eslm", "random")
 SCORES = ("loss", "entropy")
+THRESHOLD_MODES = ("sketch", "sketch-exact", "exact")
+LM_HEAD_IMPLS = ("auto", "torch", "triton")
 
 # Flags that are not dataclass fields: the launcher's rank argument and the config file itself.
 _NON_CONFIG_DESTS = {"local_rank", "config"}
@@ -170,6 +175,10 @@ _HELP = {
     "selection": "token selection: " + ", ".join(SELECTIONS),
     "eslm_score": "per-token score for the VaR threshold: " + ", ".join(SCORES),
     "eslm_alpha": "confidence alpha in [0, 1): tokens below the alpha-quantile score are dropped",
+    "eslm_threshold": "how the VaR threshold is found: " + ", ".join(THRESHOLD_MODES)
+                      + " (see docs/threshold.md)",
+    "eslm_sketch_size": "quantile-sketch points per rank: rank error below 1/N of the tokens",
+    "lm_head_impl": "LM-head kernels: " + ", ".join(LM_HEAD_IMPLS) + " (auto: triton on CUDA, else torch)",
     "log_interval": "log every N iterations",
     "tensorboard_dir": "write TensorBoard scalars here",
     "metrics_file": "append JSON lines of metrics here",
@@ -286,6 +295,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--selection must be one of {', '.join(SELECTIONS)}, got '{s.selection}'")
     if s.eslm_score not in SCORES:
         raise UserError(f"--eslm-score must be one of {', '.join(SCORES)}, got '{s.eslm_score}'")
+    if s.eslm_threshold not in THRESHOLD_MODES:
+        raise UserError(f"--eslm-threshold must be one of {', '.join(THRESHOLD_MODES)}, got '{s.eslm_threshold}'")
+    if s.eslm_sketch_size < 2:
+        raise UserError(f"--eslm-sketch-size must be at least 2, got {s.eslm_sketch_size}")
+    if s.lm_head_impl not in LM_HEAD_IMPLS:
+        raise UserError(f"--lm-head-impl must be one of {', '.join(LM_HEAD_IMPLS)}, got '{s.lm_head_impl}'")
     if o.lr_decay_style not in LR_DECAY_STYLES:
         raise UserError(f"--lr-decay-style must be one of {', '.join(LR_DECAY_STYLES)}, got '{o.lr_decay_style}'")
     if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:

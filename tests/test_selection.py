@@ -64,7 +64,7 @@ def test_random_policy_keeps_as_many_as_eslm_uniformly_among_valid():
     torch.manual_seed(0)
     picks = torch.zeros(400)
     for _ in range(200):
-        sel = RandomPolicy(0.7, "loss")(s)
+        sel = RandomPolicy(ESLMPolicy(0.7, "loss"))(s)
         assert int(sel.kept.sum()) == int(eslm.kept.sum()) == sel.normalizer
         assert not sel.kept[~s.valid].any()
         picks += sel.kept.float()
@@ -78,3 +78,22 @@ def test_build_policy():
     assert build_policy(SelectionConfig(selection="none")) is None
     assert isinstance(build_policy(SelectionConfig(selection="eslm")), ESLMPolicy)
     assert isinstance(build_policy(SelectionConfig(selection="random")), RandomPolicy)
+
+
+@pytest.mark.parametrize("mode", ["sketch-exact", "exact"])
+def test_policy_threshold_modes_agree_with_the_exact_rule(mode):
+    s = scores_with_ties(3000, 4)
+    expected = var_threshold(s.loss, s.valid, 0.6)
+    sel = ESLMPolicy(0.6, "loss", threshold_mode=mode, sketch_size=16)(s)
+    assert sel.threshold == float(expected)
+    assert torch.equal(sel.kept, keep_mask(s.loss, s.valid, expected))
+
+
+def test_policy_sketch_mode_keeps_a_superset_within_its_bound():
+    g = torch.Generator().manual_seed(5)
+    s = TokenScores(loss=torch.rand(5000, generator=g), entropy=torch.rand(5000, generator=g),
+                    valid=torch.ones(5000, dtype=torch.bool))
+    exact = keep_mask(s.loss, s.valid, var_threshold(s.loss, s.valid, 0.5))
+    sel = ESLMPolicy(0.5, "loss", threshold_mode="sketch", sketch_size=64)(s)
+    assert not (exact & ~sel.kept).any()
+    assert int(sel.kept.sum()) - int(exact.sum()) <= 5000 // 64
