@@ -33,6 +33,6 @@ setup(
         "triton": ["triton>=2.3"],
         "test": ["pytest>=7", "hypothesis>=6"],
         # What CI and the README's commands install: torch 2.13.0 is the CPU build on the CI machines.
-        "ci": ["torch==2.13.0", "pytest==9.2.0", "hypothesis==6.170.15"],
+        "ci": ["torch==2.13.0", "triton==3.9.0", "pytest==9.2.0", "hypothesis==6.170.15"],
     },
 )

@@ -245,13 +245,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     return finalize(cfg)
 
 
-def finalize(cfg: Config) -> Config:
-    """Fill derived defaults and reject inconsistent settings, each with one line naming the flag."""
-    m, t, o, s = cfg.model, cfg.training, cfg.optimizer, cfg.selection
+def finalize_model(m: ModelConfig) -> ModelConfig:
+    """Fill the model's derived sizes (MLP width, position table)."""
     if m.ffn_hidden_size is None:
         m.ffn_hidden_size = 4 * m.hidden_size
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
+    return m
+
+
+def finalize(cfg: Config) -> Config:
+    """Fill derived defaults and reject inconsistent settings, each with one line naming the flag."""
+    t, o = cfg.training, cfg.optimizer
+    finalize_model(cfg.model)
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size
     if o.lr_decay_iters is None:

@@ -1,18 +1,4 @@
-"""The training loop. One step, top to bottom:
-
-  for each micro-batch of the global batch:
-      hidden = model(tokens)                                  # transformer forward, all tokens
-      out = model.loss(hidden, labels, policy)                # LM-head pass 1 over all tokens -> scores,
-                                                              # policy -> kept tokens (VaR threshold),
-                                                              # loss = mean loss of the kept tokens
-      (out.loss / num_micro_batches).backward()               # LM-head backward over kept rows only,
-                                                              # then the dense transformer backward
-  clip gradients, set the learning rate, optimizer step, log, evaluate, save.
-
-The ESLM threshold covers one micro-batch: the backward of a micro-batch cannot wait for the scores of
-micro-batches that have not run yet (the same holds for pipelining). Each micro-batch's loss is its kept
-mean, and micro-batches are averaged, like Megatron's dense loss.
-"""
+"""The training loop: data, steps (`step.py`), logging, evaluation and checkpoints."""
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +6,6 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,12 +17,13 @@ from megatron_eslm.data.samplers import ResumableBatchSampler
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.policies import build_policy
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
+from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import checkpointing
-from megatron_eslm.training.flops import StepFlops, micro_batch_flops
 from megatron_eslm.training.lr_schedule import learning_rate
 from megatron_eslm.training.metrics import MetricsWriter
 from megatron_eslm.training.optimizer import build_optimizer
+from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step
 from megatron_eslm.training.progress import progress_bar
 
 
@@ -60,17 +46,6 @@ def check_single_process() -> None:
                         "(torchrun --nproc_per_node 1, deepspeed --num_gpus 1)")
 
 
-@dataclass
-class StepStats:
-    """Sums over the micro-batches of one optimizer step."""
-    loss_sum: float = 0.0
-    valid: int = 0
-    kept_loss_sum: float = 0.0
-    kept: int = 0
-    thresholds: list[float] = field(default_factory=list)
-    flops: StepFlops = field(default_factory=StepFlops)
-
-
 class Trainer:
     def __init__(self, cfg: Config, device: torch.device | None = None, log=print):
         check_single_process()
@@ -83,6 +58,7 @@ class Trainer:
         self.model = GPTModel(cfg.model, self.vocab_size).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.policy = build_policy(cfg.selection)
+        self.lm_head_impl = resolve_impl(cfg.selection.lm_head_impl, self.device)
         self.iteration = 0
         self.consumed_samples = 0
         t = cfg.training
@@ -113,38 +89,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- step
     def train_step(self, batches) -> StepStats:
+        """Forward/backward over the global batch's micro-batches, then one optimizer step."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = StepStats()
-        for _ in range(self.num_micro_batches):
-            batch = next(batches)
-            tokens = batch["tokens"].to(self.device, non_blocking=True)
-            labels = batch["labels"].to(self.device, non_blocking=True)
-            with self._autocast():
-                hidden = self.model(tokens)
-                out = self.model.loss(hidden, labels, self.policy)
-            (out.loss / self.num_micro_batches).backward()
-            scores, sel = out.scores, out.selection
-            kept = int(sel.kept.sum())
-            stats.loss_sum += float(scores.loss.sum())
-            stats.valid += int(scores.valid.sum())
-            stats.kept_loss_sum += float(scores.loss[sel.kept].sum())
-            stats.kept += kept
-            if sel.threshold is not None:
-                stats.thresholds.append(sel.threshold)
-            stats.flops += micro_batch_flops(self.cfg.model, self.vocab_size, tokens.numel(),
-                                             int(scores.valid.sum()), kept, selective=self.policy is not None)
+        stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
+                                 self.lm_head_impl, self._autocast)
+        stats.lr = learning_rate(self.cfg.optimizer, self.iteration + 1)
+        stats.grad_norm = optimizer_step(self.model, self.optimizer, stats.lr, self.cfg.optimizer.clip_grad)
         return stats
-
-    def _optimizer_step(self) -> tuple[float, float]:
-        clip = self.cfg.optimizer.clip_grad
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
-        lr = learning_rate(self.cfg.optimizer, self.iteration + 1)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        return lr, grad_norm
 
     # ----------------------------------------------------------------- eval
     @torch.no_grad()
@@ -159,7 +111,7 @@ class Trainer:
         for batch in self._loader(self.valid_ds, total, 0):
             with self._autocast():
                 hidden = self.model(batch["tokens"].to(self.device))
-                out = self.model.loss(hidden, batch["labels"].to(self.device), None)
+                out = self.model.loss(hidden, batch["labels"].to(self.device), None, impl=self.lm_head_impl)
             loss_sum += float(out.scores.loss.sum())
             count += int(out.scores.valid.sum())
         self.model.train()
@@ -177,12 +129,11 @@ class Trainer:
         while self.iteration < t.train_iters:
             tic = time.perf_counter()
             stats = self.train_step(batches)
-            lr, grad_norm = self._optimizer_step()
             self.iteration += 1
             self.consumed_samples += t.global_batch_size
             elapsed = time.perf_counter() - tic
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
-                record = self._train_record(stats, lr, grad_norm, elapsed)
+                record = self._train_record(stats, elapsed)
                 records.append(record)
                 self.metrics.write(record)
                 self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
@@ -194,7 +145,7 @@ class Trainer:
                 self.save(save.save)
         return records
 
-    def _train_record(self, stats: StepStats, lr: float, grad_norm: float, elapsed: float) -> dict:
+    def _train_record(self, stats: StepStats, elapsed: float) -> dict:
         tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length
         return {
             "iteration": self.iteration,
@@ -202,12 +153,12 @@ class Trainer:
             "kept_loss": stats.kept_loss_sum / max(stats.kept, 1),
             "kept_fraction": stats.kept / max(stats.valid, 1),
             "threshold": sum(stats.thresholds) / len(stats.thresholds) if stats.thresholds else None,
-            "lr": lr,
-            "grad_norm": grad_norm,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
             "tokens_per_sec": tokens / elapsed,
             "iteration_time_ms": 1000.0 * elapsed,
-            "executed_flops": stats.flops.executed,
-            "dense_flops": stats.flops.dense,
+            "executed_flops": stats.flops(self.cfg.model, self.vocab_size).executed,
+            "dense_flops": stats.flops(self.cfg.model, self.vocab_size).dense,
             "consumed_samples": self.consumed_samples,
         }
 
