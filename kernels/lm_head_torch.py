@@ -1,0 +1,179 @@
+"""PyTorch passes of the chunked LM head: scores for every row, gradients for chosen rows only.
+
+The full ``[N, V]`` logits matrix is never alive: each pass walks the rows in chunks and keeps at most
+two ``[V, chunk]`` float buffers. A Triton module (``lm_head_triton.py``) implements the same three pure
+functions with the same signatures.
+
+Layout: a chunk's logits are held vocab-major, ``[V, C] = weight @ hidden_rows.T``, and the softmax
+reduces over dim 0. On CPU (MKL) that GEMM ran ~25% faster than ``hidden_rows @ weight.T``, which
+outweighs the slightly slower column reductions (pass 1 ~20% faster overall at V=16k, H=512).
+
+Precision: logits come from a GEMM in the hidden dtype (the weight is cast to it) and are reduced in
+the "score dtype": float32 for 16-bit inputs, float64 for float64 inputs. Returned scores and the
+weight gradient are in the score dtype; the hidden gradient is in the hidden dtype.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+# Bytes of one [V, chunk] score buffer: large enough for efficient GEMMs (on CPU, 1024-row chunks ran
+# ~25% faster than 256-row ones at V=16k), small enough to bound memory regardless of N.
+CHUNK_BYTES = 64 * 2**20
+
+# consume_chunk(rows, exp [V, C], sumexp [C]) in the scoring pass; may overwrite exp.
+ChunkConsumer = Callable[[slice, Tensor, Tensor], None]
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype the softmax statistics and weight gradient are accumulated in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def default_chunk_rows(num_rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk so that one [vocab, chunk] score buffer stays within CHUNK_BYTES."""
+    itemsize = torch.empty((), dtype=score_dtype(dtype)).element_size()
+    return max(1, min(num_rows, CHUNK_BYTES // (vocab * itemsize)))
+
+
+def _chunks(num_rows: int, chunk_rows: int) -> Iterator[slice]:
+    """Row slices of at most chunk_rows rows covering range(num_rows)."""
+    return (slice(start, min(start + chunk_rows, num_rows)) for start in range(0, num_rows, chunk_rows))
+
+
+def _buffers(hidden: Tensor, num_rows: int, vocab: int, chunk_rows: int | None, count: int
+             ) -> tuple[int, list[Tensor]]:
+    """Resolve the chunk size for num_rows rows and allocate ``count`` flat [vocab * chunk] buffers.
+
+    The buffers are reused by every chunk (a fresh allocation per chunk would page-fault on CPU); they
+    are flat so that a ragged last chunk still gets a contiguous [vocab, rows] view.
+    """
+    chunk_rows = chunk_rows or default_chunk_rows(num_rows, vocab, hidden.dtype)
+    numel = vocab * max(1, min(chunk_rows, num_rows))
+    return chunk_rows, [hidden.new_empty(numel, dtype=score_dtype(hidden.dtype)) for _ in range(count)]
+
+
+def _view(buffer: Tensor, vocab: int, rows: int) -> Tensor:
+    return buffer[: vocab * rows].view(vocab, rows)
+
+
+def _logits_into(hidden_rows: Tensor, weight: Tensor, buffer: Tensor) -> Tensor:
+    """Vocab-major logits ``weight @ hidden_rows.T`` [V, C], computed in the hidden dtype, in ``buffer``."""
+    out = _view(buffer, weight.shape[0], hidden_rows.shape[0])
+    if hidden_rows.dtype == out.dtype:
+        return torch.mm(weight, hidden_rows.t(), out=out)
+    return out.copy_(weight @ hidden_rows.t())
+
+
+def _chunk_scores(logits: Tensor, labels: Tensor, exp_buffer: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Softmax statistics of one [V, C] chunk: returns (lse, loss, entropy, exp, sumexp).
+
+    Consumes ``logits`` (overwritten) and leaves the unnormalised ``exp = exp(logits - max)`` in
+    ``exp_buffer`` so the fused path can turn it into the logit gradient without recomputing it.
+    """
+    col_max = logits.amax(dim=0, keepdim=True)
+    shifted = logits.sub_(col_max)
+    exp = torch.exp(shifted, out=_view(exp_buffer, *shifted.shape))
+    sumexp = exp.sum(dim=0)
+    log_z = sumexp.log()
+    label_logit = shifted.gather(0, labels.unsqueeze(0)).squeeze(0)
+    mean_shifted = shifted.mul_(exp).sum(dim=0).div_(sumexp)  # E_p[shifted logits]
+    return col_max.squeeze(0) + log_z, log_z - label_logit, log_z - mean_shifted, exp, sumexp
+
+
+def _logit_grad_(scaled_probs: Tensor, labels: Tensor, col_scale: Tensor) -> Tensor:
+    """In place: columns holding softmax * scale become (softmax - onehot(label)) * scale = dL/dlogits."""
+    return scaled_probs.scatter_add_(0, labels.unsqueeze(0), col_scale.neg().unsqueeze(0))
+
+
+def _accumulate_grads(d_logits: Tensor, hidden_rows: Tensor, weight: Tensor, grad_hidden_out: Tensor,
+                      grad_weight: Tensor) -> None:
+    """From [V, C] d_logits: grad_hidden_out = d.T @ weight; grad_weight += d @ hidden_rows (hidden dtype)."""
+    d_logits = d_logits.to(hidden_rows.dtype)
+    torch.mm(d_logits.t(), weight, out=grad_hidden_out)
+    if grad_weight.dtype == hidden_rows.dtype:
+        grad_weight.addmm_(d_logits, hidden_rows)
+    else:
+        grad_weight.add_(d_logits @ hidden_rows)
+
+
+def _safe_labels(labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(valid mask, labels with ignored entries replaced by 0) so gathers never index out of range."""
+    valid = labels != ignore_index
+    return valid, torch.where(valid, labels, 0)
+
+
+def _scores_pass(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, chunk_rows: int | None,
+                 consume_chunk: ChunkConsumer | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1 over all rows, handing each chunk's exp to ``consume_chunk`` before its buffer is reused."""
+    compute_weight = weight.to(hidden.dtype)
+    valid, safe = _safe_labels(labels, ignore_index)
+    chunk_rows, (logits_buf, exp_buf) = _buffers(hidden, hidden.shape[0], weight.shape[0], chunk_rows, 2)
+    loss, lse, entropy = (hidden.new_empty(hidden.shape[0], dtype=logits_buf.dtype) for _ in range(3))
+    for rows in _chunks(hidden.shape[0], chunk_rows):
+        logits = _logits_into(hidden[rows], compute_weight, logits_buf)
+        lse[rows], loss[rows], entropy[rows], exp, sumexp = _chunk_scores(logits, safe[rows], exp_buf)
+        if consume_chunk is not None:
+            consume_chunk(rows, exp, sumexp)
+    return loss.masked_fill_(~valid, 0.0), lse, entropy
+
+
+@torch.no_grad()
+def lm_head_scores(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
+                   chunk_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 1: per-row (loss, lse, entropy) for all N rows, one chunk of logits alive at a time.
+
+    Ignored rows get loss 0; their lse and entropy are still computed (they are cheap and harmless).
+    """
+    return _scores_pass(hidden, weight, labels, ignore_index, chunk_rows)
+
+
+@torch.no_grad()
+def lm_head_backward_rows(hidden: Tensor, weight: Tensor, labels: Tensor, rows: Tensor, lse: Tensor,
+                          grad_scale: float | Tensor, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """Pass 2: gradients of grad_scale * sum(loss[rows]) w.r.t. hidden[rows] and weight.
+
+    Only the K selected rows are recomputed, so the cost scales with the kept fraction. ``rows`` must
+    have valid labels. Returns (grad_hidden_rows [K, H] in hidden dtype, grad_weight [V, H] score dtype).
+    """
+    compute_weight = weight.to(hidden.dtype)
+    chunk_rows, (logits_buf,) = _buffers(hidden, rows.shape[0], weight.shape[0], chunk_rows, 1)
+    scale = torch.as_tensor(grad_scale, dtype=logits_buf.dtype, device=hidden.device)
+    grad_hidden = hidden.new_empty(rows.shape[0], hidden.shape[1])
+    grad_weight = torch.zeros(weight.shape, dtype=logits_buf.dtype, device=weight.device)
+    for part in _chunks(rows.shape[0], chunk_rows):
+        index = rows[part]
+        hidden_rows = hidden.index_select(0, index)
+        probs = _logits_into(hidden_rows, compute_weight, logits_buf).sub_(lse[index].unsqueeze(0)).exp_()
+        d_logits = _logit_grad_(probs.mul_(scale), labels[index], scale.expand(len(index)))
+        _accumulate_grads(d_logits, hidden_rows, compute_weight, grad_hidden[part], grad_weight)
+    return grad_hidden, grad_weight
+
+
+@torch.no_grad()
+def lm_head_fused_dense(hidden: Tensor, weight: Tensor, labels: Tensor, grad_scale: float | Tensor,
+                        ignore_index: int = -100, chunk_rows: int | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Scores and gradients of grad_scale * sum(valid losses) in one pass, for dense training.
+
+    When every valid row is trained on there is nothing to select, so each chunk's softmax is turned
+    into gradients right after its scores, with no recompute. Ignored rows get zero gradient.
+    Returns (loss, lse, entropy, grad_hidden [N, H] hidden dtype, grad_weight [V, H] score dtype).
+    """
+    compute_weight = weight.to(hidden.dtype)
+    valid, safe = _safe_labels(labels, ignore_index)
+    accum_dtype = score_dtype(hidden.dtype)
+    row_scales = valid.to(accum_dtype).mul_(torch.as_tensor(grad_scale, dtype=accum_dtype, device=hidden.device))
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=accum_dtype, device=weight.device)
+
+    def to_grads(rows: slice, exp: Tensor, sumexp: Tensor) -> None:
+        row_scale = row_scales[rows]
+        d_logits = _logit_grad_(exp.mul_((row_scale / sumexp).unsqueeze(0)), safe[rows], row_scale)
+        _accumulate_grads(d_logits, hidden[rows], compute_weight, grad_hidden[rows], grad_weight)
+
+    scores = _scores_pass(hidden, compute_weight, labels, ignore_index, chunk_rows, to_grads)
+    return (*scores, grad_hidden, grad_weight)
