@@ -56,8 +56,8 @@ def pretrain_flags(out: str, data_prefix: str, tokenizer_model: str, args: argpa
     return [
         "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
         "--seq-length", "128", "--max-position-embeddings", "128",
-        "--micro-batch-size", "16", "--global-batch-size", "32",
-        "--train-iters", str(args.train_iters), "--lr", "1e-3", "--min-lr", "1e-4",
+        "--micro-batch-size", "16", "--global-batch-size", "16",
+        "--train-iters", str(args.train_iters), "--lr", "1e-3", "--min-lr", "1e-4", "--adam-beta2", "0.95",
         "--lr-decay-style", "cosine", "--lr-warmup-iters", str(max(1, args.train_iters // 10)),
         "--weight-decay", "0.1", "--clip-grad", "1.0", "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
         "--data-path", data_prefix, "--split", "95,5,0",
@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m megatron_eslm.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="quickstart_output", help="where data, logs and checkpoints go")
-    parser.add_argument("--train-iters", type=int, default=150, help="optimizer steps")
+    parser.add_argument("--train-iters", type=int, default=200, help="optimizer steps")
     parser.add_argument("--eslm-alpha", type=float, default=0.5, help="ESLM confidence level")
     parser.add_argument("--corpus-mb", type=float, default=3.0, help="MB of standard-library source to use")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="SentencePiece vocabulary size")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="SentencePiece vocabulary size")
     parser.add_argument("--log-interval", type=int, default=10, help="log every N iterations")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
