@@ -31,8 +31,11 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
         "triton": ["triton>=2.3"],
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # megatron-core: the format-compatibility tests compare against its own reader and writer;
+        # tokenizers: HuggingFaceTokenizer. Tests that need either skip without it.
+        "test": ["pytest>=7", "hypothesis>=6", "megatron-core>=0.12", "tokenizers>=0.19"],
         # What CI and the README's commands install: torch 2.13.0 is the CPU build on the CI machines.
-        "ci": ["torch==2.13.0", "triton==3.9.0", "pytest==9.2.0", "hypothesis==6.170.15"],
+        "ci": ["torch==2.13.0", "triton==3.9.0", "pytest==9.2.0", "hypothesis==6.170.15",
+               "megatron-core==0.16.1", "tokenizers==0.23.3"],
     },
 )

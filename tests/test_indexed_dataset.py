@@ -129,6 +129,10 @@ def corrupt(path, offset=None, data=None, truncate=None):
         (lambda p: corrupt(p / "ds.idx", truncate=60), "ds.idx", "truncated"),
         (lambda p: corrupt(p / "ds.idx", truncate=20), "ds.idx", "truncated"),
         (lambda p: corrupt(p / "ds.bin", truncate=10), "ds.bin", "bytes"),
+        (lambda p: corrupt(p / "ds.bin", data=b"\x00" * 4, offset=36), "ds.bin", "points to 36"),
+        (lambda p: corrupt(p / "ds.idx", 34 + 3 * 4 + 8, struct.pack("<q", 16)), "ds.idx", "sequence 1 starts at byte 16"),
+        (lambda p: corrupt(p / "ds.idx", 34 + 3 * 12 + 8, struct.pack("<q", 5)), "ds.idx", "go backwards"),
+        (lambda p: corrupt(p / "ds.idx", 34, struct.pack("<i", -1)), "ds.idx", "negative length"),
     ],
 )
 def test_bad_files_raise_user_error_naming_the_file(tmp_path, damage, culprit, message):
@@ -138,3 +142,34 @@ def test_bad_files_raise_user_error_naming_the_file(tmp_path, damage, culprit, m
         IndexedDataset(prefix)
     assert str(tmp_path / culprit) in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_add_documents_and_add_index(tmp_path):
+    first = build(str(tmp_path / "a"), [[[1, 2]], [[3]]], np.uint16)
+    second = build(str(tmp_path / "b"), [[], [[4, 5, 6]]], np.uint16)
+    prefix = str(tmp_path / "merged")
+    with IndexedDatasetBuilder(get_bin_path(prefix), np.uint16) as builder:
+        builder.add_documents(np.array([7, 8, 9], np.uint16), np.array([2, 0, 1]))
+        builder.add_index(first)
+        builder.add_index(second)
+        builder.finalize(get_idx_path(prefix))
+    ds = IndexedDataset(prefix)
+    np.testing.assert_array_equal(ds.document_indices, [0, 1, 1, 2, 3, 4, 4, 5])
+    np.testing.assert_array_equal(ds.tokens(0, ds.num_tokens), [7, 8, 9, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(ds.document_offsets, [0, 2, 2, 3, 5, 6, 6, 9])
+
+
+def test_add_index_rejects_another_dtype(tmp_path):
+    other = build(str(tmp_path / "a"), [[[1, 2]]], np.int32)
+    with IndexedDatasetBuilder(str(tmp_path / "m.bin"), np.uint16) as builder:
+        with pytest.raises(UserError, match=r"a\.idx: tokens are int32, but the merged dataset is uint16"):
+            builder.add_index(other)
+
+
+def test_pickles_by_path(tmp_path):
+    import pickle
+
+    ds = IndexedDataset(build(str(tmp_path / "ds"), [[[1, 2, 3]]] * 1000))
+    data = pickle.dumps(ds)
+    assert len(data) < 500  # the maps are reopened, not copied
+    np.testing.assert_array_equal(pickle.loads(data)[999], [1, 2, 3])
