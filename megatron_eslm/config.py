@@ -64,11 +64,25 @@ class TrainingConfig:
 
 @dataclass
 class SelectionConfig:
-    selection: str = "eslm"  # none | eslm | random
+    selection: str = "eslm"  # none | eslm | random | ada-eslm | eslm-kd | rho1 | lfr
     eslm_score: str = "loss"  # loss | entropy
     eslm_alpha: float = 0.5  # confidence level: the alpha-quantile of scores is the VaR threshold
     eslm_threshold: str = "sketch-exact"  # sketch | sketch-exact | exact
     eslm_sketch_size: int = 2048
+    eslm_alpha_min: float = 0.0  # ada-eslm: alpha's bounds; the schedules run from min to max
+    eslm_alpha_max: float = 0.8
+    ada_eslm_rule: str = "grad-mass"  # grad-mass | linear | cosine
+    ada_eslm_budget: float = 0.1  # grad-mass: share of the logit-gradient mass dropped tokens may carry
+    ada_eslm_momentum: float = 0.9  # grad-mass: weight of the previous alpha
+    teacher_load: str | None = None  # eslm-kd: teacher checkpoint directory
+    kd_alpha: float = 0.5  # eslm-kd: weight of the distillation term
+    kd_temperature: float = 2.0
+    kd_score: str = "student"  # eslm-kd: whose score the VaR threshold uses: student | teacher
+    reference_load: str | None = None  # rho1: reference checkpoint directory
+    lfr_learn_iters: int = 100  # lfr: phase lengths in steps, then the drop fraction of focus phases
+    lfr_focus_iters: int = 50
+    lfr_review_iters: int = 25
+    lfr_drop_fraction: float = 0.3
     lm_head_impl: str = "auto"  # auto | torch | triton
 
 
@@ -101,7 +115,9 @@ class Config:
 
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
-SELECTIONS = ("none", "eslm", "random")
+SELECTIONS = ("none", "eslm", "random", "ada-eslm", "eslm-kd", "rho1", "lfr")
+ADA_ESLM_RULES = ("grad-mass", "linear", "cosine")
+KD_SCORES = ("student", "teacher")
 SCORES = ("loss", "entropy")
 THRESHOLD_MODES = ("sketch", "sketch-exact", "exact")
 LM_HEAD_IMPLS = ("auto", "torch", "triton")
@@ -178,6 +194,21 @@ _HELP = {
     "eslm_threshold": "how the VaR threshold is found: " + ", ".join(THRESHOLD_MODES)
                       + " (see docs/threshold.md)",
     "eslm_sketch_size": "quantile-sketch points per rank: rank error below 1/N of the tokens",
+    "eslm_alpha_min": "ada-eslm: lowest alpha (where the linear/cosine schedules start)",
+    "eslm_alpha_max": "ada-eslm: highest alpha (where the linear/cosine schedules end)",
+    "ada_eslm_rule": "ada-eslm: how alpha moves: " + ", ".join(ADA_ESLM_RULES) + " (see docs/selection.md)",
+    "ada_eslm_budget": "ada-eslm grad-mass: share of the logit-gradient mass the dropped tokens may carry",
+    "ada_eslm_momentum": "ada-eslm grad-mass: weight of the previous alpha in each update, in [0, 1)",
+    "teacher_load": "eslm-kd: teacher checkpoint directory (our layout, same tokenizer, any size)",
+    "kd_alpha": "eslm-kd: weight in [0, 1] of the distillation term on the kept tokens",
+    "kd_temperature": "eslm-kd: softmax temperature of the distillation term",
+    "kd_score": "eslm-kd: whose --eslm-score the VaR threshold uses: " + ", ".join(KD_SCORES),
+    "reference_load": "rho1: reference checkpoint directory; the score is student loss - reference loss",
+    "lfr_learn_iters": "lfr: initial steps on every sample",
+    "lfr_focus_iters": "lfr: steps of each focus phase (easiest samples dropped)",
+    "lfr_review_iters": "lfr: steps of each review phase (every sample); also the perplexity window",
+    "lfr_drop_fraction": "lfr: fraction in [0, 1) of the recent samples' perplexities below which a sample "
+                         "is dropped in focus phases",
     "lm_head_impl": "LM-head kernels: " + ", ".join(LM_HEAD_IMPLS) + " (auto: triton on CUDA, else torch)",
     "log_interval": "log every N iterations",
     "tensorboard_dir": "write TensorBoard scalars here",
@@ -271,6 +302,35 @@ def _positive(value: int | float, flag: str) -> None:
         raise UserError(f"{flag} must be positive, got {value}")
 
 
+def _validate_selection_family(s: SelectionConfig) -> None:
+    """The flags of ada-eslm, eslm-kd, rho1 and lfr (docs/selection.md)."""
+    if not 0.0 <= s.eslm_alpha_min <= s.eslm_alpha_max < 1.0:
+        raise UserError(f"--eslm-alpha-min {s.eslm_alpha_min} and --eslm-alpha-max {s.eslm_alpha_max} must "
+                        "satisfy 0 <= min <= max < 1")
+    if s.ada_eslm_rule not in ADA_ESLM_RULES:
+        raise UserError(f"--ada-eslm-rule must be one of {', '.join(ADA_ESLM_RULES)}, got '{s.ada_eslm_rule}'")
+    if not 0.0 <= s.ada_eslm_budget <= 1.0:
+        raise UserError(f"--ada-eslm-budget must be in [0, 1], got {s.ada_eslm_budget}")
+    if not 0.0 <= s.ada_eslm_momentum < 1.0:
+        raise UserError(f"--ada-eslm-momentum must be in [0, 1), got {s.ada_eslm_momentum}")
+    if not 0.0 <= s.kd_alpha <= 1.0:
+        raise UserError(f"--kd-alpha must be in [0, 1], got {s.kd_alpha}")
+    _positive(s.kd_temperature, "--kd-temperature")
+    if s.kd_score not in KD_SCORES:
+        raise UserError(f"--kd-score must be one of {', '.join(KD_SCORES)}, got '{s.kd_score}'")
+    for path, flag, selection in ((s.teacher_load, "--teacher-load", "eslm-kd"),
+                                  (s.reference_load, "--reference-load", "rho1")):
+        if (path is None) != (s.selection != selection):
+            raise UserError(f"--selection {selection} needs {flag}" if path is None
+                            else f"{flag} is only read by --selection {selection}")
+    if s.lfr_learn_iters < 0 or s.lfr_focus_iters < 0:
+        raise UserError(f"--lfr-learn-iters and --lfr-focus-iters must be >= 0, got {s.lfr_learn_iters} "
+                        f"and {s.lfr_focus_iters}")
+    _positive(s.lfr_review_iters, "--lfr-review-iters")
+    if not 0.0 <= s.lfr_drop_fraction < 1.0:
+        raise UserError(f"--lfr-drop-fraction must be in [0, 1), got {s.lfr_drop_fraction}")
+
+
 def validate(cfg: Config) -> None:
     m, t, o, s, d = cfg.model, cfg.training, cfg.optimizer, cfg.selection, cfg.data
     for value, flag in ((m.num_layers, "--num-layers"), (m.hidden_size, "--hidden-size"),
@@ -305,6 +365,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--eslm-threshold must be one of {', '.join(THRESHOLD_MODES)}, got '{s.eslm_threshold}'")
     if s.eslm_sketch_size < 2:
         raise UserError(f"--eslm-sketch-size must be at least 2, got {s.eslm_sketch_size}")
+    _validate_selection_family(s)
     if s.lm_head_impl not in LM_HEAD_IMPLS:
         raise UserError(f"--lm-head-impl must be one of {', '.join(LM_HEAD_IMPLS)}, got '{s.lm_head_impl}'")
     if o.lr_decay_style not in LR_DECAY_STYLES:

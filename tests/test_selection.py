@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from megatron_eslm.eslm.policies import ESLMPolicy, RandomPolicy, build_policy
+from megatron_eslm.eslm.build import build_policy
+from megatron_eslm.eslm.policies import ESLMPolicy, RandomPolicy
 from megatron_eslm.eslm.threshold import keep_mask, var_threshold
-from megatron_eslm.config import SelectionConfig
+from megatron_eslm.config import Config, SelectionConfig
 from megatron_eslm.model.lm_head import TokenScores
 
 
@@ -75,9 +76,12 @@ def test_random_policy_keeps_as_many_as_eslm_uniformly_among_valid():
 
 
 def test_build_policy():
-    assert build_policy(SelectionConfig(selection="none")) is None
-    assert isinstance(build_policy(SelectionConfig(selection="eslm")), ESLMPolicy)
-    assert isinstance(build_policy(SelectionConfig(selection="random")), RandomPolicy)
+    def build(selection):
+        return build_policy(Config(selection=SelectionConfig(selection=selection)), vocab_size=128)
+
+    assert build("none") is None
+    assert isinstance(build("eslm"), ESLMPolicy)
+    assert isinstance(build("random"), RandomPolicy)
 
 
 @pytest.mark.parametrize("mode", ["sketch-exact", "exact"])

@@ -102,7 +102,8 @@ class GPTDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         begin = int(self.sample_order[i]) * self.seq_length
         sample = torch.from_numpy(self._stream_slice(begin, begin + self.seq_length + 1).astype(np.int64))
-        return {"tokens": sample[:-1], "labels": sample[1:]}
+        # "index" identifies the sample for policies that track samples (--selection lfr).
+        return {"tokens": sample[:-1], "labels": sample[1:], "index": torch.tensor(i)}
 
     def _stream_slice(self, begin: int, end: int) -> np.ndarray:
         """Stream tokens ``begin:end``, gathered from the (few) sequences they span."""

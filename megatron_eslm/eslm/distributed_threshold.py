@@ -159,9 +159,13 @@ def global_var_threshold(scores: Tensor, valid: Tensor, alpha: float, mode: str 
     Every rank of the group must call it, with the same alpha, mode and sketch size. `group=None` (or
     torch.distributed not initialised) means this process alone: the selection group is never guessed,
     since counting a tensor-parallel copy of a token twice would skew the quantile."""
+    return var_threshold_over(group_collectives(group), scores, valid, alpha, mode, sketch_size)
+
+
+def group_collectives(group: dist.ProcessGroup | None) -> Collectives:
+    """The collectives of the selection group; None (or no torch.distributed) is this process alone."""
     use_torch = group is not None and dist.is_available() and dist.is_initialized()
-    comm = TorchCollectives(group) if use_torch else LocalCollectives()
-    return var_threshold_over(comm, scores, valid, alpha, mode, sketch_size)
+    return TorchCollectives(group) if use_torch else LocalCollectives()
 
 
 def _exact_result(local: _LocalScores, threshold: Tensor | None, kept_global: int, valid_global: int,

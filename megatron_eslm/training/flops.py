@@ -8,6 +8,8 @@ Per token (h hidden, f ffn, s sequence, V vocabulary, L layers), counting 2 FLOP
   LM head backward      dense (fused, no recompute):      4hV per valid token
                         selective (recompute + 2 GEMMs): 6hV per KEPT token
 Embedding lookups, norms and elementwise work are not counted (Megatron's convention).
+Selection policies that run extra passes (a teacher's or reference model's forward, distillation logits)
+add them to the executed FLOPs only: the dense baseline is dense training without those models.
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ class StepFlops:
 def transformer_forward_flops_per_token(cfg: ModelConfig) -> float:
     h, f, s = cfg.hidden_size, cfg.ffn_hidden_size, cfg.seq_length
     return cfg.num_layers * (2.0 * (4 * h * h + 2 * h * f) + 4.0 * s * h)
+
+
+def forward_flops(cfg: ModelConfig, vocab_size: int, num_tokens: int, head_rows: int) -> float:
+    """A forward without backward (a teacher's or reference model's pass): the transformer over
+    `num_tokens` tokens and the LM head over `head_rows` rows."""
+    return transformer_forward_flops_per_token(cfg) * num_tokens + 2.0 * cfg.hidden_size * vocab_size * head_rows
 
 
 def micro_batch_flops(cfg: ModelConfig, vocab_size: int, num_tokens: int, num_valid: int,

@@ -1,11 +1,13 @@
 """One training step, top to bottom (the trainer adds data, logging, evaluation and checkpoints):
 
   for each micro-batch of the global batch:
+      policy.prepare(tokens, labels, index)       # the policy's own passes (teacher, reference), sample ids
       hidden = model(tokens)                      # transformer forward, all tokens
       out = model.loss(hidden, labels, policy)    # LM-head pass 1 over all tokens -> per-token scores;
                                                   # policy -> kept tokens (VaR threshold);
                                                   # loss = mean loss of the kept tokens
-      (out.loss / num_micro_batches).backward()   # LM-head backward over kept rows only, then the
+      loss = policy.objective(model, hidden, out) # out.loss, plus distillation for eslm-kd
+      (loss / num_micro_batches).backward()       # LM-head backward over kept rows only, then the
                                                   # (dense) transformer backward
   clip the gradient norm, set the learning rate, optimizer step.
 
@@ -22,8 +24,8 @@ from typing import Callable, ContextManager, Iterator
 import torch
 
 from megatron_eslm.config import ModelConfig
+from megatron_eslm.eslm.policies import Policy
 from megatron_eslm.model.gpt import GPTModel
-from megatron_eslm.model.lm_head import Selector
 from megatron_eslm.training.flops import StepFlops, micro_batch_flops
 
 
@@ -37,6 +39,7 @@ class StepStats:
     thresholds: list[float] = field(default_factory=list)
     micro_batches: list[tuple[int, int, int]] = field(default_factory=list)  # (tokens, valid, kept)
     selective: bool = True
+    policy_flops: float = 0.0  # the policy's own passes (teacher, reference): executed, not dense
     lr: float = 0.0
     grad_norm: float = 0.0
 
@@ -44,10 +47,11 @@ class StepStats:
         total = StepFlops()
         for tokens, valid, kept in self.micro_batches:
             total += micro_batch_flops(cfg, vocab_size, tokens, valid, kept, self.selective)
+        total.executed += self.policy_flops
         return total
 
 
-def forward_backward(model: GPTModel, policy: Selector | None, batches: Iterator[dict], num_micro_batches: int,
+def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[dict], num_micro_batches: int,
                      device: torch.device, lm_head_impl: str = "torch",
                      autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> StepStats:
     """Accumulate the gradients of one global batch; `policy=None` is dense training. `autocast` wraps
@@ -58,9 +62,14 @@ def forward_backward(model: GPTModel, policy: Selector | None, batches: Iterator
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast():
+            if policy is not None:
+                policy.prepare(tokens, labels, batch.get("index"))  # reference/teacher pass, sample ids
             hidden = model(tokens)
             out = model.loss(hidden, labels, policy, impl=lm_head_impl)
-        (out.loss / num_micro_batches).backward()
+            loss = out.loss if policy is None else policy.objective(model, hidden, out)
+        (loss / num_micro_batches).backward()
+        if policy is not None:
+            stats.policy_flops += policy.extra_flops()
         scores, sel = out.scores, out.selection
         valid, kept = int(scores.valid.sum()), int(sel.kept.sum())
         stats.loss_sum += float(scores.loss.sum())

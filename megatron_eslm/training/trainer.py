@@ -15,7 +15,7 @@ from megatron_eslm.config import Config
 from megatron_eslm.data.gpt_dataset import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler
 from megatron_eslm.errors import UserError
-from megatron_eslm.eslm.policies import build_policy
+from megatron_eslm.eslm.build import build_policy
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
 from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.tokenizer import build_tokenizer
@@ -57,7 +57,7 @@ class Trainer:
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by)
         self.model = GPTModel(cfg.model, self.vocab_size).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.policy = build_policy(cfg.selection)
+        self.policy = build_policy(cfg, self.vocab_size, self.device)
         self.lm_head_impl = resolve_impl(cfg.selection.lm_head_impl, self.device)
         self.iteration = 0
         self.consumed_samples = 0
@@ -92,6 +92,8 @@ class Trainer:
         """Forward/backward over the global batch's micro-batches, then one optimizer step."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.policy is not None:
+            self.policy.start_step(self.iteration + 1)
         stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
                                  self.lm_head_impl, self._autocast)
         stats.lr = learning_rate(self.cfg.optimizer, self.iteration + 1)
@@ -186,6 +188,7 @@ class Trainer:
             "scheduler": {"num_steps": self.iteration},
             "consumed_samples": self.consumed_samples,
             "config": self.cfg.to_dict(),
+            "policy": self.policy.state_dict() if self.policy is not None else {},
         })
         self.log(f"saved checkpoint {path}")
         return path
@@ -203,6 +206,8 @@ class Trainer:
             raise UserError(f"--load {root}: checkpoint does not fit this model ({first})") from None
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
+        if self.policy is not None and state.get("policy"):  # alpha of ada-eslm, table of lfr
+            self.policy.load_state_dict(state["policy"])
         self.log(f"resumed from {root} at iteration {self.iteration} ({self.consumed_samples} samples)")
 
     def close(self) -> None:

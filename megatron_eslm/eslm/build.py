@@ -1,0 +1,37 @@
+"""`--selection` -> a policy (None for dense training); eslm-kd and rho1 load their checkpoint here."""
+from __future__ import annotations
+
+import torch
+
+from megatron_eslm.config import Config
+from megatron_eslm.eslm.ada import AdaESLMPolicy, AlphaRule
+from megatron_eslm.eslm.frozen_model import load_frozen_model
+from megatron_eslm.eslm.kd import ESLMKDPolicy
+from megatron_eslm.eslm.lfr import LFRPolicy, Phases
+from megatron_eslm.eslm.policies import ESLMPolicy, Policy, RandomPolicy
+from megatron_eslm.eslm.rho1 import Rho1Policy
+
+
+def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = None, group=None) -> Policy | None:
+    """`group` is the selection group every threshold and normalizer is taken over (None: this process)."""
+    s = cfg.selection
+    if s.selection == "none":
+        return None
+    device = device or torch.device("cpu")
+    eslm = ESLMPolicy(s.eslm_alpha, s.eslm_score, s.eslm_threshold, s.eslm_sketch_size, group)
+    if s.selection == "eslm":
+        return eslm
+    if s.selection == "random":
+        return RandomPolicy(eslm)
+    if s.selection == "ada-eslm":
+        return AdaESLMPolicy(eslm, AlphaRule(s.ada_eslm_rule, s.eslm_alpha_min, s.eslm_alpha_max, s.ada_eslm_budget,
+                                             s.ada_eslm_momentum, cfg.training.train_iters))
+    if s.selection == "eslm-kd":
+        teacher = load_frozen_model(s.teacher_load, "--teacher-load", vocab_size, cfg.model.seq_length, device)
+        return ESLMKDPolicy(eslm, teacher, s.kd_alpha, s.kd_temperature, s.kd_score)
+    if s.selection == "rho1":
+        reference = load_frozen_model(s.reference_load, "--reference-load", vocab_size, cfg.model.seq_length,
+                                      device)
+        return Rho1Policy(eslm, reference)
+    return LFRPolicy(Phases(s.lfr_learn_iters, s.lfr_focus_iters, s.lfr_review_iters), s.lfr_drop_fraction,
+                     s.eslm_threshold, s.eslm_sketch_size, group)
