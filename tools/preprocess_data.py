@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Tokenise a JSONL corpus (one document per line) into Megatron indexed datasets.
+"""Tokenise JSONL or plain-text corpora into Megatron indexed datasets (.bin/.idx).
 
-For each JSON key K writes OUTPUT_PREFIX_K_document.bin and .idx, e.g. P_text_document.{bin,idx}.
-Example: python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus
+Inputs by file name, optionally gzip-compressed (.gz):
+  *.jsonl, *.json   one JSON object per line is one document; each --json-keys key gets its own dataset
+  anything else     plain text: one document per block of lines separated by blank lines
+For each key K writes OUTPUT_PREFIX_K_document.bin and .idx (K is "text" for plain text).
+Example: python tools/preprocess_data.py --input corpus.jsonl.gz --output-prefix data/corpus
              --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod --workers 8
 """
 from __future__ import annotations
@@ -16,13 +19,19 @@ from megatron_eslm.tokenizer import TOKENIZER_TYPES
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="JSONL file, one JSON object (document) per line")
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                        help="input files, tokenised in the order given into one dataset")
     parser.add_argument("--output-prefix", required=True, help="prefix of the output .bin/.idx files")
     parser.add_argument("--tokenizer-type", required=True, help=f"one of: {', '.join(TOKENIZER_TYPES)}")
-    parser.add_argument("--tokenizer-model", required=True, help="tokenizer model file (SentencePiece .model)")
+    parser.add_argument("--tokenizer-model",
+                        help="SentencePiece .model file, or HuggingFace tokenizer.json (or its directory)")
+    parser.add_argument("--vocab-size", type=int,
+                        help="NullTokenizer: the ids in the text are below this; the eod token is this id")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSON keys to tokenise, one dataset each")
-    parser.add_argument("--append-eod", action="store_true", help="end every document with the eod token")
-    parser.add_argument("--workers", type=int, default=1, help="tokenising processes")
+    parser.add_argument("--append-eod", action="store_true", help="end every non-empty document with the eod token")
+    parser.add_argument("--workers", type=int, default=1, help="tokenising processes (in all partitions)")
+    parser.add_argument("--partitions", type=int, default=1,
+                        help="independent pipelines over contiguous parts of the input, merged at the end")
     parser.add_argument("--log-interval", type=int, default=10_000, help="report progress every N documents")
     return parser.parse_args()
 
@@ -38,7 +47,9 @@ def main() -> None:
         json_keys=args.json_keys,
         append_eod=args.append_eod,
         workers=args.workers,
+        partitions=args.partitions,
         log_interval=args.log_interval,
+        vocab_size=args.vocab_size,
     )
     for prefix in prefixes:
         print(f"wrote {prefix}.bin and {prefix}.idx")
