@@ -9,7 +9,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from megatron_eslm.data.blend_spec import parse_blend
 from megatron_eslm.errors import UserError
+from megatron_eslm.tokenizer import TOKENIZER_TYPES
 
 
 @dataclass
@@ -29,10 +31,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data_path: list[str] = field(default_factory=list)
+    data_path: list[str] = field(default_factory=list)  # PREFIX, or W1 PREFIX1 W2 PREFIX2 ... (a blend)
+    train_data_path: list[str] = field(default_factory=list)  # per-split blends instead of --data-path + --split
+    valid_data_path: list[str] = field(default_factory=list)
+    test_data_path: list[str] = field(default_factory=list)
+    data_cache_path: str | None = None  # None: indices are built in memory by every process
     split: str = "969,30,1"
     tokenizer_type: str = "SentencePieceTokenizer"
     tokenizer_model: str | None = None
+    vocab_size: int | None = None  # NullTokenizer only
     num_workers: int = 2
 
 
@@ -165,10 +172,16 @@ _HELP = {
     "attention_dropout": "dropout on attention probabilities",
     "init_method_std": "std of the normal weight init",
     "layernorm_epsilon": "LayerNorm epsilon",
-    "data_path": "prefix of a .bin/.idx dataset (without _text_document suffix added)",
+    "data_path": "dataset prefix (P for P.bin/P.idx), or a blend W1 P1 W2 P2 ... (weights are normalised); "
+                 "each dataset is cut by --split",
+    "train_data_path": "train datasets, used whole: P or W1 P1 W2 P2 ... (instead of --data-path)",
+    "valid_data_path": "validation datasets, used whole: P or W1 P1 W2 P2 ...",
+    "test_data_path": "test datasets, used whole: P or W1 P1 W2 P2 ...",
+    "data_cache_path": "directory for the cached sample indices (.npy), built once and shared by all ranks",
     "split": "train,valid,test proportions over documents, e.g. 969,30,1",
-    "tokenizer_type": "SentencePieceTokenizer",
-    "tokenizer_model": "tokenizer model file",
+    "tokenizer_type": "one of " + ", ".join(TOKENIZER_TYPES),
+    "tokenizer_model": "SentencePiece .model, or HuggingFace tokenizer.json (or its directory)",
+    "vocab_size": "NullTokenizer: token ids in the data are below this (the eod token is this id)",
     "num_workers": "DataLoader worker processes",
     "lr": "peak learning rate",
     "min_lr": "learning rate floor after decay",
@@ -331,6 +344,29 @@ def _validate_selection_family(s: SelectionConfig) -> None:
         raise UserError(f"--lfr-drop-fraction must be in [0, 1), got {s.lfr_drop_fraction}")
 
 
+def _validate_data(d: DataConfig) -> None:
+    """Dataset and tokenizer flags; the files themselves are checked when the datasets are built."""
+    per_split = (d.train_data_path, d.valid_data_path, d.test_data_path)
+    if d.data_path and any(per_split):
+        raise UserError("--data-path cannot be combined with --train-data-path/--valid-data-path/--test-data-path")
+    if not d.data_path and not d.train_data_path:
+        raise UserError("--data-path (or --train-data-path) is required")
+    for values, flag in zip((d.data_path, *per_split), ("--data-path", "--train-data-path", "--valid-data-path",
+                                                        "--test-data-path")):
+        if values:
+            parse_blend(values, flag)
+    if d.tokenizer_type not in TOKENIZER_TYPES:
+        raise UserError(f"--tokenizer-type must be one of {', '.join(TOKENIZER_TYPES)}, got '{d.tokenizer_type}'")
+    if d.tokenizer_type == "NullTokenizer":
+        if d.vocab_size is None or d.vocab_size < 1:
+            raise UserError(f"--tokenizer-type NullTokenizer needs a positive --vocab-size, got {d.vocab_size}")
+        return
+    if d.tokenizer_model is None:
+        raise UserError("--tokenizer-model is required")
+    if not os.path.exists(d.tokenizer_model):
+        raise UserError(f"--tokenizer-model {d.tokenizer_model}: file not found")
+
+
 def validate(cfg: Config) -> None:
     m, t, o, s, d = cfg.model, cfg.training, cfg.optimizer, cfg.selection, cfg.data
     for value, flag in ((m.num_layers, "--num-layers"), (m.hidden_size, "--hidden-size"),
@@ -379,14 +415,7 @@ def validate(cfg: Config) -> None:
                         f"--lr-decay-iters {o.lr_decay_iters}")
     if o.clip_grad < 0:
         raise UserError(f"--clip-grad must be >= 0, got {o.clip_grad}")
-    if not d.data_path:
-        raise UserError("--data-path is required")
-    if len(d.data_path) != 1:
-        raise UserError(f"--data-path takes one dataset prefix, got {len(d.data_path)}")
-    if d.tokenizer_model is None:
-        raise UserError("--tokenizer-model is required")
-    if not os.path.exists(d.tokenizer_model):
-        raise UserError(f"--tokenizer-model {d.tokenizer_model}: file not found")
+    _validate_data(d)
     if d.num_workers < 0:
         raise UserError(f"--num-workers must be >= 0, got {d.num_workers}")
     ck = cfg.checkpoint

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_eslm.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets, split_documents
+from megatron_eslm.config import DataConfig
+from megatron_eslm.data.builder import build_train_valid_test_datasets, split_documents
+from megatron_eslm.data.gpt_dataset import GPTDataset
 from megatron_eslm.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path
 from megatron_eslm.data.samplers import ResumableBatchSampler
 from megatron_eslm.errors import UserError
@@ -36,10 +38,10 @@ def indexed(tmp_path):
 
 
 def stream_of(ds):
-    """The shuffled token stream: the documents in ds.document_order, concatenated."""
+    """The shuffled token stream: the documents in ds.document_index, concatenated."""
     index = ds.indexed_dataset
     return np.concatenate(
-        [index[s] for d in ds.document_order for s in range(index.document_indices[d], index.document_indices[d + 1])]
+        [index[s] for d in ds.document_index for s in range(index.document_indices[d], index.document_indices[d + 1])]
     )
 
 
@@ -53,12 +55,12 @@ def test_samples_reproduce_the_shuffled_stream(indexed):
         sample = ds[i]
         assert sample["tokens"].dtype == torch.int64 and sample["tokens"].shape == (seq_length,)
         assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])
-        by_position[int(ds.sample_order[i])] = torch.cat([sample["tokens"], sample["labels"][-1:]]).numpy()
+        by_position[int(ds.shuffle_index[i])] = torch.cat([sample["tokens"], sample["labels"][-1:]]).numpy()
     assert sorted(by_position) == list(range(num_samples))
     rebuilt = np.concatenate([by_position[k][:-1] for k in range(num_samples)] + [by_position[num_samples - 1][-1:]])
     np.testing.assert_array_equal(rebuilt, stream[: num_samples * seq_length + 1])
     # Only documents 1..8 are used, each once per epoch, and some sample spans a document boundary.
-    per_epoch = ds.document_order.reshape(ds.num_epochs, -1)
+    per_epoch = ds.document_index.reshape(ds.num_epochs, -1)
     assert all(sorted(epoch) == list(range(1, 9)) for epoch in per_epoch)
     assert any(len({int(t) // 100 for t in s}) > 1 for s in by_position.values())
 
@@ -78,7 +80,7 @@ def test_epochs_grow_with_requested_samples(indexed):
     many = GPTDataset(indexed, (0, 10), 4, 100, seed=0, name="train")
     assert one.num_epochs == 1
     assert many.num_epochs == -(-(100 * 4 + 1) // tokens) == 7
-    assert len(many.document_order) == 70
+    assert len(many.document_index) == 70
     many[len(many) - 1]  # the last window fits in the stream
 
 
@@ -104,11 +106,12 @@ def test_bad_split_is_a_user_error(split):
 
 def test_build_train_valid_test_datasets(tmp_path):
     prefix = make_dataset(tmp_path, numbered_documents([5] * 20))
-    train, valid, test = build_train_valid_test_datasets(prefix, "18,2,0", 4, 1234, 30, 3, 5)
+    data = DataConfig(data_path=[prefix], split="18,2,0")
+    train, valid, test = build_train_valid_test_datasets(data, 4, 1234, (30, 3, 5), vocab_size=2000)
     assert test is None
     assert len(train) == 30 and len(valid) == 3
-    assert set(train.document_order) == set(range(18)) and set(valid.document_order) == {18, 19}
-    assert build_train_valid_test_datasets(prefix, "18,2,0", 4, 1234, 30, 0, 5)[1] is None
+    assert set(train.document_index) == set(range(18)) and set(valid.document_index) == {18, 19}
+    assert build_train_valid_test_datasets(data, 4, 1234, (30, 0, 5), vocab_size=2000)[1] is None
 
 
 def test_sampler_resume_continues_the_uninterrupted_run():

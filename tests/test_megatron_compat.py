@@ -117,3 +117,43 @@ def test_merge_matches_add_index(tmp_path):
             mine.add_index(prefix)
         mine.finalize(ours + ".idx")
     same_bytes(ours, theirs)
+
+
+def test_sample_index_matches_megatron_core(tmp_path):
+    """Same document order in, same (document position, offset) pairs out as megatron-core's C++ helper."""
+    helpers = pytest.importorskip("megatron.core.datasets.helpers", reason="megatron-core's compiled helpers")
+    from megatron_eslm.data.gpt_dataset import build_gpt_indices
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 40, size=300)
+    lengths[:3] = 0  # empty documents are stepped over
+    seq_length, num_samples = 32, 700
+    ours = build_gpt_indices(lengths, 0, seq_length, num_samples, seed=5)
+    document_index = ours["document_index"].astype(np.int32)
+    num_epochs = len(document_index) // len(lengths)
+    theirs = helpers.build_sample_idx(lengths.astype(np.int32), document_index, seq_length, num_epochs,
+                                      int(lengths.sum()), True, True)
+    np.testing.assert_array_equal(ours["sample_index"], theirs[: num_samples + 1])
+
+
+def test_megatron_greedy_blending_drifts_where_the_quota_order_does_not():
+    """Why blending differs from megatron-core's build_blending_indices: its greedy rule can put a dataset
+    more than one sample off its weight; the quota order never does."""
+    helpers = pytest.importorskip("megatron.core.datasets.helpers", reason="megatron-core's compiled helpers")
+    from fractions import Fraction
+
+    from megatron_eslm.data.blended_dataset import blending_indices
+
+    weights = [Fraction(113, 849), Fraction(711, 849), Fraction(25, 849)]
+    size = 300
+    theirs = np.zeros(size, np.int16)
+    helpers.build_blending_indices(theirs, np.zeros(size, np.int64), np.array([float(w) for w in weights]),
+                                   len(weights), size, False)
+    ours = blending_indices(weights, size)["dataset_index"]
+
+    def worst_drift(order):
+        onehot = np.eye(len(weights))[order]
+        expected = np.arange(1, size + 1)[:, None] * np.array([float(w) for w in weights])
+        return np.abs(onehot.cumsum(0) - expected).max()
+
+    assert worst_drift(ours) < 1 < worst_drift(theirs)

@@ -1,63 +1,71 @@
-"""GPT pretraining samples over an indexed dataset, with Megatron GPTDataset semantics.
+"""GPT pretraining samples over a document range of an indexed dataset, with Megatron GPTDataset semantics.
 
-The documents of a split are concatenated, in a seeded shuffled order, into one token stream; sample k is
-stream tokens ``[k * seq_length, (k + 1) * seq_length + 1)``, so samples run across document boundaries and
+The documents are concatenated, in a seeded shuffled order, into one token stream; sample k is stream
+tokens ``[k * seq_length, (k + 1) * seq_length + 1)``, so samples run across document boundaries and
 consecutive samples share one token (the last label of one is the first input of the next). The stream
-repeats the documents for as many epochs, each in a fresh order, as the requested samples need, and the
-order in which samples are served is shuffled too. Everything is decided by the seed, so a resumed run
-sees the same samples.
+repeats the documents for as many epochs, each a fresh permutation, as the requested samples need, and
+the order in which samples are served is shuffled too.
+
+Three arrays, built vectorised with numpy and cached (``index_cache.py``), hold all of it:
+
+- ``document_index``: the document ids of the stream, epoch after epoch;
+- ``sample_index``: ``(position in document_index, token offset)`` of the first token of each sample and,
+  as row ``k + 1``, of its last (inclusive) token, as in Megatron;
+- ``shuffle_index``: sample i serves stream window ``shuffle_index[i]``.
+
+Unlike megatron-core, which treats every sequence (sentence) as a document, the documents here are the
+.idx documents: a document of several sequences stays together.
 """
 from __future__ import annotations
 
-import math
-import re
+import os
 
 import numpy as np
 import torch
 
-from megatron_eslm.data.indexed_dataset import IndexedDataset
+from megatron_eslm.data.index_cache import Arrays, cached_arrays
+from megatron_eslm.data.indexed_dataset import IndexedDataset, get_idx_path
 from megatron_eslm.errors import UserError
 
-
-def _parse_split(split: str) -> list[float]:
-    """Megatron's ``--split`` string ("969,30,1" or "969/30/1") as three train/valid/test weights."""
-    parts = re.split(r"[,/]", split)
-    if len(parts) > 3:
-        raise UserError(f"--split {split!r}: at most 3 weights (train,valid,test), got {len(parts)}")
-    try:
-        weights = [float(part) for part in parts]
-    except ValueError:
-        raise UserError(f"--split {split!r}: weights must be numbers, like 969,30,1") from None
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise UserError(f"--split {split!r}: weights must be finite and non-negative")
-    if sum(weights) == 0:
-        raise UserError(f"--split {split!r}: at least one weight must be positive")
-    return weights + [0.0] * (3 - len(weights))
+_INDEX_FORMAT = 1  # bump when the way indices are built changes, so old caches are not reused
 
 
-def split_documents(num_documents: int, split: str = "969,30,1") -> list[tuple[int, int]]:
-    """Train/valid/test ``(start, end)`` document ranges in proportion to the normalised split weights."""
-    weights = _parse_split(split)
-    total = sum(weights)
-    cumulative = np.cumsum(weights) / total
-    bounds = [0] + [int(round(fraction * num_documents)) for fraction in cumulative]
-    bounds[-1] = num_documents  # no rounding drift at the end
-    return list(zip(bounds[:-1], bounds[1:]))
+def _smallest_int(max_value: int) -> type:
+    return np.int32 if max_value < np.iinfo(np.int32).max else np.int64
 
 
-def _sequence_order(document_indices: np.ndarray, document_order: np.ndarray) -> np.ndarray:
-    """The sequence ids of the documents in ``document_order``, each document's sequences kept in order."""
-    firsts = document_indices[document_order]
-    counts = document_indices[document_order + 1] - firsts
-    position_in_document = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(firsts, counts) + position_in_document
+def build_gpt_indices(
+    document_lengths: np.ndarray, first_document: int, seq_length: int, num_samples: int, seed: int
+) -> Arrays:
+    """The three index arrays for documents ``first_document + [0, len(document_lengths))``."""
+    num_documents = len(document_lengths)
+    tokens_per_epoch = int(document_lengths.sum(dtype=np.int64))
+    num_epochs = -(-(num_samples * seq_length + 1) // tokens_per_epoch)  # the last sample ends at token N*L
+    rng = np.random.default_rng(seed)
+    document_index = np.empty(num_epochs * num_documents, dtype=_smallest_int(first_document + num_documents))
+    stream_ends = np.empty(num_epochs * num_documents, dtype=np.int64)
+    for epoch in range(num_epochs):
+        order = rng.permutation(num_documents)
+        part = slice(epoch * num_documents, (epoch + 1) * num_documents)
+        document_index[part] = order + first_document
+        stream_ends[part] = document_lengths[order]
+    np.cumsum(stream_ends, out=stream_ends)
+
+    # The document holding stream token b is the first whose end exceeds b (empty documents never are).
+    boundaries = np.arange(num_samples + 1, dtype=np.int64) * seq_length
+    positions = np.searchsorted(stream_ends, boundaries, side="right")
+    starts = np.where(positions > 0, stream_ends[np.maximum(positions - 1, 0)], 0)
+    offsets = boundaries - starts
+    sample_index = np.stack([positions, offsets], axis=1).astype(_smallest_int(max(len(stream_ends), seq_length)))
+    shuffle_index = rng.permutation(num_samples).astype(_smallest_int(num_samples))
+    return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
 
 
 class GPTDataset(torch.utils.data.Dataset):
     """``num_samples`` samples of ``seq_length + 1`` tokens from documents ``document_range`` of a dataset.
 
-    ``document_order`` (document ids, epoch after epoch) and ``sample_order`` (sample i serves stream window
-    ``sample_order[i]``) are public so the stream can be checked against the samples.
+    The index arrays come from ``cache_dir`` when it holds them for exactly these settings, else they are
+    built (and saved there when ``cache_dir`` is set).
     """
 
     def __init__(
@@ -68,74 +76,64 @@ class GPTDataset(torch.utils.data.Dataset):
         num_samples: int,
         seed: int,
         name: str,
+        cache_dir: str | None = None,
     ) -> None:
         start, end = document_range
-        num_documents = len(indexed_dataset.document_indices) - 1
-        if not 0 <= start < end <= num_documents:
-            raise UserError(f"{name} dataset: empty or invalid document range [{start}, {end}) of {num_documents}")
+        prefix = indexed_dataset.path_prefix
+        if not 0 <= start < end <= indexed_dataset.num_documents:
+            raise UserError(f"{name} dataset: empty or invalid document range [{start}, {end}) of the "
+                            f"{indexed_dataset.num_documents} documents of {prefix}")
         if seq_length < 1:
             raise UserError(f"{name} dataset: --seq-length must be positive, got {seq_length}")
         if num_samples < 1:
             raise UserError(f"{name} dataset: the number of samples must be positive, got {num_samples}")
-        document_indices = indexed_dataset.document_indices
-        lengths = indexed_dataset.sequence_lengths
-        tokens_per_epoch = int(lengths[document_indices[start] : document_indices[end]].sum(dtype=np.int64))
-        if tokens_per_epoch == 0:
-            raise UserError(f"{name} dataset: documents [{start}, {end}) hold no tokens")
+        document_offsets = indexed_dataset.document_offsets
+        if document_offsets[end] == document_offsets[start]:
+            raise UserError(f"{name} dataset: documents [{start}, {end}) of {prefix} hold no tokens")
 
         self.indexed_dataset = indexed_dataset
         self.seq_length = seq_length
         self.name = name
-        # The last sample ends at stream token num_samples * seq_length (inclusive).
-        self.num_epochs = -(-(num_samples * seq_length + 1) // tokens_per_epoch)
-        rng = np.random.default_rng(seed)
-        epoch_permutations = np.argsort(rng.random((self.num_epochs, end - start)), axis=1)
-        self.document_order = start + epoch_permutations.ravel()
-        self._sequence_order = _sequence_order(document_indices, self.document_order)
-        self._stream_offsets = np.zeros(len(self._sequence_order) + 1, dtype=np.int64)
-        np.cumsum(lengths[self._sequence_order], dtype=np.int64, out=self._stream_offsets[1:])
-        self.sample_order = rng.permutation(num_samples)
+        description = {
+            "class": "GPTDataset",
+            "format": _INDEX_FORMAT,
+            "dataset": os.path.abspath(prefix),
+            "idx_bytes": os.path.getsize(get_idx_path(prefix)),
+            "documents": indexed_dataset.num_documents,
+            "tokens": indexed_dataset.num_tokens,
+            "document_range": [start, end],
+            "seq_length": seq_length,
+            "num_samples": num_samples,
+            "seed": seed,
+        }
+        arrays = cached_arrays(
+            cache_dir,
+            description,
+            lambda: build_gpt_indices(np.diff(document_offsets[start : end + 1]), start, seq_length, num_samples, seed),
+        )
+        self.document_index = arrays["document_index"]
+        self.sample_index = arrays["sample_index"]
+        self.shuffle_index = arrays["shuffle_index"]
+        self.num_epochs = len(self.document_index) // (end - start)
 
     def __len__(self) -> int:
-        return len(self.sample_order)
+        return len(self.shuffle_index)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        begin = int(self.sample_order[i]) * self.seq_length
-        sample = torch.from_numpy(self._stream_slice(begin, begin + self.seq_length + 1).astype(np.int64))
+        window = int(self.shuffle_index[i])
+        sample = torch.from_numpy(self.window_tokens(window).astype(np.int64))
         # "index" identifies the sample for policies that track samples (--selection lfr).
         return {"tokens": sample[:-1], "labels": sample[1:], "index": torch.tensor(i)}
 
-    def _stream_slice(self, begin: int, end: int) -> np.ndarray:
-        """Stream tokens ``begin:end``, gathered from the (few) sequences they span."""
-        first = int(np.searchsorted(self._stream_offsets, begin, side="right")) - 1
-        stop = int(np.searchsorted(self._stream_offsets, end, side="left"))
-        parts = []
-        for k in range(first, stop):
-            sequence_start = int(self._stream_offsets[k])
-            sequence_end = int(self._stream_offsets[k + 1])
-            lo, hi = max(begin, sequence_start), min(end, sequence_end)
-            parts.append(self.indexed_dataset.get(int(self._sequence_order[k]), lo - sequence_start, hi - lo))
+    def window_tokens(self, window: int) -> np.ndarray:
+        """Stream tokens ``[window * seq_length, (window + 1) * seq_length]``, gathered from their documents."""
+        (first, first_offset), (last, last_offset) = self.sample_index[window : window + 2].tolist()
+        offsets = self.indexed_dataset.document_offsets
+        documents = self.document_index[first : last + 1].tolist()
+        if first == last:
+            begin = int(offsets[documents[0]]) + first_offset
+            return self.indexed_dataset.tokens(begin, begin + last_offset - first_offset + 1)
+        parts = [self.indexed_dataset.tokens(int(offsets[documents[0]]) + first_offset, int(offsets[documents[0] + 1]))]
+        parts += [self.indexed_dataset.tokens(int(offsets[d]), int(offsets[d + 1])) for d in documents[1:-1]]
+        parts.append(self.indexed_dataset.tokens(int(offsets[documents[-1]]), int(offsets[documents[-1]]) + last_offset + 1))
         return np.concatenate(parts)
-
-
-def build_train_valid_test_datasets(
-    prefix: str,
-    split: str,
-    seq_length: int,
-    seed: int,
-    train_samples: int,
-    valid_samples: int,
-    test_samples: int,
-) -> tuple[GPTDataset | None, GPTDataset | None, GPTDataset | None]:
-    """The three GPT datasets of ``prefix``; None where the split has no documents or no samples are asked."""
-    indexed_dataset = IndexedDataset(prefix)
-    ranges = split_documents(len(indexed_dataset.document_indices) - 1, split)
-    datasets = []
-    for name, document_range, num_samples in zip(
-        ("train", "valid", "test"), ranges, (train_samples, valid_samples, test_samples)
-    ):
-        if document_range[1] > document_range[0] and num_samples > 0:
-            datasets.append(GPTDataset(indexed_dataset, document_range, seq_length, num_samples, seed, name))
-        else:
-            datasets.append(None)
-    return tuple(datasets)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from megatron_eslm.config import Config
-from megatron_eslm.data.gpt_dataset import build_train_valid_test_datasets
+from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
@@ -53,7 +53,7 @@ class Trainer:
         self.log = log
         self.device = device or default_device()
         set_seed(cfg.training.seed)
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, cfg.data.vocab_size)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by)
         self.model = GPTModel(cfg.model, self.vocab_size).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -65,10 +65,8 @@ class Trainer:
         self.num_micro_batches = t.global_batch_size // t.micro_batch_size
         eval_samples = t.eval_iters * t.global_batch_size
         self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
-            cfg.data.data_path[0], cfg.data.split, cfg.model.seq_length, t.seed,
-            t.train_iters * t.global_batch_size, eval_samples, 0)
-        if self.train_ds is None:
-            raise UserError(f"--split {cfg.data.split}: the train split of {cfg.data.data_path[0]} is empty")
+            cfg.data, cfg.model.seq_length, t.seed, (t.train_iters * t.global_batch_size, eval_samples, 0),
+            self.tokenizer.vocab_size)
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
         self.metrics = MetricsWriter(cfg.logging.metrics_file, cfg.logging.tensorboard_dir)

@@ -1,0 +1,120 @@
+"""Index arrays built once, saved as .npy under ``--data-cache-path`` and memory-mapped by every rank.
+
+Files are named by a hash of a JSON description of everything that determines the arrays, and that
+description is written beside them (``{hash}-description.json``) and compared in full on every load, so a
+cache is reused only for exactly the settings that wrote it. The description is written last, after the
+arrays are complete under their final names, so its presence means the entry is whole.
+
+One process builds while the others wait: with torch.distributed initialised, rank 0 first (then a
+barrier); in every case under an exclusive file lock on ``{hash}.lock``, so independent processes (or ranks
+on nodes with a local cache directory) never race and never build twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from megatron_eslm.errors import UserError
+
+Arrays = dict[str, np.ndarray]
+
+
+def description_hash(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_arrays(cache_dir: str | None, description: dict, build: Callable[[], Arrays]) -> Arrays:
+    """The arrays ``build()`` returns, from the cache when it has them (memory-mapped), else built and saved.
+
+    Without a cache directory every process builds in memory (index building is vectorised: fast, and
+    deterministic, so all ranks agree).
+    """
+    if cache_dir is None:
+        return build()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        arrays = None
+        if torch.distributed.get_rank() == 0:
+            arrays = _load_or_build(cache_dir, description, build)
+        torch.distributed.barrier()
+        return arrays if arrays is not None else _load_or_build(cache_dir, description, build)
+    return _load_or_build(cache_dir, description, build)
+
+
+def _load_or_build(cache_dir: str, description: dict, build: Callable[[], Arrays]) -> Arrays:
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--data-cache-path {cache_dir}: cannot create ({err.strerror})") from None
+    base = os.path.join(cache_dir, description_hash(description))
+    description_path = base + "-description.json"
+    if not os.path.isfile(description_path):
+        with _exclusive(base + ".lock"):
+            if not os.path.isfile(description_path):  # nobody built it while we waited
+                _save(base, description, build())
+    return _load(base, description)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str) -> Iterator[None]:
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise UserError(f"{lock_path}: cannot create the cache lock ({err.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _write_atomically(path: str, write: Callable[[object], None]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise UserError(f"{path}: cannot write the index cache ({err.strerror})") from None
+
+
+def _save(base: str, description: dict, arrays: Arrays) -> None:
+    for name, array in arrays.items():
+        _write_atomically(f"{base}-{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
+    record = {"description": description, "arrays": {name: [a.dtype.str, list(a.shape)] for name, a in arrays.items()}}
+    _write_atomically(base + "-description.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+
+def _load(base: str, description: dict) -> Arrays:
+    path = base + "-description.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable index cache description ({err}); delete it to rebuild") from None
+    cached = record.get("description") if isinstance(record, dict) else None
+    if cached != description:
+        differing = sorted(k for k in set(cached or {}) | set(description) if (cached or {}).get(k) != description.get(k))
+        raise UserError(f"{path}: index cache written by different settings ({', '.join(differing) or 'format'} "
+                        "differ); delete it or use another --data-cache-path")
+    arrays = {}
+    for name, (dtype, shape) in record["arrays"].items():
+        npy = f"{base}-{name}.npy"
+        try:
+            array = np.load(npy, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{npy}: unreadable index cache ({err}); delete {path} to rebuild") from None
+        if array.dtype.str != dtype or list(array.shape) != shape:
+            raise UserError(f"{npy}: holds {array.dtype.str}{list(array.shape)}, but {path} says {dtype}{shape}; "
+                            "delete it to rebuild")
+        arrays[name] = array
+    return arrays

@@ -1,0 +1,123 @@
+"""Blends: --data-path weight/prefix pairs, the quota order (every prefix within one sample of the weights),
+per-split paths, and resuming a blended stream."""
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_eslm.config import DataConfig
+from megatron_eslm.data.blend_spec import parse_blend
+from megatron_eslm.data.blended_dataset import _quota_order, blending_indices
+from megatron_eslm.data.builder import build_train_valid_test_datasets
+from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder
+from megatron_eslm.data.samplers import ResumableBatchSampler
+from megatron_eslm.errors import UserError
+
+
+def within_quota(weights, dataset_index):
+    """floor(w n) <= count <= ceil(w n) for every dataset at every prefix n (exact integer arithmetic)."""
+    denominator = np.lcm.reduce([w.denominator for w in weights])
+    numerators = np.array([int(w * denominator) for w in weights], dtype=object)
+    counts = np.zeros(len(weights), dtype=object)
+    for n, d in enumerate(dataset_index.tolist(), start=1):
+        counts[d] += 1
+        scaled = numerators * n
+        if np.any(counts * denominator < scaled - (denominator - 1)) or np.any(counts * denominator > scaled + denominator - 1):
+            return False
+    return True
+
+
+def test_parse_blend():
+    assert parse_blend(["data/a"], "--data-path") == [(1, "data/a")]
+    assert parse_blend(["0.3", "a", "0.7", "b"], "--data-path") == [(Fraction(3, 10), "a"), (Fraction(7, 10), "b")]
+    assert parse_blend(["3", "a", "1", "b"], "--data-path") == [(Fraction(3, 4), "a"), (Fraction(1, 4), "b")]
+    assert parse_blend(["1e-1", "a", "0", "b"], "--data-path") == [(1, "a"), (0, "b")]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["0.3", "a", "b"], "one dataset prefix or weight/prefix pairs, got 3"),
+    (["-1", "a", "2", "b"], "weight -1 of a is negative"),
+    (["0", "a", "0.0", "b"], "all weights are zero"),
+    (["nan", "a", "1", "b"], "weight 'nan' of a is not a finite number"),
+    (["a", "0.5", "b", "0.5"], "weight 'a' of 0.5 is not a finite number"),
+])
+def test_bad_blends_are_one_line(values, message):
+    with pytest.raises(UserError, match=message):
+        parse_blend(values, "--train-data-path")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 1000), min_size=2, max_size=7).filter(lambda a: sum(a) > 0), st.integers(1, 400))
+def test_every_prefix_is_within_one_sample_of_the_weights(raw, size):
+    weights = [Fraction(a, sum(raw)) for a in raw]
+    indices = blending_indices(weights, size)
+    assert within_quota(weights, indices["dataset_index"])
+    for d in range(len(raw)):  # each dataset's samples are drawn in order 0, 1, 2, ...
+        np.testing.assert_array_equal(indices["dataset_sample_index"][indices["dataset_index"] == d],
+                                      np.arange(np.count_nonzero(indices["dataset_index"] == d)))
+
+
+def test_order_repeats_with_the_weights_denominator():
+    weights = [Fraction(3, 10), Fraction(2, 10), Fraction(5, 10)]
+    tiled = blending_indices(weights, 1000)["dataset_index"]
+    np.testing.assert_array_equal(tiled, _quota_order([3, 2, 5], 10, 1000))
+    assert within_quota(weights, tiled)
+    assert np.bincount(tiled[:10]).tolist() == [3, 2, 5]
+
+
+def write(prefix, num_documents, base):
+    """Documents of 10 tokens whose ids say where they come from (base + document)."""
+    with IndexedDatasetBuilder(prefix + ".bin", np.uint16) as builder:
+        for d in range(num_documents):
+            builder.add_item(np.full(10, base + d))
+            builder.end_document()
+        builder.finalize(prefix + ".idx")
+    return prefix
+
+
+@pytest.fixture
+def two_datasets(tmp_path):
+    return write(str(tmp_path / "a"), 40, 0), write(str(tmp_path / "b"), 60, 1000)
+
+
+def test_blended_train_valid_draws_each_dataset_by_weight(two_datasets, tmp_path):
+    a, b = two_datasets
+    data = DataConfig(data_path=["0.25", a, "0.75", b], split="80,20,0", data_cache_path=str(tmp_path / "cache"))
+    train, valid, test = build_train_valid_test_datasets(data, 8, 1, (100, 12, 0), vocab_size=2000)
+    assert test is None and len(train) == 100 and len(valid) == 12
+    sources = [int(train[i]["tokens"][0] >= 1000) for i in range(len(train))]
+    assert sources.count(0) == 25 and sources.count(1) == 75
+    assert all(int(train[i]["index"]) == i for i in (0, 57, 99))
+    # Each source dataset got exactly the samples the blend draws, from its own train documents.
+    assert [len(ds) for ds in train.datasets] == [25, 75]
+    assert set(train.datasets[0].document_index) <= set(range(32))
+    valid_ids = {int(t) for i in range(len(valid)) for t in valid[i]["tokens"]}
+    assert valid_ids <= set(range(32, 40)) | set(range(1048, 1060))
+
+
+def test_per_split_paths(two_datasets):
+    a, b = two_datasets
+    data = DataConfig(train_data_path=["1", a, "1", b], valid_data_path=[b])
+    train, valid, test = build_train_valid_test_datasets(data, 8, 1, (20, 4, 4), vocab_size=2000)
+    assert len(train) == 20 and len(valid) == 4 and test is None
+    assert valid.indexed_dataset.path_prefix == b and valid.num_epochs == 1
+    with pytest.raises(UserError, match="--split 99,1,0: the valid split of .*a gets none of its 40 documents"):
+        build_train_valid_test_datasets(DataConfig(data_path=[a], split="99,1,0"), 8, 1, (20, 4, 0), 2000)
+
+
+def test_resuming_a_blended_stream_sees_the_same_batches(two_datasets):
+    a, b = two_datasets
+    data = DataConfig(data_path=["0.4", a, "0.6", b], split="1,0,0")
+
+    def batches(consumed):
+        train, _, _ = build_train_valid_test_datasets(data, 8, 5, (48, 0, 0), vocab_size=2000)
+        sampler = ResumableBatchSampler(len(train), consumed, 4, data_parallel_rank=1, data_parallel_size=2)
+        return [torch.stack([train[i]["tokens"] for i in batch]) for batch in sampler]
+
+    straight, resumed = batches(0), batches(16)
+    assert len(resumed) == len(straight) - 2
+    for x, y in zip(straight[2:], resumed):
+        assert torch.equal(x, y)
