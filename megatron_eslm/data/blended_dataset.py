@@ -33,20 +33,20 @@ def _quota_order(numerators: list[int], denominator: int, steps: int) -> np.ndar
     """The dataset of each of the first ``steps`` positions (module docstring: earliest deadline first)."""
     live = [d for d, a in enumerate(numerators) if a > 0]
     count = [0] * len(numerators)
-    release = {d: 1 for d in live}  # 1-based positions
-    deadline = {d: -(-denominator // numerators[d]) for d in live}
-    order = np.empty(steps, dtype=np.int16)
+    release = [1] * len(numerators)  # of each dataset's next sample, as 1-based positions
+    deadline = [-(-denominator // a) if a else 0 for a in numerators]
+    order = []
     for position in range(1, steps + 1):
         best = -1
         for d in live:
             if release[d] <= position and (best < 0 or deadline[d] < deadline[best]):
                 best = d
-        order[position - 1] = best
-        count[best] += 1
-        k, a = count[best] + 1, numerators[best]
-        release[best] = (k - 1) * denominator // a + 1
-        deadline[best] = -(-k * denominator // a)
-    return order
+        order.append(best)
+        k = count[best] = count[best] + 1
+        a = numerators[best]
+        release[best] = k * denominator // a + 1  # sample k + 1 of this dataset
+        deadline[best] = -(-(k + 1) * denominator // a)
+    return np.array(order, dtype=np.int16)
 
 
 def blending_indices(weights: Sequence[Fraction], size: int) -> Arrays:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import gzip
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from megatron_eslm.errors import UserError
 
 CHUNK_BYTES = 1 << 18  # small enough that two workers stay balanced on a few MB, large enough to be cheap
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # the end of a blank line: a text document boundary follows
+_TEXT_DOCUMENT = re.compile(r"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")  # lines that are not blank, joined
 
 
 def input_format(path: str) -> str:
@@ -158,19 +159,23 @@ def _last_boundary(buffer: bytearray, search_from: int, jsonl: bool) -> int:
     return end
 
 
-def documents(chunk: Chunk) -> Iterator[tuple[int, bytes]]:
-    """``(line offset in the chunk, raw bytes)`` of each document of a chunk."""
-    lines = chunk.data.split(b"\n")
-    if input_format(chunk.span.path) == "jsonl":
-        for number, line in enumerate(lines):
-            if line.strip():
-                yield number, line
+def documents(chunk: Chunk) -> Iterator[tuple[Callable[[], str], str]]:
+    """Each document of a chunk as ``(its path:line, computed only if called; its text)``."""
+    try:
+        text = chunk.data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = chunk.data.count(b"\n", 0, err.start)
+        raise UserError(f"{chunk.location(line)}: not UTF-8 text") from None
+
+    def where(offset: int) -> Callable[[], str]:
+        return lambda: chunk.location(text.count("\n", 0, offset))
+
+    if input_format(chunk.span.path) == "text":
+        for match in _TEXT_DOCUMENT.finditer(text):
+            yield where(match.start()), match.group()
         return
-    start = None
-    for number, line in enumerate(lines + [b""]):
+    offset = 0
+    for line in text.split("\n"):
         if line.strip():
-            if start is None:
-                start = number
-        elif start is not None:
-            yield start, b"\n".join(lines[start:number])
-            start = None
+            yield where(offset), line
+        offset += len(line) + 1

@@ -12,7 +12,6 @@ the reading and writing parallelise too.
 from __future__ import annotations
 
 import contextlib
-import functools
 import glob
 import itertools
 import json
@@ -75,17 +74,12 @@ class _Encoder:
     def texts(self, chunk: Chunk) -> Iterator[tuple[dict[str, str], Callable[[], str]]]:
         """Each document of the chunk as ``{key: text}``, with its ``path:line`` (computed only for errors)."""
         jsonl = input_format(chunk.span.path) == "jsonl"
-        for line, raw in documents(chunk):
-            where = functools.partial(chunk.location, line)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{where()}: not UTF-8 text") from None
+        for where, document in documents(chunk):
             if not jsonl:
-                yield {"text": text}, where
+                yield {"text": document}, where
                 continue
             try:
-                record = json.loads(text)
+                record = json.loads(document)
             except json.JSONDecodeError as err:
                 raise UserError(f"{where()}: invalid JSON ({err.msg})") from None
             for key in self.json_keys:
