@@ -59,28 +59,36 @@ def _check_selection(selection: Selection, scores: TokenScores) -> None:
         raise ValueError("Selection.kept contains tokens whose label is ignore_index")
 
 
+def select_and_reduce(token_loss: Tensor, entropy: Tensor, valid: Tensor, select: Selector | None,
+                      dense_normalizer: float) -> tuple[Tensor, TokenScores, Selection, float]:
+    """Scores -> the policy's selection (every valid token without one) -> loss = sum(kept losses) /
+    normalizer; also returns 1 / normalizer, the backward's scale."""
+    scores = TokenScores(loss=token_loss, entropy=entropy, valid=valid)
+    selection = Selection(kept=valid, normalizer=dense_normalizer) if select is None else select(scores)
+    _check_selection(selection, scores)
+    inv_normalizer = _inverse(selection.normalizer)
+    return token_loss[selection.kept].sum() * inv_normalizer, scores, selection, inv_normalizer
+
+
 class _SelectiveLMHead(torch.autograd.Function):
     """Loss = sum(kept losses) / normalizer; returns (loss, scores, selection)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, select: Selector | None,
-                ignore_index: int, kernels: ModuleType, needs_grad: bool
+                ignore_index: int, kernels: ModuleType, needs_grad: bool, normalizer: float | None
                 ) -> tuple[Tensor, TokenScores, Selection]:
         valid = labels != ignore_index
-        dense = Selection(kept=valid, normalizer=float(valid.sum()))  # every valid token, averaged
+        dense_normalizer = float(valid.sum()) if normalizer is None else normalizer
         dense_grads = None
         if select is None and needs_grad:
             *stats, grad_hidden, grad_weight = kernels.lm_head_fused_dense(
-                hidden, weight, labels, _inverse(dense.normalizer), ignore_index)
+                hidden, weight, labels, _inverse(dense_normalizer), ignore_index)
             dense_grads = (grad_hidden, grad_weight)
         else:
             stats = kernels.lm_head_scores(hidden, weight, labels, ignore_index)
         token_loss, lse, entropy = stats
-        scores = TokenScores(loss=token_loss, entropy=entropy, valid=valid)
-        selection = dense if select is None else select(scores)
-        _check_selection(selection, scores)
-        inv_normalizer = _inverse(selection.normalizer)
-        loss = token_loss[selection.kept].sum() * inv_normalizer
+        loss, scores, selection, inv_normalizer = select_and_reduce(token_loss, entropy, valid, select,
+                                                                    dense_normalizer)
 
         ctx.dense_grads, ctx.kernels, ctx.weight_dtype = dense_grads, kernels, weight.dtype
         if needs_grad and dense_grads is None:
@@ -97,7 +105,7 @@ class _SelectiveLMHead(torch.autograd.Function):
             grad_rows, grad_weight = ctx.kernels.lm_head_backward_rows(
                 hidden, weight, labels, rows, lse, grad_loss * ctx.inv_normalizer)
             grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_rows)
-        return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None
+        return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None
 
 
 def _inverse(normalizer: float) -> float:
@@ -105,19 +113,28 @@ def _inverse(normalizer: float) -> float:
     return 1.0 / normalizer if normalizer else 0.0
 
 
-def selective_lm_head_loss(hidden: Tensor, weight: Tensor, labels: Tensor, select: Selector | None,
-                           ignore_index: int = -100, impl: str = "torch") -> LMHeadOutput:
-    """Cross-entropy of ``hidden @ weight.T`` against ``labels`` over the tokens ``select`` keeps.
-
-    ``select=None`` trains densely on every valid token. Without autograd (eval, torch.no_grad) only the
-    scoring pass runs.
-    """
+def kernels_for(impl: str) -> ModuleType:
     if impl not in IMPLEMENTATIONS:
         raise UserError(f"unknown LM head implementation {impl!r}; choose from {sorted(IMPLEMENTATIONS)}")
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return IMPLEMENTATIONS[impl]
+
+
+def needs_grad(hidden: Tensor, weight: Tensor) -> bool:
+    return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+
+
+def selective_lm_head_loss(hidden: Tensor, weight: Tensor, labels: Tensor, select: Selector | None,
+                           ignore_index: int = -100, impl: str = "torch",
+                           normalizer: float | None = None) -> LMHeadOutput:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels`` over the tokens ``select`` keeps.
+
+    ``select=None`` trains densely on every valid token, dividing by ``normalizer`` (default: the valid
+    count here; data parallelism passes the count over the selection group). Without autograd (eval,
+    torch.no_grad) only the scoring pass runs.
+    """
     loss, scores, selection = _SelectiveLMHead.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), select, ignore_index,
-        IMPLEMENTATIONS[impl], needs_grad)
+        kernels_for(impl), needs_grad(hidden, weight), normalizer)
     return LMHeadOutput(loss=loss, scores=scores, selection=selection)
 
 
