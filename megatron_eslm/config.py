@@ -59,6 +59,14 @@ class OptimizerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    ddp_bucket_size: int = 25_000_000  # gradient elements per data-parallel all-reduce
+
+
+@dataclass
 class TrainingConfig:
     micro_batch_size: int = 4
     global_batch_size: int | None = None  # None: micro_batch_size (no accumulation)
@@ -113,6 +121,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -201,6 +210,10 @@ _HELP = {
     "seed": "seed for init, dropout, data order and random selection",
     "eval_interval": "evaluate every N iterations (and at the end)",
     "eval_iters": "validation batches per evaluation",
+    "tensor_model_parallel_size": "ranks that split each layer's weights (Megatron's TP)",
+    "pipeline_model_parallel_size": "pipeline stages; the layers are split evenly over them",
+    "sequence_parallel": "with TP: shard norms and dropout along the sequence (all-gather/reduce-scatter)",
+    "ddp_bucket_size": "gradient elements per data-parallel all-reduce bucket",
     "selection": "token selection: " + ", ".join(SELECTIONS),
     "eslm_score": "per-token score for the VaR threshold: " + ", ".join(SCORES),
     "eslm_alpha": "confidence alpha in [0, 1): tokens below the alpha-quantile score are dropped",
@@ -236,6 +249,7 @@ _SECTIONS = (
     ("data", "data", DataConfig),
     ("optimizer", "optimizer and learning rate", OptimizerConfig),
     ("training", "training", TrainingConfig),
+    ("parallel", "distributed (TP x DP x PP = world size)", ParallelConfig),
     ("selection", "token selection (ESLM)", SelectionConfig),
     ("logging", "logging", LoggingConfig),
     ("checkpoint", "checkpointing", CheckpointConfig),
@@ -418,8 +432,41 @@ def validate(cfg: Config) -> None:
     _validate_data(d)
     if d.num_workers < 0:
         raise UserError(f"--num-workers must be >= 0, got {d.num_workers}")
+    p = cfg.parallel
+    for value, flag in ((p.tensor_model_parallel_size, "--tensor-model-parallel-size"),
+                        (p.pipeline_model_parallel_size, "--pipeline-model-parallel-size"),
+                        (p.ddp_bucket_size, "--ddp-bucket-size")):
+        _positive(value, flag)
     ck = cfg.checkpoint
     if ck.save_interval is not None and ck.save_interval <= 0:
         raise UserError(f"--save-interval must be positive, got {ck.save_interval}")
     if ck.save_interval is not None and ck.save is None:
         raise UserError("--save-interval needs --save")
+
+
+def validate_layout(cfg: Config, world_size: int) -> int:
+    """Reject a layout that cannot split this model and batch over `world_size` ranks; returns the
+    data-parallel size. Called before the process group exists, so a bad layout costs one line on every
+    rank instead of a hang in the first collective."""
+    m, t, p = cfg.model, cfg.training, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise UserError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                        f"--pipeline-model-parallel-size {pp}")
+    dp = world_size // (tp * pp)
+    if m.num_layers % pp:
+        raise UserError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if m.num_attention_heads % tp:
+        raise UserError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                        f"--tensor-model-parallel-size {tp}")
+    if m.ffn_hidden_size % tp:
+        raise UserError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise UserError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+                        f"{t.micro_batch_size} x data-parallel size {dp}")
+    if p.sequence_parallel and tp == 1:
+        raise UserError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if p.sequence_parallel and m.seq_length % tp:
+        raise UserError(f"--sequence-parallel: --seq-length {m.seq_length} is not divisible by "
+                        f"--tensor-model-parallel-size {tp}")
+    return dp

@@ -86,9 +86,10 @@ class RandomPolicy(Policy):
         self.eslm = eslm
 
     def __call__(self, scores: TokenScores) -> Selection:
-        count = int(self.eslm(scores).normalizer)
+        eslm = self.eslm(scores)  # with data parallelism: this rank's kept tokens, the group's count
+        count = int(eslm.kept.sum())
         valid_rows = scores.valid.nonzero().squeeze(1)
         chosen = valid_rows[torch.randperm(valid_rows.numel(), device=valid_rows.device)[:count]]
         kept = torch.zeros_like(scores.valid)
         kept[chosen] = True
-        return Selection(kept=kept, normalizer=float(count), threshold=None)
+        return Selection(kept=kept, normalizer=eslm.normalizer, threshold=None)

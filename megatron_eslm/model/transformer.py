@@ -1,62 +1,74 @@
-"""Pre-LayerNorm transformer block: causal self-attention and a GELU MLP, each inside a residual."""
+"""Pre-LayerNorm transformer block: causal self-attention and a GELU MLP, each inside a residual.
+
+Tensor parallelism splits the attention heads and the MLP width over the TP ranks (column-parallel in,
+row-parallel out, Megatron's layout). Under sequence parallelism the norms, residuals and hidden dropout
+work on this rank's share of the sequence.
+"""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig
-
-
-def init_linear(layer: nn.Linear, std: float) -> None:
-    nn.init.normal_(layer.weight, mean=0.0, std=std)
-    nn.init.zeros_(layer.bias)
+from megatron_eslm.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, ShardedDropout,
+                                                  mark_sequence_parallel)
+from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, output_std: float):
+    def __init__(self, cfg: ModelConfig, output_std: float, generator: torch.Generator, sequence_parallel: bool):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
+        self.local_heads = cfg.num_attention_heads // parallel_state.tensor_model_parallel_size()
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.attention_dropout = cfg.attention_dropout
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        init_linear(self.query_key_value, cfg.init_method_std)
-        init_linear(self.dense, output_std)
+        # Output features ordered [head, (q, k, v), head_dim] (Megatron's layout), so that a contiguous
+        # shard of the rows holds whole heads.
+        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, 3 * cfg.hidden_size, cfg.init_method_std,
+                                                    generator, sequence_parallel)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, output_std, generator, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.query_key_value(x).view(b, s, 3, self.num_heads, h // self.num_heads).unbind(2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            dropout_p=self.attention_dropout if self.training else 0.0)
-        return self.dense(out.transpose(1, 2).reshape(b, s, h))
+        qkv = self.query_key_value(x)
+        b, s, _ = qkv.shape
+        q, k, v = qkv.view(b, s, self.local_heads, 3, self.head_dim).unbind(3)
+        dropout = self.attention_dropout if self.training else 0.0
+        # Each TP rank holds different heads: their dropout masks come from the model-parallel stream.
+        with get_rng_tracker().fork() if dropout else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, dropout_p=dropout)
+        return self.dense(out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, output_std: float):
+    def __init__(self, cfg: ModelConfig, output_std: float, generator: torch.Generator, sequence_parallel: bool):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
-        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
-        init_linear(self.dense_h_to_4h, cfg.init_method_std)
-        init_linear(self.dense_4h_to_h, output_std)
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_method_std,
+                                                  generator, sequence_parallel)
+        self.dense_4h_to_h = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, output_std, generator,
+                                               sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, generator: torch.Generator, sequence_parallel: bool = False):
         super().__init__()
         # Megatron/GPT-2 scale the init of the projections that write into the residual stream by
         # 1/sqrt(2 * num_layers) so the residual's variance does not grow with depth.
         output_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.self_attention = CausalSelfAttention(cfg, output_std)
+        self.self_attention = CausalSelfAttention(cfg, output_std, generator, sequence_parallel)
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
-        self.mlp = MLP(cfg, output_std)
-        self.hidden_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.mlp = MLP(cfg, output_std, generator, sequence_parallel)
+        self.hidden_dropout = (ShardedDropout if sequence_parallel else nn.Dropout)(cfg.hidden_dropout)
+        if sequence_parallel:
+            mark_sequence_parallel([*self.input_layernorm.parameters(), *self.post_attention_layernorm.parameters()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.hidden_dropout(self.self_attention(self.input_layernorm(x)))

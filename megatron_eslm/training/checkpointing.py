@@ -1,10 +1,13 @@
-"""Resumable checkpoints in Megatron's layout, written atomically.
+"""Resumable checkpoints in Megatron's layout, one file per model shard, written atomically.
 
     <save>/latest_checkpointed_iteration.txt
-    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt
+    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt        no pipeline parallelism (00: the TP rank)
+    <save>/iter_0000100/mp_rank_01_002/model_optim_rng.pt    TP rank 1 of pipeline stage 2
 
-A checkpoint directory is first written as `iter_XXXXXXX.tmp-<pid>` and renamed when complete, and the
-tracker file is replaced atomically after that, so an interrupted save never damages the last good one.
+Data-parallel replica 0 of each shard writes it, together with every replica's RNG states (they differ
+by data and random selection), so a resumed run continues bit for bit on the same layout. All ranks
+write into `iter_XXXXXXX.tmp`; after a barrier rank 0 renames it into place and only then replaces the
+tracker file, so an interrupted save never damages the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -14,8 +17,11 @@ import shutil
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from megatron_eslm import parallel_state
 from megatron_eslm.errors import UserError
+from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILENAME = "model_optim_rng.pt"
@@ -25,12 +31,27 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def shard_dir() -> str:
+    """This rank's shard directory name: mp_rank_{tp:02d}, with _{pp:03d} under pipeline parallelism."""
+    layout = parallel_state.layout()
+    if layout.pp == 1:
+        return f"mp_rank_{layout.tp_rank:02d}"
+    return f"mp_rank_{layout.tp_rank:02d}_{layout.pp_rank:03d}"
+
+
 def checkpoint_file(root: str, iteration: int) -> str:
-    return os.path.join(iteration_dir(root, iteration), "mp_rank_00", FILENAME)
+    return os.path.join(iteration_dir(root, iteration), shard_dir(), FILENAME)
+
+
+def _layout_sizes() -> dict[str, int]:
+    layout = parallel_state.layout()
+    return {"tensor_model_parallel_size": layout.tp, "pipeline_model_parallel_size": layout.pp,
+            "data_parallel_size": layout.dp}
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": get_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -40,8 +61,32 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    get_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _is_rank_zero() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _replica_rng_states() -> list[dict]:
+    """Every data-parallel replica's RNG state, in replica order."""
+    state = rng_state()
+    if parallel_state.data_parallel_size() == 1:
+        return [state]
+    states: list[dict] = [{} for _ in range(parallel_state.data_parallel_size())]
+    dist.all_gather_object(states, state, group=parallel_state.data_parallel_group())
+    return states
 
 
 def _write_text_atomic(path: str, text: str) -> None:
@@ -52,20 +97,29 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(root: str, iteration: int, state: dict) -> str:
-    """Write `state` (plus RNG states) for `iteration`; returns the final directory."""
+    """Write this rank's `state` (plus RNG states) for `iteration`, collectively; returns the final directory."""
     final = iteration_dir(root, iteration)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "mp_rank_00"))
-    torch.save({**state, "iteration": iteration, "rng": rng_state()}, os.path.join(tmp, "mp_rank_00", FILENAME))
-    if os.path.exists(final):  # re-saving the same iteration: keep the old copy until the new one is in place
-        old = f"{final}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+    tmp = f"{final}.tmp"
+    if _is_rank_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    rng_states = _replica_rng_states()
+    if parallel_state.data_parallel_rank() == 0:
+        os.makedirs(os.path.join(tmp, shard_dir()))
+        torch.save({**state, "iteration": iteration, "rng": rng_states, "layout": _layout_sizes()},
+                   os.path.join(tmp, shard_dir(), FILENAME))
+    _barrier()
+    if _is_rank_zero():
+        if os.path.exists(final):  # re-saving an iteration: keep the old copy until the new one is in place
+            old = f"{final}.old"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+    _barrier()
     return final
 
 
@@ -81,16 +135,21 @@ def latest_iteration(root: str) -> int | None:
 
 
 def load_checkpoint(root: str) -> dict | None:
-    """The latest checkpoint's state under `root` (RNG states are restored here), or None if there is none."""
+    """This rank's shard of the latest checkpoint under `root` (its RNG states are restored here), or None
+    if there is none. The layout must be the one it was saved with."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
     path = checkpoint_file(root, iteration)
     if not os.path.exists(path):
-        raise UserError(f"{path}: missing, although {os.path.join(root, TRACKER)} names iteration {iteration}")
+        raise UserError(f"{path}: missing, although {os.path.join(root, TRACKER)} names iteration {iteration} "
+                        "(saved with another parallel layout?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a torn or foreign file: name it instead of a pickle traceback
         raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
-    set_rng_state(state["rng"])
+    if state["layout"] != _layout_sizes():
+        saved = ", ".join(f"{k}={v}" for k, v in state["layout"].items())
+        raise UserError(f"--load {root}: saved with {saved}; resume with the same layout")
+    set_rng_state(state["rng"][parallel_state.data_parallel_rank()])
     return state

@@ -1,79 +1,72 @@
-"""The training loop: data, steps (`step.py`), logging, evaluation and checkpoints."""
+"""The training loop: data, steps (`step.py`), logging, evaluation and checkpoints, on one process or on
+every rank of a tensor x data x pipeline layout (`parallel_state`)."""
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import time
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from megatron_eslm.config import Config
+from megatron_eslm import parallel_state
+from megatron_eslm.config import Config, validate_layout
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler
+from megatron_eslm.distributed import launch
+from megatron_eslm.distributed.grads import finalize_model_grads
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
 from megatron_eslm.model.lm_head import resolve_impl
+from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import checkpointing
 from megatron_eslm.training.lr_schedule import learning_rate
 from megatron_eslm.training.metrics import MetricsWriter
 from megatron_eslm.training.optimizer import build_optimizer
-from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step
+from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
 from megatron_eslm.training.progress import progress_bar
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def check_single_process() -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != 1:
-        raise UserError(f"WORLD_SIZE={world}: this build trains in one process; launch with one process "
-                        "(torchrun --nproc_per_node 1, deepspeed --num_gpus 1)")
 
 
 class Trainer:
     def __init__(self, cfg: Config, device: torch.device | None = None, log=print):
-        check_single_process()
+        world = launch.world_size()
+        validate_layout(cfg, world)  # before any collective: a bad layout is one line on every rank
         self.cfg = cfg
-        self.log = log
-        self.device = device or default_device()
-        set_seed(cfg.training.seed)
+        self.device = device or launch.default_device()
+        self.owns_process_group = launch.init_process_group(self.device)
+        p = cfg.parallel
+        if world > 1:
+            parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+        # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
+        self.is_logging_rank = launch.rank() == 0
+        self.log = log if self.is_logging_rank else (lambda *args: None)
+        set_random_seeds(cfg.training.seed, self.device)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, cfg.data.vocab_size)
-        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by)
-        self.model = GPTModel(cfg.model, self.vocab_size).to(self.device)
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size,
+                                            cfg.model.make_vocab_size_divisible_by * p.tensor_model_parallel_size)
+        self.model = GPTModel(cfg.model, self.vocab_size, cfg.training.seed, p.sequence_parallel).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.policy = build_policy(cfg, self.vocab_size, self.device)
+        self.policy = build_policy(cfg, self.vocab_size, self.device, parallel_state.selection_group())
         self.lm_head_impl = resolve_impl(cfg.selection.lm_head_impl, self.device)
         self.iteration = 0
         self.consumed_samples = 0
         t = cfg.training
-        self.num_micro_batches = t.global_batch_size // t.micro_batch_size
+        self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * parallel_state.data_parallel_size())
         eval_samples = t.eval_iters * t.global_batch_size
         self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
             cfg.data, cfg.model.seq_length, t.seed, (t.train_iters * t.global_batch_size, eval_samples, 0),
             self.tokenizer.vocab_size)
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
-        self.metrics = MetricsWriter(cfg.logging.metrics_file, cfg.logging.tensorboard_dir)
+        self.metrics = MetricsWriter(cfg.logging.metrics_file if self.is_logging_rank else None,
+                                     cfg.logging.tensorboard_dir if self.is_logging_rank else None)
 
     # ----------------------------------------------------------------- data
     def _loader(self, dataset, total: int, consumed: int) -> DataLoader:
-        sampler = ResumableBatchSampler(total, consumed, self.cfg.training.micro_batch_size)
+        sampler = ResumableBatchSampler(total, consumed, self.cfg.training.micro_batch_size,
+                                        parallel_state.data_parallel_rank(), parallel_state.data_parallel_size())
         # A private generator: DataLoader otherwise draws its worker seed from the global RNG, which would
         # shift the dropout stream between an uninterrupted and a resumed run.
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
@@ -94,6 +87,8 @@ class Trainer:
             self.policy.start_step(self.iteration + 1)
         stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
                                  self.lm_head_impl, self._autocast)
+        finalize_model_grads(self.model, self.cfg.parallel.ddp_bucket_size)
+        reduce_step_stats(stats)
         stats.lr = learning_rate(self.cfg.optimizer, self.iteration + 1)
         stats.grad_norm = optimizer_step(self.model, self.optimizer, stats.lr, self.cfg.optimizer.clip_grad)
         return stats
@@ -106,14 +101,12 @@ class Trainer:
         if self.valid_ds is None or self.cfg.training.eval_iters == 0:
             return None
         self.model.eval()
-        total = min(len(self.valid_ds), self.cfg.training.eval_iters * self.cfg.training.global_batch_size)
-        loss_sum, count = 0.0, 0
-        for batch in self._loader(self.valid_ds, total, 0):
-            with self._autocast():
-                hidden = self.model(batch["tokens"].to(self.device))
-                out = self.model.loss(hidden, batch["labels"].to(self.device), None, impl=self.lm_head_impl)
-            loss_sum += float(out.scores.loss.sum())
-            count += int(out.scores.valid.sum())
+        t = self.cfg.training
+        total = min(len(self.valid_ds), t.eval_iters * t.global_batch_size)
+        loader = self._loader(self.valid_ds, total, 0)
+        stats = reduce_step_stats(forward_backward(self.model, None, iter(loader), len(loader), self.device,
+                                                   self.lm_head_impl, self._autocast, forward_only=True))
+        loss_sum, count = stats.loss_sum, stats.valid
         self.model.train()
         val_loss = loss_sum / max(count, 1)
         return {"iteration": self.iteration, "split": "valid", "val_loss": val_loss,
@@ -152,7 +145,7 @@ class Trainer:
             "lm_loss": stats.loss_sum / max(stats.valid, 1),
             "kept_loss": stats.kept_loss_sum / max(stats.kept, 1),
             "kept_fraction": stats.kept / max(stats.valid, 1),
-            "threshold": sum(stats.thresholds) / len(stats.thresholds) if stats.thresholds else None,
+            "threshold": stats.threshold,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
             "tokens_per_sec": tokens / elapsed,
@@ -209,4 +202,8 @@ class Trainer:
         self.log(f"resumed from {root} at iteration {self.iteration} ({self.consumed_samples} samples)")
 
     def close(self) -> None:
+        """Close the metrics sinks and leave the layout (and the process group, if this trainer joined it)."""
         self.metrics.close()
+        parallel_state.destroy_model_parallel()
+        if self.owns_process_group:
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Launch, counted collectives and gradient synchronisation across ranks."""

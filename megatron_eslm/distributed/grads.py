@@ -1,0 +1,86 @@
+"""After a step's backward: turn every rank's gradients into the full-batch gradients of its parameters,
+then measure (and clip) the norm of the whole model's gradient.
+
+  data parallel      SUM over the replicas, in flat buckets of --ddp-bucket-size elements. Each rank's
+                     loss is already divided by the token count of the whole selection group (the kept
+                     count for ESLM, the valid count for dense), so the sum is the full-batch gradient;
+                     averaging would divide by the data-parallel size a second time.
+  sequence parallel  SUM over the TP ranks for replicated parameters applied to sequence shards (norms,
+                     row-parallel biases): each rank saw only its share of the tokens.
+  pipeline           SUM the tied word embedding's gradient over the first and last stage, which both use
+                     it (input embedding, LM head), so their copies take the same update.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from megatron_eslm import parallel_state
+from megatron_eslm.distributed import collectives
+
+
+def _buckets(grads: list[Tensor], bucket_elements: int) -> list[list[Tensor]]:
+    """Consecutive grads of one dtype, at most bucket_elements per bucket (a larger grad goes alone)."""
+    buckets: list[list[Tensor]] = []
+    size = 0
+    for grad in grads:
+        if not buckets or size + grad.numel() > bucket_elements or grad.dtype != buckets[-1][0].dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(grad)
+        size += grad.numel()
+    return buckets
+
+
+def _all_reduce_flat(grads: list[Tensor], group, kind: str) -> None:
+    """One SUM all-reduce over the concatenation of `grads`, written back in place."""
+    flat = collectives.all_reduce(torch.cat([grad.reshape(-1) for grad in grads]), group, kind)
+    for grad, synced in zip(grads, flat.split([grad.numel() for grad in grads])):
+        grad.copy_(synced.view_as(grad))
+
+
+def allreduce_data_parallel_grads(params: list[nn.Parameter], bucket_elements: int) -> None:
+    """SUM every gradient over the data-parallel group, bucket by bucket (last layers first, as DDP)."""
+    grads = [p.grad for p in reversed(params) if p.grad is not None]
+    for bucket in _buckets(grads, bucket_elements):
+        _all_reduce_flat(bucket, parallel_state.data_parallel_group(), collectives.DP_ALL_REDUCE)
+
+
+def finalize_model_grads(model: nn.Module, bucket_elements: int) -> None:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if parallel_state.tensor_model_parallel_size() > 1:
+        shared = [p.grad for p in params if getattr(p, "sequence_parallel", False)]
+        if shared:
+            _all_reduce_flat(shared, parallel_state.tensor_model_parallel_group(), collectives.TP_ALL_REDUCE)
+    if parallel_state.embedding_group() is not None:
+        collectives.all_reduce(model.word_embeddings.weight.grad, parallel_state.embedding_group(),
+                               collectives.EMBEDDING_ALL_REDUCE)
+    if parallel_state.data_parallel_size() > 1:
+        allreduce_data_parallel_grads(params, bucket_elements)
+
+
+def _counted_once(param: nn.Parameter) -> bool:
+    """Each weight enters the norm once: TP-replicated ones on TP rank 0, the tied embedding on the first
+    stage only."""
+    replicated = not getattr(param, "tensor_model_parallel", False)
+    if replicated and parallel_state.tensor_model_parallel_rank() != 0:
+        return False
+    return not getattr(param, "tied_copy", False)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """The gradient norm of the whole model (summed over every shard of it), and clip every gradient by
+    max_norm / norm when that is below 1, as torch.nn.utils.clip_grad_norm_; max_norm 0 only measures."""
+    grads = [p.grad for p in params if p.grad is not None]
+    square = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    for param in params:
+        if param.grad is not None and _counted_once(param):
+            square += torch.linalg.vector_norm(param.grad, dtype=torch.float64).square()
+    if parallel_state.model_parallel_size() > 1:
+        collectives.all_reduce(square, parallel_state.model_parallel_group(), collectives.GRAD_NORM)
+    norm = math.sqrt(float(square))
+    if max_norm > 0 and max_norm / (norm + 1e-6) < 1.0:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm

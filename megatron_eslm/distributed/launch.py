@@ -1,0 +1,42 @@
+"""Find this process's place the usual way and join the process group.
+
+torchrun and `deepspeed --module megatron_eslm.pretrain` both export RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT (deepspeed also passes --local_rank, which the parser accepts); the default
+process group is joined through `env://`, with gloo on CPU and nccl on CUDA. A caller that already
+initialised torch.distributed (the tests) keeps its group.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """Processes in the job, known before any collective (from the group, else the launcher's env)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_process_group(device: torch.device) -> bool:
+    """Join the default group when launched with several processes; True if this call created it."""
+    if world_size() == 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return True

@@ -1,0 +1,168 @@
+"""Process groups of a tensor x data x pipeline layout, in Megatron's rank order.
+
+Global rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank: tensor-parallel ranks are adjacent (they talk
+every layer, so they should share a node), then data-parallel, then pipeline stages.
+
+Groups this rank belongs to:
+  tensor     the tp ranks that split each layer of one stage
+  data       the dp replicas of one (tp rank, stage) shard; gradients are summed over it
+  pipeline   the pp stages holding one model replica (same tp and dp rank)
+  model      tensor x pipeline: every shard of one replica (the gradient norm is summed over it)
+  embedding  first and last stage of this pipeline, which both hold the tied word embedding
+  selection  the ranks holding distinct tokens of a micro-batch: the data group of the last stage. TP
+             ranks of the last stage compute identical scores, so each runs the threshold over its own
+             data group and all get the same threshold, kept rows and counts.
+
+Without `initialize_model_parallel` (one process) every size is 1, every rank 0 and every group None, so
+the single-process code path never touches torch.distributed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+
+    def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+
+@dataclass
+class _Groups:
+    tensor: dist.ProcessGroup | None = None
+    data: dist.ProcessGroup | None = None
+    pipeline: dist.ProcessGroup | None = None
+    model: dist.ProcessGroup | None = None
+    embedding: dist.ProcessGroup | None = None
+    pipeline_ranks: tuple[int, ...] = (0,)
+
+
+_layout = Layout()
+_groups = _Groups()
+
+
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> None:
+    """Create every group of the layout (collectively: every rank must call this with the same sizes).
+
+    The sizes must already be validated (`config.validate_layout`)."""
+    global _layout, _groups
+    destroy_model_parallel()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    dp = world // (tp * pp)
+    tp_rank, dp_rank, pp_rank = rank % tp, rank // tp % dp, rank // (tp * dp)
+    layout = Layout(tp, pp, dp, tp_rank, pp_rank, dp_rank)
+    groups = _Groups()
+
+    def make(members: list[list[int]]) -> dist.ProcessGroup | None:
+        """new_group for every member list (all ranks create all groups, in one order); keep ours."""
+        mine = None
+        for ranks in members:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine = group
+        return mine
+
+    groups.tensor = make([[layout.global_rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)])
+    groups.data = make([[layout.global_rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)])
+    pipelines = [[layout.global_rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    groups.pipeline = make(pipelines)
+    groups.model = make([[layout.global_rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)])
+    if pp > 1:
+        groups.embedding = make([[ranks[0], ranks[-1]] for ranks in pipelines])
+    groups.pipeline_ranks = tuple(next(ranks for ranks in pipelines if rank in ranks))
+    _layout, _groups = layout, groups
+
+
+def destroy_model_parallel() -> None:
+    """Back to the single-process layout (groups are released with the process group itself)."""
+    global _layout, _groups
+    _layout, _groups = Layout(), _Groups()
+
+
+def layout() -> Layout:
+    return _layout
+
+
+def tensor_model_parallel_size() -> int:
+    return _layout.tp
+
+
+def tensor_model_parallel_rank() -> int:
+    return _layout.tp_rank
+
+
+def tensor_model_parallel_group() -> dist.ProcessGroup | None:
+    return _groups.tensor
+
+
+def pipeline_model_parallel_size() -> int:
+    return _layout.pp
+
+
+def pipeline_model_parallel_rank() -> int:
+    return _layout.pp_rank
+
+
+def pipeline_model_parallel_group() -> dist.ProcessGroup | None:
+    return _groups.pipeline
+
+
+def data_parallel_size() -> int:
+    return _layout.dp
+
+
+def data_parallel_rank() -> int:
+    return _layout.dp_rank
+
+
+def data_parallel_group() -> dist.ProcessGroup | None:
+    return _groups.data
+
+
+def model_parallel_group() -> dist.ProcessGroup | None:
+    return _groups.model
+
+
+def model_parallel_size() -> int:
+    return _layout.tp * _layout.pp
+
+
+def embedding_group() -> dist.ProcessGroup | None:
+    """First and last stage of this pipeline (None without pipelining or on a middle stage)."""
+    return _groups.embedding
+
+
+def selection_group() -> dist.ProcessGroup | None:
+    """The ranks whose tokens one ESLM threshold covers; None when this rank's tokens are all of them."""
+    return _groups.data if _layout.dp > 1 else None
+
+
+def is_pipeline_first_stage() -> bool:
+    return _layout.pp_rank == 0
+
+
+def is_pipeline_last_stage() -> bool:
+    return _layout.pp_rank == _layout.pp - 1
+
+
+def pipeline_last_rank() -> int:
+    """Global rank of this pipeline's last stage (it computes the loss and the metrics)."""
+    return _groups.pipeline_ranks[-1]
+
+
+def pipeline_next_rank() -> int:
+    return _groups.pipeline_ranks[_layout.pp_rank + 1]
+
+
+def pipeline_prev_rank() -> int:
+    return _groups.pipeline_ranks[_layout.pp_rank - 1]

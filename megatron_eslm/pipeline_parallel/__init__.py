@@ -1,0 +1,1 @@
+"""Pipeline parallelism: activations and gradients between adjacent stages, and micro-batch schedules."""

@@ -1,0 +1,83 @@
+"""Activations forward and gradients backward between adjacent pipeline stages, as one batch of
+isend/irecv per exchange (Megatron's p2p_communication): a stage that sends and receives in the same call
+posts both before waiting, so neighbours that exchange in opposite directions cannot deadlock.
+
+Every call is a no-op at the pipeline's ends (the first stage receives no activation, the last sends
+none). Shapes are fixed for a run: [micro-batch, sequence (/ TP under sequence parallelism), hidden].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_eslm import parallel_state
+from megatron_eslm.distributed import collectives
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def empty(self) -> Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+
+
+def _communicate(spec: TensorSpec, send_next: Tensor | None = None, send_prev: Tensor | None = None,
+                 recv_prev: bool = False, recv_next: bool = False) -> tuple[Tensor | None, Tensor | None]:
+    """Post every requested send and receive, then wait for all; returns (from_prev, from_next)."""
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    ops, from_prev, from_next = [], None, None
+    if send_prev is not None and not first:
+        ops.append(_send(send_prev, parallel_state.pipeline_prev_rank()))
+    if recv_prev and not first:
+        from_prev = spec.empty()
+        ops.append(_recv(from_prev, parallel_state.pipeline_prev_rank()))
+    if send_next is not None and not last:
+        ops.append(_send(send_next, parallel_state.pipeline_next_rank()))
+    if recv_next and not last:
+        from_next = spec.empty()
+        ops.append(_recv(from_next, parallel_state.pipeline_next_rank()))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    return from_prev, from_next
+
+
+def _send(tensor: Tensor, peer: int) -> dist.P2POp:
+    tensor = tensor.detach().contiguous()
+    collectives.record(collectives.PP_SEND, collectives.nbytes(tensor))
+    return dist.P2POp(dist.isend, tensor, peer)
+
+
+def _recv(tensor: Tensor, peer: int) -> dist.P2POp:
+    collectives.record(collectives.PP_RECV, collectives.nbytes(tensor))
+    return dist.P2POp(dist.irecv, tensor, peer)
+
+
+def recv_forward(spec: TensorSpec) -> Tensor | None:
+    return _communicate(spec, recv_prev=True)[0]
+
+
+def send_forward(output: Tensor, spec: TensorSpec) -> None:
+    _communicate(spec, send_next=output)
+
+
+def recv_backward(spec: TensorSpec) -> Tensor | None:
+    return _communicate(spec, recv_next=True)[1]
+
+
+def send_backward(input_grad: Tensor | None, spec: TensorSpec) -> None:
+    _communicate(spec, send_prev=input_grad)
+
+
+def send_forward_recv_backward(output: Tensor, spec: TensorSpec) -> Tensor | None:
+    return _communicate(spec, send_next=output, recv_next=True)[1]
+
+
+def send_backward_recv_forward(input_grad: Tensor | None, spec: TensorSpec) -> Tensor | None:
+    return _communicate(spec, send_prev=input_grad, recv_prev=True)[0]

@@ -1,0 +1,89 @@
+"""Micro-batch schedules (Megatron's): all micro-batches on one stage, or 1F1B across a pipeline.
+
+`forward_step(input_tensor)` runs this stage's forward on the next micro-batch. `input_tensor` is the
+previous stage's activation (None on the first stage); it returns the activation for the next stage, or
+on the last stage the micro-batch's loss, already scaled for accumulation. The schedules only move
+tensors and run backwards; what a loss is (and what its threshold covers) is the caller's business.
+
+1F1B: stage p of P first runs P - p - 1 forwards (warmup), then alternates one forward and one backward
+(steady state), then drains the remaining backwards (cooldown). At most P - p micro-batches' activations
+are alive on a stage, against all of them for "all forwards, then all backwards".
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from megatron_eslm import parallel_state
+from megatron_eslm.pipeline_parallel import p2p_communication as p2p
+from megatron_eslm.pipeline_parallel.p2p_communication import TensorSpec
+
+ForwardStep = Callable[[Tensor | None], Tensor]
+
+
+def forward_backward_no_pipelining(forward_step: ForwardStep, num_micro_batches: int, forward_only: bool,
+                                   spec: TensorSpec | None = None) -> None:
+    """One stage: forward and backward each micro-batch in turn (gradients accumulate)."""
+    for _ in range(num_micro_batches):
+        loss = forward_step(None)
+        if not forward_only:
+            loss.backward()
+
+
+def _backward_step(input_tensor: Tensor | None, output: Tensor, output_grad: Tensor | None) -> Tensor | None:
+    """Backward through this stage's micro-batch; returns the gradient for the previous stage."""
+    torch.autograd.backward(output, grad_tensors=output_grad)
+    return None if input_tensor is None else input_tensor.grad
+
+
+def _receive_input(spec: TensorSpec, forward_only: bool) -> Tensor | None:
+    received = p2p.recv_forward(spec)
+    if received is not None and not forward_only:
+        received.requires_grad_()
+    return received
+
+
+def forward_backward_pipelining_without_interleaving(forward_step: ForwardStep, num_micro_batches: int,
+                                                     forward_only: bool, spec: TensorSpec | None = None) -> None:
+    """1F1B over the pipeline stages; `spec` describes the activations between stages."""
+    if forward_only:
+        for _ in range(num_micro_batches):
+            p2p.send_forward(forward_step(_receive_input(spec, True)), spec)
+        return
+    rank, size = parallel_state.pipeline_model_parallel_rank(), parallel_state.pipeline_model_parallel_size()
+    warmup = min(size - rank - 1, num_micro_batches)
+    steady = num_micro_batches - warmup
+    inputs: list[Tensor | None] = []
+    outputs: list[Tensor] = []
+    for _ in range(warmup):
+        input_tensor = _receive_input(spec, False)
+        output = forward_step(input_tensor)
+        p2p.send_forward(output, spec)
+        inputs.append(input_tensor)
+        outputs.append(output)
+
+    input_tensor = _receive_input(spec, False) if steady else None
+    for i in range(steady):
+        output = forward_step(input_tensor)
+        output_grad = p2p.send_forward_recv_backward(output, spec)
+        inputs.append(input_tensor)
+        outputs.append(output)
+        input_grad = _backward_step(inputs.pop(0), outputs.pop(0), output_grad)
+        if i == steady - 1:
+            p2p.send_backward(input_grad, spec)
+        else:
+            input_tensor = p2p.send_backward_recv_forward(input_grad, spec)
+            if input_tensor is not None:
+                input_tensor.requires_grad_()
+
+    for _ in range(warmup):
+        output_grad = p2p.recv_backward(spec)
+        p2p.send_backward(_backward_step(inputs.pop(0), outputs.pop(0), output_grad), spec)
+
+
+def get_forward_backward_func() -> Callable[..., None]:
+    if parallel_state.pipeline_model_parallel_size() > 1:
+        return forward_backward_pipelining_without_interleaving
+    return forward_backward_no_pipelining

@@ -1,0 +1,108 @@
+"""Tensor-parallel layers (Megatron's ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding) and
+the dropout for activations that differ across tensor-parallel ranks.
+
+Init: every rank draws the whole (master) weight from the layer's generator and keeps its shard, so the
+shards put together equal the one-process weight for the same seed, whatever the tensor-parallel size.
+Parameters carry Megatron's attributes: `tensor_model_parallel` and `partition_dim` for shards,
+`sequence_parallel` for replicated parameters used on sequence shards (their gradients are partial sums
+over the tensor-parallel ranks).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron_eslm import parallel_state
+from megatron_eslm.tensor_parallel import mappings
+from megatron_eslm.tensor_parallel.random import get_rng_tracker
+
+
+def master_normal(shape: tuple[int, ...], std: float, generator: torch.Generator) -> Tensor:
+    """The whole weight, drawn on the CPU in the default dtype (the same numbers on every rank)."""
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def shard_parameter(master: Tensor, partition_dim: int) -> nn.Parameter:
+    """This tensor-parallel rank's contiguous chunk of `master` along `partition_dim`."""
+    size, rank = parallel_state.tensor_model_parallel_size(), parallel_state.tensor_model_parallel_rank()
+    param = nn.Parameter(master.chunk(size, partition_dim)[rank].clone())
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    return param
+
+
+def mark_sequence_parallel(params) -> None:
+    """Replicated parameters applied to sequence shards: their gradients get summed over TP ranks."""
+    for param in params:
+        param.sequence_parallel = True
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A's output features split over the TP ranks; the output stays split (it feeds
+    attention heads or an MLP shard). The input is the full activation: replicated, or gathered from
+    sequence shards under sequence parallelism."""
+
+    def __init__(self, in_features: int, out_features: int, init_std: float, generator: torch.Generator,
+                 sequence_parallel: bool = False):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+        self.weight = shard_parameter(master_normal((out_features, in_features), init_std, generator), 0)
+        self.bias = shard_parameter(torch.zeros(out_features), 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_parallel_region(x)
+        else:
+            x = mappings.copy_to_tensor_model_parallel_region(x)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A's input features split over the TP ranks: the input is already split (a
+    column-parallel output), the partial products are summed (reduce-scattered to sequence shards under
+    sequence parallelism), then the replicated bias is added once."""
+
+    def __init__(self, in_features: int, out_features: int, init_std: float, generator: torch.Generator,
+                 sequence_parallel: bool = False):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+        self.weight = shard_parameter(master_normal((out_features, in_features), init_std, generator), 1)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        if sequence_parallel:
+            mark_sequence_parallel([self.bias])
+
+    def forward(self, x: Tensor) -> Tensor:
+        partial = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(partial) + self.bias
+        return mappings.reduce_from_tensor_model_parallel_region(partial) + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose vocabulary rows are split over the TP ranks: each rank looks up the ids in its range,
+    zeros elsewhere, and the sum over ranks is the full lookup. The same shard is the tied LM head's."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float, generator: torch.Generator):
+        super().__init__()
+        self.weight = shard_parameter(master_normal((num_embeddings, embedding_dim), init_std, generator), 0)
+        self.vocab_start = parallel_state.tensor_model_parallel_rank() * self.weight.shape[0]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if parallel_state.tensor_model_parallel_size() == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return mappings.reduce_from_tensor_model_parallel_region(out)
+
+
+class ShardedDropout(nn.Dropout):
+    """Dropout on an activation each TP rank holds a different part of (a sequence shard): the mask comes
+    from the model-parallel RNG stream, distinct per rank and reproducible."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        with get_rng_tracker().fork():
+            return super().forward(x)

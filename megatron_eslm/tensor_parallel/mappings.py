@@ -1,0 +1,159 @@
+"""Megatron's tensor-parallel mappings: autograd functions pairing each forward collective with the one
+its backward needs, over the tensor-parallel group.
+
+  copy_to_tensor_model_parallel_region          identity     | all-reduce
+  reduce_from_tensor_model_parallel_region      all-reduce   | identity
+  scatter_to_tensor_model_parallel_region       split last   | all-gather last
+  gather_from_tensor_model_parallel_region      all-gather last | split last
+  scatter_to_sequence_parallel_region           split seq    | all-gather seq
+  gather_from_sequence_parallel_region          all-gather seq | reduce-scatter seq (or split, when the
+                                                               gradient is already complete on every rank)
+  reduce_scatter_to_sequence_parallel_region    reduce-scatter seq | all-gather seq
+
+Activations are [batch, seq, hidden], so the sequence dimension is 1. With one tensor-parallel rank every
+mapping is the identity and no autograd node is added.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron_eslm import parallel_state
+from megatron_eslm.distributed import collectives
+
+SEQUENCE_DIM = 1
+
+
+def _split(x: Tensor, dim: int) -> Tensor:
+    """This rank's chunk of `x` along `dim`."""
+    size, rank = parallel_state.tensor_model_parallel_size(), parallel_state.tensor_model_parallel_rank()
+    return x.chunk(size, dim)[rank].contiguous()
+
+
+def _gather(x: Tensor, dim: int) -> Tensor:
+    group = parallel_state.tensor_model_parallel_group()
+    return torch.cat(collectives.all_gather(x, group, collectives.TP_ALL_GATHER), dim)
+
+
+def _all_reduce(x: Tensor) -> Tensor:
+    return collectives.all_reduce(x, parallel_state.tensor_model_parallel_group(), collectives.TP_ALL_REDUCE)
+
+
+def _reduce_scatter(x: Tensor, dim: int) -> Tensor:
+    chunks = list(x.chunk(parallel_state.tensor_model_parallel_size(), dim))
+    return collectives.reduce_scatter(chunks, parallel_state.tensor_model_parallel_group(),
+                                      collectives.TP_REDUCE_SCATTER)
+
+
+class _CopyToTensorModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _all_reduce(grad.contiguous())
+
+
+class _ReduceFromTensorModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _all_reduce(x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _ScatterToTensorModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _split(x, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _gather(grad, -1)
+
+
+class _GatherFromTensorModelParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _gather(x, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _split(grad, -1)
+
+
+class _ScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _split(x, SEQUENCE_DIM)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _gather(grad, SEQUENCE_DIM)
+
+
+class _GatherFromSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, output_grad_is_partial: bool) -> Tensor:
+        ctx.output_grad_is_partial = output_grad_is_partial
+        return _gather(x, SEQUENCE_DIM)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        if ctx.output_grad_is_partial:
+            return _reduce_scatter(grad, SEQUENCE_DIM), None
+        return _split(grad, SEQUENCE_DIM), None
+
+
+class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _reduce_scatter(x, SEQUENCE_DIM)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _gather(grad, SEQUENCE_DIM)
+
+
+def _parallel() -> bool:
+    return parallel_state.tensor_model_parallel_size() > 1
+
+
+def copy_to_tensor_model_parallel_region(x: Tensor) -> Tensor:
+    """Input of a column-parallel layer: each rank's gradient is partial, so the backward sums them."""
+    return _CopyToTensorModelParallelRegion.apply(x) if _parallel() else x
+
+
+def reduce_from_tensor_model_parallel_region(x: Tensor) -> Tensor:
+    """Output of a row-parallel layer: each rank holds a partial sum."""
+    return _ReduceFromTensorModelParallelRegion.apply(x) if _parallel() else x
+
+
+def scatter_to_tensor_model_parallel_region(x: Tensor) -> Tensor:
+    """This rank's slice of the last dimension."""
+    return _ScatterToTensorModelParallelRegion.apply(x) if _parallel() else x
+
+
+def gather_from_tensor_model_parallel_region(x: Tensor) -> Tensor:
+    """Concatenate the ranks' slices of the last dimension (e.g. vocab-parallel logits)."""
+    return _GatherFromTensorModelParallelRegion.apply(x) if _parallel() else x
+
+
+def scatter_to_sequence_parallel_region(x: Tensor) -> Tensor:
+    """Enter a sequence-parallel region: keep this rank's share of the sequence."""
+    return _ScatterToSequenceParallelRegion.apply(x) if _parallel() else x
+
+
+def gather_from_sequence_parallel_region(x: Tensor, output_grad_is_partial: bool = True) -> Tensor:
+    """Leave a sequence-parallel region: the whole sequence on every rank. `output_grad_is_partial`: the
+    consumer is tensor-parallel, so each rank's gradient is a partial sum (reduce-scatter it); False when
+    the consumer already returns the complete gradient on every rank (then the backward just splits)."""
+    return _GatherFromSequenceParallelRegion.apply(x, output_grad_is_partial) if _parallel() else x
+
+
+def reduce_scatter_to_sequence_parallel_region(x: Tensor) -> Tensor:
+    """Output of a row-parallel layer under sequence parallelism: sum the partials, keep this rank's share."""
+    return _ReduceScatterToSequenceParallelRegion.apply(x) if _parallel() else x

@@ -1,0 +1,339 @@
+"""Tensor, sequence, pipeline and data parallelism against one process, on gloo process groups (CPU).
+
+One spawn per world size runs every layout x selection inside one process group (each trainer builds and
+drops its model-parallel groups); the parent runs the one-process references on the same global batches,
+with DP x the micro-batch size, and compares:
+
+  float32  per step lm_loss, kept_loss, threshold and grad_norm, and the validation loss, to 1e-5
+           relative; the kept fraction exactly.
+  float64  every parameter after the steps (TP shards concatenated, pipeline layers renumbered) to 1e-9
+           relative. Float64 because Adam turns float32 round-off in (near-)zero gradients into full-size
+           steps: the key bias's gradient is exactly zero, so both runs update it by normalised noise.
+
+Besides: DP replicas, TP-replicated parameters and the two copies of the tied embedding stay bitwise
+equal; dropout under the RNG tracker is reproducible and resumes exactly from a 4-rank checkpoint.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_eslm import parallel_state
+from megatron_eslm.config import parse_args, validate_layout
+from megatron_eslm.errors import UserError
+from megatron_eslm.tensor_parallel import mappings
+from megatron_eslm.tensor_parallel.random import get_rng_tracker, set_random_seeds
+from megatron_eslm.training.trainer import Trainer
+
+GLOBAL_BATCH = 12
+REFERENCE_MICRO_BATCH = 4  # = DP x micro-batch in every layout
+STEPS = 3
+SELECTIONS = {
+    "dense": ["--selection", "none"],
+    "eslm-loss": ["--selection", "eslm", "--eslm-alpha", "0.6", "--eslm-score", "loss"],
+    "eslm-entropy": ["--selection", "eslm", "--eslm-alpha", "0.6", "--eslm-score", "entropy"],
+}
+LAYOUTS = {
+    2: {"tp2": (2, 1, False), "pp2": (1, 2, False), "dp2": (1, 1, False), "tp2-sp": (2, 1, True)},
+    4: {"tp2pp2": (2, 2, False), "tp2dp2": (2, 1, False), "pp2dp2": (1, 2, False), "tp2pp2-sp": (2, 2, True)},
+}
+COMPARED = ("lm_loss", "kept_loss", "threshold", "grad_norm")
+TIMING = {"tokens_per_sec", "iteration_time_ms"}
+
+
+def flags(corpus, micro_batch: int, *extra: str) -> list[str]:
+    prefix, model = corpus
+    return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", str(micro_batch), "--global-batch-size", str(GLOBAL_BATCH),
+            "--train-iters", str(STEPS), "--lr", "3e-3", "--lr-warmup-iters", "1", "--data-path", prefix,
+            "--tokenizer-model", model, "--split", "90,10,0", "--eval-interval", "1000", "--eval-iters", "1",
+            "--log-interval", "1", "--num-workers", "0", "--seed", "7", "--hidden-dropout", "0",
+            "--attention-dropout", "0", "--make-vocab-size-divisible-by", "32", *extra]
+
+
+def layout_flags(tp: int, pp: int, sp: bool) -> list[str]:
+    return ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+            *(["--sequence-parallel"] if sp else [])]
+
+
+def micro_batch(world: int, tp: int, pp: int) -> int:
+    return REFERENCE_MICRO_BATCH // (world // (tp * pp))
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+def shards(trainer: Trainer) -> dict:
+    """This rank's parameters under their one-process names, with what is needed to put them together."""
+    out = {}
+    for name, param in trainer.model.named_parameters():
+        name = re.sub(r"^layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + trainer.model.layer_offset}.",
+                      name)
+        split = getattr(param, "partition_dim", None)
+        out[name] = (param.detach().clone(), split, getattr(param, "tied_copy", False))
+    return out
+
+
+def train(argv: list[str], dtype: torch.dtype) -> dict:
+    torch.set_default_dtype(dtype)
+    try:
+        trainer = Trainer(parse_args(argv), log=lambda *a: None)
+        records = trainer.train()
+        result = {"records": records, "val_loss": trainer.evaluate()["val_loss"], "params": shards(trainer),
+                  "layout": parallel_state.layout()}
+        trainer.close()
+        return result
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def resume(argv: list[str], save: str) -> tuple[list[dict], list[dict]]:
+    """4 steps saving at 2, then a resumed run of steps 3-4 from that checkpoint."""
+    _, straight = train_records([*argv, "--train-iters", "4", "--save", save, "--save-interval", "2"])
+    if dist.get_rank() == 0:
+        Path(save, "latest_checkpointed_iteration.txt").write_text("2\n")
+    dist.barrier()
+    _, resumed = train_records([*argv, "--train-iters", "4", "--load", save])
+    return straight, resumed
+
+
+def train_records(argv: list[str]) -> tuple[dict, list[dict]]:
+    trainer = Trainer(parse_args(argv), log=lambda *a: None)
+    records = trainer.train()
+    params = shards(trainer)
+    trainer.close()
+    return params, records
+
+
+def mapping_checks() -> dict:
+    """Each tensor-parallel mapping's forward and backward on a small [b, s, h] tensor, world = TP = 2."""
+    parallel_state.initialize_model_parallel(2, 1)
+    rank = parallel_state.tensor_model_parallel_rank()
+    x = (torch.arange(2 * 4 * 6, dtype=torch.float32).view(2, 4, 6) + 100 * rank).requires_grad_()
+    out = {}
+    for name in ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
+                 "scatter_to_tensor_model_parallel_region", "gather_from_tensor_model_parallel_region",
+                 "scatter_to_sequence_parallel_region", "gather_from_sequence_parallel_region",
+                 "reduce_scatter_to_sequence_parallel_region"):
+        x.grad = None
+        y = getattr(mappings, name)(x * 1)  # a fresh non-leaf: the all-reduce works in place, as Megatron's
+        grad = torch.full_like(y, 1.0 + rank)
+        y.backward(grad)
+        out[name] = (y.detach().clone(), x.grad.clone())
+    set_random_seeds(7, torch.device("cpu"))
+    with get_rng_tracker().fork():
+        out["model-parallel draw"] = torch.rand(4)
+    out["default draw"] = torch.rand(4)
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+def _rank_main(rank: int, world: int, tmp: str, jobs: list[tuple]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    results = {}
+    for name, kind, *args in jobs:
+        results[name] = {"train": train, "resume": resume, "mappings": mapping_checks}[kind](*args)
+    torch.save(results, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def spawn(world: int, tmp: Path, jobs: list[tuple]) -> list[dict]:
+    mp.spawn(_rank_main, args=(world, str(tmp), jobs), nprocs=world, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+def assemble(results: list[dict]) -> dict[str, torch.Tensor]:
+    """The one-process parameters from every rank's shards, checking that copies are bitwise equal."""
+    pieces: dict[str, dict[tuple[int, int], tuple]] = {}
+    for result in results:
+        layout = result["layout"]
+        for name, (tensor, split, tied_copy) in result["params"].items():
+            key = (layout.tp_rank, layout.dp_rank)
+            if tied_copy:  # the last stage's copy of the tied embedding equals the first stage's
+                pieces.setdefault(name + "@last", {})[key] = (tensor, split)
+                continue
+            pieces.setdefault(name, {})[key] = (tensor, split)
+    full = {}
+    for name, by_rank in pieces.items():
+        tp = 1 + max(t for t, _ in by_rank)
+        for (t, d), (tensor, _) in by_rank.items():  # data-parallel replicas are identical
+            assert torch.equal(tensor, by_rank[(t, 0)][0]), f"{name}: DP replica {d} differs"
+        split = by_rank[(0, 0)][1]
+        if split is None:  # replicated over TP: identical on every TP rank
+            for t in range(tp):
+                assert torch.equal(by_rank[(t, 0)][0], by_rank[(0, 0)][0]), f"{name}: TP rank {t} differs"
+            full[name] = by_rank[(0, 0)][0]
+        else:
+            full[name] = torch.cat([by_rank[(t, 0)][0] for t in range(tp)], split)
+    for name in [n for n in full if n.endswith("@last")]:
+        assert torch.equal(full.pop(name), full[name.removesuffix("@last")]), f"{name}: tied copies differ"
+    return full
+
+
+def relative(a: float | None, b: float | None) -> float:
+    if a is None or b is None:
+        assert a is None and b is None
+        return 0.0
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def record_difference(result: dict, reference: dict) -> float:
+    """Largest relative difference of the logged numbers; the kept fractions must be equal."""
+    worst = relative(result["val_loss"], reference["val_loss"])
+    assert len(result["records"]) == len(reference["records"]) == STEPS
+    for got, want in zip(result["records"], reference["records"]):
+        assert got["kept_fraction"] == want["kept_fraction"]
+        worst = max(worst, *(relative(got[key], want[key]) for key in COMPARED))
+    return worst
+
+
+def parameter_difference(results: list[dict], reference: dict) -> float:
+    """Largest max|difference| / max|reference| over the parameter tensors."""
+    full = assemble(results)
+    assert full.keys() == reference["params"].keys()
+    return max(float((full[name] - want).abs().max() / want.abs().max())
+               for name, (want, _, _) in reference["params"].items())
+
+
+@pytest.fixture(scope="module")
+def references(tiny_corpus):
+    """One-process runs with the layouts' global micro-batch, per selection and dtype."""
+    torch.set_num_threads(1)
+    return {(selection, dtype): train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *extra), dtype)
+            for selection, extra in SELECTIONS.items() for dtype in (torch.float32, torch.float64)}
+
+
+def equivalence_jobs(world: int, corpus) -> list[tuple]:
+    jobs = []
+    for layout, (tp, pp, sp) in LAYOUTS[world].items():
+        for selection, extra in SELECTIONS.items():
+            argv = flags(corpus, micro_batch(world, tp, pp), *extra, *layout_flags(tp, pp, sp))
+            jobs += [((layout, selection, dtype), "train", argv, dtype) for dtype in (torch.float32, torch.float64)]
+    return jobs
+
+
+def check_equivalence(world: int, per_rank: list[dict], references: dict) -> dict:
+    table = {}
+    for layout in LAYOUTS[world]:
+        for selection in SELECTIONS:
+            label = f"{layout} {selection}"
+            results32 = [r[(layout, selection, torch.float32)] for r in per_rank]
+            results64 = [r[(layout, selection, torch.float64)] for r in per_rank]
+            logged = record_difference(results32[0], references[(selection, torch.float32)])
+            params = parameter_difference(results64, references[(selection, torch.float64)])
+            table[label] = (logged, params)
+            assert logged <= 1e-5, f"{label}: logged numbers differ by {logged:.2e}"
+            assert params <= 1e-9, f"{label}: float64 parameters differ by {params:.2e}"
+    print("\n".join(f"{k}: logged {a:.1e}, float64 params {b:.1e}" for k, (a, b) in table.items()))
+    return table
+
+
+def dropout_flags(corpus, *extra: str) -> list[str]:
+    return [*flags(corpus, REFERENCE_MICRO_BATCH, *extra), "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_two_ranks(tiny_corpus, references, tmp_path):
+    """TP2, PP2, DP2 and TP2 with sequence parallelism; the mappings; dropout under TP is reproducible."""
+    dropout = dropout_flags(tiny_corpus, *SELECTIONS["eslm-loss"], *layout_flags(2, 1, True))
+    jobs = [*equivalence_jobs(2, tiny_corpus), ("mappings", "mappings"),
+            ("dropout a", "train", dropout, torch.float32), ("dropout b", "train", dropout, torch.float32)]
+    per_rank = spawn(2, tmp_path, jobs)
+    check_equivalence(2, per_rank, references)
+
+    first, second = ([r[name] for r in per_rank] for name in ("dropout a", "dropout b"))
+    assert untimed(first[0]["records"]) == untimed(second[0]["records"])
+    first_params, second_params = assemble(first), assemble(second)  # replicated ones: equal on both TP ranks
+    assert all(torch.equal(first_params[name], second_params[name]) for name in first_params)
+    without = per_rank[0][("tp2-sp", "eslm-loss", torch.float32)]["records"]
+    assert first[0]["records"][-1]["lm_loss"] != without[-1]["lm_loss"]  # dropout was on
+
+    maps = [r["mappings"] for r in per_rank]
+    x = [torch.arange(48, dtype=torch.float32).view(2, 4, 6) + 100 * r for r in range(2)]
+    ones = [torch.full((1,), 1.0 + r) for r in range(2)]
+    for r in range(2):
+        y, g = maps[r]["copy_to_tensor_model_parallel_region"]
+        assert torch.equal(y, x[r]) and torch.equal(g, torch.full_like(g, 3.0))
+        y, g = maps[r]["reduce_from_tensor_model_parallel_region"]
+        assert torch.equal(y, x[0] + x[1]) and torch.equal(g, ones[r].expand_as(g))
+        y, g = maps[r]["scatter_to_tensor_model_parallel_region"]
+        assert torch.equal(y, x[r][..., 3 * r:3 * r + 3])
+        assert torch.equal(g, torch.cat([torch.full((2, 4, 3), 1.0), torch.full((2, 4, 3), 2.0)], -1))
+        y, g = maps[r]["gather_from_tensor_model_parallel_region"]
+        assert torch.equal(y, torch.cat(x, -1)) and torch.equal(g, ones[r].expand_as(g))
+        y, g = maps[r]["scatter_to_sequence_parallel_region"]
+        assert torch.equal(y, x[r][:, 2 * r:2 * r + 2])
+        assert torch.equal(g, torch.cat([torch.full((2, 2, 6), 1.0), torch.full((2, 2, 6), 2.0)], 1))
+        y, g = maps[r]["gather_from_sequence_parallel_region"]
+        assert torch.equal(y, torch.cat(x, 1)) and torch.equal(g, torch.full_like(g, 3.0))
+        y, g = maps[r]["reduce_scatter_to_sequence_parallel_region"]
+        assert torch.equal(y, (x[0] + x[1])[:, 2 * r:2 * r + 2])
+        assert torch.equal(g, torch.cat([torch.full((2, 2, 6), 1.0), torch.full((2, 2, 6), 2.0)], 1))
+    assert not torch.equal(maps[0]["model-parallel draw"], maps[1]["model-parallel draw"])
+    assert torch.equal(maps[0]["default draw"], maps[1]["default draw"])
+
+
+def test_four_ranks(tiny_corpus, references, tmp_path):
+    """TP2xPP2, TP2xDP2, PP2xDP2 and TP2xPP2 with sequence parallelism; exact resume with dropout on
+    TP2xPP2 (per-stage checkpoint directories, the tracker's streams) and TP2xDP2 with random selection
+    (every replica's RNG state)."""
+    jobs = [*equivalence_jobs(4, tiny_corpus),
+            ("resume tp2pp2", "resume", dropout_flags(tiny_corpus, "--selection", "eslm", *layout_flags(2, 2, True)),
+             str(tmp_path / "ckpt-a")),
+            ("resume tp2dp2", "resume", [*dropout_flags(tiny_corpus, "--selection", "random", *layout_flags(2, 1, False)),
+                                         "--micro-batch-size", "2"], str(tmp_path / "ckpt-b"))]
+    per_rank = spawn(4, tmp_path, jobs)
+    check_equivalence(4, per_rank, references)
+    for name in ("resume tp2pp2", "resume tp2dp2"):
+        straight, resumed = per_rank[0][name]
+        assert [r["iteration"] for r in resumed] == [3, 4]
+        assert untimed(straight[2:]) == untimed(resumed)
+    assert sorted(os.listdir(tmp_path / "ckpt-a" / "iter_0000002")) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    assert sorted(os.listdir(tmp_path / "ckpt-b" / "iter_0000004")) == ["mp_rank_00", "mp_rank_01"]
+
+
+# ----------------------------------------------------------------------------------------- bad layouts
+
+@pytest.mark.parametrize("world,extra,message", [
+    (3, ["--tensor-model-parallel-size", "2"],
+     "world size 3 is not divisible by --tensor-model-parallel-size 2 x --pipeline-model-parallel-size 1"),
+    (4, ["--pipeline-model-parallel-size", "4", "--num-layers", "2"],
+     "--num-layers 2 is not divisible by --pipeline-model-parallel-size 4"),
+    (4, ["--tensor-model-parallel-size", "4", "--num-attention-heads", "2", "--hidden-size", "32"],
+     "--num-attention-heads 2 is not divisible by --tensor-model-parallel-size 4"),
+    (4, ["--tensor-model-parallel-size", "4", "--ffn-hidden-size", "30"],
+     "--ffn-hidden-size 30 is not divisible by --tensor-model-parallel-size 4"),
+    (4, ["--global-batch-size", "12", "--micro-batch-size", "4"],
+     "--global-batch-size 12 is not divisible by --micro-batch-size 4 x data-parallel size 4"),
+    (1, ["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+])
+def test_bad_layouts_fail_in_one_line(tiny_corpus, world, extra, message):
+    cfg = parse_args(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *extra))
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate_layout(cfg, world)
+
+
+def test_bad_layout_stops_before_any_collective(tiny_corpus):
+    """Every rank of a launched job exits with the one line, without waiting for the others."""
+    env = {**os.environ, "WORLD_SIZE": "3", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    proc = subprocess.run([sys.executable, "-m", "megatron_eslm.pretrain",
+                           *flags(tiny_corpus, 2, "--tensor-model-parallel-size", "2")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: world size 3 is not divisible by --tensor-model-parallel-size 2 x --pipeline-model-parallel-size 1"]
