@@ -191,3 +191,10 @@ def test_merge_tool(corpus, tmp_path):
         merge_datasets([first, second], first)
     result = run_tool("tools/merge_datasets.py", "--input", first, str(tmp_path / "missing"), "--output-prefix", out)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing.idx" in result.stderr
+
+
+def test_tokenizer_trains_from_gzipped_jsonl(corpus, tmp_path):
+    from megatron_eslm.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
+
+    model = train_sentencepiece([str(corpus["root"] / "c.jsonl.gz")], 300, str(tmp_path / "gz"))
+    assert SentencePieceTokenizer(model).vocab_size == 300

@@ -15,7 +15,8 @@ from megatron_eslm.tokenizer.train import train_sentencepiece
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="training text: plain text files (one sentence per line) or .jsonl/.json files")
+                        help="training text: plain text files (one sentence per line) or .jsonl/.json files, "
+                             "optionally gzip-compressed (.gz)")
     parser.add_argument("--vocab-size", type=int, required=True, help="number of pieces in the vocabulary")
     parser.add_argument("--output-prefix", required=True, help="write OUTPUT_PREFIX.model and OUTPUT_PREFIX.vocab")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys to read from JSONL inputs")

@@ -7,12 +7,14 @@ existing ``P.model``/``P.vocab`` survives a failed run.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 from collections.abc import Iterator, Sequence
 
 import sentencepiece
 
+from megatron_eslm.data.corpus import input_format
 from megatron_eslm.errors import UserError
 
 # SentencePiece silently drops sentences over max_sentence_length (4192 bytes); chunks of this many
@@ -20,15 +22,16 @@ from megatron_eslm.errors import UserError
 _MAX_SENTENCE_CHARS = 1024
 
 
-def _is_jsonl(path: str) -> bool:
-    return path.endswith((".jsonl", ".json"))
-
-
 def _texts(path: str, json_keys: Sequence[str]) -> Iterator[str]:
-    """The texts of one file: each line of a text file, or the ``json_keys`` values of each JSONL line."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    """The texts of one file: each line of a text file, or the ``json_keys`` values of each JSONL line.
+
+    Formats are told apart by name as in preprocessing (``*.jsonl``/``*.json``, optionally ``.gz``).
+    """
+    jsonl = input_format(path) == "jsonl"
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         for line_number, line in enumerate(f, start=1):
-            if not _is_jsonl(path):
+            if not jsonl:
                 yield line
                 continue
             if not line.strip():
