@@ -31,6 +31,8 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
         "triton": ["triton>=2.3"],
+        # tools/selection_study.py draws its plot with matplotlib.
+        "study": ["matplotlib>=3.7"],
         # megatron-core: the format-compatibility tests compare against its own reader and writer;
         # tokenizers: HuggingFaceTokenizer. Tests that need either skip without it.
         "test": ["pytest>=7", "hypothesis>=6", "megatron-core>=0.12", "tokenizers>=0.19"],

@@ -78,7 +78,7 @@ class AdaESLMPolicy(Policy):
             count = droppable_count(token_score(scores, self.eslm.score), scores.loss, scores.valid,
                                     self.rule.budget)
             dropped, valid = group_collectives(self.eslm.group).all_reduce(
-                torch.tensor([count, int(scores.valid.sum())])).tolist()
+                torch.tensor([count, int(scores.valid.sum())], device=scores.valid.device)).tolist()
             if valid:
                 self.eslm.alpha = self.rule.moved(self.eslm.alpha, dropped / valid)
         return selection

@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""Selection-policy study: every policy on the same data, model and seeds, at an equal EXECUTED-FLOPs
+budget (or an equal number of tokens), with validation perplexity against executed FLOPs.
+
+    python tools/selection_study.py --text ../shared/data/tinyshakespeare.txt --work-dir /tmp/study \
+        --out-dir docs --seeds 1 2 3
+
+Steps: plain text -> JSONL documents (blank-line paragraphs, grouped) -> SentencePiece tokenizer ->
+indexed dataset; a dense reference model, trained once and longer, serves as rho1's reference and
+eslm-kd's teacher (its training cost is reported separately, not charged to the runs); then every
+(variant, seed) trains with the real trainer. The budget is what dense training executes in --dense-iters
+steps; each run gets enough steps to pass it, and its validation loss at exactly the budget is
+interpolated (linearly in FLOPs) between the two evaluations around it. The learning rate is constant
+after warmup, so a run's curve up to the budget does not depend on how long it was set to run.
+Writes <out>/selection_study.{csv,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+from megatron_eslm.config import parse_args
+from megatron_eslm.data.preprocess import preprocess
+from megatron_eslm.tokenizer.train import train_sentencepiece
+from megatron_eslm.training.flops import forward_flops, micro_batch_flops
+from megatron_eslm.training.trainer import Trainer
+
+
+@dataclass
+class Variant:
+    name: str
+    flags: list[str]
+    min_keep: float  # lowest keep ratio the policy can reach: bounds its step count for the budget
+    frozen_head_rows: float = -1.0  # reference/teacher LM-head rows per token (-1: no frozen model)
+    kd_rows: float = 0.0  # distillation logits rows per token (lower bound)
+    note: str = ""
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    a = args.alpha
+    lfr = ["--lfr-learn-iters", str(args.dense_iters // 5), "--lfr-focus-iters", str(args.dense_iters // 10),
+           "--lfr-review-iters", str(args.dense_iters // 20), "--lfr-drop-fraction", "0.3"]
+    every = [
+        Variant("dense", ["--selection", "none"], 1.0),
+        Variant(f"eslm-loss-{a}", ["--selection", "eslm", "--eslm-score", "loss", "--eslm-alpha", str(a)], 1 - a),
+        Variant(f"eslm-entropy-{a}", ["--selection", "eslm", "--eslm-score", "entropy", "--eslm-alpha", str(a)],
+                1 - a),
+        Variant(f"random-{a}", ["--selection", "random", "--eslm-alpha", str(a)], 1 - a),
+        Variant("ada-eslm-grad-mass", ["--selection", "ada-eslm", "--ada-eslm-rule", "grad-mass", "--eslm-alpha",
+                                       "0", "--eslm-alpha-min", "0", "--eslm-alpha-max", str(args.alpha_max),
+                                       "--ada-eslm-budget", str(args.ada_budget)], 1 - args.alpha_max),
+        Variant("ada-eslm-cosine", ["--selection", "ada-eslm", "--ada-eslm-rule", "cosine", "--eslm-alpha-min", "0",
+                                    "--eslm-alpha-max", str(a)], 1 - a),
+        Variant(f"rho1-{a}", ["--selection", "rho1", "--eslm-alpha", str(a)], 1 - a, frozen_head_rows=1.0),
+        Variant(f"eslm-kd-{a}", ["--selection", "eslm-kd", "--eslm-alpha", str(a), "--kd-alpha", "0.5",
+                                 "--kd-temperature", "2"], 1 - a, frozen_head_rows=0.0, kd_rows=1 - a),
+        Variant("lfr", ["--selection", "lfr", *lfr], 0.0),
+    ]
+    chosen = [v for v in every if args.variants is None or v.name in args.variants]
+    if args.variants and len(chosen) != len(args.variants):
+        raise SystemExit(f"unknown variant in {args.variants}; choose from {[v.name for v in every]}")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------- data
+def prepare_data(text_path: str, work: str, vocab_size: int) -> tuple[str, str]:
+    """(dataset prefix, tokenizer model) for `text_path`, built once under `work`."""
+    jsonl = os.path.join(work, "corpus.jsonl")
+    prefix = os.path.join(work, "corpus")
+    tokenizer = os.path.join(work, f"tok{vocab_size}")
+    if not os.path.exists(prefix + "_text_document.idx"):
+        with open(text_path, encoding="utf-8") as fh:
+            paragraphs = [p.strip() for p in fh.read().split("\n\n") if p.strip()]
+        with open(jsonl, "w") as out:  # ~2 KB documents of whole paragraphs, in the play's order
+            document: list[str] = []
+            for paragraph in paragraphs:
+                document.append(paragraph)
+                if sum(map(len, document)) >= 2000:
+                    out.write(json.dumps({"text": "\n\n".join(document)}) + "\n")
+                    document = []
+            if document:
+                out.write(json.dumps({"text": "\n\n".join(document)}) + "\n")
+        train_sentencepiece([jsonl], vocab_size, tokenizer)
+        preprocess(jsonl, prefix, tokenizer_type="SentencePieceTokenizer", tokenizer_model=tokenizer + ".model",
+                   append_eod=True, workers=1)
+    return prefix + "_text_document", tokenizer + ".model"
+
+
+def common_flags(args: argparse.Namespace, data: tuple[str, str], iters: int, seed: int) -> list[str]:
+    prefix, tokenizer = data
+    return ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
+            "--num-attention-heads", str(args.num_attention_heads), "--seq-length", str(args.seq_length),
+            "--make-vocab-size-divisible-by", "128", "--micro-batch-size", str(args.micro_batch_size),
+            "--global-batch-size", str(args.global_batch_size), "--train-iters", str(iters),
+            "--lr", str(args.lr), "--lr-decay-style", "constant", "--lr-warmup-iters", str(args.dense_iters // 10),
+            "--weight-decay", "0.1", "--adam-beta2", "0.95", "--clip-grad", "1.0",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--data-path", prefix, "--tokenizer-model",
+            tokenizer, "--split", "90,10,0", "--eval-interval", str(args.eval_interval),
+            "--eval-iters", str(args.eval_iters), "--log-interval", "1", "--num-workers", "0", "--seed", str(seed)]
+
+
+# ----------------------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    iters: int
+    seconds: float
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, cum. executed, val loss)
+    executed: list[float] = field(default_factory=list)  # per step
+    dense: list[float] = field(default_factory=list)
+    kept_fraction: list[float] = field(default_factory=list)
+
+
+def train(argv: list[str], metrics: str) -> tuple[Trainer, float]:
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    tic = time.perf_counter()
+    trainer = Trainer(parse_args([*argv, "--metrics-file", metrics]), log=lambda *a: None)
+    trainer.train()
+    trainer.close()
+    return trainer, time.perf_counter() - tic
+
+
+def read_run(variant: str, seed: int, iters: int, seconds: float, metrics: str) -> Run:
+    run = Run(variant, seed, iters, seconds)
+    cumulative = {0: 0.0}
+    with open(metrics) as fh:
+        for line in fh:
+            r = json.loads(line)
+            if r.get("split") == "valid":
+                run.curve.append((r["iteration"], cumulative[r["iteration"]], r["val_loss"]))
+            else:
+                run.executed.append(r["executed_flops"])
+                run.dense.append(r["dense_flops"])
+                run.kept_fraction.append(r["kept_fraction"])
+                cumulative[r["iteration"]] = cumulative[r["iteration"] - 1] + r["executed_flops"]
+    return run
+
+
+def loss_at(run: Run, budget: float) -> float:
+    """Validation loss at exactly `budget` executed FLOPs, linear between the evaluations around it."""
+    points = [(0.0, math.nan)] + [(flops, loss) for _, flops, loss in run.curve]
+    for (f0, l0), (f1, l1) in zip(points, points[1:]):
+        if f0 <= budget <= f1:
+            return l1 if math.isnan(l0) or f1 == f0 else l0 + (l1 - l0) * (budget - f0) / (f1 - f0)
+    raise RuntimeError(f"{run.variant} seed {run.seed} stopped at {points[-1][0]:.3g} FLOPs, "
+                       f"before the budget {budget:.3g}")
+
+
+def steps_for_budget(args: argparse.Namespace, variant: Variant, model_cfg, vocab: int, frozen_cfg) -> int:
+    """Enough steps to pass the dense budget: the policy's cheapest possible step, from its lowest keep ratio."""
+    tokens = args.global_batch_size * args.seq_length
+    dense = micro_batch_flops(model_cfg, vocab, tokens, tokens, tokens, False).dense
+    if args.equal == "tokens":
+        return args.dense_iters
+    cheapest = micro_batch_flops(model_cfg, vocab, tokens, tokens, round(variant.min_keep * tokens),
+                                 variant.name != "dense").executed
+    if variant.frozen_head_rows >= 0:
+        cheapest += forward_flops(frozen_cfg, vocab, tokens, round(variant.frozen_head_rows * tokens))
+        cheapest += 2.0 * variant.kd_rows * tokens * vocab * (3 * model_cfg.hidden_size + frozen_cfg.hidden_size)
+    return math.ceil(args.dense_iters * dense / cheapest) + 1
+
+
+# ----------------------------------------------------------------------------------------- report
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[Run], budget: float, equal: str) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(r.variant for r in runs):
+        group = [r for r in runs if r.variant == name]
+        losses = [loss_at(r, budget) if equal == "flops" else r.curve[-1][2] for r in group]
+        ppl = [math.exp(x) for x in losses]
+        steps = [_steps_within(r, budget) if equal == "flops" else r.iters for r in group]
+        rows.append({
+            "variant": name, "seeds": len(group),
+            "val_ppl": mean_std(ppl), "val_loss": mean_std(losses),
+            "ppl_range": (min(ppl), max(ppl)),
+            "steps": statistics.mean(steps),
+            "flops_per_step_vs_dense": statistics.mean(sum(r.executed) / sum(r.dense) for r in group),
+            "kept_fraction": statistics.mean(statistics.mean(r.kept_fraction) for r in group),
+            "minutes": sum(r.seconds for r in group) / 60,
+        })
+    return rows
+
+
+def _steps_within(run: Run, budget: float) -> float:
+    """Steps (fractional at the end) whose executed FLOPs fit in the budget."""
+    spent, steps = 0.0, 0.0
+    for flops in run.executed:
+        if spent + flops > budget:
+            return steps + (budget - spent) / flops
+        spent += flops
+        steps += 1
+    return steps
+
+
+def write_csv(runs: list[Run], path: str) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["variant", "seed", "iteration", "executed_flops", "val_loss", "val_ppl"])
+        for r in runs:
+            for iteration, flops, loss in r.curve:
+                w.writerow([r.variant, r.seed, iteration, f"{flops:.6e}", f"{loss:.5f}", f"{math.exp(loss):.4f}"])
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Each variant against dense, judged by the seeds' spread: better only if its worst seed beats dense's
+    best, worse only if its best seed is behind dense's worst."""
+    dense = next(r for r in rows if r["variant"] == "dense")
+    out = []
+    for r in rows:
+        if r is dense:
+            continue
+        low, high = r["ppl_range"]
+        change = f"{100 * (r['val_ppl'][0] / dense['val_ppl'][0] - 1):+.1f}%"
+        if high < dense["ppl_range"][0]:
+            out.append(f"- **{r['variant']} beats dense** ({change} perplexity, every seed better than every dense seed).")
+        elif low > dense["ppl_range"][1]:
+            out.append(f"- **{r['variant']} loses to dense** ({change} perplexity, every seed worse).")
+        else:
+            out.append(f"- {r['variant']}: no difference from dense beyond the seed spread ({change}).")
+    return out
+
+
+def write_markdown(rows: list[dict], path: str, header: str, command: str) -> None:
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    lines = ["# Selection study (generated by tools/selection_study.py)", "", header, "", "```", command, "```", "",
+             "| variant | val ppl (mean ± std) | min–max over seeds | vs dense | steps in budget | "
+             "executed FLOPs/step vs dense | kept fraction | wall min (all seeds) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mean, std = r["val_ppl"]
+        delta = f"{100 * (mean / dense['val_ppl'][0] - 1):+.1f}%" if dense else "-"
+        lines.append(f"| {r['variant']} | {mean:.2f} ± {std:.2f} | {r['ppl_range'][0]:.2f}–{r['ppl_range'][1]:.2f} "
+                     f"| {delta} | {r['steps']:.1f} | {r['flops_per_step_vs_dense']:.3f} | "
+                     f"{r['kept_fraction']:.2f} | {r['minutes']:.1f} |")
+    lines += ["", "Against dense, judged by the spread over seeds:", "", *verdicts(rows), "",
+              "Curves: `selection_study.png` (validation perplexity against cumulative executed FLOPs); "
+              "every evaluation of every run: `selection_study.csv`. Discussion: docs/selection.md."]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def plot(runs: list[Run], budget: float | None, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name in dict.fromkeys(r.variant for r in runs):
+        group = [r for r in runs if r.variant == name]
+        n = min(len(r.curve) for r in group)
+        x = [statistics.mean(r.curve[i][1] for r in group) for i in range(n)]
+        ppl = [[math.exp(r.curve[i][2]) for r in group] for i in range(n)]
+        line, = ax.plot(x, [statistics.mean(p) for p in ppl], marker=".", label=name,
+                        linestyle="--" if name == "dense" else "-")
+        ax.fill_between(x, [min(p) for p in ppl], [max(p) for p in ppl], color=line.get_color(), alpha=0.15)
+    if budget:
+        ax.axvline(budget, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("executed FLOPs (cumulative)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.set_title("Selection policies: mean over seeds, band = min-max")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------- main
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", required=True, help="plain-text corpus, e.g. ../shared/data/tinyshakespeare.txt")
+    p.add_argument("--work-dir", required=True, help="tokenizer, dataset, checkpoints and metrics go here")
+    p.add_argument("--out-dir", default="docs", help="where selection_study.{csv,md,png} are written")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--variants", nargs="+", help="subset of the variants (default: all)")
+    p.add_argument("--equal", choices=("flops", "tokens"), default="flops",
+                   help="compare at the dense run's executed FLOPs, or after the same number of steps")
+    p.add_argument("--dense-iters", type=int, default=150, help="dense steps that define the budget")
+    p.add_argument("--reference-iters", type=int, default=300, help="steps of the dense reference/teacher")
+    p.add_argument("--alpha", type=float, default=0.5, help="alpha of the fixed-alpha variants")
+    p.add_argument("--alpha-max", type=float, default=0.8, help="ada-eslm grad-mass: --eslm-alpha-max")
+    p.add_argument("--ada-budget", type=float, default=0.3, help="ada-eslm grad-mass: --ada-eslm-budget")
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--global-batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-interval", type=int, default=15)
+    p.add_argument("--eval-iters", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work_dir, exist_ok=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    data = prepare_data(args.text, args.work_dir, args.vocab_size)
+
+    chosen = variants(args)
+    reference_dir = os.path.join(args.work_dir, "reference")
+    reference_note = ""
+    if any(v.frozen_head_rows >= 0 for v in chosen):
+        metrics = os.path.join(args.work_dir, "reference.jsonl")
+        argv = common_flags(args, data, args.reference_iters, 0) + ["--selection", "none", "--save", reference_dir]
+        _, seconds = train(argv, metrics)
+        ref = read_run("reference", 0, args.reference_iters, seconds, metrics)
+        reference_note = (f"The rho1 reference and eslm-kd teacher is one dense model of the same size trained "
+                          f"for {args.reference_iters} steps (seed 0): {sum(ref.executed):.3g} FLOPs, "
+                          f"{seconds / 60:.1f} min, final val ppl {math.exp(ref.curve[-1][2]):.2f}; that cost is "
+                          "NOT charged to the runs (their budget counts only the reference's forward passes).")
+    model_cfg = parse_args(common_flags(args, data, args.dense_iters, 0)).model
+    vocab = -(-_tokenizer_vocab(data[1]) // 128) * 128  # as the trainer pads it
+    runs: list[Run] = []
+    budget = None
+    for variant in chosen:
+        extra = []
+        if variant.name.startswith("rho1"):
+            extra = ["--reference-load", reference_dir]
+        elif variant.name.startswith("eslm-kd"):
+            extra = ["--teacher-load", reference_dir]
+        iters = steps_for_budget(args, variant, model_cfg, vocab, model_cfg)  # the reference has the same size
+        for seed in args.seeds:
+            metrics = os.path.join(args.work_dir, f"{variant.name}-seed{seed}.jsonl")
+            argv = common_flags(args, data, iters, seed) + variant.flags + extra
+            _, seconds = train(argv, metrics)
+            run = read_run(variant.name, seed, iters, seconds, metrics)
+            runs.append(run)
+            if budget is None and variant.name == "dense":
+                budget = sum(run.executed[: args.dense_iters])
+            print(f"{variant.name} seed {seed}: {iters} steps, {seconds:.0f} s, "
+                  f"final val ppl {math.exp(run.curve[-1][2]):.2f}", flush=True)
+    if budget is None:
+        raise SystemExit("the dense variant defines the budget: include it")
+    rows = summarize(runs, budget, args.equal)
+    header = (f"Budget: {budget:.3g} executed FLOPs (dense, {args.dense_iters} steps) per run; equal {args.equal}; "
+              f"seeds {args.seeds}. {reference_note}")
+    write_csv(runs, os.path.join(args.out_dir, "selection_study.csv"))
+    command = "python tools/selection_study.py " + " ".join(sys.argv[1:])
+    write_markdown(rows, os.path.join(args.out_dir, "selection_study.md"), header, command)
+    plot(runs, budget if args.equal == "flops" else None, os.path.join(args.out_dir, "selection_study.png"))
+    print(open(os.path.join(args.out_dir, "selection_study.md")).read())
+
+
+def _tokenizer_vocab(model: str) -> int:
+    from megatron_eslm.tokenizer import build_tokenizer
+    return build_tokenizer("SentencePieceTokenizer", model).vocab_size
+
+
+if __name__ == "__main__":
+    main()
