@@ -39,11 +39,13 @@ def cached_arrays(cache_dir: str | None, description: dict, build: Callable[[], 
     if cache_dir is None:
         return build()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        arrays = None
-        if torch.distributed.get_rank() == 0:
-            arrays = _load_or_build(cache_dir, description, build)
-        torch.distributed.barrier()
-        return arrays if arrays is not None else _load_or_build(cache_dir, description, build)
+        if torch.distributed.get_rank() != 0:
+            torch.distributed.barrier()  # rank 0 builds first; a failure there reaches us as the same error
+            return _load_or_build(cache_dir, description, build)
+        try:
+            return _load_or_build(cache_dir, description, build)
+        finally:
+            torch.distributed.barrier()  # also on failure, so the other ranks fail too instead of hanging
     return _load_or_build(cache_dir, description, build)
 
 
