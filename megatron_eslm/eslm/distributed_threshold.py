@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_eslm.distributed import collectives
 from megatron_eslm.eslm.sketch import MergedSketch, build_sketch
 from megatron_eslm.eslm.threshold import var_index
 
@@ -80,20 +81,17 @@ class LocalCollectives(Collectives):
 
 
 class TorchCollectives(Collectives):
+    """torch.distributed over the group, through the counted wrappers (tools/bench_comm.py)."""
+
     def __init__(self, group: dist.ProcessGroup) -> None:
         super().__init__()
         self.group = group
 
     def _all_gather(self, tensor: Tensor) -> Tensor:
-        tensor = tensor.contiguous()
-        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(out, tensor, group=self.group)
-        return torch.stack(out)
+        return torch.stack(collectives.all_gather(tensor, self.group, collectives.ESLM_THRESHOLD))
 
     def _all_reduce(self, tensor: Tensor) -> Tensor:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, group=self.group)
-        return tensor
+        return collectives.all_reduce(tensor.clone(), self.group, collectives.ESLM_THRESHOLD)
 
 
 @dataclass
