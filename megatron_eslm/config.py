@@ -469,4 +469,7 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if p.sequence_parallel and m.seq_length % tp:
         raise UserError(f"--sequence-parallel: --seq-length {m.seq_length} is not divisible by "
                         f"--tensor-model-parallel-size {tp}")
+    if cfg.selection.selection in ("eslm-kd", "rho1") and tp * pp > 1:
+        raise UserError(f"--selection {cfg.selection.selection} runs a whole frozen model on every rank: it needs "
+                        "--tensor-model-parallel-size 1 and --pipeline-model-parallel-size 1")
     return dp

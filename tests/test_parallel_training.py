@@ -11,11 +11,14 @@ with DP x the micro-batch size, and compares:
            steps: the key bias's gradient is exactly zero, so both runs update it by normalised noise.
 
 Besides: DP replicas, TP-replicated parameters and the two copies of the tied embedding stay bitwise
-equal; dropout under the RNG tracker is reproducible and resumes exactly from a 4-rank checkpoint.
+equal; dropout under the RNG tracker is reproducible and resumes exactly from a 4-rank checkpoint; the
+bytes every collective moves match the model of tools/bench_comm.py.
 """
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -30,9 +33,16 @@ import torch.multiprocessing as mp
 from megatron_eslm import parallel_state
 from megatron_eslm.config import parse_args, validate_layout
 from megatron_eslm.errors import UserError
+from megatron_eslm.eslm.policies import ESLMPolicy
+from megatron_eslm.kernels import lm_head_triton
+from megatron_eslm.model.lm_head import selective_lm_head_loss
 from megatron_eslm.tensor_parallel import mappings
+from megatron_eslm.tensor_parallel.lm_head import vocab_parallel_lm_head_loss
 from megatron_eslm.tensor_parallel.random import get_rng_tracker, set_random_seeds
 from megatron_eslm.training.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_comm  # noqa: E402
 
 GLOBAL_BATCH = 12
 REFERENCE_MICRO_BATCH = 4  # = DP x micro-batch in every layout
@@ -136,13 +146,53 @@ def mapping_checks() -> dict:
     return out
 
 
+def head_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 hidden [24, 16], weight [64, 16] and labels with some ignored: one LM head, two vocab shards."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(24, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(64, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 64, (24,), generator=gen)
+    labels[::5] = -100
+    return hidden, weight, labels
+
+
+def head_implementations() -> list[str]:
+    """torch, and triton where it can run (in its interpreter on CPU: see `_rank_main`)."""
+    return ["torch", "triton"] if lm_head_triton.is_available() else ["torch"]
+
+
+def run_head(hidden, weight, labels, select, impl, **kwargs) -> tuple[torch.Tensor, ...]:
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    head = vocab_parallel_lm_head_loss if "vocab_start" in kwargs else selective_lm_head_loss
+    out = head(hidden, weight, labels, select, impl=impl, **kwargs)
+    out.loss.backward()
+    return out.loss.detach(), out.scores.loss, out.scores.entropy, out.selection.kept, hidden.grad, weight.grad
+
+
+def head_checks() -> dict:
+    """The vocab-parallel head on two TP ranks, dense and ESLM, with each kernel implementation."""
+    parallel_state.initialize_model_parallel(2, 1)
+    rank = parallel_state.tensor_model_parallel_rank()
+    hidden, weight, labels = head_inputs()
+    out = {(impl, selection): run_head(hidden, weight.chunk(2)[rank], labels,
+                                       ESLMPolicy(0.5, "loss") if selection == "eslm" else None, impl,
+                                       vocab_start=32 * rank)
+           for impl in head_implementations() for selection in ("dense", "eslm")}
+    parallel_state.destroy_model_parallel()
+    return out
+
+
 def _rank_main(rank: int, world: int, tmp: str, jobs: list[tuple]) -> None:
+    if not torch.cuda.is_available():  # before anything imports triton, which reads it once
+        os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     results = {}
+    kinds = {"train": train, "resume": resume, "mappings": mapping_checks, "head": head_checks,
+             "comm": bench_comm.count_bytes}
     for name, kind, *args in jobs:
-        results[name] = {"train": train, "resume": resume, "mappings": mapping_checks}[kind](*args)
+        results[name] = kinds[kind](*args)
     torch.save(results, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -233,10 +283,11 @@ def check_equivalence(world: int, per_rank: list[dict], references: dict) -> dic
             results64 = [r[(layout, selection, torch.float64)] for r in per_rank]
             logged = record_difference(results32[0], references[(selection, torch.float32)])
             params = parameter_difference(results64, references[(selection, torch.float64)])
-            table[label] = (logged, params)
+            params32 = parameter_difference(results32, references[(selection, torch.float32)])  # reported only
+            table[label] = (logged, params, params32)
             assert logged <= 1e-5, f"{label}: logged numbers differ by {logged:.2e}"
             assert params <= 1e-9, f"{label}: float64 parameters differ by {params:.2e}"
-    print("\n".join(f"{k}: logged {a:.1e}, float64 params {b:.1e}" for k, (a, b) in table.items()))
+    print("\n".join(f"| {k} | {a:.1e} | {b:.1e} | {c:.1e} |" for k, (a, b, c) in table.items()))
     return table
 
 
@@ -251,7 +302,7 @@ def untimed(records: list[dict]) -> list[dict]:
 def test_two_ranks(tiny_corpus, references, tmp_path):
     """TP2, PP2, DP2 and TP2 with sequence parallelism; the mappings; dropout under TP is reproducible."""
     dropout = dropout_flags(tiny_corpus, *SELECTIONS["eslm-loss"], *layout_flags(2, 1, True))
-    jobs = [*equivalence_jobs(2, tiny_corpus), ("mappings", "mappings"),
+    jobs = [*equivalence_jobs(2, tiny_corpus), ("mappings", "mappings"), ("head", "head"),
             ("dropout a", "train", dropout, torch.float32), ("dropout b", "train", dropout, torch.float32)]
     per_rank = spawn(2, tmp_path, jobs)
     check_equivalence(2, per_rank, references)
@@ -287,6 +338,16 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
     assert not torch.equal(maps[0]["model-parallel draw"], maps[1]["model-parallel draw"])
     assert torch.equal(maps[0]["default draw"], maps[1]["default draw"])
 
+    hidden, weight, labels = head_inputs()
+    heads = [r["head"] for r in per_rank]
+    assert {impl for impl, _ in heads[0]} == ({"torch", "triton"} if importlib.util.find_spec("triton") else {"torch"})
+    for (impl, selection), first in heads[0].items():
+        second = heads[1][(impl, selection)]
+        want = run_head(hidden, weight, labels, ESLMPolicy(0.5, "loss") if selection == "eslm" else None, "torch")
+        for got in (first, second):
+            for a, b in zip((*got[:5], torch.cat([first[5], second[5]])), want):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{impl} {selection}")
+
 
 def test_four_ranks(tiny_corpus, references, tmp_path):
     """TP2xPP2, TP2xDP2, PP2xDP2 and TP2xPP2 with sequence parallelism; exact resume with dropout on
@@ -297,8 +358,15 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
              str(tmp_path / "ckpt-a")),
             ("resume tp2dp2", "resume", [*dropout_flags(tiny_corpus, "--selection", "random", *layout_flags(2, 1, False)),
                                          "--micro-batch-size", "2"], str(tmp_path / "ckpt-b"))]
+    comm = {name: bench_comm.tiny(bench_comm.Setup(tp, pp, 4 // (tp * pp), sp))
+            for name, (tp, pp, sp) in LAYOUTS[4].items()}
+    prefix = str(tmp_path / "tokens")
+    bench_comm.write_dataset(prefix, bench_comm.tiny(bench_comm.Setup())[0].vocab - 1)
+    jobs += [(("comm", name), "comm", setups, prefix) for name, setups in comm.items()]
     per_rank = spawn(4, tmp_path, jobs)
     check_equivalence(4, per_rank, references)
+    for name, setups in comm.items():  # the communication model of tools/bench_comm.py, kind by kind
+        assert bench_comm.mismatches(setups, [r[("comm", name)] for r in per_rank]) == [], name
     for name in ("resume tp2pp2", "resume tp2dp2"):
         straight, resumed = per_rank[0][name]
         assert [r["iteration"] for r in resumed] == [3, 4]
@@ -337,3 +405,17 @@ def test_bad_layout_stops_before_any_collective(tiny_corpus):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: world size 3 is not divisible by --tensor-model-parallel-size 2 x --pipeline-model-parallel-size 1"]
+
+
+def test_torchrun_launch(tiny_corpus, tmp_path):
+    """torchrun's environment is all a run needs: two processes join over env://, train TP2, and rank 0
+    alone writes the metrics."""
+    metrics = tmp_path / "metrics.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "megatron_eslm.pretrain",
+                           *flags(tiny_corpus, REFERENCE_MICRO_BATCH, "--tensor-model-parallel-size", "2",
+                                  "--train-iters", "2", "--metrics-file", str(metrics))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 2] and records[-1]["split"] == "valid"
