@@ -115,6 +115,15 @@ def resume(argv: list[str], save: str) -> tuple[list[dict], list[dict]]:
     return straight, resumed
 
 
+def load_error(argv: list[str]) -> str:
+    """The one line a resume on another layout stops with (on every rank)."""
+    try:
+        Trainer(parse_args(argv), log=lambda *a: None)
+    except UserError as err:
+        return str(err)
+    return "no error"
+
+
 def train_records(argv: list[str]) -> tuple[dict, list[dict]]:
     trainer = Trainer(parse_args(argv), log=lambda *a: None)
     records = trainer.train()
@@ -190,7 +199,7 @@ def _rank_main(rank: int, world: int, tmp: str, jobs: list[tuple]) -> None:
     torch.set_num_threads(1)
     results = {}
     kinds = {"train": train, "resume": resume, "mappings": mapping_checks, "head": head_checks,
-             "comm": bench_comm.count_bytes}
+             "comm": bench_comm.count_bytes, "load error": load_error}
     for name, kind, *args in jobs:
         results[name] = kinds[kind](*args)
     torch.save(results, f"{tmp}/rank{rank}.pt")
@@ -352,7 +361,7 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
 def test_four_ranks(tiny_corpus, references, tmp_path):
     """TP2xPP2, TP2xDP2, PP2xDP2 and TP2xPP2 with sequence parallelism; exact resume with dropout on
     TP2xPP2 (per-stage checkpoint directories, the tracker's streams) and TP2xDP2 with random selection
-    (every replica's RNG state)."""
+    (every replica's RNG state); a resume on another layout stops in one line; bench_comm's model."""
     jobs = [*equivalence_jobs(4, tiny_corpus),
             ("resume tp2pp2", "resume", dropout_flags(tiny_corpus, "--selection", "eslm", *layout_flags(2, 2, True)),
              str(tmp_path / "ckpt-a")),
@@ -363,6 +372,8 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
     prefix = str(tmp_path / "tokens")
     bench_comm.write_dataset(prefix, bench_comm.tiny(bench_comm.Setup())[0].vocab - 1)
     jobs += [(("comm", name), "comm", setups, prefix) for name, setups in comm.items()]
+    jobs.append(("other layout", "load error", [*flags(tiny_corpus, 2, *layout_flags(2, 1, False)),
+                                               "--load", str(tmp_path / "ckpt-a")]))
     per_rank = spawn(4, tmp_path, jobs)
     check_equivalence(4, per_rank, references)
     for name, setups in comm.items():  # the communication model of tools/bench_comm.py, kind by kind
@@ -374,6 +385,7 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt-a" / "iter_0000002")) == [
         "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     assert sorted(os.listdir(tmp_path / "ckpt-b" / "iter_0000004")) == ["mp_rank_00", "mp_rank_01"]
+    assert all(r["other layout"].endswith("(saved with another parallel layout?)") for r in per_rank)
 
 
 # ----------------------------------------------------------------------------------------- bad layouts

@@ -124,6 +124,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
     `policy=None` is dense training. `autocast` wraps the forward only (bf16); backward runs outside it,
     as PyTorch recommends. Returns this rank's sums (nonzero on the last pipeline stage only)."""
     stats = StepStats(selective=policy is not None)
+    if num_micro_batches == 0:  # e.g. a validation split smaller than one micro-batch per replica
+        return stats
     first = next(batches)
     batches = itertools.chain([first], batches)
     micro_batch, seq_length = first["tokens"].shape
