@@ -23,7 +23,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 
 from megatron_eslm.config import parse_args
@@ -112,25 +111,31 @@ class Run:
     variant: str
     seed: int
     iters: int
-    seconds: float
+    seconds: float  # training steps only (evaluations excluded), from the logged step times
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, cum. executed, val loss)
     executed: list[float] = field(default_factory=list)  # per step
     dense: list[float] = field(default_factory=list)
     kept_fraction: list[float] = field(default_factory=list)
 
 
-def train(argv: list[str], metrics: str) -> tuple[Trainer, float]:
+def train(argv: list[str], metrics: str, iters: int, reuse: bool) -> None:
+    """One run of the real trainer; with `reuse`, a metrics file that already reaches `iters` stands."""
+    if reuse and os.path.exists(metrics) and _last_iteration(metrics) == iters:
+        return
     if os.path.exists(metrics):
         os.remove(metrics)
-    tic = time.perf_counter()
     trainer = Trainer(parse_args([*argv, "--metrics-file", metrics]), log=lambda *a: None)
     trainer.train()
     trainer.close()
-    return trainer, time.perf_counter() - tic
 
 
-def read_run(variant: str, seed: int, iters: int, seconds: float, metrics: str) -> Run:
-    run = Run(variant, seed, iters, seconds)
+def _last_iteration(metrics: str) -> int:
+    with open(metrics) as fh:
+        return max((json.loads(line)["iteration"] for line in fh), default=0)
+
+
+def read_run(variant: str, seed: int, iters: int, metrics: str) -> Run:
+    run = Run(variant, seed, iters, 0.0)
     cumulative = {0: 0.0}
     with open(metrics) as fh:
         for line in fh:
@@ -141,6 +146,7 @@ def read_run(variant: str, seed: int, iters: int, seconds: float, metrics: str) 
                 run.executed.append(r["executed_flops"])
                 run.dense.append(r["dense_flops"])
                 run.kept_fraction.append(r["kept_fraction"])
+                run.seconds += r["iteration_time_ms"] / 1000
                 cumulative[r["iteration"]] = cumulative[r["iteration"] - 1] + r["executed_flops"]
     return run
 
@@ -175,16 +181,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[Run], budget: float, equal: str) -> list[dict]:
+    """Per variant; `paired` is its perplexity over dense's for the same seed (same initial weights, data
+    order and validation batches), the comparison with the least noise."""
+    def final_ppl(run: Run) -> float:
+        return math.exp(loss_at(run, budget) if equal == "flops" else run.curve[-1][2])
+
+    dense = {r.seed: final_ppl(r) for r in runs if r.variant == "dense"}
     rows = []
     for name in dict.fromkeys(r.variant for r in runs):
         group = [r for r in runs if r.variant == name]
-        losses = [loss_at(r, budget) if equal == "flops" else r.curve[-1][2] for r in group]
-        ppl = [math.exp(x) for x in losses]
+        ppl = [final_ppl(r) for r in group]
+        paired = [p / dense[r.seed] for p, r in zip(ppl, group)]
         steps = [_steps_within(r, budget) if equal == "flops" else r.iters for r in group]
         rows.append({
             "variant": name, "seeds": len(group),
-            "val_ppl": mean_std(ppl), "val_loss": mean_std(losses),
-            "ppl_range": (min(ppl), max(ppl)),
+            "val_ppl": mean_std(ppl), "ppl_range": (min(ppl), max(ppl)),
+            "paired": (statistics.mean(paired), min(paired), max(paired)),
             "steps": statistics.mean(steps),
             "flops_per_step_vs_dense": statistics.mean(sum(r.executed) / sum(r.dense) for r in group),
             "kept_fraction": statistics.mean(statistics.mean(r.kept_fraction) for r in group),
@@ -214,37 +226,35 @@ def write_csv(runs: list[Run], path: str) -> None:
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """Each variant against dense, judged by the seeds' spread: better only if its worst seed beats dense's
-    best, worse only if its best seed is behind dense's worst."""
-    dense = next(r for r in rows if r["variant"] == "dense")
+    """Each variant against dense with the same seed: better only if it is better on every seed, worse
+    only if it is worse on every seed."""
     out = []
     for r in rows:
-        if r is dense:
+        if r["variant"] == "dense":
             continue
-        low, high = r["ppl_range"]
-        change = f"{100 * (r['val_ppl'][0] / dense['val_ppl'][0] - 1):+.1f}%"
-        if high < dense["ppl_range"][0]:
-            out.append(f"- **{r['variant']} beats dense** ({change} perplexity, every seed better than every dense seed).")
-        elif low > dense["ppl_range"][1]:
-            out.append(f"- **{r['variant']} loses to dense** ({change} perplexity, every seed worse).")
+        mean, low, high = r["paired"]
+        change = f"{100 * (mean - 1):+.1f}% perplexity on average, {100 * (low - 1):+.1f}% to {100 * (high - 1):+.1f}%"
+        if high < 1:
+            out.append(f"- **{r['variant']} beats dense** on every seed ({change}).")
+        elif low > 1:
+            out.append(f"- **{r['variant']} loses to dense** on every seed ({change}).")
         else:
-            out.append(f"- {r['variant']}: no difference from dense beyond the seed spread ({change}).")
+            out.append(f"- {r['variant']}: mixed, better on some seeds and worse on others ({change}).")
     return out
 
 
 def write_markdown(rows: list[dict], path: str, header: str, command: str) -> None:
-    dense = next((r for r in rows if r["variant"] == "dense"), None)
     lines = ["# Selection study (generated by tools/selection_study.py)", "", header, "", "```", command, "```", "",
-             "| variant | val ppl (mean ± std) | min–max over seeds | vs dense | steps in budget | "
-             "executed FLOPs/step vs dense | kept fraction | wall min (all seeds) |",
+             "| variant | val ppl (mean ± std) | min–max over seeds | ppl / dense, same seed: mean (min–max) | "
+             "steps in budget | executed FLOPs/step vs dense | kept fraction | train min (all seeds) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mean, std = r["val_ppl"]
-        delta = f"{100 * (mean / dense['val_ppl'][0] - 1):+.1f}%" if dense else "-"
+        paired = "{:.3f} ({:.3f}–{:.3f})".format(*r["paired"])
         lines.append(f"| {r['variant']} | {mean:.2f} ± {std:.2f} | {r['ppl_range'][0]:.2f}–{r['ppl_range'][1]:.2f} "
-                     f"| {delta} | {r['steps']:.1f} | {r['flops_per_step_vs_dense']:.3f} | "
+                     f"| {paired} | {r['steps']:.1f} | {r['flops_per_step_vs_dense']:.3f} | "
                      f"{r['kept_fraction']:.2f} | {r['minutes']:.1f} |")
-    lines += ["", "Against dense, judged by the spread over seeds:", "", *verdicts(rows), "",
+    lines += ["", "Against dense with the same seed:", "", *verdicts(rows), "",
               "Curves: `selection_study.png` (validation perplexity against cumulative executed FLOPs); "
               "every evaluation of every run: `selection_study.csv`. Discussion: docs/selection.md."]
     with open(path, "w") as fh:
@@ -303,6 +313,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-interval", type=int, default=15)
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep runs whose metrics file in --work-dir is complete (re-report without retraining)")
     return p.parse_args()
 
 
@@ -321,11 +333,11 @@ def main() -> None:
     if any(v.frozen_head_rows >= 0 for v in chosen):
         metrics = os.path.join(args.work_dir, "reference.jsonl")
         argv = common_flags(args, data, args.reference_iters, 0) + ["--selection", "none", "--save", reference_dir]
-        _, seconds = train(argv, metrics)
-        ref = read_run("reference", 0, args.reference_iters, seconds, metrics)
+        train(argv, metrics, args.reference_iters, args.reuse)
+        ref = read_run("reference", 0, args.reference_iters, metrics)
         reference_note = (f"The rho1 reference and eslm-kd teacher is one dense model of the same size trained "
                           f"for {args.reference_iters} steps (seed 0): {sum(ref.executed):.3g} FLOPs, "
-                          f"{seconds / 60:.1f} min, final val ppl {math.exp(ref.curve[-1][2]):.2f}; that cost is "
+                          f"{ref.seconds / 60:.1f} min, final val ppl {math.exp(ref.curve[-1][2]):.2f}; that cost is "
                           "NOT charged to the runs (their budget counts only the reference's forward passes).")
     model_cfg = parse_args(common_flags(args, data, args.dense_iters, 0)).model
     vocab = -(-_tokenizer_vocab(data[1]) // 128) * 128  # as the trainer pads it
@@ -341,12 +353,12 @@ def main() -> None:
         for seed in args.seeds:
             metrics = os.path.join(args.work_dir, f"{variant.name}-seed{seed}.jsonl")
             argv = common_flags(args, data, iters, seed) + variant.flags + extra
-            _, seconds = train(argv, metrics)
-            run = read_run(variant.name, seed, iters, seconds, metrics)
+            train(argv, metrics, iters, args.reuse)
+            run = read_run(variant.name, seed, iters, metrics)
             runs.append(run)
             if budget is None and variant.name == "dense":
                 budget = sum(run.executed[: args.dense_iters])
-            print(f"{variant.name} seed {seed}: {iters} steps, {seconds:.0f} s, "
+            print(f"{variant.name} seed {seed}: {iters} steps, {run.seconds:.0f} s, "
                   f"final val ppl {math.exp(run.curve[-1][2]):.2f}", flush=True)
     if budget is None:
         raise SystemExit("the dense variant defines the budget: include it")
