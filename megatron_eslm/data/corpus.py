@@ -153,8 +153,11 @@ def _last_boundary(buffer: bytearray, search_from: int, jsonl: bool) -> int:
     """The end of the last whole document in ``buffer`` found after ``search_from`` (0 if none)."""
     if jsonl:
         return buffer.rfind(b"\n", search_from) + 1
+    empty_line = buffer.rfind(b"\n\n", search_from)  # the common blank line, found from the end
+    if empty_line >= 0:
+        return empty_line + 2
     end = 0
-    for match in _BLANK_LINE.finditer(buffer, search_from):
+    for match in _BLANK_LINE.finditer(buffer, search_from):  # blank lines holding only whitespace
         end = match.end()
     return end
 
