@@ -3,17 +3,10 @@
 The top-level ``kernels/`` folder is installed as ``megatron_eslm.kernels`` (see ``package_dir``) so it
 never shadows, or is shadowed by, the unrelated PyPI package called ``kernels``.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "megatron_eslm",
-    "megatron_eslm.data",
-    "megatron_eslm.eslm",
-    "megatron_eslm.model",
-    "megatron_eslm.tokenizer",
-    "megatron_eslm.training",
-    "megatron_eslm.kernels",
-]
+# Every package under megatron_eslm/ (a non-editable install must not miss one), plus the kernels.
+PACKAGES = [*find_packages(include=["megatron_eslm", "megatron_eslm.*"]), "megatron_eslm.kernels"]
 
 setup(
     name="megatron-eslm",
@@ -29,7 +22,7 @@ setup(
         "tensorboard>=2.12",
     ],
     extras_require={
-        "deepspeed": ["deepspeed>=0.14"],
+        "deepspeed": ["deepspeed>=0.19"],
         "triton": ["triton>=2.3"],
         # tools/selection_study.py draws its plot with matplotlib.
         "study": ["matplotlib>=3.7"],
@@ -37,7 +30,7 @@ setup(
         # tokenizers: HuggingFaceTokenizer. Tests that need either skip without it.
         "test": ["pytest>=7", "hypothesis>=6", "megatron-core>=0.12", "tokenizers>=0.19"],
         # What CI and the README's commands install: torch 2.13.0 is the CPU build on the CI machines.
-        "ci": ["torch==2.13.0", "triton==3.9.0", "pytest==9.2.0", "hypothesis==6.170.15",
+        "ci": ["torch==2.13.0", "triton==3.9.0", "deepspeed==0.19.0", "pytest==9.2.0", "hypothesis==6.170.15",
                "megatron-core==0.16.1", "tokenizers==0.23.3"],
     },
 )
