@@ -3,6 +3,9 @@
 The corpus is the Python standard library's own source files (always present wherever Python is).
 Steps: write them as JSONL, train a SentencePiece BPE tokenizer, preprocess to Megatron .bin/.idx,
 pretrain a small GPT with ESLM (validation before and after), save a checkpoint, sample some text.
+The summary's kept fraction, FLOPs and tokens/s cover every training step, not only the logged ones.
+The model and data flags below shrink the run (the smoke test runs it in seconds); the defaults are the
+README's quickstart.
 """
 from __future__ import annotations
 
@@ -18,11 +21,12 @@ import torch
 
 from megatron_eslm.config import parse_args
 from megatron_eslm.data.preprocess import preprocess
-from megatron_eslm.errors import exit_on_user_error
+from megatron_eslm.errors import UserError, exit_on_user_error
 from megatron_eslm.model.generation import generate
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.tokenizer.train import train_sentencepiece
 from megatron_eslm.training.progress import format_duration
+from megatron_eslm.training.step import StepStats
 from megatron_eslm.training.trainer import Trainer
 
 PROMPT = "def "
@@ -52,18 +56,60 @@ def write_stdlib_corpus(path: str, max_bytes: int) -> tuple[int, int]:
     return docs, written
 
 
+class RunTotals:
+    """Sums over every training step of a run (the trainer's records hold the logged steps only)."""
+
+    def __init__(self) -> None:
+        self.steps = self.tokens = self.valid = self.kept = 0
+        self.executed_flops = self.dense_flops = self.seconds = 0.0
+
+    def add(self, stats: StepStats, seconds: float, tokens: int, flops) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.valid += stats.valid
+        self.kept += stats.kept
+        self.executed_flops += flops.executed
+        self.dense_flops += flops.dense
+        self.seconds += seconds
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / max(self.valid, 1)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class TotalsTrainer(Trainer):
+    """The trainer, also summing every step into `totals`, timed as the trainer times its records."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.totals = RunTotals()
+
+    def train_step(self, batches) -> StepStats:
+        tic = time.perf_counter()
+        stats = super().train_step(batches)
+        elapsed = time.perf_counter() - tic
+        self.totals.add(stats, elapsed, self.cfg.training.global_batch_size * self.cfg.model.seq_length,
+                        stats.flops(self.cfg.model, self.vocab_size))
+        return stats
+
+
 def pretrain_flags(out: str, data_prefix: str, tokenizer_model: str, args: argparse.Namespace) -> list[str]:
     return [
-        "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
-        "--seq-length", "128", "--max-position-embeddings", "128",
-        "--micro-batch-size", "16", "--global-batch-size", "16",
+        "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
+        "--num-attention-heads", str(args.num_attention_heads),
+        "--seq-length", str(args.seq_length), "--max-position-embeddings", str(args.seq_length),
+        "--micro-batch-size", str(args.batch_size), "--global-batch-size", str(args.batch_size),
         "--train-iters", str(args.train_iters), "--lr", "1e-3", "--min-lr", "1e-4", "--adam-beta2", "0.95",
         "--lr-decay-style", "cosine", "--lr-warmup-iters", str(max(1, args.train_iters // 10)),
         "--weight-decay", "0.1", "--clip-grad", "1.0", "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
         "--data-path", data_prefix, "--split", "95,5,0",
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
         "--selection", "eslm", "--eslm-score", "loss", "--eslm-alpha", str(args.eslm_alpha),
-        "--eval-interval", str(args.train_iters), "--eval-iters", "4", "--log-interval", str(args.log_interval),
+        "--eval-interval", str(args.train_iters), "--eval-iters", str(args.eval_iters), "--log-interval", str(args.log_interval),
         "--num-workers", "0",
         "--tensorboard-dir", os.path.join(out, "tensorboard"), "--metrics-file", os.path.join(out, "metrics.jsonl"),
         "--save", os.path.join(out, "checkpoints"), "--seed", "1234",
@@ -79,8 +125,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eslm-alpha", type=float, default=0.5, help="ESLM confidence level")
     parser.add_argument("--corpus-mb", type=float, default=3.0, help="MB of standard-library source to use")
     parser.add_argument("--vocab-size", type=int, default=2048, help="SentencePiece vocabulary size")
-    parser.add_argument("--log-interval", type=int, default=10, help="log every N iterations")
+    parser.add_argument("--log-interval", type=int, default=10,
+                        help="print a progress line (and write a metrics record) every N iterations; "
+                             "the summary still covers every iteration")
+    size = parser.add_argument_group("model and batch (smaller values make a faster, worse run)")
+    size.add_argument("--num-layers", type=int, default=4, help="transformer layers")
+    size.add_argument("--hidden-size", type=int, default=256, help="hidden size")
+    size.add_argument("--num-attention-heads", type=int, default=4, help="attention heads (divide --hidden-size)")
+    size.add_argument("--seq-length", type=int, default=128, help="tokens per sample (also the max positions)")
+    size.add_argument("--batch-size", type=int, default=16, help="samples per optimizer step")
+    size.add_argument("--eval-iters", type=int, default=4, help="validation batches per evaluation")
+    size.add_argument("--generate-tokens", type=int, default=80, help="tokens of sample text in the summary")
     args = parser.parse_args(argv)
+    for name in ("train_iters", "log_interval", "batch_size", "eval_iters"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
@@ -103,28 +162,33 @@ def main(argv: list[str] | None = None) -> None:
     flags = pretrain_flags(out, data_prefix, tok_prefix + ".model", args)
     print("[4/4] pretraining; the same run from the command line:\n  python -m megatron_eslm.pretrain "
           + " ".join(shlex.quote(f) for f in flags))
-    trainer = Trainer(parse_args(flags))
+    trainer = TotalsTrainer(parse_args(flags))
     print(f"model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters on {trainer.device}")
+    valid_samples = 0 if trainer.valid_ds is None else len(trainer.valid_ds)
+    if valid_samples < args.batch_size:  # evaluation would see no batch: no perplexity to report
+        trainer.close()
+        raise UserError(f"--corpus-mb {args.corpus_mb}: the validation split holds {valid_samples} samples of "
+                        f"{args.seq_length} tokens, fewer than one batch of {args.batch_size}; raise --corpus-mb "
+                        f"or lower --batch-size/--seq-length")
     before = trainer.evaluate()
     train_start = time.perf_counter()
-    records = trainer.train()
+    trainer.train()
     train_time = time.perf_counter() - train_start
     after = trainer.evaluate()
     trainer.close()
 
-    kept = sum(r["kept_fraction"] for r in records) / len(records)
-    executed = sum(r["executed_flops"] for r in records)
-    dense = sum(r["dense_flops"] for r in records)
-    tok_s = sum(r["tokens_per_sec"] for r in records) / len(records)
-    sample = generate(trainer.model, tokenizer.tokenize(PROMPT), max_new_tokens=80,
+    totals = trainer.totals
+    executed, dense = totals.executed_flops, totals.dense_flops
+    sample = generate(trainer.model, tokenizer.tokenize(PROMPT), max_new_tokens=args.generate_tokens,
                       vocab_limit=tokenizer.vocab_size, generator=torch.Generator().manual_seed(0))
     text = PROMPT + tokenizer.detokenize(sample)
     print("\n==== summary ====")
     print(f"validation perplexity: {before['val_ppl']:.1f} before -> {after['val_ppl']:.1f} after "
           f"{args.train_iters} iterations")
-    print(f"ESLM alpha {args.eslm_alpha}: mean kept fraction {kept:.3f} of tokens")
-    print(f"executed FLOPs {executed:.3e} vs dense {dense:.3e} ({executed / dense:.3f}x, logged iterations)")
-    print(f"throughput: {tok_s:.0f} tokens/s (logged iterations); training {format_duration(train_time)}, "
+    print(f"ESLM alpha {args.eslm_alpha}: mean kept fraction {totals.kept_fraction:.3f} of tokens")
+    print(f"executed FLOPs {executed:.3e} vs dense {dense:.3e} ({executed / max(dense, 1.0):.3f}x, "
+          f"all {totals.steps} iterations)")
+    print(f"throughput: {totals.tokens_per_sec:.0f} tokens/s (all iterations); training {format_duration(train_time)}, "
           f"total {format_duration(time.perf_counter() - t0)}")
     print(f"metrics: {os.path.join(out, 'metrics.jsonl')}  tensorboard: {os.path.join(out, 'tensorboard')}")
     print(f"checkpoint: {os.path.join(out, 'checkpoints')}")

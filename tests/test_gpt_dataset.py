@@ -3,24 +3,18 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import build_indexed
 from megatron_eslm.config import DataConfig
 from megatron_eslm.data.builder import build_train_valid_test_datasets, split_documents
 from megatron_eslm.data.gpt_dataset import GPTDataset
-from megatron_eslm.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path
+from megatron_eslm.data.indexed_dataset import IndexedDataset
 from megatron_eslm.data.samplers import ResumableBatchSampler
 from megatron_eslm.errors import UserError
 
 
 def make_dataset(tmp_path, documents):
-    """Indexed dataset of documents, each a list of sequences."""
-    prefix = str(tmp_path / "ds")
-    with IndexedDatasetBuilder(get_bin_path(prefix), np.uint16) as builder:
-        for document in documents:
-            for sequence in document:
-                builder.add_item(np.array(sequence))
-            builder.end_document()
-        builder.finalize(get_idx_path(prefix))
-    return prefix
+    """Indexed uint16 dataset of documents, each a list of sequences."""
+    return build_indexed(str(tmp_path / "ds"), documents, np.uint16)
 
 
 def numbered_documents(lengths):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import build_indexed as build
 from megatron_eslm.data.indexed_dataset import (
     DTYPE_CODES,
     IndexedDataset,
@@ -14,17 +15,6 @@ from megatron_eslm.data.indexed_dataset import (
     get_idx_path,
 )
 from megatron_eslm.errors import UserError
-
-
-def build(prefix, documents, dtype=np.int32):
-    """Write documents (lists of sequences) to prefix.bin/.idx."""
-    with IndexedDatasetBuilder(get_bin_path(prefix), dtype) as builder:
-        for document in documents:
-            for sequence in document:
-                builder.add_item(np.array(sequence))
-            builder.end_document()
-        builder.finalize(get_idx_path(prefix))
-    return prefix
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64, np.float32, np.float64])

@@ -2,6 +2,11 @@
 
 Prints a markdown table of forward+backward median time and peak extra memory per variant.
 
+Which tool does what: this one times the PyTorch heads with perf_counter on any device (the CPU table of
+docs/benchmarks.md); the GPU benchmark that issue 6 calls `tools/bench_lm_head.py` -- the Triton kernels
+against eager, torch.compile and Liger-Kernel, timed with triton.testing.do_bench -- is
+tools/bench_lm_head_triton.py.
+
 * Memory: each variant runs one step in its own subprocess, because CPU peak memory (ru_maxrss) never
   goes down; the peak extra is ru_maxrss after the step minus ru_maxrss once the inputs exist
   (torch.cuda.max_memory_allocated on CUDA).

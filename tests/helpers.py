@@ -1,0 +1,59 @@
+"""Helpers shared by several test files (pytest puts tests/ on sys.path: `from helpers import ...`).
+
+Fixtures live in conftest.py; these are plain functions the tests call with their own arguments.
+"""
+import os
+
+import numpy as np
+
+from megatron_eslm.config import parse_args
+from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+from megatron_eslm.training.trainer import Trainer
+
+TIMING = {"tokens_per_sec", "iteration_time_ms"}
+
+
+def build_indexed(prefix, documents, dtype=np.int32):
+    """Write documents (lists of sequences) to prefix.bin/.idx; returns the prefix."""
+    with IndexedDatasetBuilder(get_bin_path(prefix), dtype) as builder:
+        for document in documents:
+            for sequence in document:
+                builder.add_item(np.array(sequence))
+            builder.end_document()
+        builder.finalize(get_idx_path(prefix))
+    return prefix
+
+
+def flags(corpus, *extra):
+    """A tiny 6-iteration pretraining command line on the (data_prefix, tokenizer_model) corpus."""
+    prefix, model = corpus
+    return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "6", "--lr", "3e-3",
+            "--lr-warmup-iters", "2", "--data-path", prefix, "--tokenizer-model", model, "--split", "90,10,0",
+            "--eval-interval", "1000", "--eval-iters", "2", "--log-interval", "1", "--num-workers", "0",
+            "--seed", "7", *extra]
+
+
+def run(argv, log=lambda *a: None):
+    """Train to --train-iters; returns (trainer, logged records)."""
+    trainer = Trainer(parse_args(argv), log=log)
+    records = trainer.train()
+    trainer.close()
+    return trainer, records
+
+
+def straight_and_resumed(corpus, tmp_path, *common):
+    """The 6 iterations of `flags(corpus, *common)` saved every 3, then a second run resumed from iteration
+    3 (the tracker points at 6: it is rewritten to 3 to replay the second half).
+    Returns (straight trainer, straight records, resumed trainer, resumed records)."""
+    save = str(tmp_path / "ckpt")
+    trainer, straight = run(flags(corpus, *common, "--save", save, "--save-interval", "3"))
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as fh:
+        fh.write("3\n")
+    resumed_trainer, resumed = run(flags(corpus, *common, "--load", save))
+    return trainer, straight, resumed_trainer, resumed
+
+
+def without_timing(records):
+    """The records without their wall-clock fields, which differ between any two runs."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
