@@ -84,6 +84,7 @@ class SelectionConfig:
     eslm_alpha: float = 0.5  # confidence level: the alpha-quantile of scores is the VaR threshold
     eslm_threshold: str = "sketch-exact"  # sketch | sketch-exact | exact
     eslm_sketch_size: int = 2048
+    eslm_threshold_scope: str = "micro-batch"  # micro-batch | previous-step: whose scores set the threshold
     eslm_alpha_min: float = 0.0  # ada-eslm: alpha's bounds; the schedules run from min to max
     eslm_alpha_max: float = 0.8
     ada_eslm_rule: str = "grad-mass"  # grad-mass | linear | cosine
@@ -136,6 +137,7 @@ ADA_ESLM_RULES = ("grad-mass", "linear", "cosine")
 KD_SCORES = ("student", "teacher")
 SCORES = ("loss", "entropy")
 THRESHOLD_MODES = ("sketch", "sketch-exact", "exact")
+THRESHOLD_SCOPES = ("micro-batch", "previous-step")
 LM_HEAD_IMPLS = ("auto", "torch", "triton")
 
 # Flags that are not dataclass fields: the launcher's rank argument and the config file itself.
@@ -220,6 +222,9 @@ _HELP = {
     "eslm_threshold": "how the VaR threshold is found: " + ", ".join(THRESHOLD_MODES)
                       + " (see docs/threshold.md)",
     "eslm_sketch_size": "quantile-sketch points per rank: rank error below 1/N of the tokens",
+    "eslm_threshold_scope": "whose scores set a micro-batch's VaR threshold: " + ", ".join(THRESHOLD_SCOPES)
+                            + " (the merged sketch of every micro-batch of the previous step; see "
+                            "docs/threshold.md)",
     "eslm_alpha_min": "ada-eslm: lowest alpha (where the linear/cosine schedules start)",
     "eslm_alpha_max": "ada-eslm: highest alpha (where the linear/cosine schedules end)",
     "ada_eslm_rule": "ada-eslm: how alpha moves: " + ", ".join(ADA_ESLM_RULES) + " (see docs/selection.md)",
@@ -356,6 +361,9 @@ def _validate_selection_family(s: SelectionConfig) -> None:
     _positive(s.lfr_review_iters, "--lfr-review-iters")
     if not 0.0 <= s.lfr_drop_fraction < 1.0:
         raise UserError(f"--lfr-drop-fraction must be in [0, 1), got {s.lfr_drop_fraction}")
+    if s.selection == "lfr" and s.eslm_threshold_scope != "micro-batch":
+        raise UserError("--eslm-threshold-scope previous-step is not read by --selection lfr (its quantile "
+                        "is over a table of samples)")
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -415,6 +423,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--eslm-threshold must be one of {', '.join(THRESHOLD_MODES)}, got '{s.eslm_threshold}'")
     if s.eslm_sketch_size < 2:
         raise UserError(f"--eslm-sketch-size must be at least 2, got {s.eslm_sketch_size}")
+    if s.eslm_threshold_scope not in THRESHOLD_SCOPES:
+        raise UserError(f"--eslm-threshold-scope must be one of {', '.join(THRESHOLD_SCOPES)}, "
+                        f"got '{s.eslm_threshold_scope}'")
     _validate_selection_family(s)
     if s.lm_head_impl not in LM_HEAD_IMPLS:
         raise UserError(f"--lm-head-impl must be one of {', '.join(LM_HEAD_IMPLS)}, got '{s.lm_head_impl}'")

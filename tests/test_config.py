@@ -23,6 +23,7 @@ def test_defaults_and_derived_values(base):
     assert cfg.model.max_position_embeddings == 32
     assert cfg.training.global_batch_size == 8
     assert cfg.selection.eslm_alpha == 0.3
+    assert cfg.selection.eslm_threshold_scope == "micro-batch"
     assert cfg.optimizer.lr_decay_iters == cfg.training.train_iters
 
 
@@ -40,6 +41,8 @@ def test_config_file_with_command_line_override(base, tmp_path):
     (["--seq-length", "64", "--max-position-embeddings", "32"], "--max-position-embeddings"),
     (["--micro-batch-size", "3", "--global-batch-size", "8"], "--global-batch-size"),
     (["--selection", "magic"], "--selection"),
+    (["--eslm-threshold-scope", "global"], "--eslm-threshold-scope must be one of micro-batch, previous-step"),
+    (["--selection", "lfr", "--eslm-threshold-scope", "previous-step"], "--eslm-threshold-scope"),
     (["--lr-decay-style", "step"], "--lr-decay-style"),
     (["--num-layers", "two"], "--num-layers"),
 ])

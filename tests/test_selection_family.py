@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import flags, run, straight_and_resumed, without_timing
 from megatron_eslm.config import ModelConfig, finalize_model, parse_args
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.ada import AdaESLMPolicy, AlphaRule, droppable_count
@@ -20,7 +21,6 @@ from megatron_eslm.eslm.rho1 import Rho1Policy
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.model.lm_head import TokenScores
 from megatron_eslm.training.flops import forward_flops, micro_batch_flops
-from test_training import TIMING, flags, run
 
 
 def scores_of(loss, valid=None) -> TokenScores:
@@ -40,15 +40,32 @@ def test_droppable_count_by_hand():
     # ignored tokens are left out; the order is by the score, the mass by the loss
     assert droppable_count(loss, loss, torch.tensor([True, False, True, True]), 0.06) == 1
     assert droppable_count(-loss, loss, valid, 0.5) == 1  # highest loss first: 0.95 <= 0.96
+    assert droppable_count(loss, loss, valid, 1.0) == 4  # the whole mass is within a budget of 1
+
+
+def test_droppable_count_never_splits_a_tie():
+    # three tokens of equal mass m: one score-1 tie of two, then score 2. Budget 0.5 allows 1.5 m: the
+    # tie (2 m) does not fit whole, so nothing is dropped (a split at the tie would have dropped one).
+    equal = torch.ones(3)
+    valid = torch.ones(3, dtype=torch.bool)
+    assert droppable_count(torch.tensor([1.0, 1.0, 2.0]), equal, valid, 0.5) == 0
+    assert droppable_count(torch.tensor([1.0, 1.0, 2.0]), equal, valid, 0.7) == 2  # 2 m <= 2.1 m
+    # budget 0: only the tokens below the lowest score that carries mass, here the two zero losses
+    assert droppable_count(torch.tensor([0.1, 0.2, 0.9]), torch.tensor([0.0, 0.0, 1.0]), valid, 0.0) == 2
+    assert droppable_count(torch.tensor([0.5, 0.7, 0.1]), torch.tensor([0.0, 0.0, 1.0]), valid, 0.0) == 0
+    assert droppable_count(torch.tensor([0.5, 0.7, 0.1]), torch.zeros(3), valid, 0.0) == 3  # no mass at all
+    assert droppable_count(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool), 0.5) == 0
 
 
 def test_ada_grad_mass_alpha_trajectory_on_a_synthetic_signal():
     rule = AlphaRule("grad-mass", alpha_min=0.05, alpha_max=0.5, budget=0.105, momentum=0.5, train_iters=100)
     policy = AdaESLMPolicy(ESLMPolicy(0.2, "loss"), rule)
+    # The score is the loss, so tied losses would be dropped or kept whole (the tie rule); the losses of
+    # the tokens the count cuts through are therefore distinct (below 1e-9 apart in mass, 2^-32 units).
     # 100 learnt tokens (loss 0: no gradient mass) and 100 hard ones (mass ~1): the first 100 + 10 may go.
-    learnt = scores_of([0.0] * 100 + [30.0] * 100)
-    # all tokens alike: only floor(0.105 * 200) = 21 of them may go.
-    uniform = scores_of([2.0] * 200)
+    learnt = scores_of([0.0] * 100 + [30.0 + i / 100 for i in range(100)])
+    # all tokens nearly alike (the lower losses carry a little less mass): floor(0.105 * 200) = 21 may go.
+    uniform = scores_of([2.0 + i * 1e-4 for i in range(200)])
     expected, alpha = [], 0.2
     for signal, level in [(learnt, 0.55)] * 4 + [(uniform, 0.105)] * 4:
         sel = policy(signal)
@@ -244,19 +261,40 @@ def test_flags_of_the_family_fail_in_one_line(tiny_corpus, dense_checkpoint):
 ])
 def test_stateful_policies_resume_exactly(tiny_corpus, tmp_path, selection, extra):
     common = ["--selection", selection, "--hidden-dropout", "0.1", *extra]
-    save = str(tmp_path / "ckpt")
-    trainer, straight = run(flags(tiny_corpus, *common, "--save", save, "--save-interval", "3"))
-    with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as fh:
-        fh.write("3\n")
-    resumed_trainer, resumed = run(flags(tiny_corpus, *common, "--load", save))
+    trainer, straight, resumed_trainer, resumed = straight_and_resumed(tiny_corpus, tmp_path, *common)
     assert [r["iteration"] for r in resumed] == [4, 5, 6]
-    for a, b in zip(straight[3:], resumed):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+    assert without_timing(straight[3:]) == without_timing(resumed)
     assert resumed_trainer.policy.state_dict() == trainer.policy.state_dict()
     if selection == "lfr":  # step 4 is a focus step whose window holds step 3's samples, from the checkpoint
         assert any(r["kept_fraction"] < 1.0 for r in straight[3:5])
     else:
         assert len({r["kept_fraction"] for r in straight}) > 1  # alpha moved
+
+
+@pytest.mark.parametrize("selection", ["eslm", "ada-eslm"])
+def test_previous_step_scope_resumes_exactly(tiny_corpus, tmp_path, selection):
+    """The previous step's sketch is checkpointed (also through a wrapping policy): without it the resumed
+    step 4 would fall back to per-micro-batch thresholds and log other numbers."""
+    common = ["--selection", selection, "--eslm-threshold-scope", "previous-step", "--eslm-sketch-size", "16",
+              "--hidden-dropout", "0.1"]
+    trainer, straight, resumed_trainer, resumed = straight_and_resumed(tiny_corpus, tmp_path, *common)
+    assert without_timing(straight[3:]) == without_timing(resumed)
+    state, resumed_state = trainer.policy.state_dict(), resumed_trainer.policy.state_dict()
+    if selection == "ada-eslm":
+        assert state["alpha"] == resumed_state["alpha"]
+        state, resumed_state = state["eslm"], resumed_state["eslm"]
+    assert state["step"] == resumed_state["step"] == 6
+    for key in ("previous", "current"):  # one running sketch each, of m + 2 words
+        assert state[key]["carried"] == resumed_state[key]["carried"]
+        assert torch.equal(state[key]["payload"], resumed_state[key]["payload"])
+        assert state[key]["payload"].shape == (16 + 2,)
+    if selection == "eslm":
+        # 2 micro-batches of 128 scores, m = 16: from step 2 on each threshold's bound is sigma = the merges'
+        # E = 2 x floor(127 / 16) = 14 plus the compactions' floor(127 / 16) + floor(255 / 16) = 7 + 15;
+        # each call sends its sketch (4 x 18 bytes) and the kept count (8 bytes)
+        assert straight[0]["threshold_bound"] == 0  # step 1: sketch-exact per micro-batch
+        assert all(r["threshold_bound"] == 2 * (14 + 7 + 15) and r["threshold_bytes"] == 2 * (4 * 18 + 8)
+                   for r in straight[1:])
 
 
 def student_flops(record, cfg_argv):

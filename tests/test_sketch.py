@@ -15,7 +15,7 @@ from torch import Tensor
 
 from megatron_eslm.eslm.distributed_threshold import (Collectives, ThresholdResult, global_var_threshold,
                                                       var_threshold_over)
-from megatron_eslm.eslm.sketch import MergedSketch, build_sketch, sketch_words
+from megatron_eslm.eslm.sketch import MergedSketch, RunningSketch, build_sketch, sketch_words
 from megatron_eslm.eslm.threshold import var_index, var_threshold
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -68,14 +68,19 @@ def groups(draw, distinct: bool | None = None) -> Group:
     return Group(list(values.split(counts)), list(valid.split(counts)))
 
 
-def merged_sketch(group: Group, size: int) -> MergedSketch:
-    """The pure sketch path: build every rank's payload, stack it as all_gather would, merge."""
+def merged_sketch_payloads(group: Group, size: int) -> Tensor:
+    """Every rank's payload, stacked as all_gather would."""
     payloads = []
     for scores, valid in zip(group.scores, group.valid):
         finite = scores[valid & torch.isfinite(scores)]
         padded = torch.cat([finite.sort().values, torch.tensor([float("inf")])])
         payloads.append(build_sketch(padded, torch.tensor(finite.numel()), torch.tensor(0), size))
-    return MergedSketch.merge(torch.stack(payloads), size)
+    return torch.stack(payloads)
+
+
+def merged_sketch(group: Group, size: int) -> MergedSketch:
+    """The pure sketch path: build every rank's payload, stack it as all_gather would, merge."""
+    return MergedSketch.merge(merged_sketch_payloads(group, size), size)
 
 
 @SETTINGS
@@ -220,6 +225,66 @@ def test_simulated_group_modes_against_sorting(group, mode, size, alpha):
     results = run_simulated(group, lambda comm, s, v: var_threshold_over(comm, s, v, alpha, mode, size))
     check_against_sorting(group, results, alpha, exact=mode != "sketch")
     assert results[0].bytes_sent == expected_bytes(group, mode, size, alpha)
+
+
+@SETTINGS
+@given(group=groups(), size=st.sampled_from([1, 3, 8, 64]), alpha=st.floats(0.0, 0.999))
+def test_simulated_group_previous_step_reference(group, size, alpha):
+    """The previous-step scope on 1-8 simulated ranks: step 1 splits every rank's scores into three
+    micro-batches and merges each one's gathered sketches into one running sketch of m blocks; step 2
+    takes its threshold from it. Step 2 is given the same scores, so the threshold must be the exact
+    rule's on them at a rank within the bound B = min(sigma, k): sigma = sum over micro-batches of E_t
+    (summed over the ranks' payloads) plus floor((N_t - 1) / m), N_t the scores of micro-batches 1..t."""
+    def parts(n: int) -> list[slice]:
+        return [slice(0, n // 3), slice(n // 3, n // 2), slice(n // 2, n)]
+
+    def call(comm: Collectives, scores: Tensor, valid: Tensor) -> ThresholdResult:
+        running = None
+        for part in parts(scores.numel()):
+            payloads = var_threshold_over(comm, scores[part], valid[part], alpha, "sketch", size,
+                                          keep_sketch=True).sketch
+            running = RunningSketch.absorb(running, payloads, size)
+            assert running.payload.shape == (sketch_words(size),)
+        comm.bytes_sent = 0  # count step 2's call alone
+        return var_threshold_over(comm, scores, valid, alpha, "exact", size, reference=running.merged(size))
+
+    results = run_simulated(group, call)
+    check_against_sorting(group, results, alpha, exact=False)
+    x = group.finite
+    if x.numel() == 0:
+        return
+    finite = [v & torch.isfinite(s) for s, v in zip(group.scores, group.valid)]
+    slack, so_far = 0, 0
+    for t in range(3):
+        counts = [int(f[parts(f.numel())[t]].sum()) for f in finite]
+        so_far += sum(counts)
+        slack += sum((c - 1) // size for c in counts if c) + max(so_far - 1, 0) // size
+    assert results[0].rank_error_bound == min(slack, var_index(alpha, x.numel()))
+    assert results[0].bytes_sent == 4 * sketch_words(size) + 8  # its own sketch, the kept count
+
+
+@SETTINGS
+@given(group=groups(), size=st.sampled_from([1, 2, 3, 8, 64]), alpha=st.floats(0.0, 0.999))
+def test_running_sketch_of_every_rank_as_a_micro_batch_within_the_summed_slack(group, size, alpha):
+    """Many compactions: each rank's payload merged in as its own micro-batch (up to 8), one after
+    another, must still give the exact rule at a rank within min(sigma, k)."""
+    x = group.finite
+    running, slack, so_far = None, 0, 0
+    for scores, valid in zip(group.scores, group.valid):
+        part = Group([scores], [valid])
+        running = RunningSketch.absorb(running, merged_sketch_payloads(part, size), size)
+        n = part.finite.numel()
+        so_far += n
+        slack += max(n - 1, 0) // size + max(so_far - 1, 0) // size
+    merged = running.merged(size)
+    assert (merged.count, merged.slack) == (x.numel(), slack)
+    if x.numel() == 0:
+        return
+    k = var_index(alpha, x.numel())
+    estimate, bound = merged.estimate(k)
+    assert bound == min(slack, k)
+    assert bool((x[k - bound:k + 1] == estimate).any())
+    assert exact_kept(x, k) <= int((x >= estimate).sum()) <= exact_kept(x, k - bound)
 
 
 EXTREMES = torch.tensor([float("-inf"), -3.4028235e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.17549435e-38, 1.0,

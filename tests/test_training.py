@@ -7,26 +7,9 @@ import sys
 import pytest
 import torch
 
+from helpers import flags, run, straight_and_resumed, without_timing
 from megatron_eslm.config import parse_args
 from megatron_eslm.training.trainer import Trainer
-
-TIMING = {"tokens_per_sec", "iteration_time_ms"}
-
-
-def flags(corpus, *extra):
-    prefix, model = corpus
-    return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-            "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "6", "--lr", "3e-3",
-            "--lr-warmup-iters", "2", "--data-path", prefix, "--tokenizer-model", model, "--split", "90,10,0",
-            "--eval-interval", "1000", "--eval-iters", "2", "--log-interval", "1", "--num-workers", "0",
-            "--seed", "7", *extra]
-
-
-def run(argv, log=lambda *a: None):
-    trainer = Trainer(parse_args(argv), log=log)
-    records = trainer.train()
-    trainer.close()
-    return trainer, records
 
 
 @pytest.fixture
@@ -43,6 +26,9 @@ def test_alpha_zero_trains_like_dense(tiny_corpus, float64):
     eslm, eslm_records = run(flags(tiny_corpus, "--selection", "eslm", "--eslm-alpha", "0"))
     for d, e in zip(dense_records, eslm_records):
         assert e["kept_fraction"] == 1.0
+        assert d["kept"] == e["kept"] == 8 * 32
+        assert (d["threshold_bound"], d["threshold_bytes"], d["nonfinite"]) == (None, 0, 0)  # no threshold
+        assert e["threshold_bound"] == 0 and e["threshold_bytes"] > 0
         assert e["lm_loss"] == pytest.approx(d["lm_loss"], rel=1e-12)
         assert e["grad_norm"] == pytest.approx(d["grad_norm"], rel=1e-10)
     for (name, p), q in zip(dense.model.named_parameters(), eslm.model.parameters()):
@@ -60,10 +46,15 @@ def test_eslm_keeps_high_loss_tokens_and_logs_the_contract(tiny_corpus, tmp_path
     assert len(train) == 6 and len(valid) == 1
     assert set(train[0]) == {"iteration", "lm_loss", "kept_loss", "kept_fraction", "threshold", "lr", "grad_norm",
                              "tokens_per_sec", "iteration_time_ms", "executed_flops", "dense_flops",
-                             "consumed_samples"}
+                             "consumed_samples", "kept", "threshold_bound", "threshold_bytes", "nonfinite"}
     assert set(valid[0]) == {"iteration", "split", "val_loss", "val_ppl"}
     for r in train:
         assert 0.35 <= r["kept_fraction"] <= 0.6
+        assert r["kept"] == round(r["kept_fraction"] * 8 * 32)  # every token of a GPT sample is valid
+        # default sketch-exact, m = 2048 >= 128 scores per micro-batch: the sketch is exact (E = 0), the
+        # three counts settle x_(k), and each of the 2 micro-batches sends the sketch plus 3 int64 counts
+        assert (r["threshold_bound"], r["nonfinite"]) == (0, 0)
+        assert r["threshold_bytes"] == 2 * (4 * (2048 + 2) + 3 * 8)
         assert r["kept_loss"] > r["lm_loss"]  # kept tokens are the high-loss ones
         assert r["executed_flops"] < r["dense_flops"]
     assert train[-1]["consumed_samples"] == 48
@@ -81,15 +72,9 @@ def test_short_run_lowers_validation_loss(tiny_corpus):
 @pytest.mark.parametrize("selection", ["eslm", "random"])
 def test_resume_is_exact(tiny_corpus, tmp_path, selection):
     common = ["--selection", selection, "--eslm-alpha", "0.5", "--hidden-dropout", "0.1"]
-    save = str(tmp_path / "ckpt")
-    _, straight = run(flags(tiny_corpus, *common, "--save", save, "--save-interval", "3"))
-    # Resume from iteration 3 (the tracker points at 6: rewrite it to 3 to replay the second half).
-    with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as fh:
-        fh.write("3\n")
-    _, resumed = run(flags(tiny_corpus, *common, "--load", save))
+    _, straight, _, resumed = straight_and_resumed(tiny_corpus, tmp_path, *common)
     assert [r["iteration"] for r in resumed] == [4, 5, 6]
-    for a, b in zip(straight[3:], resumed):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+    assert without_timing(straight[3:]) == without_timing(resumed)
 
 
 def cli(*argv):

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_eslm.distributed import collectives as c
+from megatron_eslm.training.step import SUMMED
 
 FLOAT = 4  # bytes of a float32 activation, gradient or score
 INDEX = 8  # bytes of an int64 count or a float64 scalar
@@ -120,13 +121,13 @@ def predict(s: Setup, stage: int) -> Counter[str]:
             per_micro[kind] += activation * ((not first) + (not last))
         if first or last:
             per_step[c.EMBEDDING_ALL_REDUCE] += s.vocab // s.tp * h
-        per_step[c.METRICS] += 8 * INDEX  # step sums from the last stage to the others
+        per_step[c.METRICS] += len(SUMMED) * INDEX  # step sums from the last stage to the others
     if s.dp > 1:
         per_step[c.DP_ALL_REDUCE] += s.local_parameters(stage) * FLOAT
         if last:
             per_micro[c.ESLM_THRESHOLD if s.selection == "eslm" else c.DENSE_NORMALIZER] += (
                 threshold_bytes(s) if s.selection == "eslm" else INDEX)
-            per_step[c.METRICS] += 8 * INDEX  # step sums over the selection group
+            per_step[c.METRICS] += len(SUMMED) * INDEX  # step sums over the selection group
     if s.tp * s.pp > 1:
         per_step[c.GRAD_NORM] += INDEX
     total = Counter({kind: value * s.micro_batches for kind, value in per_micro.items()})

@@ -2,8 +2,9 @@
 
 Rules (equations and rationale in docs/selection.md):
   grad-mass  after each micro-batch, alpha moves (momentum mu) toward the largest fraction of the valid
-             tokens, lowest scores first, whose share of the logit-gradient mass sum(1 - p_y) is at most
-             the budget eps: drop what barely contributes to the dense gradient, keep the rest
+             tokens, lowest scores first and whole ties at a time, whose share of the logit-gradient mass
+             sum(1 - p_y) is at most the budget eps: drop what barely contributes to the dense gradient,
+             keep the rest; counted over the selection group by a fixed-size radix select
   linear     alpha(t) = min + (max - min) * t / T
   cosine     alpha(t) = min + (max - min) * (1 - cos(pi * t / T)) / 2
 """
@@ -15,21 +16,43 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_eslm.eslm.distributed_threshold import group_collectives
+from megatron_eslm.eslm.distributed_threshold import (Collectives, LocalCollectives, MassPrefix,
+                                                      group_collectives, mass_prefix_over)
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, token_score
 from megatron_eslm.model.lm_head import Selection, TokenScores
 
 
+def gradient_mass(loss: Tensor) -> Tensor:
+    """Each token's logit-gradient mass 1 - p_y = -expm1(-loss), in float64 (accurate for small losses):
+    d loss_i / d logits_i = softmax - onehot has L1 norm 2 (1 - p_y), and p_y = exp(-loss_i)."""
+    return -torch.expm1(-loss.detach().double())
+
+
+def droppable_over(comm: Collectives, score: Tensor, loss: Tensor, valid: Tensor, budget: float) -> MassPrefix:
+    """The grad-mass rule's d over the tokens of every rank of `comm`'s group (docs/selection.md): with
+    m_i = 1 - p_y of each valid token, M their total, the valid tokens whose score is below the largest
+    score t with sum of m_i over scores < t at most budget * M. Tokens tied at the boundary score are
+    never split: all of a tie is dropped or none of it. Tokens with a non-finite score (or loss NaN) are
+    left out of d, of M and of `total`; masses are summed exactly in fixed point (2^-32 units), so the
+    count is the same for one process and for any split of its tokens over data-parallel ranks. A
+    fixed-size radix select (`mass_prefix_over`): 4 histogram all-reduces of 4 KB per rank, whatever the
+    number of tokens and of ranks."""
+    return mass_prefix_over(comm, score, gradient_mass(loss), valid, budget)
+
+
 def droppable_count(score: Tensor, loss: Tensor, valid: Tensor, budget: float) -> int:
-    """How many valid tokens, taken from the lowest score up, carry at most `budget` of the batch's
-    logit-gradient L1 mass: d loss_i / d logits_i = softmax - onehot has L1 norm 2 (1 - p_y), and
-    p_y = exp(-loss_i)."""
-    order = score[valid].argsort()
-    mass = -torch.expm1(-loss[valid][order].double())  # 1 - p_y, accurate for small losses
-    if mass.numel() == 0:
-        return 0
-    cumulative = mass.cumsum(0)
-    return int((cumulative <= budget * cumulative[-1]).sum())
+    """How many valid tokens, taken from the lowest score up and whole ties at a time, carry at most
+    `budget` of the batch's logit-gradient L1 mass: `droppable_over` on this process alone."""
+    return droppable_over(LocalCollectives(), score, loss, valid, budget).count
+
+
+def group_droppable_count(score: Tensor, loss: Tensor, valid: Tensor, budget: float, group=None) -> tuple[int, int]:
+    """`droppable_count` over the valid tokens of every rank of the selection group, equal to one
+    process's count on their concatenation, and the group's count of the tokens the rule counts. Summing
+    each rank's own count would not do: it is the largest prefix of each rank's tokens, not of the union,
+    so it is smaller and depends on the data-parallel size."""
+    result = droppable_over(group_collectives(group), score, loss, valid, budget)
+    return result.count, result.total
 
 
 @dataclass
@@ -57,7 +80,7 @@ class AlphaRule:
 
 class AdaESLMPolicy(Policy):
     """ESLM at the alpha the rule gives; alpha is checkpointed. The grad-mass level is pooled over the
-    selection group (dropped counts and valid counts summed), so every rank moves alpha alike."""
+    selection group (`group_droppable_count`), so every rank moves alpha alike, as one process would."""
 
     def __init__(self, eslm: ESLMPolicy, rule: AlphaRule):
         self.eslm = eslm
@@ -69,22 +92,22 @@ class AdaESLMPolicy(Policy):
         return self.eslm.alpha
 
     def start_step(self, iteration: int) -> None:
+        self.eslm.start_step(iteration)
         if self.rule.kind != "grad-mass":
             self.eslm.alpha = self.rule.scheduled(iteration)
 
     def __call__(self, scores: TokenScores) -> Selection:
         selection = self.eslm(scores)
         if self.rule.kind == "grad-mass":
-            count = droppable_count(token_score(scores, self.eslm.score), scores.loss, scores.valid,
-                                    self.rule.budget)
-            dropped, valid = group_collectives(self.eslm.group).all_reduce(
-                torch.tensor([count, int(scores.valid.sum())], device=scores.valid.device)).tolist()
+            dropped, valid = group_droppable_count(token_score(scores, self.eslm.score), scores.loss,
+                                                   scores.valid, self.rule.budget, self.eslm.group)
             if valid:
                 self.eslm.alpha = self.rule.moved(self.eslm.alpha, dropped / valid)
         return selection
 
     def state_dict(self) -> dict:
-        return {"alpha": self.eslm.alpha}
+        return {"alpha": self.eslm.alpha, "eslm": self.eslm.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.eslm.load_state_dict(state.get("eslm", {}))
         self.eslm.alpha = state["alpha"]

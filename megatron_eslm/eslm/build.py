@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_eslm import parallel_state
 from megatron_eslm.config import Config
 from megatron_eslm.eslm.ada import AdaESLMPolicy, AlphaRule
 from megatron_eslm.eslm.frozen_model import load_frozen_model
@@ -18,11 +19,12 @@ def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = Non
     if s.selection == "none":
         return None
     device = device or torch.device("cpu")
-    eslm = ESLMPolicy(s.eslm_alpha, s.eslm_score, s.eslm_threshold, s.eslm_sketch_size, group)
+    eslm = ESLMPolicy(s.eslm_alpha, s.eslm_score, s.eslm_threshold, s.eslm_sketch_size, group,
+                      s.eslm_threshold_scope)
     if s.selection == "eslm":
         return eslm
     if s.selection == "random":
-        return RandomPolicy(eslm)
+        return RandomPolicy(eslm, cfg.training.seed, parallel_state.data_parallel_rank())
     if s.selection == "ada-eslm":
         return AdaESLMPolicy(eslm, AlphaRule(s.ada_eslm_rule, s.eslm_alpha_min, s.eslm_alpha_max, s.ada_eslm_budget,
                                              s.ada_eslm_momentum, cfg.training.train_iters))

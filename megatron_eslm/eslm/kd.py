@@ -45,6 +45,9 @@ class ESLMKDPolicy(Policy):
         self._teacher: FrozenPass | None = None
         self._kd_flops = 0.0
 
+    def start_step(self, iteration: int) -> None:
+        self.eslm.start_step(iteration)
+
     def prepare(self, tokens: Tensor, labels: Tensor, index: Tensor | None) -> None:
         self._teacher = frozen_pass(self.teacher, tokens, labels, score=self.score_by == "teacher")
 
@@ -66,3 +69,9 @@ class ESLMKDPolicy(Policy):
 
     def extra_flops(self) -> float:
         return self._teacher.flops + self._kd_flops
+
+    def state_dict(self) -> dict:
+        return self.eslm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eslm.load_state_dict(state)

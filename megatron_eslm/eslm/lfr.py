@@ -65,19 +65,21 @@ class LFRPolicy(Policy):
         for index, value, count in zip(self._index, log_ppl.tolist(), counts.tolist()):
             if count:
                 self.table[index] = (value, self.iteration)
-        threshold = None
+        threshold, bound, sent, nonfinite = None, None, 0, 0
         kept_samples = torch.ones_like(counts, dtype=torch.bool)
         if self.phases.phase(self.iteration) == "focus":
             values = torch.tensor([value for value, _ in self.table.values()], dtype=torch.float32,
                                   device=log_ppl.device)
             result = global_var_threshold(values, torch.ones_like(values, dtype=torch.bool), self.drop_fraction,
                                           self.threshold_mode, self.sketch_size, self.group)
+            sent, nonfinite = result.bytes_sent, result.nonfinite
             if result.threshold is not None:
-                threshold = float(result.threshold)
+                threshold, bound = float(result.threshold), result.rank_error_bound
                 kept_samples = log_ppl >= result.threshold
         kept = (valid & kept_samples.unsqueeze(1)).flatten()
         normalizer = group_collectives(self.group).all_reduce(kept.sum())
-        return Selection(kept=kept, normalizer=float(normalizer), threshold=threshold)
+        return Selection(kept=kept, normalizer=float(normalizer), threshold=threshold, rank_error_bound=bound,
+                         bytes_sent=sent, nonfinite=nonfinite)
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "table": dict(self.table)}

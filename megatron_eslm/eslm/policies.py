@@ -14,10 +14,13 @@ makes one from the flags):
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from megatron_eslm.eslm.distributed_threshold import global_var_threshold
+from megatron_eslm.config import THRESHOLD_SCOPES
+from megatron_eslm.eslm.distributed_threshold import ThresholdResult, global_var_threshold
+from megatron_eslm.eslm.sketch import MergedSketch, RunningSketch
 from megatron_eslm.model.lm_head import LMHeadOutput, Selection, TokenScores
 
 
@@ -54,42 +57,123 @@ class Policy:
         pass
 
 
+def selection_of(result: ThresholdResult) -> Selection:
+    """A threshold call's kept tokens and count, with what it reports for the step's metrics."""
+    threshold = None if result.threshold is None else float(result.threshold)
+    return Selection(kept=result.kept_local, normalizer=float(result.kept_global), threshold=threshold,
+                     rank_error_bound=None if threshold is None else result.rank_error_bound,
+                     bytes_sent=result.bytes_sent, nonfinite=result.nonfinite)
+
+
 class ESLMPolicy(Policy):
     """Keep tokens whose score is at or above the alpha-quantile (VaR) of the batch; the loss is the mean
     over kept tokens, which for the loss score is the batch CVaR at level alpha. The threshold and the
-    kept count are taken over `group` (the selection group; None: this process alone)."""
+    kept count are taken over `group` (the selection group; None: this process alone).
+
+    `scope` (--eslm-threshold-scope): "micro-batch" takes each micro-batch's threshold over that
+    micro-batch's scores across the group. "previous-step" takes it, for every micro-batch of step t, from
+    the merged sketch of ALL micro-batches of step t-1 over the group (step 1, or a step after one with no
+    finite score, falls back to the micro-batch threshold of `threshold_mode`); the normaliser is still
+    the micro-batch's exact kept count over the group. For that each call all-gathers its micro-batch's
+    sketch (as the sketch modes do anyway) and merges the group's payloads into one running sketch of m
+    blocks (`RunningSketch`), identical on every rank of the group: the state, two such sketches of
+    4 (m + 2) bytes whatever the ranks and micro-batches, rotates at `start_step` and is checkpointed."""
 
     def __init__(self, alpha: float, score: str, threshold_mode: str = "sketch-exact",
-                 sketch_size: int = 2048, group=None):
+                 sketch_size: int = 2048, group=None, scope: str = "micro-batch"):
+        if scope not in THRESHOLD_SCOPES:
+            raise ValueError(f"unknown threshold scope {scope!r}; choose from {', '.join(THRESHOLD_SCOPES)}")
         self.alpha = alpha
         self.score = score
         self.threshold_mode = threshold_mode
         self.sketch_size = sketch_size
         self.group = group
+        self.scope = scope
+        self._step = 0  # the step whose micro-batches `_current` holds
+        self._current: RunningSketch | None = None  # this step's micro-batches merged so far, over the group
+        self._previous: RunningSketch | None = None  # the previous step's, all its micro-batches
+        self._reference: MergedSketch | None = None  # `_previous` read out (lazily, once per step)
+
+    def start_step(self, iteration: int) -> None:
+        if self.scope == "previous-step" and iteration != self._step:
+            self._previous, self._current, self._reference, self._step = self._current, None, None, iteration
 
     def __call__(self, scores: TokenScores) -> Selection:
         return self.select(token_score(scores, self.score), scores.valid)
 
     def select(self, score: Tensor, valid: Tensor) -> Selection:
         """The VaR rule on any per-token score (the other policies reuse it on theirs)."""
+        if self.scope == "micro-batch":
+            return selection_of(global_var_threshold(score, valid, self.alpha, self.threshold_mode,
+                                                     self.sketch_size, self.group))
         result = global_var_threshold(score, valid, self.alpha, self.threshold_mode, self.sketch_size,
-                                      self.group)
-        return Selection(kept=result.kept_local, normalizer=float(result.kept_global),
-                         threshold=None if result.threshold is None else float(result.threshold))
+                                      self.group, reference=self.previous_sketch(score.device), keep_sketch=True)
+        self._current = RunningSketch.absorb(self._current, result.sketch, self.sketch_size)
+        return selection_of(result)
+
+    def previous_sketch(self, device: torch.device | None = None) -> MergedSketch | None:
+        """The previous step's sketch, merged over the group and all its micro-batches and compacted to m
+        blocks after each (None: none yet). Its slack, the E of the bound in docs/threshold.md, is
+        sigma = sum over the step's micro-batches t of E_t + floor((N_t - 1) / m), N_t the step's finite
+        scores up to micro-batch t: the merges' slack plus the compactions'."""
+        if self._previous is None:
+            return None
+        if self._reference is None:
+            self._reference = self._previous.merged(self.sketch_size, device)
+        return self._reference
+
+    def state_dict(self) -> dict:
+        if self.scope == "micro-batch":
+            return {}
+        return {"step": self._step, "current": None if self._current is None else self._current.state_dict(),
+                "previous": None if self._previous is None else self._previous.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scope == "micro-batch" or "step" not in state:
+            return  # saved with the micro-batch scope: the first resumed step has no previous sketch
+        self._step = state["step"]
+        self._current = RunningSketch.from_state(state["current"])
+        self._previous = RunningSketch.from_state(state["previous"])
+        self._reference = None
 
 
 class RandomPolicy(Policy):
     """Control: keep a uniformly random subset of valid tokens, as many as ESLM would keep on this batch.
-    Draws from torch's global RNG, so a checkpoint's RNG state makes it resume exactly."""
+    Each draw has its own generator, seeded by (seed, stream, iteration, micro-batch): `stream` is the
+    data-parallel rank, so replicas drop different positions of their micro-batches (one shared stream
+    would drop the same ones on every replica), and a resumed run draws exactly what the uninterrupted
+    one would, with no generator state to checkpoint."""
 
-    def __init__(self, eslm: ESLMPolicy):
+    def __init__(self, eslm: ESLMPolicy, seed: int = 0, stream: int = 0):
         self.eslm = eslm
+        self.seed = seed
+        self.stream = stream
+        self.iteration = 0
+        self.draws = 0  # micro-batches drawn in this step
+
+    def start_step(self, iteration: int) -> None:
+        self.eslm.start_step(iteration)
+        self.iteration, self.draws = iteration, 0
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = np.random.SeedSequence([self.seed, self.stream, self.iteration, self.draws]).generate_state(1)[0]
+        self.draws += 1
+        return torch.Generator(device=device).manual_seed(int(key))
 
     def __call__(self, scores: TokenScores) -> Selection:
         eslm = self.eslm(scores)  # with data parallelism: this rank's kept tokens, the group's count
         count = int(eslm.kept.sum())
         valid_rows = scores.valid.nonzero().squeeze(1)
-        chosen = valid_rows[torch.randperm(valid_rows.numel(), device=valid_rows.device)[:count]]
+        order = torch.randperm(valid_rows.numel(), generator=self._generator(valid_rows.device),
+                               device=valid_rows.device)
+        chosen = valid_rows[order[:count]]
         kept = torch.zeros_like(scores.valid)
         kept[chosen] = True
-        return Selection(kept=kept, normalizer=eslm.normalizer, threshold=None)
+        return Selection(kept=kept, normalizer=eslm.normalizer, threshold=None, bytes_sent=eslm.bytes_sent,
+                         nonfinite=eslm.nonfinite)
+
+    def state_dict(self) -> dict:
+        return self.eslm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eslm.load_state_dict(state)

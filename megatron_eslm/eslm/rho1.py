@@ -17,6 +17,9 @@ class Rho1Policy(Policy):
         self.reference = reference
         self._reference: FrozenPass | None = None
 
+    def start_step(self, iteration: int) -> None:
+        self.eslm.start_step(iteration)
+
     def prepare(self, tokens: Tensor, labels: Tensor, index: Tensor | None) -> None:
         self._reference = frozen_pass(self.reference, tokens, labels)
 
@@ -26,3 +29,9 @@ class Rho1Policy(Policy):
 
     def extra_flops(self) -> float:
         return self._reference.flops
+
+    def state_dict(self) -> dict:
+        return self.eslm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eslm.load_state_dict(state)

@@ -32,6 +32,21 @@ zeros and 1000 ones, or 999 zeros and 1001 ones, has the same sketch unless a bl
 `MergedSketch.bracket(k)` gives [a, b] = [z_(k), z_(k+E)] (b = +inf when k + E > n - 1): x_(k) lies in
 it by (1) and (2), and at most 2E - 1 scores lie strictly inside it, since #{x <= a} >= k - E + 1 and
 #{x < b} <= k + E. That is what makes the exact refinement round of `distributed_threshold` cheap.
+
+Sketch of sketches (`RunningSketch`, the previous-step scope's state). Say a multiset Y of n values
+sigma-approximates X (n values) from below when 0 <= #{y < v} - #{x < v} <= sigma for every v; (1) and
+(2) above follow from that with E = sigma, and it is what the rounding shows: the merged sketch
+sigma-approximates the scores with sigma = E. Differences of counts add up, so (a) the union of Y1
+sigma1-approximating X1 and Y2 sigma2-approximating X2 (sigma1 + sigma2)-approximates X1 + X2, and (b) a
+tau-approximation of a sigma-approximation of X is a (sigma + tau)-approximation of X. `compact` rounds
+the merged sketch (itself a multiset of N values) down to m contiguous blocks, as one rank of N scores
+would: a tau-approximation of it, tau = floor((N - 1) / m), and 0 when N <= m. Merging micro-batch t's
+payloads (slack E_t) into the compacted sketch of micro-batches 1..t-1 and compacting again gives, by
+(a) and (b), sigma_t = sigma_(t-1) + E_t + floor((N_t - 1) / m), N_t the scores of micro-batches 1..t:
+    sigma = sum over t of E_t + sum over t of floor((N_t - 1) / m)    after M micro-batches,
+and the bound above holds with E = sigma (`MergedSketch.slack` of `RunningSketch.merged`): compacting
+keeps points of the merged sketch, so every value is still a real score. With M micro-batches of n
+scores each the compactions add about (M + 1) / 2 x N / m to the merges' E < N / m, N = M n.
 """
 from __future__ import annotations
 
@@ -56,6 +71,11 @@ def _block_starts(counts: Tensor, size: int) -> Tensor:
     blocks = counts.clamp(min=1, max=size)
     ordinals = torch.arange(size, device=counts.device)
     return torch.minimum(ordinals * counts // blocks, counts)
+
+
+def _slack(counts: Tensor, size: int) -> Tensor:
+    """E: sum over non-empty payloads of floor((n_r - 1) / m), 0-dim int64."""
+    return ((counts.long() - 1).clamp(min=0) // size).sum()
 
 
 def _block_sizes(counts: Tensor, size: int) -> Tensor:
@@ -86,14 +106,29 @@ class MergedSketch:
     slack: int  # E of the module docstring
 
     @classmethod
-    def merge(cls, payloads: Tensor, size: int) -> MergedSketch:
-        """Merge the all-gathered payloads [R, size + HEADER]; one host sync to read the totals."""
+    def merge(cls, payloads: Tensor, size: int, carried: int = 0) -> MergedSketch:
+        """Merge the all-gathered payloads [R, size + HEADER]; one host sync to read the totals.
+        `carried`: slack the payloads' multisets already have against the scores they stand for (a
+        compacted payload's earlier merges), added to E."""
         counts, nonfinite = payloads[:, 0].long(), payloads[:, 1].long()
         points, order = payloads[:, HEADER:].contiguous().view(torch.float32).flatten().sort()
         cumulative = _block_sizes(counts, size).flatten()[order].cumsum(0)
-        slack = (counts - 1).clamp(min=0) // size
-        totals = torch.stack([counts.sum(), nonfinite.sum(), slack.sum()]).tolist()
-        return cls(points, cumulative, *totals)
+        count, nonfinite, slack = torch.stack([counts.sum(), nonfinite.sum(), _slack(counts, size)]).tolist()
+        return cls(points, cumulative, count, nonfinite, slack + carried)
+
+    def compact(self, size: int) -> Tensor:
+        """One payload of `size` blocks standing for this sketch, as one rank of n scores would sketch
+        them: the order statistics z_(start) at the block starts of n (+inf for empty blocks), n and the
+        non-finite count. Its multiset is this one rounded down blockwise: floor((n - 1) / size) more
+        slack (none when n <= size)."""
+        if self.count > MAX_COUNT:
+            raise ValueError(f"a sketch can stand for at most {MAX_COUNT} scores, got {self.count}")
+        count = torch.tensor(self.count, device=self.cumulative.device)
+        starts = _block_starts(count, size)
+        index = torch.searchsorted(self.cumulative, starts, right=True).clamp(max=self.points.numel() - 1)
+        minima = self.points[index].masked_fill(starts >= self.count, float("inf"))
+        header = torch.tensor([self.count, self.nonfinite], dtype=torch.int32, device=minima.device)
+        return torch.cat([header, minima.view(torch.int32)])
 
     def order_statistic(self, j: int) -> Tensor:
         """z_(j), 0-based, as a 0-dim fp32 tensor."""
@@ -110,3 +145,34 @@ class MergedSketch:
         if k + self.slack >= self.count:
             return lower, lower.new_tensor(float("inf"))
         return lower, self.order_statistic(k + self.slack)
+
+
+@dataclass
+class RunningSketch:
+    """Sketches merged one after another into one payload of m blocks (the previous-step scope's state:
+    4 (m + 2) bytes however many ranks and micro-batches), with the slack its merges and compactions add
+    up to (module docstring: sketch of sketches)."""
+
+    payload: Tensor  # [size + HEADER] int32, a payload as one rank of n scores would send it
+    carried: int  # sigma minus the payload's own floor((n - 1) / m): the slack of the earlier rounds
+
+    @classmethod
+    def absorb(cls, running: RunningSketch | None, payloads: Tensor, size: int) -> RunningSketch:
+        """`running` (None: nothing yet) with the gathered payloads [R, size + HEADER] merged in and
+        compacted back to `size` blocks. The merge counts the running payload's own floor((n - 1) / m) as
+        its slack, so the new carried slack is the merge's: sigma_(t-1) + E_t."""
+        if running is not None:
+            payloads = torch.cat([running.payload.to(payloads.device).unsqueeze(0), payloads])
+        merged = MergedSketch.merge(payloads, size, 0 if running is None else running.carried)
+        return cls(merged.compact(size), merged.slack)
+
+    def merged(self, size: int, device: torch.device | None = None) -> MergedSketch:
+        """The sketch to read quantiles from; its slack is sigma, the bound's E."""
+        return MergedSketch.merge(self.payload.to(device).unsqueeze(0), size, self.carried)
+
+    def state_dict(self) -> dict:
+        return {"payload": self.payload.cpu(), "carried": self.carried}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> RunningSketch | None:
+        return None if state is None else cls(state["payload"], int(state["carried"]))

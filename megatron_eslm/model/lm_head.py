@@ -37,6 +37,10 @@ class Selection:
     kept: Tensor  # [N] bool, a subset of valid
     normalizer: float  # loss = sum(kept losses) / normalizer (e.g. the kept count, global over ranks)
     threshold: float | None = None
+    # What the threshold call reported (distributed_threshold.ThresholdResult), for the step's metrics:
+    rank_error_bound: int | None = None  # threshold = exact rule's at a rank in [k - this, k]; None: none
+    bytes_sent: int = 0  # payload this rank handed to the threshold collectives
+    nonfinite: int = 0  # valid tokens of the group whose score was NaN or +-inf (excluded)
 
 
 Selector = Callable[[TokenScores], Selection]

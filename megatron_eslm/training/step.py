@@ -53,6 +53,11 @@ class StepStats:
     tokens: int = 0
     threshold_sum: float = 0.0
     thresholds: int = 0  # micro-batches with a threshold
+    # Summed over the micro-batches; each micro-batch's value is the same on every rank of the selection
+    # group (the threshold calls report group totals, and every rank hands the collectives equal shapes):
+    threshold_bound: int = 0  # rank-error bounds B of the thresholds, in tokens (0 for the exact modes)
+    threshold_bytes: int = 0  # payload one rank handed to the threshold collectives
+    nonfinite: int = 0  # valid tokens of the group whose score was NaN or +-inf (left out of the quantile)
     policy_flops: float = 0.0  # the policy's own passes (teacher, reference): executed, not dense
     selective: bool = True
     lr: float = 0.0
@@ -68,6 +73,10 @@ class StepStats:
         if selection.threshold is not None:
             self.threshold_sum += selection.threshold
             self.thresholds += 1
+        if selection.rank_error_bound is not None:
+            self.threshold_bound += selection.rank_error_bound
+        self.threshold_bytes += selection.bytes_sent
+        self.nonfinite += selection.nonfinite
 
     @property
     def threshold(self) -> float | None:
@@ -81,21 +90,28 @@ class StepStats:
         return total
 
 
-_SUMMED = ("loss_sum", "valid", "kept_loss_sum", "kept", "tokens", "threshold_sum", "thresholds", "policy_flops")
+SUMMED = ("loss_sum", "valid", "kept_loss_sum", "kept", "tokens", "threshold_sum", "thresholds", "policy_flops",
+           "threshold_bound", "threshold_bytes", "nonfinite")
+_SHARED = ("threshold_bound", "threshold_bytes", "nonfinite")  # equal on every rank of the group: not added up
 
 
 def reduce_step_stats(stats: StepStats) -> StepStats:
     """The step's sums over the whole global batch, on every rank: summed over the selection group on
     the last stage (which alone scores tokens), then sent to the other stages, so every rank logs what
-    one process would. Thresholds are the same on every replica; their mean is unchanged by the sum."""
-    values = torch.tensor([float(getattr(stats, name)) for name in _SUMMED], dtype=torch.float64,
+    one process would. Thresholds are the same on every replica; their mean is unchanged by the sum.
+    The `_SHARED` sums, equal on every rank of the group, are divided back by the group's size (exact:
+    integers below 2^53)."""
+    values = torch.tensor([float(getattr(stats, name)) for name in SUMMED], dtype=torch.float64,
                           device=_device())
-    if parallel_state.is_pipeline_last_stage() and parallel_state.selection_group() is not None:
-        collectives.all_reduce(values, parallel_state.selection_group(), collectives.METRICS)
+    group = parallel_state.selection_group()
+    if parallel_state.is_pipeline_last_stage() and group is not None:
+        collectives.all_reduce(values, group, collectives.METRICS)
+        shared = torch.tensor([name in _SHARED for name in SUMMED], device=values.device)
+        values = torch.where(shared, values / torch.distributed.get_world_size(group), values)
     if parallel_state.pipeline_model_parallel_size() > 1:
         collectives.broadcast(values, parallel_state.pipeline_last_rank(),
                               parallel_state.pipeline_model_parallel_group(), collectives.METRICS)
-    for name, value in zip(_SUMMED, values.tolist()):
+    for name, value in zip(SUMMED, values.tolist()):
         setattr(stats, name, type(getattr(stats, name))(value))
     return stats
 

@@ -153,6 +153,10 @@ class Trainer:
             "executed_flops": stats.flops(self.cfg.model, self.vocab_size).executed,
             "dense_flops": stats.flops(self.cfg.model, self.vocab_size).dense,
             "consumed_samples": self.consumed_samples,
+            "kept": stats.kept,
+            "threshold_bound": stats.threshold_bound if stats.thresholds else None,
+            "threshold_bytes": stats.threshold_bytes,
+            "nonfinite": stats.nonfinite,
         }
 
     def _console_line(self, r: dict, elapsed: float, start_iteration: int) -> str:
@@ -162,7 +166,8 @@ class Trainer:
         return (f"{progress_bar(done, todo, elapsed)} | iter {self.iteration} | lm loss {r['lm_loss']:.4f} | "
                 f"kept loss {r['kept_loss']:.4f} | kept {r['kept_fraction']:.2f} | threshold {threshold} | "
                 f"lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | {r['tokens_per_sec']:.0f} tok/s | "
-                f"flops {r['executed_flops'] / r['dense_flops']:.3f}x dense")
+                f"flops {r['executed_flops'] / r['dense_flops']:.3f}x dense"
+                + (f" | {r['nonfinite']} non-finite scores left out" if r["nonfinite"] else ""))
 
     def _log_eval(self) -> None:
         record = self.evaluate()

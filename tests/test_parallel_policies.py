@@ -1,0 +1,116 @@
+"""The selection family under data, tensor and pipeline parallelism, against one process on the same
+global batch (the harness of test_parallel_training.py: one spawn runs every job, the references are
+one-process runs with DP x the micro-batch):
+
+  DP2       ada-eslm (grad-mass), lfr, rho1 and eslm-kd (rho1 and eslm-kd need a whole frozen model on
+            every rank, so they take data parallelism only)
+  TP2, PP2  ada-eslm and lfr
+
+float32 logged numbers to 1e-5 relative and the kept fraction exactly; float64 parameters to 1e-9.
+Random selection draws other tokens on each replica than one process would, so under DP2 it is checked
+for what it promises instead: ESLM's kept fraction on the same batch, finite losses, equal replicas.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from test_parallel_training import (REFERENCE_MICRO_BATCH, SELECTIONS, STEPS, assemble, flags, layout_flags,
+                                    micro_batch, parameter_difference, record_difference, spawn, train, untimed)
+
+WORLD = 2
+LAYOUTS = {"dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+MODEL_PARALLEL = ("ada-eslm", "lfr")  # the policies that also run under TP and PP
+DTYPES = (torch.float32, torch.float64)
+
+
+def policies(checkpoint: str) -> dict[str, list[str]]:
+    return {
+        # alpha starts at 0.1 and moves toward the level every micro-batch. At budget 0.2 the group's
+        # droppable count (25 of 128 tokens at the start) is not the sum of the replicas' (12 + 12 of 64)
+        "ada-eslm": ["--selection", "ada-eslm", "--eslm-alpha", "0.1", "--ada-eslm-budget", "0.2",
+                     "--ada-eslm-momentum", "0.5"],
+        # step 1 learn, steps 2-3 focus over a window that holds the previous step's samples too
+        "lfr": ["--selection", "lfr", "--lfr-learn-iters", "1", "--lfr-focus-iters", "2",
+                "--lfr-review-iters", "2", "--lfr-drop-fraction", "0.3"],
+        "rho1": ["--selection", "rho1", "--eslm-alpha", "0.5", "--reference-load", checkpoint],
+        # KD scored by the student's loss, and by the teacher's entropy. Not by the student's entropy: after
+        # step 1 the DP2 and one-process students differ by float32 round-off, and at alpha 0.5 one token's
+        # entropy came out 1 ulp lower under DP2, tied with the threshold and was kept too (the tie rule),
+        # one token more than one process keeps (float64 agrees). The teacher's scores do not drift.
+        "eslm-kd": ["--selection", "eslm-kd", "--eslm-alpha", "0.5", "--eslm-score", "loss",
+                    "--teacher-load", checkpoint, "--kd-alpha", "0.5", "--kd-temperature", "2"],
+        "eslm-kd-teacher": ["--selection", "eslm-kd", "--eslm-alpha", "0.5", "--eslm-score", "entropy",
+                            "--kd-score", "teacher", "--teacher-load", checkpoint, "--kd-alpha", "0.5"],
+    }
+
+
+def cases() -> list[tuple[str, str]]:
+    return [(layout, policy) for layout in LAYOUTS for policy in policies("")
+            if layout == "dp2" or policy in MODEL_PARALLEL]
+
+
+RANDOM = ["--selection", "random", *SELECTIONS["eslm-loss"][2:]]  # eslm-loss's alpha and score
+
+
+@pytest.fixture(scope="module")
+def frozen_checkpoint(tiny_corpus, tmp_path_factory):
+    """A dense model of another size trained briefly: the rho1 reference and the eslm-kd teacher."""
+    save = str(tmp_path_factory.mktemp("frozen") / "ckpt")
+    torch.set_num_threads(1)
+    train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, "--selection", "none", "--num-layers", "1",
+                "--hidden-size", "48", "--train-iters", "4", "--save", save), torch.float32)
+    return save
+
+
+def test_policies_on_two_ranks(tiny_corpus, frozen_checkpoint, tmp_path):
+    argv = policies(frozen_checkpoint)
+    torch.set_num_threads(1)
+    references = {(policy, dtype): train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *argv[policy]), dtype)
+                  for policy in argv for dtype in DTYPES}
+    eslm = train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS["eslm-loss"]), torch.float32)
+
+    jobs = [((layout, policy, dtype), "train",
+             flags(tiny_corpus, micro_batch(WORLD, *LAYOUTS[layout]), *argv[policy],
+                   *layout_flags(*LAYOUTS[layout], False)), dtype)
+            for layout, policy in cases() for dtype in DTYPES]
+    jobs.append(("random", "train", flags(tiny_corpus, micro_batch(WORLD, 1, 1), *RANDOM), torch.float32))
+    per_rank = spawn(WORLD, tmp_path, jobs)
+
+    table, failures = {}, []
+    for layout, policy in cases():
+        label = f"{layout} {policy}"
+        results32 = [r[(layout, policy, torch.float32)] for r in per_rank]
+        results64 = [r[(layout, policy, torch.float64)] for r in per_rank]
+        try:
+            logged = record_difference(results32[0], references[(policy, torch.float32)])
+            params = parameter_difference(results64, references[(policy, torch.float64)])
+        except AssertionError as err:  # e.g. a kept fraction that differs: report every case, then fail
+            failures.append(f"{label}: {err}")
+            continue
+        table[label] = (logged, params)
+        if logged > 1e-5:
+            failures.append(f"{label}: logged numbers differ by {logged:.2e}")
+        if params > 1e-9:
+            failures.append(f"{label}: float64 parameters differ by {params:.2e}")
+    print("\n| case | logged (fp32) | params (fp64) |\n|---|---|---|")
+    print("\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
+    assert not failures, "\n".join(failures)
+
+    # The cases exercise what they are meant to: alpha moved, focus steps dropped samples, selection kept
+    # part of the batch.
+    kept = {policy: [r["kept_fraction"] for r in references[(policy, torch.float32)]["records"]] for policy in argv}
+    assert len(set(kept["ada-eslm"])) == STEPS
+    assert kept["lfr"][0] == 1.0 and all(f < 1.0 for f in kept["lfr"][1:])
+    assert all(0.0 < f < 1.0 for policy in ("rho1", "eslm-kd", "eslm-kd-teacher") for f in kept[policy])
+
+    # random: ESLM's kept count on the same batch, trained on, the replicas kept equal
+    random = [r["random"] for r in per_rank]
+    assert [r["kept_fraction"] for r in random[0]["records"]] == [r["kept_fraction"] for r in eslm["records"]]
+    assert all(math.isfinite(r[key]) for r in random[0]["records"] for key in ("lm_loss", "kept_loss", "grad_norm"))
+    assert math.isfinite(random[0]["val_loss"])
+    assert random[0]["records"][-1]["lm_loss"] < random[0]["records"][0]["lm_loss"]
+    assert untimed(random[0]["records"]) == untimed(random[1]["records"])
+    assemble(random)  # DP replicas bitwise equal
