@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from megatron_eslm.data.blend_spec import parse_blend
+from megatron_eslm.distributed import deepspeed_config
 from megatron_eslm.errors import UserError
 from megatron_eslm.tokenizer import TOKENIZER_TYPES
 
@@ -117,6 +118,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class DeepSpeedSection:
+    """The DeepSpeed engine (ZeRO); tensor and pipeline parallelism stay our own (docs/deepspeed.md)."""
+    deepspeed: bool = False
+    deepspeed_config: str | None = None  # DeepSpeed JSON; None: built from our flags
+    zero_stage: int | None = None  # 1 | 2 | 3; overrides the JSON's stage and implies --deepspeed
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -126,6 +135,7 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,6 +149,13 @@ SCORES = ("loss", "entropy")
 THRESHOLD_MODES = ("sketch", "sketch-exact", "exact")
 THRESHOLD_SCOPES = ("micro-batch", "previous-step")
 LM_HEAD_IMPLS = ("auto", "torch", "triton")
+ZERO_STAGES = (1, 2, 3)
+
+# Flags spelled as DeepSpeed's own `deepspeed.add_config_arguments` spells them (an underscore, not a
+# dash), so launch lines written for Megatron-DeepSpeed work unchanged; tests/test_deepspeed.py checks
+# they match DeepSpeed's helper. Defined here rather than by calling the helper, so that parsing flags
+# does not import deepspeed (seconds) for runs that never use it.
+_FLAG_NAMES = {"deepspeed_config": ("--deepspeed_config", "--deepspeed-config")}
 
 # Flags that are not dataclass fields: the launcher's rank argument and the config file itself.
 _NON_CONFIG_DESTS = {"local_rank", "config"}
@@ -161,14 +178,15 @@ def _add_section(parser: argparse.ArgumentParser, title: str, section: type, hel
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = helps.get(f.name, "") + f" (default: {default})"
         kind = f.type if isinstance(f.type, str) else f.type.__name__
+        names = _FLAG_NAMES.get(f.name, (_flag(f.name),))
         if kind == "bool":
-            group.add_argument(_flag(f.name), action="store_true", help=help_text)
+            group.add_argument(*names, action="store_true", help=help_text)
         elif kind.startswith("list"):
-            group.add_argument(_flag(f.name), nargs="+", default=default, help=help_text)
+            group.add_argument(*names, nargs="+", default=default, help=help_text)
         else:
             base = kind.split("|")[0].strip()
             typ = {"int": int, "float": float, "str": str}[base]
-            group.add_argument(_flag(f.name), type=typ, default=default, help=help_text)
+            group.add_argument(*names, type=typ, default=default, help=help_text)
 
 
 _HELP = {
@@ -247,6 +265,11 @@ _HELP = {
     "save": "checkpoint directory to write",
     "load": "checkpoint directory to resume from",
     "save_interval": "save every N iterations (and at the end when --save is set)",
+    "deepspeed": "train with the DeepSpeed engine (ZeRO); tensor and pipeline parallelism stay ours",
+    "deepspeed_config": "DeepSpeed JSON config; its batch, clipping and bf16 entries must agree with our "
+                        "flags, missing ones are filled from them (needs --deepspeed)",
+    "zero_stage": "ZeRO stage 1, 2 or 3: builds the DeepSpeed config from our flags (or overrides the "
+                  "stage of --deepspeed_config); implies --deepspeed",
 }
 
 _SECTIONS = (
@@ -258,6 +281,7 @@ _SECTIONS = (
     ("selection", "token selection (ESLM)", SelectionConfig),
     ("logging", "logging", LoggingConfig),
     ("checkpoint", "checkpointing", CheckpointConfig),
+    ("deepspeed", "DeepSpeed (ZeRO data parallelism; see docs/deepspeed.md)", DeepSpeedSection),
 )
 
 
@@ -325,6 +349,8 @@ def finalize(cfg: Config) -> Config:
         t.global_batch_size = t.micro_batch_size
     if o.lr_decay_iters is None:
         o.lr_decay_iters = t.train_iters
+    if cfg.deepspeed.zero_stage is not None:
+        cfg.deepspeed.deepspeed = True
     validate(cfg)
     return cfg
 
@@ -453,6 +479,19 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--save-interval must be positive, got {ck.save_interval}")
     if ck.save_interval is not None and ck.save is None:
         raise UserError("--save-interval needs --save")
+    _validate_deepspeed(cfg.deepspeed)
+
+
+def _validate_deepspeed(ds: DeepSpeedSection) -> None:
+    """The flags alone; the JSON and its agreement with our flags are checked in `validate_layout`, which
+    knows the data-parallel size."""
+    if ds.zero_stage is not None and ds.zero_stage not in ZERO_STAGES:
+        raise UserError(f"--zero-stage must be one of {', '.join(map(str, ZERO_STAGES))}, got {ds.zero_stage} "
+                        "(without --deepspeed, data parallelism is our own all-reduce)")
+    if ds.deepspeed_config is not None and not ds.deepspeed:
+        raise UserError("--deepspeed_config needs --deepspeed (or --zero-stage)")
+    if ds.deepspeed_config is not None and not os.path.isfile(ds.deepspeed_config):
+        raise UserError(f"--deepspeed_config {ds.deepspeed_config}: file not found")
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:
@@ -483,4 +522,6 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if cfg.selection.selection in ("eslm-kd", "rho1") and tp * pp > 1:
         raise UserError(f"--selection {cfg.selection.selection} runs a whole frozen model on every rank: it needs "
                         "--tensor-model-parallel-size 1 and --pipeline-model-parallel-size 1")
+    if cfg.deepspeed.deepspeed:
+        deepspeed_config.resolve(cfg, dp)  # a JSON that disagrees with the flags fails here, in one line
     return dp

@@ -48,7 +48,8 @@ def allreduce_data_parallel_grads(params: list[nn.Parameter], bucket_elements: i
         _all_reduce_flat(bucket, parallel_state.data_parallel_group(), collectives.DP_ALL_REDUCE)
 
 
-def finalize_model_grads(model: nn.Module, bucket_elements: int) -> None:
+def finalize_model_grads(model: nn.Module, bucket_elements: int, data_parallel: bool = True) -> None:
+    """The sums above; `data_parallel=False` leaves the data-parallel one to DeepSpeed's ZeRO."""
     params = [p for p in model.parameters() if p.grad is not None]
     if parallel_state.tensor_model_parallel_size() > 1:
         shared = [p.grad for p in params if getattr(p, "sequence_parallel", False)]
@@ -57,7 +58,7 @@ def finalize_model_grads(model: nn.Module, bucket_elements: int) -> None:
     if parallel_state.embedding_group() is not None:
         collectives.all_reduce(model.word_embeddings.weight.grad, parallel_state.embedding_group(),
                                collectives.EMBEDDING_ALL_REDUCE)
-    if parallel_state.data_parallel_size() > 1:
+    if data_parallel and parallel_state.data_parallel_size() > 1:
         allreduce_data_parallel_grads(params, bucket_elements)
 
 

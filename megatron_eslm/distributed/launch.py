@@ -32,11 +32,16 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(device: torch.device) -> bool:
-    """Join the default group when launched with several processes; True if this call created it."""
-    if world_size() == 1 or dist.is_initialized():
+def init_process_group(device: torch.device, single_process: bool = False) -> bool:
+    """Join the default group when launched with several processes (or, with `single_process`, make a
+    one-process group: DeepSpeed needs one even alone); True if this call created it."""
+    if dist.is_initialized() or (world_size() == 1 and not single_process):
         return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    if world_size() == 1:  # no launcher needed: an in-memory store instead of MASTER_ADDR/PORT
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend, init_method="env://")
     return True

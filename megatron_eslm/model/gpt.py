@@ -11,6 +11,8 @@ and then sharded, so every layout holds exactly the weights of one process with 
 """
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -23,6 +25,8 @@ from megatron_eslm.tensor_parallel import mappings
 from megatron_eslm.tensor_parallel.layers import (ShardedDropout, VocabParallelEmbedding, mark_sequence_parallel,
                                                   master_normal)
 from megatron_eslm.tensor_parallel.lm_head import vocab_parallel_lm_head_loss
+
+T = TypeVar("T")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -57,6 +61,7 @@ class GPTModel(nn.Module):
             # The last stage's copy of the tied embedding: its gradient is summed with the first stage's,
             # and it is left out of the gradient norm (counted once, on the first stage).
             self.word_embeddings.weight.tied_copy = True
+            self.word_embeddings.weight.ds_pipe_replicated = True  # DeepSpeed's name for the same
         layers_per_stage = cfg.num_layers // parallel_state.pipeline_model_parallel_size()
         self.layer_offset = parallel_state.pipeline_model_parallel_rank() * layers_per_stage
         self.layers = nn.ModuleList(
@@ -72,10 +77,12 @@ class GPTModel(nn.Module):
         """The LM head is tied to the input embedding, as in GPT-2 and Megatron's default."""
         return self.word_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor | None, input_tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """First stage: tokens [b, s]; later stages: the previous stage's output. Returns the final hidden
-        states [b, s, h] on the last stage (the LM head is applied by `loss`), else the activation to send
-        ([b, s / TP, h] under sequence parallelism)."""
+    def forward(self, tokens: torch.Tensor | None, input_tensor: torch.Tensor | None = None,
+                head: Callable[[torch.Tensor], T] | None = None) -> torch.Tensor | T:
+        """First stage: tokens [b, s]; later stages: the previous stage's output. Returns the activation
+        to send ([b, s / TP, h] under sequence parallelism), or on the last stage the final hidden states
+        [b, s, h], or `head(hidden)` when given: the training step computes its loss (`loss`) there, inside
+        the forward, where DeepSpeed ZeRO-3 has gathered the tied word embedding."""
         if self.pre_process:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             x = self.word_embeddings(tokens) + self.position_embeddings(positions)
@@ -92,7 +99,7 @@ class GPTModel(nn.Module):
         if self.sequence_parallel:
             # The vocab-parallel head returns the complete hidden gradient on every rank: split, not sum.
             x = mappings.gather_from_sequence_parallel_region(x, output_grad_is_partial=False)
-        return x
+        return x if head is None else head(x)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, select: Selector | None,
              impl: str = "torch", normalizer: float | None = None) -> LMHeadOutput:

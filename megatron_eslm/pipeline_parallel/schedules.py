@@ -21,20 +21,28 @@ from megatron_eslm.pipeline_parallel import p2p_communication as p2p
 from megatron_eslm.pipeline_parallel.p2p_communication import TensorSpec
 
 ForwardStep = Callable[[Tensor | None], Tensor]
+# backward(output, output_grad): accumulate this stage's gradients of `output` (a loss when output_grad is
+# None). Plain autograd by default; the DeepSpeed engine's backward under --deepspeed.
+Backward = Callable[[Tensor, Tensor | None], None]
+
+
+def autograd_backward(output: Tensor, output_grad: Tensor | None) -> None:
+    torch.autograd.backward(output, grad_tensors=output_grad)
 
 
 def forward_backward_no_pipelining(forward_step: ForwardStep, num_micro_batches: int, forward_only: bool,
-                                   spec: TensorSpec | None = None) -> None:
+                                   spec: TensorSpec | None = None, backward: Backward = autograd_backward) -> None:
     """One stage: forward and backward each micro-batch in turn (gradients accumulate)."""
     for _ in range(num_micro_batches):
         loss = forward_step(None)
         if not forward_only:
-            loss.backward()
+            backward(loss, None)
 
 
-def _backward_step(input_tensor: Tensor | None, output: Tensor, output_grad: Tensor | None) -> Tensor | None:
+def _backward_step(backward: Backward, input_tensor: Tensor | None, output: Tensor,
+                   output_grad: Tensor | None) -> Tensor | None:
     """Backward through this stage's micro-batch; returns the gradient for the previous stage."""
-    torch.autograd.backward(output, grad_tensors=output_grad)
+    backward(output, output_grad)
     return None if input_tensor is None else input_tensor.grad
 
 
@@ -46,7 +54,8 @@ def _receive_input(spec: TensorSpec, forward_only: bool) -> Tensor | None:
 
 
 def forward_backward_pipelining_without_interleaving(forward_step: ForwardStep, num_micro_batches: int,
-                                                     forward_only: bool, spec: TensorSpec | None = None) -> None:
+                                                     forward_only: bool, spec: TensorSpec | None = None,
+                                                     backward: Backward = autograd_backward) -> None:
     """1F1B over the pipeline stages; `spec` describes the activations between stages."""
     if forward_only:
         for _ in range(num_micro_batches):
@@ -70,7 +79,7 @@ def forward_backward_pipelining_without_interleaving(forward_step: ForwardStep, 
         output_grad = p2p.send_forward_recv_backward(output, spec)
         inputs.append(input_tensor)
         outputs.append(output)
-        input_grad = _backward_step(inputs.pop(0), outputs.pop(0), output_grad)
+        input_grad = _backward_step(backward, inputs.pop(0), outputs.pop(0), output_grad)
         if i == steady - 1:
             p2p.send_backward(input_grad, spec)
         else:
@@ -80,7 +89,7 @@ def forward_backward_pipelining_without_interleaving(forward_step: ForwardStep, 
 
     for _ in range(warmup):
         output_grad = p2p.recv_backward(spec)
-        p2p.send_backward(_backward_step(inputs.pop(0), outputs.pop(0), output_grad), spec)
+        p2p.send_backward(_backward_step(backward, inputs.pop(0), outputs.pop(0), output_grad), spec)
 
 
 def get_forward_backward_func() -> Callable[..., None]:

@@ -8,12 +8,17 @@ Data-parallel replica 0 of each shard writes it, together with every replica's R
 by data and random selection), so a resumed run continues bit for bit on the same layout. All ranks
 write into `iter_XXXXXXX.tmp`; after a barrier rank 0 renames it into place and only then replaces the
 tracker file, so an interrupted save never damages the last good checkpoint.
+
+Under --deepspeed the same directory holds DeepSpeed's own files instead (`mp_rank_XX_model_states.pt`
+with our state as client state, `zero_pp_rank_D_mp_rank_XX_optim_states.pt` per ZeRO partition), and
+DeepSpeed's `latest` file names it too, so DeepSpeed's tools (zero_to_fp32.py) read it.
 """
 from __future__ import annotations
 
 import os
 import random
 import shutil
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,7 +29,10 @@ from megatron_eslm.errors import UserError
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
 TRACKER = "latest_checkpointed_iteration.txt"
+DEEPSPEED_TRACKER = "latest"  # DeepSpeed's: the tag (directory name) of the newest checkpoint
 FILENAME = "model_optim_rng.pt"
+Writer = Callable[[str, dict], None]
+Reader = Callable[[str], dict]
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -96,19 +104,25 @@ def _write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(root: str, iteration: int, state: dict) -> str:
-    """Write this rank's `state` (plus RNG states) for `iteration`, collectively; returns the final directory."""
+def _write_shard(directory: str, state: dict) -> None:
+    """Our format: data-parallel replica 0 of each shard writes it."""
+    if parallel_state.data_parallel_rank() == 0:
+        os.makedirs(os.path.join(directory, shard_dir()))
+        torch.save(state, os.path.join(directory, shard_dir(), FILENAME))
+
+
+def save_checkpoint(root: str, iteration: int, state: dict, write: Writer = _write_shard,
+                    deepspeed_tag: bool = False) -> str:
+    """Write this rank's `state` (plus RNG states) for `iteration`, collectively; returns the final directory.
+    `write(directory, state)` writes the files (DeepSpeed's engine writes its own format); with
+    `deepspeed_tag` the directory's name also goes to DeepSpeed's `latest` file, for its tools."""
     final = iteration_dir(root, iteration)
     tmp = f"{final}.tmp"
     if _is_rank_zero():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    rng_states = _replica_rng_states()
-    if parallel_state.data_parallel_rank() == 0:
-        os.makedirs(os.path.join(tmp, shard_dir()))
-        torch.save({**state, "iteration": iteration, "rng": rng_states, "layout": _layout_sizes()},
-                   os.path.join(tmp, shard_dir(), FILENAME))
+    write(tmp, {**state, "iteration": iteration, "rng": _replica_rng_states(), "layout": _layout_sizes()})
     _barrier()
     if _is_rank_zero():
         if os.path.exists(final):  # re-saving an iteration: keep the old copy until the new one is in place
@@ -119,6 +133,8 @@ def save_checkpoint(root: str, iteration: int, state: dict) -> str:
         else:
             os.replace(tmp, final)
         _write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+        if deepspeed_tag:
+            _write_text_atomic(os.path.join(root, DEEPSPEED_TRACKER), os.path.basename(final))
     _barrier()
     return final
 
@@ -134,20 +150,27 @@ def latest_iteration(root: str) -> int | None:
     return int(text)
 
 
-def load_checkpoint(root: str) -> dict | None:
-    """This rank's shard of the latest checkpoint under `root` (its RNG states are restored here), or None
-    if there is none. The layout must be the one it was saved with."""
+def _read_shard(directory: str) -> dict:
+    path = os.path.join(directory, shard_dir(), FILENAME)
+    if not os.path.exists(path):
+        tracker = os.path.join(os.path.dirname(directory), TRACKER)
+        raise UserError(f"{path}: missing, although {tracker} names iteration "
+                        f"{int(os.path.basename(directory).removeprefix('iter_'))} "
+                        "(saved with another parallel layout?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a torn or foreign file: name it instead of a pickle traceback
+        raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+
+
+def load_checkpoint(root: str, read: Reader = _read_shard) -> dict | None:
+    """This rank's state of the latest checkpoint under `root` (its RNG states are restored here), or None
+    if there is none. `read(directory)` reads it (DeepSpeed's engine reads its own format). The layout
+    must be the one it was saved with."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
-    path = checkpoint_file(root, iteration)
-    if not os.path.exists(path):
-        raise UserError(f"{path}: missing, although {os.path.join(root, TRACKER)} names iteration {iteration} "
-                        "(saved with another parallel layout?)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a torn or foreign file: name it instead of a pickle traceback
-        raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    state = read(iteration_dir(root, iteration))
     if state["layout"] != _layout_sizes():
         saved = ", ".join(f"{k}={v}" for k, v in state["layout"].items())
         raise UserError(f"--load {root}: saved with {saved}; resume with the same layout")

@@ -1,7 +1,8 @@
 """One training step, top to bottom (the trainer adds data, logging, evaluation and checkpoints):
 
   for each of this rank's micro-batches (1F1B across stages when pipelined, `pipeline_parallel/schedules`):
-      hidden = model(tokens)                      # transformer forward, all tokens
+      hidden = model(tokens)                      # transformer forward, all tokens; on the last stage the
+                                                  # model's forward goes on with the head below
       policy.prepare(tokens, labels, index)       # the policy's own passes (teacher, reference), sample ids
       out = model.loss(hidden, labels, policy)    # LM-head pass 1 over all tokens -> per-token scores;
                                                   # policy -> kept tokens (VaR threshold over the
@@ -12,6 +13,8 @@
                                                   # (dense) transformer backward
   sum gradients over data-parallel replicas (and tied / sequence-parallel copies), clip the global
   gradient norm, set the learning rate, optimizer step.
+  (--deepspeed: DeepSpeed's engine runs the backward, the data-parallel reduction, the clipping and the
+  step; `distributed/deepspeed_engine.py`.)
 
 One ESLM threshold covers one micro-batch index across the selection group: the same micro-batch of
 every data-parallel replica, i.e. the micro-batch one process would see with DP times the micro-batch
@@ -37,7 +40,7 @@ from megatron_eslm.eslm.policies import Policy
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.model.lm_head import LMHeadOutput
 from megatron_eslm.pipeline_parallel.p2p_communication import TensorSpec
-from megatron_eslm.pipeline_parallel.schedules import get_forward_backward_func
+from megatron_eslm.pipeline_parallel.schedules import Backward, autograd_backward, get_forward_backward_func
 from megatron_eslm.training.flops import StepFlops, micro_batch_flops
 
 IGNORE_INDEX = -100
@@ -135,10 +138,14 @@ def dense_normalizer(labels: torch.Tensor) -> float | None:
 def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[dict], num_micro_batches: int,
                      device: torch.device, lm_head_impl: str = "torch",
                      autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                     forward_only: bool = False) -> StepStats:
+                     forward_only: bool = False, grad_scale: float = 1.0,
+                     backward: Backward = autograd_backward, forward: Callable | None = None) -> StepStats:
     """Accumulate the gradients of this rank's micro-batches (`forward_only`: just score them);
     `policy=None` is dense training. `autocast` wraps the forward only (bf16); backward runs outside it,
-    as PyTorch recommends. Returns this rank's sums (nonzero on the last pipeline stage only)."""
+    as PyTorch recommends. Each micro-batch loss is multiplied by grad_scale / num_micro_batches and
+    handed to `backward`; `forward` runs the model (default: `model` itself). DeepSpeed's engine supplies
+    both (`distributed/deepspeed_engine.py`). Returns this rank's sums (nonzero on the last pipeline
+    stage only)."""
     stats = StepStats(selective=policy is not None)
     if num_micro_batches == 0:  # e.g. a validation split smaller than one micro-batch per replica
         return stats
@@ -149,26 +156,30 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
         seq_length //= parallel_state.tensor_model_parallel_size()
     param_dtype = next(model.parameters()).dtype
     spec = TensorSpec((micro_batch, seq_length, model.cfg.hidden_size), param_dtype, device)
+    forward = forward or model
 
     def forward_step(input_tensor: torch.Tensor | None) -> torch.Tensor:
         batch = next(batches)
         tokens = batch["tokens"].to(device, non_blocking=True)
-        with autocast():
-            output = model(tokens, input_tensor)
-            if not parallel_state.is_pipeline_last_stage():
-                return output
+
+        def head(hidden: torch.Tensor) -> tuple[torch.Tensor, LMHeadOutput]:
             labels = batch["labels"].to(device, non_blocking=True)
             if policy is not None:
                 policy.prepare(tokens, labels, batch.get("index"))  # reference/teacher pass, sample ids
             normalizer = dense_normalizer(labels) if policy is None else None
-            out = model.loss(output, labels, policy, impl=lm_head_impl, normalizer=normalizer)
-            loss = out.loss if policy is None else policy.objective(model, output, out)
+            out = model.loss(hidden, labels, policy, impl=lm_head_impl, normalizer=normalizer)
+            return (out.loss if policy is None else policy.objective(model, hidden, out)), out
+
+        with autocast():
+            if not parallel_state.is_pipeline_last_stage():
+                return forward(tokens, input_tensor)
+            loss, out = forward(tokens, input_tensor, head=head)
         stats.add(tokens.numel(), out)
         if policy is not None:
             stats.policy_flops += policy.extra_flops()
-        return loss / num_micro_batches
+        return loss * grad_scale / num_micro_batches
 
-    get_forward_backward_func()(forward_step, num_micro_batches, forward_only, spec)
+    get_forward_backward_func()(forward_step, num_micro_batches, forward_only, spec, backward)
     return stats
 
 

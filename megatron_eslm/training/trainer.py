@@ -13,7 +13,8 @@ from megatron_eslm import parallel_state
 from megatron_eslm.config import Config, validate_layout
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler
-from megatron_eslm.distributed import launch
+from megatron_eslm.distributed import deepspeed_config, launch
+from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine
 from megatron_eslm.distributed.grads import finalize_model_grads
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
@@ -35,7 +36,7 @@ class Trainer:
         validate_layout(cfg, world)  # before any collective: a bad layout is one line on every rank
         self.cfg = cfg
         self.device = device or launch.default_device()
-        self.owns_process_group = launch.init_process_group(self.device)
+        self.owns_process_group = launch.init_process_group(self.device, single_process=cfg.deepspeed.deepspeed)
         p = cfg.parallel
         if world > 1:
             parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
@@ -54,6 +55,11 @@ class Trainer:
         self.consumed_samples = 0
         t = cfg.training
         self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * parallel_state.data_parallel_size())
+        self.engine = None  # --deepspeed: ZeRO owns the data-parallel reduction and the optimizer step
+        if cfg.deepspeed.deepspeed:
+            self.engine = DeepSpeedEngine(self.model, self.optimizer,
+                                          deepspeed_config.resolve(cfg, parallel_state.data_parallel_size()),
+                                          self.num_micro_batches, p.ddp_bucket_size)
         eval_samples = t.eval_iters * t.global_batch_size
         self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
             cfg.data, cfg.model.seq_length, t.seed, (t.train_iters * t.global_batch_size, eval_samples, 0),
@@ -82,16 +88,23 @@ class Trainer:
     def train_step(self, batches) -> StepStats:
         """Forward/backward over the global batch's micro-batches, then one optimizer step."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         if self.policy is not None:
             self.policy.start_step(self.iteration + 1)
-        stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
-                                 self.lm_head_impl, self._autocast)
-        finalize_model_grads(self.model, self.cfg.parallel.ddp_bucket_size)
-        reduce_step_stats(stats)
-        stats.lr = learning_rate(self.cfg.optimizer, self.iteration + 1)
-        stats.grad_norm = optimizer_step(self.model, self.optimizer, stats.lr, self.cfg.optimizer.clip_grad)
-        return stats
+        lr = learning_rate(self.cfg.optimizer, self.iteration + 1)
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
+                                     self.lm_head_impl, self._autocast)
+            finalize_model_grads(self.model, self.cfg.parallel.ddp_bucket_size)
+            stats.grad_norm = optimizer_step(self.model, self.optimizer, lr, self.cfg.optimizer.clip_grad)
+        else:
+            self.engine.start_step()
+            stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
+                                     self.lm_head_impl, self._autocast, grad_scale=self.engine.grad_scale,
+                                     backward=self.engine.backward, forward=self.engine.forward)
+            stats.grad_norm = self.engine.step(lr)
+        stats.lr = lr
+        return reduce_step_stats(stats)
 
     # ----------------------------------------------------------------- eval
     @torch.no_grad()
@@ -105,7 +118,8 @@ class Trainer:
         total = min(len(self.valid_ds), t.eval_iters * t.global_batch_size)
         loader = self._loader(self.valid_ds, total, 0)
         stats = reduce_step_stats(forward_backward(self.model, None, iter(loader), len(loader), self.device,
-                                                   self.lm_head_impl, self._autocast, forward_only=True))
+                                                   self.lm_head_impl, self._autocast, forward_only=True,
+                                                   forward=self.engine and self.engine.forward))
         loss_sum, count = stats.loss_sum, stats.valid
         self.model.train()
         val_loss = loss_sum / max(count, 1)
@@ -178,33 +192,48 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def save(self, root: str) -> str:
-        path = checkpointing.save_checkpoint(root, self.iteration, {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+        state = {
             "scheduler": {"num_steps": self.iteration},
             "consumed_samples": self.consumed_samples,
             "config": self.cfg.to_dict(),
             "policy": self.policy.state_dict() if self.policy is not None else {},
-        })
+        }
+        if self.engine is None:
+            path = checkpointing.save_checkpoint(root, self.iteration, {
+                **state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+        else:  # DeepSpeed writes the model and its ZeRO partitions, our state goes along as client state
+            path = checkpointing.save_checkpoint(root, self.iteration, state, write=self.engine.save,
+                                                 deepspeed_tag=True)
         self.log(f"saved checkpoint {path}")
         return path
 
     def _load(self, root: str) -> None:
-        state = checkpointing.load_checkpoint(root)
-        if state is None:
-            self.log(f"no checkpoint under --load {root}; starting from scratch")
-            return
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.engine is None:
+                state = checkpointing.load_checkpoint(root)
+                if state is not None:
+                    self.model.load_state_dict(state["model"])
+                    self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                state = checkpointing.load_checkpoint(root, read=self._read_deepspeed)
         except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise UserError(f"--load {root}: checkpoint does not fit this model ({first})") from None
+        if state is None:
+            self.log(f"no checkpoint under --load {root}; starting from scratch")
+            return
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
         if self.policy is not None and state.get("policy"):  # alpha of ada-eslm, table of lfr
             self.policy.load_state_dict(state["policy"])
         self.log(f"resumed from {root} at iteration {self.iteration} ({self.consumed_samples} samples)")
+
+    def _read_deepspeed(self, directory: str) -> dict:
+        state = self.engine.load(directory)
+        if state is None or "layout" not in state:
+            raise UserError(f"--load {directory}: no DeepSpeed checkpoint of this run there (saved without "
+                            "--deepspeed?)")
+        return state
 
     def close(self) -> None:
         """Close the metrics sinks and leave the layout (and the process group, if this trainer joined it)."""

@@ -1,0 +1,151 @@
+"""DeepSpeed ZeRO as the data-parallel optimizer of our own tensor x pipeline model (`--deepspeed`).
+
+DeepSpeed owns what it is good at: the data-parallel reduction of gradients, the partitioning of
+optimizer states (stage 1), gradients (2) and parameters (3), clipping, and its checkpoint format. Our
+code keeps the model, tensor and pipeline parallelism, the 1F1B schedule, the ESLM selection and the LR
+schedule. How one step maps onto DeepSpeed's API:
+
+  every forward         through the engine (ZeRO counts micro-steps and arms its backward hooks there)
+  every backward        engine.backward(scalar, scale_wrt_gas=False); a pipeline stage's
+                        backward(output, grad) becomes the scalar sum(output * grad), whose gradient is
+                        the same vector-Jacobian product. The loss is already divided by the number of
+                        micro-batches; DeepSpeed AVERAGES over the data-parallel group where the ESLM /
+                        dense normalisation (by the selection group's token count) needs a SUM, so the
+                        loss is multiplied by the data-parallel size (`grad_scale`).
+  accumulation boundary set explicitly: the schedule's order of backwards (1F1B) is not DeepSpeed's.
+                        Stage 1 holds every boundary until the step's backwards are done, sums what
+                        tensor/pipeline parallelism share (sequence-parallel norms, the tied embedding's
+                        two copies: `finalize_model_grads` without its data-parallel part), then lets
+                        ZeRO reduce. Stages 2 and 3 reduce in the backward itself; they are refused with
+                        pipelining and sequence parallelism (`deepspeed_config.resolve`).
+  step                  our learning rate into the optimizer's groups, engine.step() (clips, steps,
+                        zeroes the gradients); the gradient norm is DeepSpeed's (the tied copy is marked
+                        `ds_pipe_replicated`, TP-replicated weights are counted on TP rank 0 only, as ours).
+  ZeRO-3                the LM head reads the tied word embedding outside the embedding's forward, so it
+                        is registered as an external parameter of the model, whose forward runs the head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from megatron_eslm import parallel_state
+from megatron_eslm.distributed.grads import finalize_model_grads
+
+
+class ModelParallelUnit:
+    """`parallel_state` under the names DeepSpeed's `mpu` argument looks for (Megatron-DeepSpeed's).
+    "Model parallel" is one shard of a replica (tensor x pipeline): its rank names DeepSpeed's checkpoint
+    files, so two stages never write the same file; the tensor-parallel rank decides which replicated
+    weights enter the gradient norm."""
+
+    def get_model_parallel_rank(self) -> int:
+        layout = parallel_state.layout()
+        return layout.pp_rank * layout.tp + layout.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return parallel_state.model_parallel_size()
+
+    def get_model_parallel_group(self):
+        return parallel_state.model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return parallel_state.tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return parallel_state.tensor_model_parallel_size()
+
+    def get_tensor_model_parallel_group(self):
+        return parallel_state.tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        layout = parallel_state.layout()
+        return layout.global_rank(0, layout.dp_rank, layout.pp_rank)
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return parallel_state.pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return parallel_state.pipeline_model_parallel_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return parallel_state.pipeline_model_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return parallel_state.data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return parallel_state.data_parallel_size()
+
+    def get_data_parallel_group(self):
+        return parallel_state.data_parallel_group()
+
+
+class DeepSpeedEngine:
+    """One model's DeepSpeed engine, driven by our step: `backward` for the schedules, `step` for the
+    optimizer, `save`/`load` for checkpoints (DeepSpeed's format, our state as client state)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, num_micro_batches: int,
+                 bucket_elements: int):
+        import deepspeed  # seconds to import: only runs that ask for it pay
+
+        self.stage = ds_config["zero_optimization"]["stage"]
+        if self.stage == 3 and getattr(model, "post_process", False):
+            deepspeed.zero.register_external_parameter(model, model.output_weight)
+        self.model = model
+        self.num_micro_batches = num_micro_batches
+        self.bucket_elements = bucket_elements
+        mpu = ModelParallelUnit() if dist.get_world_size() > 1 else None
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu,
+                                                    dist_init_required=False)
+        self._backwards = 0
+
+    @property
+    def grad_scale(self) -> float:
+        """Factor on each micro-batch loss: DeepSpeed averages gradients over data parallelism, the
+        ESLM/dense normalisation already divides by the whole selection group's token count."""
+        return float(parallel_state.data_parallel_size())
+
+    def _defers_reduction(self) -> bool:
+        """Stage 1 reduces once, after our own tensor/pipeline sums (see the module docstring)."""
+        return self.stage == 1
+
+    def forward(self, *args, **kwargs):
+        """The model's forward through the engine, which prepares ZeRO's bookkeeping for the backward."""
+        return self.engine(*args, **kwargs)
+
+    def start_step(self) -> None:
+        self._backwards = 0
+
+    def backward(self, output: Tensor, output_grad: Tensor | None) -> None:
+        """One micro-batch's backward through DeepSpeed (the schedules' `backward`)."""
+        self._backwards += 1
+        last = self._backwards == self.num_micro_batches
+        self.engine.set_gradient_accumulation_boundary(last and not self._defers_reduction())
+        loss = output if output_grad is None else torch.sum(output * output_grad)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, lr: float) -> float:
+        """Reduce (stage 1), clip and apply the step's gradients at `lr`; returns the gradient norm."""
+        if self._defers_reduction():
+            finalize_model_grads(self.model, self.bucket_elements, data_parallel=False)
+            self.engine.set_gradient_accumulation_boundary(True)
+            self.engine.optimizer.reduce_gradients(pipeline_parallel=True)  # backward ran outside ZeRO's hooks
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm())
+
+    def save(self, directory: str, client_state: dict) -> None:
+        """Collectively write DeepSpeed's checkpoint of every rank into `directory` (a temporary name that
+        the caller renames; DeepSpeed's tag is its base name)."""
+        root, tag = directory.rstrip("/").rsplit("/", 1)
+        self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: str) -> dict | None:
+        """Model, ZeRO optimizer partitions and client state from `directory`; None if DeepSpeed found no
+        checkpoint there."""
+        root, tag = directory.rstrip("/").rsplit("/", 1)
+        path, client_state = self.engine.load_checkpoint(root, tag=tag, load_lr_scheduler_states=False)
+        return None if path is None else client_state

@@ -1,0 +1,199 @@
+"""DeepSpeed ZeRO (`--deepspeed`, `--zero-stage`) against plain data parallelism and one process.
+
+Through the real `deepspeed` launcher with the CPU accelerator and gloo (DeepSpeed compiles its small
+shared-memory op on first start, which needs a C++ compiler and the Python headers): ZeRO 1, 2 and 3 on
+DP2, dense and ESLM, give the losses, kept fractions, thresholds and gradient norms of plain DP2 and of
+one process on the same global batch (float32, 1e-5 relative where 1e-4 is asked); TP2 and PP2 with
+ZeRO-1 (PP2 with the tied embedding's two copies), likewise; a DeepSpeed checkpoint resumes exactly
+(ZeRO-3's partitioned parameters, and the per-stage files of PP2); `deepspeed --module
+megatron_eslm.pretrain` itself trains and logs. Besides: the config that goes to DeepSpeed, and the one
+line each bad combination stops with.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_eslm.config import build_parser, parse_args, validate_layout
+from megatron_eslm.errors import UserError
+from test_parallel_training import (COMPARED, GLOBAL_BATCH, REFERENCE_MICRO_BATCH, SELECTIONS, flags, layout_flags,
+                                    micro_batch, relative, train, untimed)
+
+deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
+
+TESTS = Path(__file__).resolve().parent
+WORLD = 2
+TOLERANCE = 1e-5
+COMPARED_SELECTIONS = ("dense", "eslm-loss")
+# name -> (tensor, pipeline, zero stage or None for our own data parallelism)
+LAYOUTS = {
+    "dp2": (1, 1, None), "dp2 zero1": (1, 1, 1), "dp2 zero2": (1, 1, 2), "dp2 zero3": (1, 1, 3),
+    "tp2 zero1": (2, 1, 1), "pp2 zero1": (1, 2, 1),
+}
+
+
+def run_flags(corpus, tp: int, pp: int, stage: int | None, selection: str) -> list[str]:
+    zero = [] if stage is None else ["--zero-stage", str(stage)]
+    return flags(corpus, micro_batch(WORLD, tp, pp), *SELECTIONS[selection], *layout_flags(tp, pp, False), *zero)
+
+
+def launch(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 ...` on this machine's CPUs."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get(
+        "PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    port = str(29500 + os.getpid() % 2000)
+    return subprocess.run([launcher, "--num_gpus", str(WORLD), "--master_port", port, *args], cwd=tmp, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_corpus, tmp_path_factory):
+    """Every job of the table in one launch; returns rank 0's results."""
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    jobs = [[f"{layout} {selection}", "train", run_flags(tiny_corpus, tp, pp, stage, selection)]
+            for layout, (tp, pp, stage) in LAYOUTS.items() for selection in COMPARED_SELECTIONS]
+    jobs += [[f"resume {name}", "resume", [*run_flags(tiny_corpus, tp, pp, stage, "eslm-loss"), "--hidden-dropout",
+                                            "0.1", "--attention-dropout", "0.1"]]
+             for name, (tp, pp, stage) in (("zero3", (1, 1, 3)), ("pp2-zero1", (1, 2, 1)))]
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    proc = launch([str(TESTS / "deepspeed_jobs.py"), str(tmp / "jobs.json"), str(tmp)], tmp)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return tmp, torch.load(tmp / "rank0.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_corpus):
+    """One process, with the layouts' global micro-batch (DP x micro-batch = REFERENCE_MICRO_BATCH)."""
+    torch.set_num_threads(1)
+    return {selection: train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS[selection]), torch.float32)
+            for selection in COMPARED_SELECTIONS}
+
+
+def difference(result: dict, want: dict) -> float:
+    """Largest relative difference of the logged numbers; the kept fractions must be equal."""
+    worst = relative(result["val_loss"], want["val_loss"])
+    for got, ref in zip(result["records"], want["records"], strict=True):
+        assert got["kept_fraction"] == ref["kept_fraction"]
+        worst = max(worst, *(relative(got[key], ref[key]) for key in COMPARED))
+    return worst
+
+
+def test_zero_stages_equal_plain_data_parallel_and_one_process(launched, references):
+    _, results = launched
+    table = {}
+    for layout in LAYOUTS:
+        for selection in COMPARED_SELECTIONS:
+            label = f"{layout} {selection}"
+            against_dp = difference(results[label], results[f"dp2 {selection}"])
+            against_one = difference(results[label], references[selection])
+            table[label] = (against_dp, against_one)
+            assert against_dp <= TOLERANCE and against_one <= TOLERANCE, f"{label}: {against_dp:.1e} {against_one:.1e}"
+    print("\n" + "\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
+
+
+def test_deepspeed_checkpoints_resume_exactly(launched):
+    tmp, results = launched
+    for name in ("zero3", "pp2-zero1"):
+        straight, resumed = results[f"resume {name}"]
+        assert [r["iteration"] for r in resumed] == [3, 4]
+        assert untimed(straight[2:]) == untimed(resumed), name
+    zero3 = tmp / "resume zero3-ckpt"
+    assert (zero3 / "latest").read_text() == "iter_0000004"
+    files = sorted(os.listdir(zero3 / "iter_0000002"))
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
+    stages = sorted(f for f in os.listdir(tmp / "resume pp2-zero1-ckpt" / "iter_0000002") if f.endswith("model_states.pt"))
+    assert stages == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]  # one file per pipeline stage
+
+
+def test_deepspeed_module_launch(tiny_corpus, references, tmp_path):
+    """What users type: `deepspeed --module megatron_eslm.pretrain` with a ds_config file, ZeRO-2."""
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({"train_batch_size": GLOBAL_BATCH, "zero_optimization": {"stage": 2}}))
+    metrics = tmp_path / "metrics.jsonl"
+    proc = launch(["--module", "megatron_eslm.pretrain",
+                   *run_flags(tiny_corpus, 1, 1, None, "eslm-loss"), "--deepspeed", "--deepspeed_config",
+                   str(ds_config), "--metrics-file", str(metrics)], tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert records[-1]["split"] == "valid"
+    result = {"records": records[:-1], "val_loss": records[-1]["val_loss"]}
+    assert difference(result, references["eslm-loss"]) <= TOLERANCE
+
+
+# --------------------------------------------------------------------------------------- config
+
+def test_flags_are_deepspeeds_own():
+    """--deepspeed and --deepspeed_config parse as DeepSpeed's `add_config_arguments` defines them."""
+    theirs = {a.dest: a for a in deepspeed.add_config_arguments(argparse.ArgumentParser())._actions}
+    ours = {a.dest: a for a in build_parser()._actions}
+    for dest in ("deepspeed", "deepspeed_config"):
+        assert "--" + dest in ours[dest].option_strings
+        assert (ours[dest].default, ours[dest].type, ours[dest].nargs, ours[dest].const) == \
+            (theirs[dest].default, theirs[dest].type, theirs[dest].nargs, theirs[dest].const)
+
+
+def resolve(corpus, extra: list[str], world: int = 2) -> dict:
+    from megatron_eslm.distributed import deepspeed_config
+    cfg = parse_args(flags(corpus, 2, *extra))
+    return deepspeed_config.resolve(cfg, validate_layout(cfg, world))
+
+
+def test_config_from_flags(tiny_corpus):
+    ds = resolve(tiny_corpus, ["--zero-stage", "2", "--clip-grad", "0.5", "--bf16"])
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+        (GLOBAL_BATCH, 2, 3)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["stage"] == 2 and "optimizer" not in ds
+
+
+def test_config_file_filled_and_stage_overridden(tiny_corpus, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0,
+                                "zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}}))
+    ds = resolve(tiny_corpus, ["--deepspeed", "--deepspeed_config", str(path)])
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["zero_optimization"]["stage"] == 3
+    ds = resolve(tiny_corpus, ["--deepspeed", "--deepspeed_config", str(path), "--zero-stage", "1"])
+    assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert ds["zero_optimization"]["overlap_comm"] is False
+
+
+@pytest.mark.parametrize("content,extra,message", [
+    ({"gradient_accumulation_steps": 2}, [], "gradient_accumulation_steps is 2 but --global-batch-size / "
+     "(--micro-batch-size x data-parallel size 2) gives 3; make them agree"),
+    ({"train_batch_size": 16}, [], "train_batch_size is 16 but --global-batch-size gives 12"),
+    ({"gradient_clipping": 0.3}, [], "gradient_clipping is 0.3 but --clip-grad gives 1.0"),
+    ({"bf16": {"enabled": True}}, [], "bf16.enabled is True but --bf16 is off"),
+    ({"fp16": {"enabled": True}}, [], "fp16 is not supported; use --bf16"),
+    ({"optimizer": {"type": "Adam"}}, [], "remove the 'optimizer' block"),
+    ({"zero_optimization": {"stage": 0}}, [], "zero_optimization.stage must be 1, 2 or 3, got 0"),
+    ({"zero_optimization": {"stage": 1, "overlap_comm": True}}, [], "overlap_comm must be false with stage 1"),
+    ({}, ["--zero-stage", "2", "--pipeline-model-parallel-size", "2"],
+     "ZeRO stage 2 cannot run with --pipeline-model-parallel-size 2"),
+    ({}, ["--zero-stage", "3", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+     "ZeRO stage 3 cannot run with --sequence-parallel"),
+])
+def test_bad_deepspeed_configs_fail_in_one_line(tiny_corpus, tmp_path, content, extra, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, **content}))
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        resolve(tiny_corpus, ["--deepspeed", "--deepspeed_config", str(path), *extra])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--deepspeed_config", "ds.json"], "--deepspeed_config needs --deepspeed (or --zero-stage)"),
+    (["--deepspeed", "--deepspeed_config", "/nonexistent/ds.json"], "--deepspeed_config /nonexistent/ds.json: file not found"),
+    (["--zero-stage", "4"], "--zero-stage must be one of 1, 2, 3, got 4"),
+])
+def test_bad_deepspeed_flags_fail_in_one_line(tiny_corpus, extra, message):
+    with pytest.raises(UserError) as err:
+        parse_args(flags(tiny_corpus, 2, *extra))
+    assert str(err.value).startswith(message)
