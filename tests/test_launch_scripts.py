@@ -1,0 +1,339 @@
+"""The recipes under examples/ and the launch scripts under launch_scripts/: CPU only, nothing is launched
+(DRY_RUN=1 prints the command a script would run; Slurm's scontrol is faked)."""
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_eslm.config import parse_args, validate_layout
+from megatron_eslm.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch_scripts"
+RECIPES = sorted(p for p in (REPO / "examples").iterdir() if (p / "pretrain.json").exists())
+RECIPE_IDS = [p.name for p in RECIPES]
+WORLD = 8  # every recipe is sized for one node of 8 GPUs
+
+# script -> (launcher it runs, environment it needs on top of the common one)
+SCRIPTS = {
+    "deepspeed_single_node.sh": ("deepspeed", {}),
+    "torchrun_single_node.sh": ("torchrun", {}),
+    "deepspeed_multi_node.sh": ("deepspeed", {"GPUS_PER_NODE": "4"}),  # + HOSTFILE (2 hosts) below
+    "slurm_deepspeed.sbatch": ("deepspeed", {"GPUS_PER_NODE": "4"}),
+    "slurm_torchrun.sbatch": ("torchrun", {"GPUS_PER_NODE": "4"}),
+}
+SLURM = {"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "node[01-02]"}
+
+
+@pytest.fixture
+def tokenizer_model(tmp_path):
+    path = tmp_path / "tok.model"
+    path.write_text("dummy")
+    return str(path)
+
+
+@pytest.fixture
+def env(tmp_path, tokenizer_model):
+    """A clean environment for the scripts: dry run, data and tokenizer set, a fake scontrol (two
+    hosts) first on PATH, a two-host hostfile; no Slurm or launcher variables from the caller."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text("#!/bin/sh\nprintf 'node01\\nnode02\\n'\n")
+    scontrol.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# host slots=GPUS\nnode01 slots=4\nnode02 slots=4\n")
+    keep = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in {"NUM_GPUS", "GPUS_PER_NODE", "SAVE_DIR", "DS_CONFIG",
+                                                         "HOSTFILE", "NUM_NODES", "MASTER_ADDR", "MASTER_PORT"}}
+    keep.update(SLURM, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable,
+                DRY_RUN="1", DATA_PATH=str(tmp_path / "corpus_text_document"), TOKENIZER_MODEL=tokenizer_model,
+                HOSTFILE=str(hostfile))
+    return keep
+
+
+def run_script(script, env, *args, cwd):
+    return subprocess.run(["bash", str(LAUNCH / script), *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+
+
+def dry_run(script, env, recipe, tmp_path, *extra):
+    _, extra_env = SCRIPTS[script]
+    proc = run_script(script, {**env, **extra_env}, f"examples/{recipe.name}", *extra, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    return shlex.split(lines[0])
+
+
+def load_recipe(recipe, tmp_path):
+    cfg = parse_args(["--config", str(recipe / "pretrain.json"), "--data-path", "x",
+                      "--tokenizer-model", str(tmp_path / "tok.model"), "--save", str(tmp_path / "ckpt")])
+    return cfg, json.loads((recipe / "ds_config.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------- recipes
+def test_recipes_exist():
+    assert RECIPE_IDS == ["gpt2_1.3b", "gpt2_124m", "gpt2_350m"]
+    for recipe in RECIPES:
+        assert (recipe / "ds_config.json").is_file() and (recipe / "README.md").is_file()
+    assert (REPO / "examples" / "README.md").is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
+def test_recipe_parses_and_fits_eight_gpus(recipe, tmp_path, tokenizer_model):
+    cfg, ds = load_recipe(recipe, tmp_path)
+    m, t, p = cfg.model, cfg.training, cfg.parallel
+    assert (m.seq_length, m.max_position_embeddings, m.make_vocab_size_divisible_by) == (1024, 1024, 128)
+    assert t.global_batch_size == 512 and t.bf16
+    assert cfg.selection.selection == "eslm" and cfg.selection.eslm_score == "loss"
+    assert cfg.selection.eslm_alpha == 0.5 and cfg.selection.lm_head_impl == "auto"
+    assert cfg.optimizer.lr_decay_style == "cosine" and cfg.optimizer.clip_grad == 1.0
+    assert (cfg.optimizer.weight_decay, cfg.optimizer.adam_beta2) == (0.1, 0.95)
+    dp = validate_layout(cfg, WORLD)
+    assert dp == WORLD // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+    assert ds["train_batch_size"] == t.global_batch_size
+    assert ds["train_micro_batch_size_per_gpu"] == t.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == t.global_batch_size // (t.micro_batch_size * dp)
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp
+    assert ds["gradient_clipping"] == cfg.optimizer.clip_grad
+    assert ds["bf16"]["enabled"] == t.bf16
+    stage = ds["zero_optimization"]["stage"]
+    if p.pipeline_model_parallel_size > 1:
+        assert stage < 2, "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism"
+    if stage == 1:  # our step sums TP/PP-shared gradients before DeepSpeed reduces them: no overlap
+        assert ds["zero_optimization"]["overlap_comm"] is False
+    assert "optimizer" not in ds and "scheduler" not in ds  # our AdamW and LR schedule are passed in
+    assert ds["wall_clock_breakdown"] is False
+
+
+def _knows_deepspeed_flags():
+    from megatron_eslm.config import build_parser
+    return any("--deepspeed_config" in action.option_strings for action in build_parser()._actions)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
+def test_recipe_ds_config_resolves_on_eight_gpus(recipe, tmp_path, tokenizer_model):
+    """With --deepspeed --deepspeed_config (as the launch scripts pass them), validate_layout also checks
+    the ds_config against the flags at 8 GPUs."""
+    if not _knows_deepspeed_flags():
+        pytest.skip("parse_args has no --deepspeed_config yet")
+    cfg = parse_args(["--config", str(recipe / "pretrain.json"), "--data-path", "x", "--tokenizer-model",
+                      tokenizer_model, "--save", str(tmp_path / "ckpt"), "--deepspeed",
+                      "--deepspeed_config", str(recipe / "ds_config.json")])
+    assert cfg.deepspeed.deepspeed and cfg.deepspeed.deepspeed_config == str(recipe / "ds_config.json")
+    validate_layout(cfg, WORLD)
+    for world in (4, 16):  # the recipes' accumulation is for 8 GPUs only
+        with pytest.raises(UserError, match="gradient_accumulation_steps"):
+            validate_layout(cfg, world)
+
+
+@pytest.mark.parametrize("recipe,sizes,layout,stage", [
+    ("gpt2_124m", (12, 768, 12), (1, 1), 1),
+    ("gpt2_350m", (24, 1024, 16), (2, 1), 2),
+    ("gpt2_1.3b", (24, 2048, 16), (2, 2), 1),
+])
+def test_recipe_sizes_and_layouts(recipe, sizes, layout, stage, tmp_path, tokenizer_model):
+    cfg, ds = load_recipe(REPO / "examples" / recipe, tmp_path)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == sizes
+    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == layout
+    assert ds["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
+def test_recipe_pretrain_json_has_no_paths(recipe):
+    keys = {k.lstrip("-").replace("-", "_") for k in json.loads((recipe / "pretrain.json").read_text())}
+    assert not keys & {"data_path", "tokenizer_model", "save", "load", "tensorboard_dir", "metrics_file"}
+
+
+def test_ds_configs_pass_deepspeeds_own_checks(monkeypatch):
+    """DeepSpeed's config class on each ds_config, at the recipe's data-parallel size (no process group:
+    the rank query is patched and the data-parallel size comes from a stub mpu)."""
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
+    dp_sizes = {"gpt2_124m": 8, "gpt2_350m": 4, "gpt2_1.3b": 2}
+    for recipe in RECIPES:
+        class Mpu:
+            def get_data_parallel_world_size(self, dp=dp_sizes[recipe.name]):
+                return dp
+
+        conf = ds_config.DeepSpeedConfig(str(recipe / "ds_config.json"), mpu=Mpu())
+        ds = json.loads((recipe / "ds_config.json").read_text())
+        assert conf.world_size == dp_sizes[recipe.name]
+        assert (conf.train_batch_size, conf.train_micro_batch_size_per_gpu, conf.gradient_accumulation_steps) == (
+            ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+        assert conf.zero_optimization_stage == ds["zero_optimization"]["stage"]
+        assert conf.bfloat16_config.enabled and conf.gradient_clipping == 1.0
+
+
+# ------------------------------------------------------------------------------------ launch scripts
+@pytest.mark.parametrize("script", sorted(SCRIPTS) + ["common.sh"])
+def test_script_parses(script):
+    proc = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_script_is_executable_and_strict(script):
+    path = LAUNCH / script
+    assert os.access(path, os.X_OK)
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "common.sh" in text
+    assert "set -euo pipefail" in (LAUNCH / "common.sh").read_text()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_dry_run_prints_the_command(script, recipe, env, tmp_path):
+    cmd = dry_run(script, env, recipe, tmp_path)
+    launcher, _ = SCRIPTS[script]
+    assert cmd[0] == ("srun" if script.startswith("slurm") else launcher)
+    assert launcher in cmd
+    assert "megatron_eslm.pretrain" in cmd
+    assert cmd[cmd.index("--config") + 1] == str(recipe / "pretrain.json")
+    assert cmd[cmd.index("--deepspeed_config") + 1] == str(recipe / "ds_config.json")
+    assert "--deepspeed" in cmd
+    assert cmd[cmd.index("--data-path") + 1] == env["DATA_PATH"]
+    assert cmd[cmd.index("--tokenizer-model") + 1] == env["TOKENIZER_MODEL"]
+    assert cmd[cmd.index("--save") + 1] == cmd[cmd.index("--load") + 1] == f"runs/{recipe.name}"
+    assert not (tmp_path / "runs").exists(), "a dry run must not create anything"
+
+
+def test_dry_run_launcher_flags(env, tmp_path):
+    recipe = REPO / "examples" / "gpt2_1.3b"
+    cmd = dry_run("deepspeed_single_node.sh", env, recipe, tmp_path)
+    assert cmd[:6] == ["deepspeed", "--num_gpus", "8", "--master_port", "29500", "--module"]
+    cmd = dry_run("torchrun_single_node.sh", env, recipe, tmp_path)
+    assert cmd[:4] == ["torchrun", "--nnodes", "1", "--nproc-per-node"] and "-m" in cmd
+    cmd = dry_run("deepspeed_multi_node.sh", {**env, "MASTER_ADDR": "10.0.0.1"}, recipe, tmp_path)
+    assert cmd[:3] == ["deepspeed", "--hostfile", env["HOSTFILE"]]
+    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and "--master_port" in cmd
+    cmd = dry_run("slurm_torchrun.sbatch", env, recipe, tmp_path)
+    head = cmd[cmd.index("torchrun"):cmd.index("-m")]
+    assert head == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
+                    "--rdzv-endpoint", "node01:29500", "--rdzv-id", "1"]
+    cmd = dry_run("slurm_deepspeed.sbatch", {k: v for k, v in env.items() if k != "HOSTFILE"}, recipe, tmp_path)
+    inner = cmd.index("bash")
+    assert cmd[inner + 1] == "-c" and "deepspeed --no_ssh --node_rank=\"$SLURM_NODEID\"" in cmd[inner + 2]
+    rest = cmd[inner + 4:cmd.index("--module")]
+    assert rest == ["--hostfile", "runs/gpt2_1.3b/hostfile-1", "--num_nodes", "2", "--num_gpus", "4",
+                    "--master_addr", "node01", "--master_port", "29500"]
+
+
+def test_slurm_deepspeed_expands_the_node_rank_per_node(env, tmp_path):
+    """Run the sbatch script for real with a fake srun (two 'nodes') and a fake deepspeed that prints
+    its arguments: each node's launcher gets its own --node_rank; the hostfile lists both nodes."""
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 != bash ]]; do shift; done\n'
+                                  'for n in 0 1; do SLURM_NODEID=$n "$@"; done\n')
+    (bin_dir / "deepspeed").write_text('#!/usr/bin/env bash\necho "$@"\n')
+    for name in ("srun", "deepspeed"):
+        (bin_dir / name).chmod(0o755)
+    save = tmp_path / "save"
+    run_env = {**env, "DRY_RUN": "0", "GPUS_PER_NODE": "4", "SAVE_DIR": str(save)}
+    run_env.pop("HOSTFILE")
+    proc = run_script("slurm_deepspeed.sbatch", run_env, "examples/gpt2_124m", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["--no_ssh", "--node_rank=0"], ["--no_ssh", "--node_rank=1"]]
+    assert (save / "hostfile-1").read_text() == "node01 slots=4\nnode02 slots=4\n"
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize("missing", ["DATA_PATH", "TOKENIZER_MODEL"])
+def test_missing_required_env_is_one_line(script, missing, env, tmp_path):
+    run_env = {**env, **SCRIPTS[script][1]}
+    run_env.pop(missing)
+    proc = run_script(script, run_env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {missing} is not set ("), proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize("lacking", ["pretrain.json", "ds_config.json"])
+def test_recipe_folder_lacking_a_file_is_one_line(script, lacking, env, tmp_path):
+    recipe = tmp_path / "broken"
+    shutil.copytree(REPO / "examples" / "gpt2_124m", recipe)
+    (recipe / lacking).unlink()
+    proc = run_script(script, {**env, **SCRIPTS[script][1]}, str(recipe), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: recipe folder {recipe} has no {lacking}"]
+
+
+def test_unknown_recipe_folder(env, tmp_path):
+    proc = run_script("deepspeed_single_node.sh", env, "examples/nope", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: recipe folder examples/nope not found")
+
+
+def test_ds_config_must_fit_the_world_size(env, tmp_path):
+    """The recipes are for 8 GPUs: on 16 the ds_config's accumulation is wrong, caught before launch by
+    the checks every rank would run (parse_args + validate_layout at the launch's world size)."""
+    proc = run_script("slurm_torchrun.sbatch", {**env, "GPUS_PER_NODE": "8"}, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "gradient_accumulation_steps" in lines[0], lines
+    proc = run_script("deepspeed_single_node.sh", {**env, "NUM_GPUS": "6"}, "examples/gpt2_1.3b", cwd=tmp_path)
+    assert proc.returncode == 2 and "world size 6" in proc.stderr
+    proc = run_script("deepspeed_single_node.sh", {**env, "NUM_GPUS": "4"}, "examples/gpt2_1.3b", cwd=tmp_path)
+    assert proc.returncode == 2 and "gradient_accumulation_steps" in proc.stderr
+
+
+def test_bad_pass_through_flag_is_caught_before_launch(env, tmp_path):
+    proc = run_script("torchrun_single_node.sh", env, "examples/gpt2_350m", "--eslm-alpha", "1.5", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == ["error: --eslm-alpha must be in [0, 1), got 1.5"]
+
+
+def test_ds_config_zero2_with_pipeline_is_refused(env, tmp_path):
+    recipe = tmp_path / "pp_zero2"
+    shutil.copytree(REPO / "examples" / "gpt2_1.3b", recipe)
+    ds = json.loads((recipe / "ds_config.json").read_text())
+    ds["zero_optimization"]["stage"] = 2
+    (recipe / "ds_config.json").write_text(json.dumps(ds))
+    proc = run_script("deepspeed_single_node.sh", env, str(recipe), cwd=tmp_path)
+    assert proc.returncode == 2 and "ZeRO stage 2" in proc.stderr and "pipeline" in proc.stderr
+
+
+def test_pass_through_flags_and_default_recipe(env, tmp_path):
+    proc = run_script("deepspeed_single_node.sh", env, "--train-iters", "1000", "--eslm-alpha", "0.3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cmd = shlex.split(proc.stdout)
+    assert cmd[cmd.index("--config") + 1] == str(REPO / "examples" / "gpt2_124m" / "pretrain.json")
+    assert cmd[-4:] == ["--train-iters", "1000", "--eslm-alpha", "0.3"]
+    # a pass-through flag that changes the layout is seen by the ds_config check
+    proc = run_script("deepspeed_single_node.sh", env, "--tensor-model-parallel-size", "2", cwd=tmp_path)
+    assert proc.returncode == 2 and "gradient_accumulation_steps" in proc.stderr
+
+
+def test_data_path_blend_is_split_into_words(env, tmp_path):
+    cmd = dry_run("deepspeed_single_node.sh", {**env, "DATA_PATH": "0.7 /d/a 0.3 /d/b"},
+                  REPO / "examples" / "gpt2_124m", tmp_path)
+    at = cmd.index("--data-path")
+    assert cmd[at + 1:at + 5] == ["0.7", "/d/a", "0.3", "/d/b"]
+
+
+def test_dry_run_arguments_parse_as_pretrain_flags(env, tmp_path):
+    """What deepspeed_single_node.sh hands to megatron_eslm.pretrain parses with parse_args (the
+    --deepspeed flags are left out while parse_args does not know them yet)."""
+    cmd = dry_run("deepspeed_single_node.sh", env, REPO / "examples" / "gpt2_350m", tmp_path)
+    argv = cmd[cmd.index("megatron_eslm.pretrain") + 1:]
+    try:
+        cfg = parse_args(argv)
+    except UserError as err:
+        if "deepspeed" not in str(err):
+            raise
+        at = argv.index("--deepspeed_config")
+        argv = argv[:at] + argv[at + 2:]
+        argv.remove("--deepspeed")
+        cfg = parse_args(argv)
+    assert cfg.data.data_path == [env["DATA_PATH"]]
+    assert cfg.checkpoint.save == cfg.checkpoint.load == "runs/gpt2_350m"
+    assert cfg.logging.tensorboard_dir == "runs/gpt2_350m/tensorboard"
+    assert cfg.model.num_layers == 24 and validate_layout(cfg, WORLD) == 4
