@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from megatron_eslm.data.blend_spec import parse_blend
 from megatron_eslm.distributed import deepspeed_config
-from megatron_eslm.errors import UserError
+from megatron_eslm.errors import UserError, read_json_object
 from megatron_eslm.tokenizer import TOKENIZER_TYPES
 
 
@@ -300,13 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _file_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
-    try:
-        with open(path) as fh:
-            values = json.load(fh)
-    except OSError as err:
-        raise UserError(f"--config {path}: cannot read ({err.strerror})") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"--config {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    values = read_json_object(path, "--config")
     known = {a.dest for a in parser._actions}
     out = {}
     for key, value in values.items():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from typing import Callable, TypeVar
 
@@ -24,3 +25,17 @@ def exit_on_user_error(main: F) -> F:
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def read_json_object(path: str, flag: str) -> dict:
+    """A JSON object a flag names (--config, --deepspeed_config), or one line saying what is wrong."""
+    try:
+        with open(path) as fh:
+            values = json.load(fh)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot read ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{flag} {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{flag} {path}: expected a JSON object")
+    return values

@@ -6,10 +6,9 @@ assume. Pure JSON work (no deepspeed import), so a bad config fails in one line 
 """
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
-from megatron_eslm.errors import UserError
+from megatron_eslm.errors import UserError, read_json_object
 
 if TYPE_CHECKING:
     from megatron_eslm.config import Config
@@ -29,19 +28,6 @@ _ZERO_DEFAULTS = {
 }
 
 
-def _read(path: str) -> dict:
-    try:
-        with open(path) as fh:
-            values = json.load(fh)
-    except OSError as err:
-        raise UserError(f"--deepspeed_config {path}: cannot read ({err.strerror})") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"--deepspeed_config {path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"--deepspeed_config {path}: expected a JSON object")
-    return values
-
-
 def _agree(ds: dict, key: str, ours, flag: str, where: str) -> None:
     """Fill `key` from our flags, or check that the JSON already says the same."""
     if key not in ds or ds[key] == "auto":
@@ -54,7 +40,7 @@ def resolve(cfg: Config, dp: int) -> dict:
     """The config passed to `deepspeed.initialize` for a run with `dp` data-parallel replicas."""
     d, t, p = cfg.deepspeed, cfg.training, cfg.parallel
     where = f"--deepspeed_config {d.deepspeed_config}" if d.deepspeed_config else "--zero-stage"
-    ds = _read(d.deepspeed_config) if d.deepspeed_config else {}
+    ds = read_json_object(d.deepspeed_config, "--deepspeed_config") if d.deepspeed_config else {}
     for block in ("optimizer", "scheduler"):
         if block in ds:
             raise UserError(f"{where}: remove the '{block}' block; megatron-eslm passes its own AdamW and "
