@@ -1,5 +1,6 @@
-"""Blends: --data-path weight/prefix pairs, the quota order (every prefix within one sample of the weights),
-per-split paths, and resuming a blended stream."""
+"""Blends: --data-path weight/prefix pairs, the quota order (every prefix within one sample of the weights, and
+the vectorised construction equal to a plain loop), per-split paths, and resuming a blended stream."""
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from megatron_eslm.config import DataConfig
 from megatron_eslm.data.blend_spec import parse_blend
-from megatron_eslm.data.blended_dataset import _quota_order, blending_indices
+from megatron_eslm.data.blended_dataset import _mul_div, _quota_order, blending_indices
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_eslm.data.samplers import ResumableBatchSampler
@@ -66,6 +67,106 @@ def test_order_repeats_with_the_weights_denominator():
     np.testing.assert_array_equal(tiled, _quota_order([3, 2, 5], 10, 1000))
     assert within_quota(weights, tiled)
     assert np.bincount(tiled[:10]).tolist() == [3, 2, 5]
+
+
+def reference_blending_indices(weights, size):
+    """The plain loop the vectorised blending must equal: position by position, among the datasets whose next
+    sample is released (may come now without passing ceil(w n)), the one with the earliest deadline (must
+    come by ceil(k / w)); ties to the lower dataset. Exact integers, no tiling."""
+    denominator = math.lcm(*(w.denominator for w in weights))
+    numerators = [int(w * denominator) for w in weights]
+    count = [0] * len(weights)
+    release = [1] * len(weights)
+    deadline = [-(-denominator // a) if a else 0 for a in numerators]
+    dataset_index, dataset_sample_index = [], []
+    for position in range(1, size + 1):
+        best = -1
+        for d, a in enumerate(numerators):
+            if a and release[d] <= position and (best < 0 or deadline[d] < deadline[best]):
+                best = d
+        assert best >= 0
+        dataset_index.append(best)
+        dataset_sample_index.append(count[best])
+        k = count[best] = count[best] + 1
+        release[best] = k * denominator // numerators[best] + 1
+        deadline[best] = -(-(k + 1) * denominator // numerators[best])
+    return np.array(dataset_index, np.int16), np.array(dataset_sample_index, np.int64)
+
+
+def assert_equals_reference(weights, size):
+    indices = blending_indices(weights, size)
+    dataset_index, dataset_sample_index = reference_blending_indices(weights, size)
+    assert indices["dataset_index"].dtype == np.int16 and indices["dataset_sample_index"].dtype == np.int64
+    np.testing.assert_array_equal(indices["dataset_index"], dataset_index)
+    np.testing.assert_array_equal(indices["dataset_sample_index"], dataset_sample_index)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 12), st.integers(0, 10**7), st.integers(0, 10**22)), min_size=1,
+                max_size=9).filter(lambda a: sum(a) > 0),
+       st.integers(0, 3000))
+def test_vectorised_blending_equals_the_plain_loop(raw, size):
+    """Random weights (small, token-count sized, and past int64) and sizes, periodic or not."""
+    assert_equals_reference([Fraction(a, sum(raw)) for a in raw], size)
+
+
+@pytest.mark.parametrize("raw, size", [
+    ([1234567, 7654321], 5000),  # two datasets: the closed form, either order of the weights
+    ([7654321, 1234567], 5000),
+    ([5, 5], 1001),
+    ([0, 3, 0, 7, 0], 777),  # zero weights anywhere
+    ([9, 4, 24], 2000),  # swaps (a late sample served right after its neighbour)
+    ([15, 17, 3, 11], 4000),  # longer repairs
+    ([24, 28, 13, 1, 8], 4000),
+    ([1, 10**20, 3 * 10**19, 7], 3000),  # a tiny weight: deadlines past int64, Python integers
+    ([10**18 + 3, 10**18 + 7, 10**18 + 11], 3000),  # products past int64: floating point plus exact fixes
+    ([3, 2, 5], 0),
+])
+def test_vectorised_blending_edge_cases(raw, size):
+    assert_equals_reference([Fraction(a, sum(raw)) for a in raw], size)
+
+
+@pytest.mark.parametrize("widths", [(1,), (2,), (3, 5), (8, 64)])
+def test_repairs_agree_whichever_way_they_are_made(monkeypatch, widths):
+    """Swaps, rotations (a dataset of weight 1% filling in far ahead of its deadline), lockstep replays of
+    any width, the plain loop for longer ones, and far fillers that the sorted order never reaches."""
+    from megatron_eslm.data import blended_dataset
+
+    monkeypatch.setattr(blended_dataset, "_REPLAY_WIDTHS", widths)
+    for raw in ([24, 28, 13, 1, 8], [9, 4, 24], [313, 171, 55, 1000, 7, 64], [2, 2, 3, 48],
+                [415664778, 5652489, 4058610], [1, 10**20, 3 * 10**19, 7], [10, 730894183, 9907523, 5254419, 8]):
+        assert_equals_reference([Fraction(a, sum(raw)) for a in raw], 3000)
+
+
+def test_plain_loop_takes_over_where_repairs_are_most_of_the_work(monkeypatch):
+    """With a very small weight among others, most positions need the plain loop: it runs to the end."""
+    from megatron_eslm.data import blended_dataset
+
+    monkeypatch.setattr(blended_dataset, "_PLAIN_AFTER", 50)
+    for raw in ([4086864, 335336404, 292224, 5382749, 10, 5677599, 4779575], [9, 8, 2, 628322696, 6126750, 5, 7]):
+        assert_equals_reference([Fraction(a, sum(raw)) for a in raw], 20000)
+
+
+def test_vectorised_blending_on_many_random_blends():
+    rng = np.random.default_rng(20261123)
+    for _ in range(120):
+        k = int(rng.integers(3, 9))
+        raw = [int(a) for a in rng.integers(0, 10 ** int(rng.integers(1, 10)), size=k)]
+        if sum(raw):
+            assert_equals_reference([Fraction(a, sum(raw)) for a in raw], int(rng.integers(1, 4000)))
+
+
+@pytest.mark.parametrize("num, den", [(7, 3), (3, 10**9 + 7), (10**15 + 37, 10**15 + 91), (10**21 + 1, 3),
+                                      (5, 10**22 + 9)])
+@pytest.mark.parametrize("ceil", [False, True])
+def test_mul_div_is_exact_on_every_path(num, den, ceil):
+    """int64, floating point with exact fixes near integers, and Python integers all give the exact quotient."""
+    rng = np.random.default_rng(num % 1000)
+    values = np.concatenate([np.arange(0, 2000), rng.integers(0, 10**6, 2000), [den, 2 * den, 10**6]])
+    values = np.sort(values[values < 2**40]).astype(np.int64)
+    got = _mul_div(values, num, den, ceil)
+    want = [(-(-int(v) * num // den)) if ceil else int(v) * num // den for v in values]
+    assert [int(g) for g in got] == want
 
 
 def write(prefix, num_documents, base):

@@ -8,8 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from megatron_eslm.data.corpus import Span, documents, plan_partitions, read_chunks
+from megatron_eslm.data.corpus import (Chunk, Span, document_location, document_texts, documents, plan_partitions,
+                                      read_chunks)
 from megatron_eslm.data.indexed_dataset import IndexedDataset
 from megatron_eslm.data.merge import merge_datasets
 from megatron_eslm.data.preprocess import preprocess
@@ -88,6 +91,28 @@ def test_chunks_hold_whole_documents(corpus):
         cut = [d for group in plan_partitions([span.path], 5) for s in group for c in read_chunks(s, 300)
                for _, d in documents(c)]
         assert small == whole == cut and len(whole) > 100
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b c", " ", "\t", "\n", "\n", "\n\n", "\r", "\u3000", "\xa0", "\x1c", "\x85",
+                                 "é"]), max_size=40).map("".join), st.sampled_from(["x.txt", "x.jsonl"]))
+def test_document_texts_are_the_documents(text, name):
+    """The fast split (only empty blank lines) and the general rule give the same documents; so do locations."""
+    chunk = Chunk(Span(name), text.encode("utf-8"), 1)
+    expected = [(where(), document) for where, document in documents(chunk)]
+    assert document_texts(chunk) == [document for _, document in expected]
+    assert [document_location(chunk, i) for i in range(len(expected))] == [where for where, _ in expected]
+
+
+def test_batched_sentencepiece_encode_matches_tokenize(corpus, tmp_path):
+    """Preprocessing encodes SentencePiece text in batches to int32 arrays: the ids of tokenize, text by text."""
+    tokenizer = build_tokenizer("SentencePieceTokenizer", corpus["model"])
+    texts = ["", "river stone", "  café über\tnight  ", "ünïcödé ☃ 𝄞", "x" * 5000, " ", "\r"]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (prefix,) = preprocess(str(data), str(tmp_path / "t"), "SentencePieceTokenizer", corpus["model"], append_eod=True)
+    assert read_documents(prefix) == [tokenizer.tokenize(t) + [tokenizer.eod] if tokenizer.tokenize(t) else []
+                                      for t in texts]
 
 
 def test_error_names_file_and_line_from_any_partition(corpus, tmp_path):

@@ -4,7 +4,10 @@
 The corpus is a text file repeated --repeat times (one document per blank-line-separated block). A
 SentencePiece BPE tokenizer is trained on the file once; then, round-robin, best of --trials:
   loop          read the blocks and call tokenizer.tokenize on each, in this process, writing nothing
-  workers=N     preprocess() with N tokenising workers (1 runs inline), writing the .bin/.idx
+  loop x2       the same loop in 2 forked processes, each on half the blocks: what 2 cores of this machine
+                give to perfectly split work with no pipeline at all (the ceiling for any pool)
+  workers=N     preprocess() with N tokenising workers (1 runs inline), writing the .bin/.idx; its
+                SentencePiece encode is batched per chunk (one thread), returning int32 arrays
   partitions=2  preprocess() with 2 workers as 2 partitions (one pipeline each), then the merge
 Prints a markdown table (MB/s of text, tokens/s, speedup over the loop). Without an input file it prints
 a notice and exits 0.
@@ -13,6 +16,7 @@ Example: python tools/bench_preprocess.py --input ../shared/data/tinyshakespeare
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import tempfile
@@ -56,10 +60,26 @@ def main() -> None:
         model = train_sentencepiece([args.input], args.vocab_size, os.path.join(tmp, "tok"))
         tokenizer = build_tokenizer("SentencePieceTokenizer", model)
 
-        def loop() -> None:
+        def read_blocks() -> list[str]:
             with open(corpus, encoding="utf-8") as f:
-                blocks = re.split(r"\n[ \t\r\f\v]*\n", f.read())
-            loop.tokens = sum(len(tokenizer.tokenize(b.strip("\n"))) for b in blocks if b.strip())
+                return re.split(r"\n[ \t\r\f\v]*\n", f.read())
+
+        def tokenize_blocks(blocks: list[str]) -> int:
+            return sum(len(tokenizer.tokenize(b.strip("\n"))) for b in blocks if b.strip())
+
+        def loop() -> None:
+            loop.tokens = tokenize_blocks(read_blocks())
+
+        def loop_x2() -> None:
+            blocks = read_blocks()
+            halves = (blocks[: len(blocks) // 2], blocks[len(blocks) // 2 :])
+            fork = multiprocessing.get_context("fork")  # the children inherit the tokenizer and the blocks
+            processes = [fork.Process(target=tokenize_blocks, args=(half,)) for half in halves]
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join()
+            loop_x2.tokens = loop.tokens
 
         def pipeline(workers: int, partitions: int = 1):
             def run() -> None:
@@ -68,16 +88,19 @@ def main() -> None:
                 run.tokens = IndexedDataset(prefix).num_tokens
             return run
 
-        rows = [("loop (1 process, no writing)", loop)]
+        loop()  # the token count, for loop x2 too
+        rows = [("loop (1 process, no writing)", loop), ("loop x2 (2 processes, halves, no writing)", loop_x2)]
         rows += [(f"preprocess --workers {w}", pipeline(w)) for w in args.workers]
         rows.append(("preprocess --workers 2 --partitions 2", pipeline(2, 2)))
         # Round-robin trials, best of each: background load on a shared machine hits every run alike.
+        load_before = os.getloadavg()[0]
         best = {name: timed(run) for name, run in rows}
         for _ in range(args.trials - 1):
             for name, run in rows:
                 best[name] = min(best[name], timed(run))
         print(f"corpus: {megabytes:.1f} MB ({args.repeat} x {args.input}), SentencePiece BPE vocab {args.vocab_size}, "
-              f"{os.cpu_count()} CPUs, best of {args.trials}, load average {os.getloadavg()[0]:.1f}")
+              f"{os.cpu_count()} CPUs, best of {args.trials}, load average {load_before:.2f} before, "
+              f"{os.getloadavg()[0]:.2f} after")
         print("| run | seconds | MB/s | tokens/s | speedup |")
         print("| --- | ---: | ---: | ---: | ---: |")
         baseline = best[rows[0][0]]

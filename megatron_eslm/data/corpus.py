@@ -25,6 +25,9 @@ from megatron_eslm.errors import UserError
 CHUNK_BYTES = 1 << 18  # small enough that two workers stay balanced on a few MB, large enough to be cheap
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # the end of a blank line: a text document boundary follows
 _TEXT_DOCUMENT = re.compile(r"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")  # lines that are not blank, joined
+# A blank line that is not empty (whitespace only), after a newline or first: then blocks need _TEXT_DOCUMENT.
+_WHITESPACE_LINE = re.compile(r"\n[^\S\n]+(?=\n|\Z)")
+_WHITESPACE_FIRST_LINE = re.compile(r"[^\S\n]+(?=\n|\Z)")
 
 
 def input_format(path: str) -> str:
@@ -162,13 +165,39 @@ def _last_boundary(buffer: bytearray, search_from: int, jsonl: bool) -> int:
     return end
 
 
-def documents(chunk: Chunk) -> Iterator[tuple[Callable[[], str], str]]:
-    """Each document of a chunk as ``(its path:line, computed only if called; its text)``."""
+def _text(chunk: Chunk) -> str:
     try:
-        text = chunk.data.decode("utf-8")
+        return chunk.data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = chunk.data.count(b"\n", 0, err.start)
         raise UserError(f"{chunk.location(line)}: not UTF-8 text") from None
+
+
+def document_texts(chunk: Chunk) -> list[str]:
+    """The texts of the chunk's documents, in order: what :func:`documents` yields, without locations.
+
+    Plain text whose blank lines are all empty (the usual case) is split with ``str.split`` at its empty
+    lines and the pieces stripped of newlines: the same blocks as the general rule, several times faster.
+    """
+    text = _text(chunk)
+    if input_format(chunk.span.path) == "jsonl":
+        return [line for line in text.split("\n") if line.strip()]
+    if _WHITESPACE_FIRST_LINE.match(text) or _WHITESPACE_LINE.search(text):
+        return _TEXT_DOCUMENT.findall(text)
+    return [block.strip("\n") for block in text.split("\n\n") if block.strip("\n")]
+
+
+def document_location(chunk: Chunk, index: int) -> str:
+    """``path:line`` of the chunk's document ``index`` (as counted by :func:`document_texts`), for errors."""
+    for i, (where, _) in enumerate(documents(chunk)):
+        if i == index:
+            return where()
+    raise IndexError(f"the chunk has no document {index}")
+
+
+def documents(chunk: Chunk) -> Iterator[tuple[Callable[[], str], str]]:
+    """Each document of a chunk as ``(its path:line, computed only if called; its text)``."""
+    text = _text(chunk)
 
     def where(offset: int) -> Callable[[], str]:
         return lambda: chunk.location(text.count("\n", 0, offset))

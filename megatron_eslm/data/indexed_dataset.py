@@ -118,9 +118,10 @@ class IndexedDatasetBuilder:
         if int(document_lengths.sum()) != len(tokens):
             raise ValueError(f"document lengths sum to {document_lengths.sum()} but there are {len(tokens)} tokens")
         self._write_tokens(tokens)
-        self._lengths.extend(document_lengths[document_lengths > 0].astype(np.int32).tolist())
-        ends = len(self._lengths) - int(np.count_nonzero(document_lengths)) + np.cumsum(document_lengths > 0)
-        self._document_indices.extend(ends.tolist())
+        nonempty = document_lengths > 0
+        self._lengths.frombytes(document_lengths[nonempty].astype(np.int32).tobytes())
+        ends = len(self._lengths) - int(np.count_nonzero(nonempty)) + np.cumsum(nonempty, dtype=np.int64)
+        self._document_indices.frombytes(ends.astype(np.int64).tobytes())
 
     def add_index(self, prefix: str) -> None:
         """Append a whole dataset (as megatron-core's ``add_index``): its documents follow the ones so far."""

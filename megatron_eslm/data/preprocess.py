@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_eslm.data.corpus import Chunk, Span, documents, input_format, plan_partitions, read_chunks
+from megatron_eslm.data.corpus import (Chunk, Span, document_location, document_texts, input_format, plan_partitions,
+                                      read_chunks)
 from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder, best_dtype, get_bin_path, get_idx_path
 from megatron_eslm.data.merge import merge_datasets
 from megatron_eslm.errors import UserError
@@ -52,6 +53,25 @@ class TokenizerSpec:
     vocab_size: int | None
 
 
+def _batch_encoder(spec: TokenizerSpec) -> Callable[[list[str]], list[np.ndarray]] | None:
+    """SentencePiece's batched encode, on one thread (the workers are the parallelism), to int32 arrays.
+
+    The same ids as ``SentencePieceTokenizer.tokenize`` text by text (a processor with the same model and
+    default options), without a Python call and a list of Python ints per document. None for the other
+    tokenizers, which encode text by text.
+    """
+    if spec.tokenizer_type != "SentencePieceTokenizer":
+        return None
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=spec.tokenizer_model)
+    try:
+        processor.encode([""], out_type="numpy", num_threads=1)
+    except (TypeError, ValueError):  # sentencepiece before 0.2.1 has no numpy output
+        return lambda texts: [np.array(ids, np.int32) for ids in processor.encode(texts, out_type=int, num_threads=1)]
+    return lambda texts: processor.encode(texts, out_type="numpy", num_threads=1)
+
+
 class _Encoder:
     """Tokenises chunks; a worker process holds one, so the tokenizer is loaded once per worker."""
 
@@ -60,44 +80,52 @@ class _Encoder:
         self.dtype = best_dtype(self.tokenizer.vocab_size)
         self.json_keys = tuple(json_keys)
         self.append_eod = append_eod
+        self._encode_batch = _batch_encoder(spec)
 
-    def _tokenize(self, text: str, where: Callable[[], str]) -> list[int]:
-        """Token ids of one text (an empty text gives no ids, not even eod)."""
-        try:
-            ids = self.tokenizer.tokenize(text)
-        except ValueError as err:  # NullTokenizer: not an integer, or out of range
-            raise UserError(f"{where()}: {err}") from None
-        if ids and self.append_eod:
-            ids.append(self.tokenizer.eod)
-        return ids
-
-    def texts(self, chunk: Chunk) -> Iterator[tuple[dict[str, str], Callable[[], str]]]:
-        """Each document of the chunk as ``{key: text}``, with its ``path:line`` (computed only for errors)."""
-        jsonl = input_format(chunk.span.path) == "jsonl"
-        for where, document in documents(chunk):
-            if not jsonl:
-                yield {"text": document}, where
-                continue
+    def texts(self, chunk: Chunk) -> dict[str, list[str]]:
+        """Per key, the text of each document of the chunk."""
+        documents = document_texts(chunk)
+        if input_format(chunk.span.path) != "jsonl":
+            return {"text": documents}
+        texts: dict[str, list[str]] = {key: [] for key in self.json_keys}
+        for i, document in enumerate(documents):
             try:
                 record = json.loads(document)
             except json.JSONDecodeError as err:
-                raise UserError(f"{where()}: invalid JSON ({err.msg})") from None
-            for key in self.json_keys:
-                if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                    raise UserError(f"{where()}: no string value for key {key!r} (--json-keys)")
-            yield {key: record[key] for key in self.json_keys}, where
+                raise UserError(f"{document_location(chunk, i)}: invalid JSON ({err.msg})") from None
+            for key, values in texts.items():
+                value = record.get(key) if isinstance(record, dict) else None
+                if not isinstance(value, str):
+                    raise UserError(f"{document_location(chunk, i)}: no string value for key {key!r} (--json-keys)")
+                values.append(value)
+        return texts
+
+    def _tokenize(self, texts: list[str], chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+        """The texts' ids back to back (each non-empty one ending in eod if asked), and each one's length."""
+        if self._encode_batch is not None:
+            arrays = self._encode_batch(texts)
+            lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+            flat = np.concatenate(arrays) if arrays else np.empty(0, np.int32)
+        else:
+            ids = []
+            for i, text in enumerate(texts):
+                try:
+                    ids.append(self.tokenizer.tokenize(text))
+                except ValueError as err:  # NullTokenizer: not an integer, or out of range
+                    raise UserError(f"{document_location(chunk, i)}: {err}") from None
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        if self.append_eod:  # an empty text gives no ids, not even eod
+            nonempty = lengths > 0
+            flat = np.insert(flat, np.cumsum(lengths)[nonempty], self.tokenizer.eod)
+            lengths += nonempty
+        return flat.astype(self.dtype), lengths
 
     def encode(self, chunk: Chunk) -> EncodedChunk:
-        ids: dict[str, list[list[int]]] = {key: [] for key in self.json_keys}
-        for texts, where in self.texts(chunk):
-            for key, text in texts.items():
-                ids[key].append(self._tokenize(text, where))
         tokens, lengths = {}, {}
-        for key, per_document in ids.items():
-            lengths[key] = np.fromiter(map(len, per_document), dtype=np.int64, count=len(per_document))
-            flat = itertools.chain.from_iterable(per_document)
-            tokens[key] = np.fromiter(flat, dtype=np.int64, count=int(lengths[key].sum())).astype(self.dtype)
-        return EncodedChunk(tokens, lengths, len(next(iter(ids.values()))), len(chunk.data))
+        for key, texts in self.texts(chunk).items():
+            tokens[key], lengths[key] = self._tokenize(texts, chunk)
+        return EncodedChunk(tokens, lengths, len(next(iter(lengths.values()))), len(chunk.data))
 
 
 _encoder: _Encoder | None = None  # this process's encoder, set by _init_worker
