@@ -1,8 +1,15 @@
 """Shared fixtures: a tiny tokenizer and dataset generated on the fly (no downloads, no shared files)."""
 import json
+import os
 import random
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this once, when it is first imported, and DeepSpeed imports it (tests/test_deepspeed.py
+    # is collected before tests/test_lm_head_triton.py): set here, the kernel tests run in the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from megatron_eslm.data.preprocess import preprocess
 from megatron_eslm.tokenizer.train import train_sentencepiece

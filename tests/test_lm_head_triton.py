@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own",
                     allow_module_level=True)
     # Triton reads this when it is imported: its kernels (and ours) then run in the interpreter on CPU.
-    # Other test modules do not use triton, so setting it for the whole session is harmless.
+    # conftest.py sets it for the session already; this covers running the file some other way.
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed (optional: pip install -e '.[triton]')")
 
