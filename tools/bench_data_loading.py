@@ -4,8 +4,8 @@
 1. Index build time vs document count (documents of 1..199 tokens, mean 100; one epoch of samples of
    --seq-length): ours (``build_gpt_indices``) against megatron-core's own three steps (its
    ``_build_document_index``, the C++ ``helpers.build_sample_idx``, ``_build_shuffle_index``), and the
-   blending index for 2, 3 and 8 datasets against its C++ ``build_blending_indices`` (best of 5
-   round-robin trials). No files are needed for this part.
+   blending index for 2 to 8 datasets, some with skewed weights, against its C++
+   ``build_blending_indices`` (best of 5 round-robin trials). No files are needed for this part.
 2. Random-access reads per second on one .bin/.idx written by megatron-core's builder: whole sequences
    through each reader's ``get``, and GPT samples (our ``GPTDataset[i]``, with tensors, against
    megatron-core's ``GPTDataset._query_document_sample_shuffle_indices`` on its own indices).
@@ -90,7 +90,10 @@ def blending_table(samples: int, trials: int = 5) -> None:
                [Fraction(1234567, 8888888), Fraction(7654321, 8888888)]),
               ("3: 1234567 / 7654321 / 4567890 tokens", [Fraction(t, 13456778) for t in (1234567, 7654321, 4567890)]),
               ("8: token counts 10^6 to 10^7", [Fraction(t, 44444444) for t in
-                                                (1111111, 2222222, 3333333, 4444444, 5555555, 6666666, 9999999, 11111114)]))
+                                                (1111111, 2222222, 3333333, 4444444, 5555555, 6666666, 9999999, 11111114)]),
+              ("3: 97.6% / 1.3% / 1.0%", [Fraction(t, 425375877) for t in (415664778, 5652489, 4058610)]),
+              ("7: one weight of 3e-8", [Fraction(t, 355555425) for t in
+                                         (4086864, 335336404, 292224, 5382749, 10, 5677599, 4779575)]))
     runs = []
     for label, weights in blends:
         runs.append((label, "ours", lambda weights=weights: blending_indices(weights, samples)))

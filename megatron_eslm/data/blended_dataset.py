@@ -291,15 +291,17 @@ def _quota_schedule(numerators: list[int], denominator: int, steps: int) -> tupl
     first_of = np.zeros(len(numerators), np.int64)
     first_of[live] = starts
     sample = order - first_of[dataset]
-    return _repair(release_of, dataset, sample, order, dict(zip(live, zip(starts, counts))), numerators,
-                   denominator, steps)
+    rank_of = np.empty_like(order)  # the rank of each sample, dataset after dataset
+    rank_of[order] = np.arange(order.size)
+    del order
+    ranks_of = {d: rank_of[start : start + n] for d, start, n in zip(live, starts, counts)}
+    return _repair(release_of, dataset, sample, ranks_of, numerators, denominator, steps)
 
 
-def _repair(release_of: np.ndarray, dataset: np.ndarray, sample: np.ndarray, order: np.ndarray,
-            places: dict[int, tuple[int, int]], numerators: list[int], denominator: int,
-            steps: int) -> tuple[np.ndarray, np.ndarray]:
+def _repair(release_of: np.ndarray, dataset: np.ndarray, sample: np.ndarray, ranks_of: dict[int, np.ndarray],
+            numerators: list[int], denominator: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """The earliest-deadline order at positions ``0 .. steps`` from the sorted one: dataset and sample at
-    each position (``places[d]``: where dataset d's samples are in the concatenation ``order`` sorted).
+    each position (``ranks_of[d]``: the ranks of dataset d's samples, increasing).
 
     Ranks not released by their position ("late"): where EDF serves the next rank first and the late one
     right after, swap them; where it serves a later rank first and then the others in order, rotate them
@@ -308,8 +310,7 @@ def _repair(release_of: np.ndarray, dataset: np.ndarray, sample: np.ndarray, ord
     another repair is part of it.
     """
     total = release_of.size
-    ranks_of = None  # the ranks of each dataset's samples, once a repair needs them
-    pulled = {d: 0 for d in places}  # far samples served, per dataset
+    pulled = {d: 0 for d in ranks_of}  # far samples served, per dataset
     pieces = []  # the ranks served, position after position
     shift = frontier = 0  # served: the ranks below the frontier and `shift` far ranks
     all_far: list[int] = []
@@ -324,31 +325,27 @@ def _repair(release_of: np.ndarray, dataset: np.ndarray, sample: np.ndarray, ord
         swap = (late + 1 < total) & (release[late] == late + 2) & (release[after] <= late + 1)
         replays = late[~swap]
         repairs, event, end = [], None, stop
-        if replays.size:  # the ranks more than one position late, for _rotations
-            very_late = np.flatnonzero(release[frontier:] > np.arange(frontier + 2, total + 2)) + frontier
-        if replays.size and ranks_of is None:
-            rank_of = np.empty_like(order)
-            rank_of[order] = np.arange(order.size)
-            ranks_of = {d: rank_of[start : start + n] for d, (start, n) in places.items()}
-            del rank_of
+        del after
         if replays.size:
+            # The ranks more than one position late, for _rotations.
+            very_late = np.flatnonzero(release[frontier:] > np.arange(frontier + 2, total + 2)) + frontier
             # Batch by batch, for the late ranks that the walk below reaches: rotations, else lockstep
             # replays, short ones and then wider ones for the few that need it (else the plain loop).
             narrow = _REPLAY_WIDTHS[0]
             rotated = np.full(replays.size, -1, np.int64)
             lengths = np.zeros(replays.size, np.int64)  # of lockstep replays
-            narrow_ranks = np.zeros((replays.size, narrow), np.int64)
+            narrow_offsets = np.zeros((replays.size, narrow), np.int8)  # served ranks minus the start
             wide_ranks: dict[int, np.ndarray] = {}
-            known = 0  # late ranks below this index have their repairs worked out
-            rotated_list, lengths_list, following = [], [], []  # following: the first late rank after the end
+            low = high = 0  # the late ranks low .. high have their repairs worked out, in the lists below
             kept_rotations, kept_locksteps = [], []
             i = 0
             while i < replays.size:  # the repairs that start where the previous one ended
-                if i >= known:
+                if i >= high:
                     batch = np.arange(i, min(i + _BATCH, replays.size))
                     rotated[batch] = _rotations(release, ranks_of, replays[batch], very_late)
                     rows = batch[rotated[batch] < 0]
-                    narrow_ranks[rows], lengths[rows] = _replay_many(release, replays[rows], stop, narrow)
+                    ranks, lengths[rows] = _replay_many(release, replays[rows], stop, narrow)
+                    narrow_offsets[rows] = ranks - replays[rows, None]
                     rows = rows[lengths[rows] == 0]
                     for width in _REPLAY_WIDTHS[1:]:
                         if not rows.size or 2 * rows.size > batch.size:
@@ -357,17 +354,16 @@ def _repair(release_of: np.ndarray, dataset: np.ndarray, sample: np.ndarray, ord
                         wide_ranks.update(zip(rows.tolist(), wide))
                         rows = rows[lengths[rows] == 0]
                     ends = np.where(rotated[batch] >= 0, rotated[batch] + 1, replays[batch] + lengths[batch])
-                    rotated_list[known:] = [-1] * (i - known) + rotated[batch].tolist()
-                    lengths_list[known:] = [0] * (i - known) + lengths[batch].tolist()
-                    following[known:] = [0] * (i - known) + np.searchsorted(replays, ends).tolist()
-                    known = batch[-1] + 1
-                if rotated_list[i] >= 0:
+                    rotated_list, lengths_list = rotated[batch].tolist(), lengths[batch].tolist()
+                    following = np.searchsorted(replays, ends).tolist()  # the first late rank after the end
+                    low, high = i, int(batch[-1]) + 1
+                if rotated_list[i - low] >= 0:
                     kept_rotations.append(i)
-                    i = following[i]
+                    i = following[i - low]
                     continue
-                if lengths_list[i]:
+                if lengths_list[i - low]:
                     kept_locksteps.append(i)
-                    i = following[i]
+                    i = following[i - low]
                     continue
                 first = int(replays[i])
                 limit = max(_PLAIN_AFTER, 4 * replayed_positions)
@@ -395,7 +391,8 @@ def _repair(release_of: np.ndarray, dataset: np.ndarray, sample: np.ndarray, ord
             kept = np.array([i for i in kept_locksteps if i not in wide_ranks], np.int64)
             wide_kept = np.array([i for i in kept_locksteps if i in wide_ranks], np.int64)
             filled = np.arange(narrow) < lengths[kept, None]
-            repairs.append(((replays[kept, None] + np.arange(narrow))[filled], narrow_ranks[kept][filled]))
+            repairs.append(((replays[kept, None] + np.arange(narrow))[filled],
+                            (replays[kept, None] + narrow_offsets[kept])[filled]))
             for i in wide_kept.tolist():
                 repairs.append((np.arange(replays[i], replays[i] + lengths[i]), wide_ranks[i][: lengths[i]]))
         swapped = late[swap] - frontier
@@ -409,7 +406,7 @@ def _repair(release_of: np.ndarray, dataset: np.ndarray, sample: np.ndarray, ord
             break
         kind, detail = event
         if kind == "plain":
-            count = {d: int(np.searchsorted(ranks_of[d], end)) + pulled[d] for d in places}
+            count = {d: int(np.searchsorted(ranks_of[d], end)) + pulled[d] for d in ranks_of}
             tail = _plain(numerators, denominator, count, end + shift, steps)
             break
         replayed, reached, far = detail
