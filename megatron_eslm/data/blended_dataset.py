@@ -38,7 +38,6 @@ few near-integer quotients recomputed as Python integers, else Python integers t
 """
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Sequence
 from fractions import Fraction

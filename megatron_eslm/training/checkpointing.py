@@ -153,10 +153,7 @@ def latest_iteration(root: str) -> int | None:
 def _read_shard(directory: str) -> dict:
     path = os.path.join(directory, shard_dir(), FILENAME)
     if not os.path.exists(path):
-        tracker = os.path.join(os.path.dirname(directory), TRACKER)
-        raise UserError(f"{path}: missing, although {tracker} names iteration "
-                        f"{int(os.path.basename(directory).removeprefix('iter_'))} "
-                        "(saved with another parallel layout?)")
+        raise FileNotFoundError(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a torn or foreign file: name it instead of a pickle traceback
@@ -165,12 +162,17 @@ def _read_shard(directory: str) -> dict:
 
 def load_checkpoint(root: str, read: Reader = _read_shard) -> dict | None:
     """This rank's state of the latest checkpoint under `root` (its RNG states are restored here), or None
-    if there is none. `read(directory)` reads it (DeepSpeed's engine reads its own format). The layout
-    must be the one it was saved with."""
+    if there is none. `read(directory)` reads it (DeepSpeed's engine reads its own format), raising
+    FileNotFoundError(path) when this rank's file is not there. The layout must be the one it was saved
+    with."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
-    state = read(iteration_dir(root, iteration))
+    try:
+        state = read(iteration_dir(root, iteration))
+    except FileNotFoundError as err:  # the reader names the file this rank's shard should be in
+        raise UserError(f"{err}: missing, although {os.path.join(root, TRACKER)} names iteration {iteration} "
+                        "(saved with another parallel layout?)") from None
     if state["layout"] != _layout_sizes():
         saved = ", ".join(f"{k}={v}" for k, v in state["layout"].items())
         raise UserError(f"--load {root}: saved with {saved}; resume with the same layout")
