@@ -3,10 +3,9 @@ import json
 
 import pytest
 
-from megatron_eslm.config import parse_args
+from megatron_eslm.config import OptimizerConfig, parse_args
 from megatron_eslm.errors import UserError
 from megatron_eslm.training.lr_schedule import learning_rate
-from megatron_eslm.config import OptimizerConfig
 
 
 @pytest.fixture
@@ -25,6 +24,8 @@ def test_defaults_and_derived_values(base):
     assert cfg.selection.eslm_alpha == 0.3
     assert cfg.selection.eslm_threshold_scope == "micro-batch"
     assert cfg.optimizer.lr_decay_iters == cfg.training.train_iters
+    assert cfg.parallel.distributed_timeout_minutes == 10
+    assert parse_args(base + ["--distributed-timeout-minutes", "45"]).parallel.distributed_timeout_minutes == 45
 
 
 def test_config_file_with_command_line_override(base, tmp_path):
@@ -45,6 +46,7 @@ def test_config_file_with_command_line_override(base, tmp_path):
     (["--selection", "lfr", "--eslm-threshold-scope", "previous-step"], "--eslm-threshold-scope"),
     (["--lr-decay-style", "step"], "--lr-decay-style"),
     (["--num-layers", "two"], "--num-layers"),
+    (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be positive, got 0"),
 ])
 def test_bad_values_name_the_flag(base, flags, culprit):
     with pytest.raises(UserError, match=culprit):

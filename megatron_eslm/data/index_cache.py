@@ -5,9 +5,11 @@ description is written beside them (``{hash}-description.json``) and compared in
 cache is reused only for exactly the settings that wrote it. The description is written last, after the
 arrays are complete under their final names, so its presence means the entry is whole.
 
-One process builds while the others wait: with torch.distributed initialised, rank 0 first (then a
-barrier); in every case under an exclusive file lock on ``{hash}.lock``, so independent processes (or ranks
-on nodes with a local cache directory) never race and never build twice.
+One process builds while the others wait: with torch.distributed initialised, rank 0 first, while the
+others wait on the host (`launch.shared_outcome`: a gloo wait bounded by --distributed-timeout-minutes, not
+an NCCL barrier under the NCCL watchdog) and then load, or raise rank 0's error; in every case under an
+exclusive file lock on ``{hash}.lock``, so independent processes (or ranks on nodes with a local cache
+directory) never race and never build twice.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
-import torch
 
+from megatron_eslm.distributed import launch
 from megatron_eslm.errors import UserError
 
 Arrays = dict[str, np.ndarray]
@@ -38,15 +40,11 @@ def cached_arrays(cache_dir: str | None, description: dict, build: Callable[[], 
     """
     if cache_dir is None:
         return build()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_rank() != 0:
-            torch.distributed.barrier()  # rank 0 builds first; a failure there reaches us as the same error
-            return _load_or_build(cache_dir, description, build)
-        try:
-            return _load_or_build(cache_dir, description, build)
-        finally:
-            torch.distributed.barrier()  # also on failure, so the other ranks fail too instead of hanging
-    return _load_or_build(cache_dir, description, build)
+    arrays = None
+    with launch.shared_outcome():  # rank 0 builds first; its failure is raised on every rank
+        if launch.rank() == 0:
+            arrays = _load_or_build(cache_dir, description, build)
+    return arrays if arrays is not None else _load_or_build(cache_dir, description, build)
 
 
 def _load_or_build(cache_dir: str, description: dict, build: Callable[[], Arrays]) -> Arrays:

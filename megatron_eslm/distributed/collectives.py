@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -27,6 +26,10 @@ GRAD_NORM = "grad norm"
 METRICS = "metrics"
 KINDS = (TP_ALL_REDUCE, TP_ALL_GATHER, TP_REDUCE_SCATTER, PP_SEND, PP_RECV, DP_ALL_REDUCE,
          EMBEDDING_ALL_REDUCE, ESLM_THRESHOLD, DENSE_NORMALIZER, GRAD_NORM, METRICS)
+
+# torch 2.13 renamed the single-tensor collectives (the old names warn); torch >= 2.3 has the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 bytes_by_kind: Counter[str] = Counter()
 calls_by_kind: Counter[str] = Counter()
@@ -54,21 +57,26 @@ def all_reduce(tensor: Tensor, group: dist.ProcessGroup | None, kind: str,
     return tensor
 
 
-def all_gather(tensor: Tensor, group: dist.ProcessGroup | None, kind: str) -> list[Tensor]:
-    """Every rank's `tensor` (equal shapes), in group rank order."""
+def all_gather_into_tensor(tensor: Tensor, group: dist.ProcessGroup | None, kind: str) -> Tensor:
+    """Every rank's `tensor` (equal shapes) stacked in group rank order, [world, *tensor.shape]: the
+    collective writes straight into the one buffer (the list API makes NCCL gather into a flat buffer and
+    then copy out to each tensor)."""
     tensor = tensor.contiguous()
     record(kind, nbytes(tensor))
-    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, tensor, group=group)
-    return out
+    world = dist.get_world_size(group)
+    out = tensor.new_empty(world * tensor.numel())  # flat: gloo splits the output along dim 0
+    _all_gather_single(out, tensor.view(-1), group=group)
+    return out.view(world, *tensor.shape)
 
 
-def reduce_scatter(chunks: list[Tensor], group: dist.ProcessGroup | None, kind: str) -> Tensor:
-    """Sum over the group of chunk i, delivered to group rank i."""
-    chunks = [chunk.contiguous() for chunk in chunks]
-    record(kind, sum(nbytes(chunk) for chunk in chunks))
-    out = torch.empty_like(chunks[0])
-    dist.reduce_scatter(out, chunks, group=group)
+def reduce_scatter_tensor(tensor: Tensor, group: dist.ProcessGroup | None, kind: str) -> Tensor:
+    """`tensor` is [world, *shape]: the sum over the group of `tensor[i]`, delivered to group rank i, of
+    shape `shape`. The collective reads the one contiguous buffer (pass it contiguous: anything else is
+    copied here)."""
+    tensor = tensor.contiguous()
+    record(kind, nbytes(tensor))
+    out = tensor.new_empty(tensor.shape[1:])
+    _reduce_scatter_single(out.view(-1), tensor.view(-1), group=group)
     return out
 
 

@@ -12,8 +12,6 @@ then measure (and clip) the norm of the whole model's gradient.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -71,17 +69,40 @@ def _counted_once(param: nn.Parameter) -> bool:
     return not getattr(param, "tied_copy", False)
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+def _device_dtype_groups(grads: list[Tensor]) -> list[list[Tensor]]:
+    """Gradients of one device and dtype, so that each group is one fused foreach kernel."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for grad in grads:
+        groups.setdefault((grad.device, grad.dtype), []).append(grad)
+    return list(groups.values())
+
+
+def _norms(grads: list[Tensor]) -> list[Tensor]:
+    """Per-tensor 2-norms of one group, accumulated and returned in at least fp32 (bf16 gradients are read
+    as they are on CUDA; the CPU fallback converts them); fp32 and fp64 gradients are never copied."""
+    acc = torch.promote_types(grads[0].dtype, torch.float32)
+    return torch._foreach_norm(grads, 2) if acc == grads[0].dtype else torch._foreach_norm(grads, 2, dtype=acc)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
     """The gradient norm of the whole model (summed over every shard of it), and clip every gradient by
-    max_norm / norm when that is below 1, as torch.nn.utils.clip_grad_norm_; max_norm 0 only measures."""
+    max_norm / norm when that is below 1, as torch.nn.utils.clip_grad_norm_; max_norm 0 only measures.
+
+    Free of host syncs and of gradient copies: fused per-tensor norms, their squares summed in float64 (a
+    few scalars), one model-parallel all-reduce of that 0-dim tensor, and the clip coefficient
+    min(max_norm / (norm + 1e-6), 1) kept on the device (multiplying by exactly 1.0 leaves a gradient
+    bitwise unchanged). Returns the norm as a 0-dim float64 tensor on the gradients' device: callers read
+    it (the one host sync) only at the log interval."""
     grads = [p.grad for p in params if p.grad is not None]
-    square = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
-    for param in params:
-        if param.grad is not None and _counted_once(param):
-            square += torch.linalg.vector_norm(param.grad, dtype=torch.float64).square()
+    device = grads[0].device if grads else None
+    square = torch.zeros((), dtype=torch.float64, device=device)
+    for group in _device_dtype_groups([p.grad for p in params if p.grad is not None and _counted_once(p)]):
+        square += torch.stack(_norms(group)).to(device=device, dtype=torch.float64).square().sum()
     if parallel_state.model_parallel_size() > 1:
         collectives.all_reduce(square, parallel_state.model_parallel_group(), collectives.GRAD_NORM)
-    norm = math.sqrt(float(square))
-    if max_norm > 0 and max_norm / (norm + 1e-6) < 1.0:
-        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    norm = square.sqrt()
+    if max_norm > 0:
+        coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for group in _device_dtype_groups(grads):
+            torch._foreach_mul_(group, coefficient.to(group[0].device))
     return norm

@@ -1,16 +1,34 @@
-"""Find this process's place the usual way and join the process group.
+"""Find this process's place the usual way, join the process group, and let ranks wait on the host while
+one of them works alone.
 
 torchrun and `deepspeed --module megatron_eslm.pretrain` both export RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT (deepspeed also passes --local_rank, which the parser accepts); the default
 process group is joined through `env://`, with gloo on CPU and nccl on CUDA. A caller that already
-initialised torch.distributed (the tests) keeps its group.
+initialised torch.distributed (the tests, a library) keeps its group, but this process's CUDA device is
+bound either way: otherwise barriers, object collectives, CUDA seeding and Triton launches would go to
+cuda:0 while the model sits on cuda:LOCAL_RANK.
+
+Process groups and timeouts (docs/parallelism.md). Every collective of the default group may wait
+--distributed-timeout-minutes. Phases where rank 0 alone works for long on the host (writing a
+checkpoint, building the index cache) are not waited for in an NCCL barrier, which would hold the GPUs
+of the other ranks under NCCL's watchdog, but in `shared_outcome` on `host_group()`: a gloo group with
+the same timeout, through which every rank also learns whether the work failed anywhere.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+
+from megatron_eslm.config.parallel import ParallelConfig
+from megatron_eslm.errors import UserError
+
+_timeout = datetime.timedelta(minutes=ParallelConfig.distributed_timeout_minutes)
+_host_group: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None  # (default group, its gloo twin)
 
 
 def world_size() -> int:
@@ -32,16 +50,63 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(device: torch.device, single_process: bool = False) -> bool:
-    """Join the default group when launched with several processes (or, with `single_process`, make a
-    one-process group: DeepSpeed needs one even alone); True if this call created it."""
-    if dist.is_initialized() or (world_size() == 1 and not single_process):
-        return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
+def init_process_group(device: torch.device, single_process: bool = False,
+                       timeout_minutes: int = ParallelConfig.distributed_timeout_minutes) -> bool:
+    """Bind `device` and join the default group when launched with several processes (or, with
+    `single_process`, make a one-process group: DeepSpeed needs one even alone); True if this call created
+    it. `timeout_minutes` (--distributed-timeout-minutes) bounds every wait of the group and of
+    `host_group()`."""
+    global _timeout
+    _timeout = datetime.timedelta(minutes=timeout_minutes)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if dist.is_initialized() or (world_size() == 1 and not single_process):
+        return False
+    backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
     if world_size() == 1:  # no launcher needed: an in-memory store instead of MASTER_ADDR/PORT
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout,
+                                device_id=device_id)
     else:
-        dist.init_process_group(backend, init_method="env://")
+        dist.init_process_group(backend, init_method="env://", timeout=_timeout, device_id=device_id)
     return True
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """A gloo group over every rank for waits on host-side work: the default group when it is gloo, else a
+    gloo twin made once per default group, with the timeout of `init_process_group`. Collective: the
+    first call must be made by every rank."""
+    global _host_group
+    if dist.get_backend() == "gloo":
+        return None
+    default = dist.group.WORLD
+    if _host_group is None or _host_group[0] is not default:
+        _host_group = (default, dist.new_group(backend="gloo", timeout=_timeout))
+    return _host_group[1]
+
+
+@contextlib.contextmanager
+def shared_outcome() -> Iterator[None]:
+    """Run the body on every rank (empty on ranks with nothing to do), then wait on the host until every
+    rank is through it; if the body raised anywhere, every rank raises: the failing rank its own error, the
+    others a UserError repeating it, instead of hanging in a later collective. Without torch.distributed
+    the body just runs."""
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 -- re-raised below, after the others have heard of it
+        failure = err
+    reports: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, None if failure is None else _report(failure), group=host_group())
+    if failure is not None:
+        raise failure
+    report = next((r for r in reports if r is not None), None)
+    if report is not None:
+        raise UserError(report)
+
+
+def _report(err: Exception) -> str:
+    """A UserError already names the flag or file: repeated as it is; anything else with its rank."""
+    return str(err) if isinstance(err, UserError) else f"rank {dist.get_rank()}: {type(err).__name__}: {err}"

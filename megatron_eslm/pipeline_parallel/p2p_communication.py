@@ -2,6 +2,9 @@
 isend/irecv per exchange (Megatron's p2p_communication): a stage that sends and receives in the same call
 posts both before waiting, so neighbours that exchange in opposite directions cannot deadlock.
 
+Every op names the pipeline group, so NCCL runs the batch on that group's communicator (the P stages of
+one replica) instead of the world's; `peer` stays a global rank, which P2POp maps into the group.
+
 Every call is a no-op at the pipeline's ends (the first stage receives no activation, the last sends
 none). Shapes are fixed for a run: [micro-batch, sequence (/ TP under sequence parallelism), hidden].
 """
@@ -51,12 +54,12 @@ def _communicate(spec: TensorSpec, send_next: Tensor | None = None, send_prev: T
 def _send(tensor: Tensor, peer: int) -> dist.P2POp:
     tensor = tensor.detach().contiguous()
     collectives.record(collectives.PP_SEND, collectives.nbytes(tensor))
-    return dist.P2POp(dist.isend, tensor, peer)
+    return dist.P2POp(dist.isend, tensor, peer, group=parallel_state.pipeline_model_parallel_group())
 
 
 def _recv(tensor: Tensor, peer: int) -> dist.P2POp:
     collectives.record(collectives.PP_RECV, collectives.nbytes(tensor))
-    return dist.P2POp(dist.irecv, tensor, peer)
+    return dist.P2POp(dist.irecv, tensor, peer, group=parallel_state.pipeline_model_parallel_group())
 
 
 def recv_forward(spec: TensorSpec) -> Tensor | None:

@@ -6,8 +6,13 @@
 
 Data-parallel replica 0 of each shard writes it, together with every replica's RNG states (they differ
 by data and random selection), so a resumed run continues bit for bit on the same layout. All ranks
-write into `iter_XXXXXXX.tmp`; after a barrier rank 0 renames it into place and only then replaces the
-tracker file, so an interrupted save never damages the last good checkpoint.
+write into `iter_XXXXXXX.tmp`; once all are through, rank 0 renames it into place and only then replaces
+the tracker file, so an interrupted save never damages the last good checkpoint.
+
+Each phase ends in `launch.shared_outcome`, not in a barrier of the default group: the ranks wait for the
+writers (rank 0 alone, for the directory and the rename) on the host, in a gloo group bounded by
+--distributed-timeout-minutes rather than in an NCCL barrier under NCCL's watchdog, and a failure on any
+rank (a full disk, a permission) is raised on every rank instead of leaving the others hanging.
 
 Under --deepspeed the same directory holds DeepSpeed's own files instead (`mp_rank_XX_model_states.pt`
 with our state as client state, `zero_pp_rank_D_mp_rank_XX_optim_states.pt` per ZeRO partition), and
@@ -25,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eslm import parallel_state
+from megatron_eslm.distributed import launch
 from megatron_eslm.errors import UserError
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
@@ -78,11 +84,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 def _is_rank_zero() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
@@ -118,25 +119,31 @@ def save_checkpoint(root: str, iteration: int, state: dict, write: Writer = _wri
     `deepspeed_tag` the directory's name also goes to DeepSpeed's `latest` file, for its tools."""
     final = iteration_dir(root, iteration)
     tmp = f"{final}.tmp"
-    if _is_rank_zero():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
-    write(tmp, {**state, "iteration": iteration, "rng": _replica_rng_states(), "layout": _layout_sizes()})
-    _barrier()
-    if _is_rank_zero():
-        if os.path.exists(final):  # re-saving an iteration: keep the old copy until the new one is in place
-            old = f"{final}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        _write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
-        if deepspeed_tag:
-            _write_text_atomic(os.path.join(root, DEEPSPEED_TRACKER), os.path.basename(final))
-    _barrier()
+    with launch.shared_outcome():
+        if _is_rank_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+    rng = _replica_rng_states()  # a collective of its own: outside the phases that may fail on one rank
+    with launch.shared_outcome():
+        write(tmp, {**state, "iteration": iteration, "rng": rng, "layout": _layout_sizes()})
+    with launch.shared_outcome():
+        if _is_rank_zero():
+            _publish(root, tmp, final, iteration, deepspeed_tag)
     return final
+
+
+def _publish(root: str, tmp: str, final: str, iteration: int, deepspeed_tag: bool) -> None:
+    """Rank 0: move the complete `tmp` into place, then point the tracker(s) at it."""
+    if os.path.exists(final):  # re-saving an iteration: keep the old copy until the new one is in place
+        old = f"{final}.old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+    if deepspeed_tag:
+        _write_text_atomic(os.path.join(root, DEEPSPEED_TRACKER), os.path.basename(final))
 
 
 def latest_iteration(root: str) -> int | None:

@@ -1,0 +1,36 @@
+"""Tensor, sequence, pipeline and data parallel flags; whether they fit the world size is checked by
+`validate_layout`, once the world size is known."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_eslm.config.checks import positive
+
+TITLE = "distributed (TP x DP x PP = world size)"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    ddp_bucket_size: int = 25_000_000  # gradient elements per data-parallel all-reduce
+    distributed_timeout_minutes: int = 10  # Megatron's default
+
+
+HELP = {
+    "tensor_model_parallel_size": "ranks that split each layer's weights (Megatron's TP)",
+    "pipeline_model_parallel_size": "pipeline stages; the layers are split evenly over them",
+    "sequence_parallel": "with TP: shard norms and dropout along the sequence (all-gather/reduce-scatter)",
+    "ddp_bucket_size": "gradient elements per data-parallel all-reduce bucket",
+    "distributed_timeout_minutes": "how long a collective, or a rank waiting while rank 0 alone writes a "
+                                   "checkpoint or builds the index cache, may wait before the job fails",
+}
+
+
+def validate_parallel(p: ParallelConfig) -> None:
+    for value, flag in ((p.tensor_model_parallel_size, "--tensor-model-parallel-size"),
+                        (p.pipeline_model_parallel_size, "--pipeline-model-parallel-size"),
+                        (p.ddp_bucket_size, "--ddp-bucket-size"),
+                        (p.distributed_timeout_minutes, "--distributed-timeout-minutes")):
+        positive(value, flag)

@@ -1,0 +1,75 @@
+"""Checks that span sections: derived defaults, the per-section checks in one pass, and whether the
+layout fits the world size."""
+from __future__ import annotations
+
+from megatron_eslm.config.checkpoint import validate_checkpoint
+from megatron_eslm.config.data import validate_data
+from megatron_eslm.config.deepspeed import validate_deepspeed
+from megatron_eslm.config.logging import validate_logging
+from megatron_eslm.config.model import finalize_model, validate_model
+from megatron_eslm.config.optimizer import validate_optimizer
+from megatron_eslm.config.parallel import validate_parallel
+from megatron_eslm.config.selection import validate_selection
+from megatron_eslm.config.training import validate_training
+from megatron_eslm.config.tree import Config
+from megatron_eslm.distributed import deepspeed_config
+from megatron_eslm.errors import UserError
+
+
+def finalize(cfg: Config) -> Config:
+    """Fill derived defaults and reject inconsistent settings, each with one line naming the flag."""
+    t, o = cfg.training, cfg.optimizer
+    finalize_model(cfg.model)
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size
+    if o.lr_decay_iters is None:
+        o.lr_decay_iters = t.train_iters
+    if cfg.deepspeed.zero_stage is not None:
+        cfg.deepspeed.deepspeed = True
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    validate_model(cfg.model)
+    validate_training(cfg.training)
+    validate_logging(cfg.logging)
+    validate_selection(cfg.selection)
+    validate_optimizer(cfg.optimizer)
+    validate_data(cfg.data)
+    validate_parallel(cfg.parallel)
+    validate_checkpoint(cfg.checkpoint)
+    validate_deepspeed(cfg.deepspeed)
+
+
+def validate_layout(cfg: Config, world_size: int) -> int:
+    """Reject a layout that cannot split this model and batch over `world_size` ranks; returns the
+    data-parallel size. Called before the process group exists, so a bad layout costs one line on every
+    rank instead of a hang in the first collective."""
+    m, t, p = cfg.model, cfg.training, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise UserError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                        f"--pipeline-model-parallel-size {pp}")
+    dp = world_size // (tp * pp)
+    if m.num_layers % pp:
+        raise UserError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if m.num_attention_heads % tp:
+        raise UserError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                        f"--tensor-model-parallel-size {tp}")
+    if m.ffn_hidden_size % tp:
+        raise UserError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise UserError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+                        f"{t.micro_batch_size} x data-parallel size {dp}")
+    if p.sequence_parallel and tp == 1:
+        raise UserError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if p.sequence_parallel and m.seq_length % tp:
+        raise UserError(f"--sequence-parallel: --seq-length {m.seq_length} is not divisible by "
+                        f"--tensor-model-parallel-size {tp}")
+    if cfg.selection.selection in ("eslm-kd", "rho1") and tp * pp > 1:
+        raise UserError(f"--selection {cfg.selection.selection} runs a whole frozen model on every rank: it needs "
+                        "--tensor-model-parallel-size 1 and --pipeline-model-parallel-size 1")
+    if cfg.deepspeed.deepspeed:
+        deepspeed_config.resolve(cfg, dp)  # a JSON that disagrees with the flags fails here, in one line
+    return dp

@@ -1,0 +1,204 @@
+"""What the step needs on real GPUs that a CPU can still check (issue 12): the device is bound and the
+timeout reaches the process group on every path; long single-rank phases wait on the host and every rank
+learns of a failure; the collectives, the pipeline p2p and the gradient clip."""
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from megatron_eslm import parallel_state
+from megatron_eslm.data import index_cache
+from megatron_eslm.distributed import collectives, launch
+from megatron_eslm.distributed.grads import clip_grad_norm
+from megatron_eslm.errors import UserError
+from megatron_eslm.training import checkpointing
+
+# ------------------------------------------------------------------------------------ launch.py
+
+
+@pytest.fixture
+def fake_dist(monkeypatch):
+    """Records init_process_group and set_device calls instead of making a group or touching CUDA."""
+    calls: dict[str, list] = {"init": [], "set_device": []}
+    monkeypatch.setattr(launch, "_timeout", launch._timeout)  # restored after the test
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls["init"].append((a, k)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls["set_device"].append(device))
+    return calls
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_timeout_reaches_init_process_group(fake_dist, monkeypatch, world):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert launch.init_process_group(torch.device("cpu"), single_process=True, timeout_minutes=3)
+    (args, kwargs), = fake_dist["init"]
+    assert args == ("gloo",) and kwargs["timeout"] == datetime.timedelta(minutes=3)
+    assert kwargs["device_id"] is None and ("store" in kwargs) == (world == 1)
+    assert fake_dist["set_device"] == []
+
+
+def test_nccl_gets_the_device(fake_dist, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cuda1 = torch.device("cuda", 1)
+    assert launch.init_process_group(cuda1)
+    (args, kwargs), = fake_dist["init"]
+    assert args == ("nccl",) and kwargs["device_id"] == cuda1
+    assert kwargs["timeout"] == datetime.timedelta(minutes=10)  # Megatron's default
+    assert fake_dist["set_device"] == [cuda1]
+
+
+def test_device_is_bound_when_the_group_already_exists(fake_dist, monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    assert not launch.init_process_group(torch.device("cuda", 1))
+    assert fake_dist["set_device"] == [torch.device("cuda", 1)] and fake_dist["init"] == []
+
+
+# ------------------------------------------------------------------------ on 3 gloo ranks (fork)
+
+WORLD = 3
+
+
+def _run_rank(rank: int, init: str, tmp: str, job, args: tuple) -> None:
+    """Joins the group, runs `job(rank, tmp, *args)` and writes its outcome lines for the parent."""
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+        outcomes = job(rank, tmp, *args)
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 -- reported to the parent through the file
+        outcomes = [traceback.format_exc()]
+    with open(os.path.join(tmp, f"outcome{rank}"), "w") as f:
+        f.write("\n".join(outcomes))
+
+
+def _on_every_rank(tmp_path, job, *args) -> list[list[str]]:
+    context = multiprocessing.get_context("fork")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    processes = [context.Process(target=_run_rank, args=(rank, init, str(tmp_path), job, args))
+                 for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    return [(tmp_path / f"outcome{rank}").read_text().split("\n") for rank in range(WORLD)]
+
+
+def _single_rank_phases(rank: int, tmp: str, twin: bool) -> list[str]:
+    """Each phase's outcome on this rank: 'ok' or the type and message of what it raised."""
+    if twin:  # what an NCCL default group gets: a gloo twin for the host-side waits
+        dist.get_backend = lambda group=None: "nccl"
+    parallel_state.initialize_model_parallel(1, 1)
+    outcomes = []
+
+    def phase(run):
+        try:
+            run()
+            outcomes.append("ok")
+        except Exception as err:  # noqa: BLE001 -- the outcome is what the test compares
+            outcomes.append(f"{type(err).__name__}: {err}")
+
+    def bad_build():
+        raise UserError("rank 0 cannot build")
+
+    blocked = os.path.join(tmp, "a file")  # a save root that is a file: rank 0's makedirs fails
+    phase(lambda: checkpointing.save_checkpoint(blocked, 1, {}))
+    phase(lambda: index_cache.cached_arrays(os.path.join(tmp, "cache"), {"x": 1}, bad_build))
+    phase(lambda: checkpointing.save_checkpoint(os.path.join(tmp, "ckpt"), 2, {"rank": rank}))
+    if twin:
+        assert launch.host_group() is launch.host_group() is not None
+    parallel_state.destroy_model_parallel()
+    return outcomes
+
+
+@pytest.mark.parametrize("twin", [False, True], ids=["gloo-default", "gloo-twin"])
+def test_every_rank_learns_of_a_single_rank_failure(tmp_path, twin):
+    (tmp_path / "a file").write_text("")
+    outcomes = _on_every_rank(tmp_path, _single_rank_phases, twin)
+    assert all(len(o) == 3 for o in outcomes), outcomes
+    first, cache, saved = zip(*outcomes)
+    assert first[0].startswith("NotADirectoryError: ")
+    assert set(first[1:]) == {f"UserError: rank 0: {first[0]}"}
+    assert set(cache) == {"UserError: rank 0 cannot build"}
+    assert set(saved) == {"ok"}
+    assert (tmp_path / "ckpt" / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+
+
+def _tensor_collectives(rank: int, tmp: str) -> list[str]:
+    collectives.reset()
+    x = torch.arange(6.0).view(2, 3) + 10 * rank
+    gathered = collectives.all_gather_into_tensor(x.t(), None, collectives.TP_ALL_GATHER)  # non-contiguous in
+    assert torch.equal(gathered, torch.stack([(torch.arange(6.0).view(2, 3) + 10 * r).t() for r in range(WORLD)]))
+    scalar = collectives.all_gather_into_tensor(torch.tensor(float(rank)), None, collectives.ESLM_THRESHOLD)
+    assert torch.equal(scalar, torch.arange(float(WORLD)))
+    assert collectives.all_gather_into_tensor(torch.tensor([rank]), None, collectives.ESLM_THRESHOLD).tolist() == \
+        [[0], [1], [2]]
+    pieces = torch.arange(float(WORLD)).view(WORLD, 1, 1).expand(WORLD, 2, 2) + rank  # piece i: i + rank
+    reduced = collectives.reduce_scatter_tensor(pieces, None, collectives.TP_REDUCE_SCATTER)
+    assert torch.equal(reduced, torch.full((2, 2), WORLD * rank + 3.0))  # sum over ranks r of (rank + r)
+    assert collectives.bytes_by_kind == {collectives.TP_ALL_GATHER: 24, collectives.ESLM_THRESHOLD: 4 + 8,
+                                         collectives.TP_REDUCE_SCATTER: 4 * WORLD * 4}
+    return ["ok"]
+
+
+def test_tensor_collectives(tmp_path):
+    assert _on_every_rank(tmp_path, _tensor_collectives) == [["ok"]] * WORLD
+
+
+# ------------------------------------------------------------------------------ clip_grad_norm
+
+
+def _model_with_grads() -> torch.nn.Module:
+    """Four gradients of at least 64 elements each (a copy of one is far larger than the per-tensor norms)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    model(torch.randn(8, 32)).square().sum().backward()
+    return model
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e6, 0.0])
+def test_clip_grad_norm_matches_torch(max_norm):
+    ours, theirs = _model_with_grads(), _model_with_grads()
+    norm = clip_grad_norm(list(ours.parameters()), max_norm)
+    want = torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), max_norm if max_norm > 0 else float("inf"))
+    assert norm.dim() == 0 and norm.dtype == torch.float64
+    torch.testing.assert_close(norm, want.double(), rtol=1e-6, atol=0)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    if max_norm != 0.1:  # no clipping: every gradient bitwise as the backward left it
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours.parameters(), _model_with_grads().parameters()))
+
+
+class _Ops(TorchDispatchMode):
+    """Every op that runs, with the dtype and size of each tensor it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[tuple[str, torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.outputs += [(str(func), t.dtype, t.numel()) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_clip_grad_norm_neither_syncs_nor_copies_a_gradient():
+    params = list(_model_with_grads().parameters())
+    with _Ops() as ops:
+        clip_grad_norm(params, 0.1)
+    assert ops.outputs and not any("_local_scalar_dense" in name for name, _, _ in ops.outputs)  # .item(), float()
+    assert not [o for o in ops.outputs if o[1] == torch.float64 and o[2] > len(params)]
+    # Allocations inside kernels are invisible to a dispatch mode (the old float64 norm copied every
+    # gradient inside linalg_vector_norm): the profiler's memory events see them.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        clip_grad_norm(params, 0.1)
+    smallest = min(p.grad.numel() * p.grad.element_size() for p in params)
+    assert max(e.cpu_memory_usage for e in prof.events()) < smallest
