@@ -3,9 +3,11 @@ of the equivalence table in one launch, since each launch costs seconds of DeepS
 
     deepspeed --num_gpus 2 tests/deepspeed_jobs.py JOBS.json OUT_DIR
 
-JOBS.json: [[name, kind, argv], ...], kind "train" (records and final validation loss) or "resume" (the
-straight and the resumed records of `test_parallel_training.resume`). Each rank writes OUT_DIR/rankN.pt.
-(The launcher adds --local_rank=N, which the environment's LOCAL_RANK already says.)
+JOBS.json: [[name, kind, argv], ...], kind "train" (records and final validation loss), "bf16" (a train
+job that also keeps this rank's parameters and layout, and records what DeepSpeed trains with: its
+optimizer, the parameters' dtypes and, after every backward, the dtypes of the tensors in which the step's
+gradients accumulate) or "resume" (the straight and the resumed records of `test_parallel_training.resume`).
+Each rank writes OUT_DIR/rankN.pt. (The launcher adds --local_rank=N, which LOCAL_RANK already says.)
 """
 from __future__ import annotations
 
@@ -15,7 +17,40 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine
 from test_parallel_training import resume, train
+
+
+def accumulators(optimizer) -> list[torch.Tensor]:
+    """Where DeepSpeed sums a step's gradients over its micro-batches: BF16_Optimizer's flat buffers
+    (stage 1 under bf16), ZeRO-3's partition buffer, ZeRO-2's partition sums (`all_grad_tensors` between
+    backwards, handed to `averaged_gradients` by the step's last one)."""
+    if hasattr(optimizer, "fp32_groups_gradients_flat"):
+        return list(optimizer.fp32_groups_gradients_flat)
+    if hasattr(optimizer, "grad_partitions_flat_buffer"):
+        return [optimizer.grad_partitions_flat_buffer]
+    sums = [*optimizer.all_grad_tensors.values(), *optimizer.averaged_gradients.values()]
+    return [grad for grads in sums if grads is not None for grad in grads]
+
+
+def train_bf16(argv: list[str]) -> dict:
+    """`train`, watching the engine: the accumulators' dtypes after every backward."""
+    seen = {"accumulators": set()}
+    backward = DeepSpeedEngine.backward
+
+    def watched(engine: DeepSpeedEngine, output, output_grad) -> None:
+        backward(engine, output, output_grad)
+        optimizer = engine.engine.optimizer
+        seen["optimizer"] = type(optimizer).__name__
+        seen["param_dtypes"] = {str(p.dtype) for p in engine.model.parameters()}
+        seen["accumulators"] |= {str(t.dtype) for t in accumulators(optimizer)}
+
+    DeepSpeedEngine.backward = watched
+    try:
+        result = train(argv, torch.float32)
+    finally:
+        DeepSpeedEngine.backward = backward
+    return {**result, **seen}
 
 
 def main(jobs_file: str, out_dir: str) -> None:
@@ -26,6 +61,8 @@ def main(jobs_file: str, out_dir: str) -> None:
         if kind == "train":
             result = train(argv, torch.float32)
             results[name] = {"records": result["records"], "val_loss": result["val_loss"]}
+        elif kind == "bf16":
+            results[name] = train_bf16(argv)
         else:
             results[name] = resume(argv, f"{out_dir}/{name}-ckpt")
     torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")

@@ -5,9 +5,10 @@ shared-memory op on first start, which needs a C++ compiler and the Python heade
 DP2, dense and ESLM, give the losses, kept fractions, thresholds and gradient norms of plain DP2 and of
 one process on the same global batch (float32, 1e-5 relative where 1e-4 is asked); TP2 and PP2 with
 ZeRO-1 (PP2 with the tied embedding's two copies), likewise; a DeepSpeed checkpoint resumes exactly
-(ZeRO-3's partitioned parameters, and the per-stage files of PP2); `deepspeed --module
-megatron_eslm.pretrain` itself trains and logs. Besides: the config that goes to DeepSpeed, and the one
-line each bad combination stops with.
+(ZeRO-3's partitioned parameters, the per-stage files of PP2, and ZeRO-1 under --bf16); `deepspeed
+--module megatron_eslm.pretrain` itself trains and logs. Under --bf16, ZeRO 1, 2 and 3 accumulate the
+micro-batches' gradients in fp32 and train close to the float32 run. Besides: the config that goes to
+DeepSpeed, and the one line each bad combination stops with.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import torch
 
 from megatron_eslm.config import build_parser, parse_args, validate_layout
 from megatron_eslm.errors import UserError
-from test_parallel_training import (COMPARED, GLOBAL_BATCH, REFERENCE_MICRO_BATCH, SELECTIONS, flags, layout_flags,
-                                    micro_batch, relative, train, untimed)
+from test_parallel_training import (COMPARED, GLOBAL_BATCH, REFERENCE_MICRO_BATCH, SELECTIONS, assemble, flags,
+                                    layout_flags, micro_batch, relative, train, untimed)
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
 
@@ -38,11 +39,20 @@ LAYOUTS = {
     "dp2": (1, 1, None), "dp2 zero1": (1, 1, 1), "dp2 zero2": (1, 1, 2), "dp2 zero3": (1, 1, 3),
     "tp2 zero1": (2, 1, 1), "pp2 zero1": (1, 2, 1),
 }
+# resumed layouts: (tensor, pipeline, zero stage), extra flags (ZeRO-1 under --bf16 is DeepSpeed's BF16_Optimizer)
+RESUMES = {"zero3": ((1, 1, 3), []), "pp2-zero1": ((1, 2, 1), []), "zero1-bf16": ((1, 1, 1), ["--bf16"])}
+# --bf16 (DeepSpeed's bf16: bf16 parameters, fp32 master weights): name -> (tensor, pipeline, sequence
+# parallel, zero stage), and the optimizer DeepSpeed picks at each stage. Compared with the float32 run of
+# one process to BF16_TOLERANCE relative: a few bf16 roundings of every activation and gradient.
+BF16_LAYOUTS = {"dp2 zero1": (1, 1, False, 1), "dp2 zero2": (1, 1, False, 2), "dp2 zero3": (1, 1, False, 3),
+                "pp2 zero1": (1, 2, False, 1), "tp2-sp zero1": (2, 1, True, 1)}
+BF16_OPTIMIZERS = {1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
+BF16_TOLERANCE = 2e-2
 
 
-def run_flags(corpus, tp: int, pp: int, stage: int | None, selection: str) -> list[str]:
+def run_flags(corpus, tp: int, pp: int, stage: int | None, selection: str, sp: bool = False) -> list[str]:
     zero = [] if stage is None else ["--zero-stage", str(stage)]
-    return flags(corpus, micro_batch(WORLD, tp, pp), *SELECTIONS[selection], *layout_flags(tp, pp, False), *zero)
+    return flags(corpus, micro_batch(WORLD, tp, pp), *SELECTIONS[selection], *layout_flags(tp, pp, sp), *zero)
 
 
 def launch(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -57,17 +67,19 @@ def launch(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.Complet
 
 @pytest.fixture(scope="module")
 def launched(tiny_corpus, tmp_path_factory):
-    """Every job of the table in one launch; returns rank 0's results."""
+    """Every job of the table in one launch; returns the output folder and every rank's results."""
     tmp = tmp_path_factory.mktemp("deepspeed")
     jobs = [[f"{layout} {selection}", "train", run_flags(tiny_corpus, tp, pp, stage, selection)]
             for layout, (tp, pp, stage) in LAYOUTS.items() for selection in COMPARED_SELECTIONS]
     jobs += [[f"resume {name}", "resume", [*run_flags(tiny_corpus, tp, pp, stage, "eslm-loss"), "--hidden-dropout",
-                                            "0.1", "--attention-dropout", "0.1"]]
-             for name, (tp, pp, stage) in (("zero3", (1, 1, 3)), ("pp2-zero1", (1, 2, 1)))]
+                                            "0.1", "--attention-dropout", "0.1", *extra]]
+             for name, ((tp, pp, stage), extra) in RESUMES.items()]
+    jobs += [[f"{layout} bf16", "bf16", [*run_flags(tiny_corpus, tp, pp, stage, "dense", sp), "--bf16"]]
+             for layout, (tp, pp, sp, stage) in BF16_LAYOUTS.items()]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = launch([str(TESTS / "deepspeed_jobs.py"), str(tmp / "jobs.json"), str(tmp)], tmp)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return tmp, torch.load(tmp / "rank0.pt", weights_only=False)
+    return tmp, [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +100,7 @@ def difference(result: dict, want: dict) -> float:
 
 
 def test_zero_stages_equal_plain_data_parallel_and_one_process(launched, references):
-    _, results = launched
+    _, (results, _) = launched
     table = {}
     for layout in LAYOUTS:
         for selection in COMPARED_SELECTIONS:
@@ -101,8 +113,8 @@ def test_zero_stages_equal_plain_data_parallel_and_one_process(launched, referen
 
 
 def test_deepspeed_checkpoints_resume_exactly(launched):
-    tmp, results = launched
-    for name in ("zero3", "pp2-zero1"):
+    tmp, (results, _) = launched
+    for name in RESUMES:
         straight, resumed = results[f"resume {name}"]
         assert [r["iteration"] for r in resumed] == [3, 4]
         assert untimed(straight[2:]) == untimed(resumed), name
@@ -112,6 +124,25 @@ def test_deepspeed_checkpoints_resume_exactly(launched):
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
     stages = sorted(f for f in os.listdir(tmp / "resume pp2-zero1-ckpt" / "iter_0000002") if f.endswith("model_states.pt"))
     assert stages == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]  # one file per pipeline stage
+
+
+def test_bf16_accumulates_in_fp32_and_trains_like_fp32(launched, references):
+    """--bf16 with 3 micro-batches per step: DeepSpeed holds bf16 parameters, and the step's gradients sum
+    in fp32 at every stage; the losses and gradient norms stay near the float32 run's, the loss falls,
+    and the tensor- and pipeline-shared gradients were summed (the replicas and the tied embedding's two
+    copies stay bitwise equal, which they would not if stage 1 summed other tensors than it reduces)."""
+    _, ranks = launched
+    for layout, (_, _, _, stage) in BF16_LAYOUTS.items():
+        result = ranks[0][f"{layout} bf16"]
+        assert result["optimizer"] == BF16_OPTIMIZERS[stage], layout
+        assert result["param_dtypes"] == {"torch.bfloat16"} and result["accumulators"] == {"torch.float32"}, layout
+        records = result["records"]
+        assert records[-1]["lm_loss"] < records[0]["lm_loss"], layout
+        worst = relative(result["val_loss"], references["dense"]["val_loss"])
+        for got, want in zip(records, references["dense"]["records"], strict=True):
+            worst = max(worst, relative(got["lm_loss"], want["lm_loss"]), relative(got["grad_norm"], want["grad_norm"]))
+        assert worst <= BF16_TOLERANCE, f"{layout}: {worst:.1e}"
+        assemble([ranks[rank][f"{layout} bf16"] for rank in range(WORLD)])
 
 
 def test_deepspeed_module_launch(tiny_corpus, references, tmp_path):
@@ -153,6 +184,15 @@ def test_config_from_flags(tiny_corpus):
         (GLOBAL_BATCH, 2, 3)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     assert ds["zero_optimization"]["stage"] == 2 and "optimizer" not in ds
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # DeepSpeed's default would be bf16
+
+
+@pytest.mark.parametrize("accum", ["auto", "float32"])
+def test_config_file_accumulates_in_fp32(tiny_corpus, tmp_path, accum):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": accum}}))
+    ds = resolve(tiny_corpus, ["--deepspeed", "--deepspeed_config", str(path), "--bf16"])
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
 
 
 def test_config_file_filled_and_stage_overridden(tiny_corpus, tmp_path):
@@ -173,6 +213,8 @@ def test_config_file_filled_and_stage_overridden(tiny_corpus, tmp_path):
     ({"gradient_clipping": 0.3}, [], "gradient_clipping is 0.3 but --clip-grad gives 1.0"),
     ({"bf16": {"enabled": True}}, [], "bf16.enabled is True but --bf16 is off"),
     ({"fp16": {"enabled": True}}, [], "fp16 is not supported; use --bf16"),
+    ({"data_types": {"grad_accum_dtype": "bf16"}}, ["--bf16"], "data_types.grad_accum_dtype is bf16, but gradients "
+     "must accumulate in fp32 over micro-batches"),
     ({"optimizer": {"type": "Adam"}}, [], "remove the 'optimizer' block"),
     ({"zero_optimization": {"stage": 0}}, [], "zero_optimization.stage must be 1, 2 or 3, got 0"),
     ({"zero_optimization": {"stage": 1, "overlap_comm": True}}, [], "overlap_comm must be false with stage 1"),

@@ -2,7 +2,8 @@
 `--deepspeed_config` and checked against them. One source of truth per quantity: the batch sizes,
 gradient clipping and bf16 come from our flags; a JSON that says otherwise is an error, not a silent
 override, because DeepSpeed would otherwise train with other numbers than the logs and the LR schedule
-assume. Pure JSON work (no deepspeed import), so a bad config fails in one line before any process group.
+assume. Gradients always accumulate over micro-batches in fp32. Pure JSON work (no deepspeed import), so
+a bad config fails in one line before any process group.
 """
 from __future__ import annotations
 
@@ -28,12 +29,29 @@ _ZERO_DEFAULTS = {
 }
 
 
+# "auto" and DeepSpeed's own spellings of float32 (`deepspeed.runtime.config.DtypeEnum`).
+_FP32_NAMES = ("auto", "fp32", "float32", "float", "torch.float32")
+
+
 def _agree(ds: dict, key: str, ours, flag: str, where: str) -> None:
     """Fill `key` from our flags, or check that the JSON already says the same."""
     if key not in ds or ds[key] == "auto":
         ds[key] = ours
     elif ds[key] != ours:
         raise UserError(f"{where}: {key} is {ds[key]} but {flag} gives {ours}; make them agree")
+
+
+def _fp32_accumulation(ds: dict, where: str) -> dict:
+    """The `data_types` block, with gradients summed over micro-batches in fp32. DeepSpeed's default is
+    the model's dtype, bf16 under --bf16, where a micro-batch's gradient added to a sum more than 256
+    times larger is lost entirely; Megatron accumulates bf16 runs in fp32 for the same reason. bf16
+    accumulation is refused, not honoured: it would need its own tested path at each ZeRO stage."""
+    data_types = dict(ds.get("data_types", {}))
+    accum = data_types.get("grad_accum_dtype", "auto")
+    if accum not in _FP32_NAMES:
+        raise UserError(f"{where}: data_types.grad_accum_dtype is {accum}, but gradients must accumulate in fp32 "
+                        "over micro-batches (bf16 sums drop small micro-batch gradients); remove it or set \"fp32\"")
+    return {**data_types, "grad_accum_dtype": "fp32"}
 
 
 def resolve(cfg: Config, dp: int) -> dict:
@@ -66,6 +84,7 @@ def resolve(cfg: Config, dp: int) -> dict:
     if bf16.get("enabled", "auto") not in ("auto", t.bf16):
         raise UserError(f"{where}: bf16.enabled is {bf16['enabled']} but --bf16 is {'on' if t.bf16 else 'off'}")
     bf16["enabled"] = t.bf16
+    data_types = _fp32_accumulation(ds, where)
     if stage >= 2 and p.pipeline_model_parallel_size > 1:
         raise UserError(f"ZeRO stage {stage} cannot run with --pipeline-model-parallel-size "
                         f"{p.pipeline_model_parallel_size}: DeepSpeed partitions gradients from stage 2 on, "
@@ -78,4 +97,5 @@ def resolve(cfg: Config, dp: int) -> dict:
         raise UserError(f"{where}: zero_optimization.overlap_comm must be false with stage 1: the step sums "
                         "tensor- and pipeline-shared gradients before DeepSpeed reduces them")
     # ZeRO wraps our own AdamW (torch's), which DeepSpeed calls "untested" and refuses unless told.
-    return {**_DEFAULTS, **ds, "zero_allow_untested_optimizer": True, "zero_optimization": zero, "bf16": bf16}
+    return {**_DEFAULTS, **ds, "zero_allow_untested_optimizer": True, "zero_optimization": zero, "bf16": bf16,
+            "data_types": data_types}

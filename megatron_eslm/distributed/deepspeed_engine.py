@@ -1,9 +1,9 @@
 """DeepSpeed ZeRO as the data-parallel optimizer of our own tensor x pipeline model (`--deepspeed`).
 
-DeepSpeed owns what it is good at: the data-parallel reduction of gradients, the partitioning of
-optimizer states (stage 1), gradients (2) and parameters (3), clipping, and its checkpoint format. Our
-code keeps the model, tensor and pipeline parallelism, the 1F1B schedule, the ESLM selection and the LR
-schedule. How one step maps onto DeepSpeed's API:
+DeepSpeed owns what it is good at: the data-parallel reduction of gradients (but for stage 1 under
+--bf16, below), the partitioning of optimizer states (stage 1), gradients (2) and parameters (3),
+clipping, and its checkpoint format. Our code keeps the model, tensor and pipeline parallelism, the 1F1B
+schedule, the ESLM selection and the LR schedule. How one step maps onto DeepSpeed's API:
 
   every forward         through the engine (ZeRO counts micro-steps and arms its backward hooks there)
   every backward        engine.backward(scalar, scale_wrt_gas=False); a pipeline stage's
@@ -18,6 +18,12 @@ schedule. How one step maps onto DeepSpeed's API:
                         two copies: `finalize_model_grads` without its data-parallel part), then lets
                         ZeRO reduce. Stages 2 and 3 reduce in the backward itself; they are refused with
                         pipelining and sequence parallelism (`deepspeed_config.resolve`).
+  --bf16                DeepSpeed's bf16: bf16 parameters, fp32 master weights, and (our ds_config)
+                        fp32 sums over the micro-batches. Stage 1 is then DeepSpeed's BF16_Optimizer,
+                        which adds each backward's bf16 `.grad` into fp32 buffers of the whole model and
+                        leaves their reduction to the caller: `finalize_model_grads` does all the sums on
+                        those buffers, the data-parallel one included, and `grad_scale` is 1. Stage 2 sums
+                        its gradient partitions in tensors kept fp32 here; stage 3 in an fp32 buffer.
   step                  our learning rate into the optimizer's groups, engine.step() (clips, steps,
                         zeroes the gradients); the gradient norm is DeepSpeed's (the tied copy is marked
                         `ds_pipe_replicated`, TP-replicated weights are counted on TP rank 0 only, as ours).
@@ -25,6 +31,9 @@ schedule. How one step maps onto DeepSpeed's API:
                         is registered as an external parameter of the model, whose forward runs the head.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -99,13 +108,17 @@ class DeepSpeedEngine:
         mpu = ModelParallelUnit() if dist.get_world_size() > 1 else None
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu,
                                                     dist_init_required=False)
+        # Stage 1 under --bf16 is DeepSpeed's BF16_Optimizer: the micro-batches' gradients sum in fp32 buffers
+        # of its own, which our bucketed sums reduce (`_reduce`).
+        self._fp32_buffers = getattr(self.engine.optimizer, "fp32_groups_gradients", None)
         self._backwards = 0
 
     @property
     def grad_scale(self) -> float:
-        """Factor on each micro-batch loss: DeepSpeed averages gradients over data parallelism, the
-        ESLM/dense normalisation already divides by the whole selection group's token count."""
-        return float(parallel_state.data_parallel_size())
+        """Factor on each micro-batch loss: DeepSpeed averages gradients over data parallelism where the
+        ESLM/dense normalisation, by the whole selection group's token count, needs a sum. Our own
+        reduction of BF16_Optimizer's buffers sums."""
+        return 1.0 if self._fp32_buffers is not None else float(parallel_state.data_parallel_size())
 
     def _defers_reduction(self) -> bool:
         """Stage 1 reduces once, after our own tensor/pipeline sums (see the module docstring)."""
@@ -125,17 +138,58 @@ class DeepSpeedEngine:
         self.engine.set_gradient_accumulation_boundary(last and not self._defers_reduction())
         loss = output if output_grad is None else torch.sum(output * output_grad)
         self.engine.backward(loss, scale_wrt_gas=False)
+        if self.stage == 2:
+            self._accumulate_in_fp32()
 
-    def step(self, lr: float) -> float:
-        """Reduce (stage 1), clip and apply the step's gradients at `lr`; returns the gradient norm."""
+    def _accumulate_in_fp32(self) -> None:
+        """ZeRO-2 of DeepSpeed 0.19 adds each micro-batch's reduced gradient partition into the first
+        micro-batch's tensors (`all_grad_tensors`), which are bf16 under --bf16 whatever `grad_accum_dtype`
+        says. Promoted to fp32 after a backward, the following micro-batches add into fp32 (a no-op when
+        they already are fp32, or when the step's last backward has consumed them)."""
+        sums = self.engine.optimizer.all_grad_tensors
+        for group, grads in sums.items():
+            if grads is not None:
+                sums[group] = [grad.float() for grad in grads]
+
+    def step(self, lr: float) -> torch.Tensor | float:
+        """Reduce (stage 1), clip and apply the step's gradients at `lr`; returns the gradient norm as
+        DeepSpeed has it (read at the log interval; DeepSpeed's own step reads it on the host anyway:
+        BF16_Optimizer asserts it positive, ZeRO checks it for overflow)."""
         if self._defers_reduction():
-            finalize_model_grads(self.model, self.bucket_elements, data_parallel=False)
-            self.engine.set_gradient_accumulation_boundary(True)
-            self.engine.optimizer.reduce_gradients(pipeline_parallel=True)  # backward ran outside ZeRO's hooks
+            self._reduce()
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
-        return float(self.engine.get_global_grad_norm())
+        return self.engine.get_global_grad_norm()
+
+    def _reduce(self) -> None:
+        """Stage 1: sum what tensor/pipeline parallelism share, then reduce over data parallelism. ZeRO's
+        stage-1 optimizer reduces `.grad` itself. BF16_Optimizer's fp32 buffers get all the sums from
+        `finalize_model_grads`, in --ddp-bucket-size buckets as without DeepSpeed: DeepSpeed's own
+        all-reduce of them would first copy each parameter group's whole buffer."""
+        self.engine.set_gradient_accumulation_boundary(True)  # engine.step() steps at a boundary only
+        if self._fp32_buffers is not None:
+            with self._grads_in_fp32_buffers():
+                finalize_model_grads(self.model, self.bucket_elements)
+            return
+        finalize_model_grads(self.model, self.bucket_elements, data_parallel=False)
+        self.engine.optimizer.reduce_gradients(pipeline_parallel=True)  # backward ran outside ZeRO's hooks
+
+    @contextlib.contextmanager
+    def _grads_in_fp32_buffers(self) -> Iterator[None]:
+        """Each parameter's `.grad` made its fp32 accumulator in DeepSpeed's BF16_Optimizer, which sums
+        the micro-batches' bf16 `.grad` there and zeroes `.grad` before every backward. Assigning
+        `.data` may change a tensor's dtype where assigning `.grad` may not; `.grad` is cleared after."""
+        params = [p for group in self.engine.optimizer.bf16_groups for p in group]
+        for param, buffer in zip(params, (b for group in self._fp32_buffers for b in group), strict=True):
+            if param.grad is None:
+                param.grad = torch.empty_like(param)
+            param.grad.data = buffer.view_as(param)
+        try:
+            yield
+        finally:
+            for param in params:
+                param.grad = None
 
     def save(self, directory: str, client_state: dict) -> None:
         """Collectively write DeepSpeed's checkpoint of every rank into `directory` (a temporary name that
