@@ -13,9 +13,13 @@ Design (why each pass looks the way it does):
   ``[chunk, V]`` buffer in the hidden dtype; then ``grad_hidden = d_logits @ W`` is a cuBLAS GEMM
   (torch.mm, fp32 accumulation inside) and ``grad_weight += d_logits.T @ hidden[rows]`` is a Triton
   kernel that gathers the kept rows itself and accumulates into the float32 weight gradient, so nothing is
-  rounded to 16 bits between chunks. The grid only covers kept rows: dropped rows cost nothing.
-* ``lm_head_fused_dense`` is pass 1 followed by pass 2 over every valid row: one logits GEMM more than a
-  true single pass, in exchange for never holding float32 logits (only the 16-bit d_logits chunk).
+  rounded to 16 bits between chunks. The grid only covers kept rows: dropped rows cost nothing. The
+  weight gradient can go straight into an existing accumulator (``grad_weight_out``: the weight's
+  ``.grad``), so a micro-batch allocates no [V, H] gradient of its own.
+* No single-pass dense function (``lm_head_torch.lm_head_fused_dense``): here dense training would be pass
+  1 then pass 2 over every valid row anyway (one logits GEMM more than a true single pass, in exchange for
+  never holding float32 logits), so the selective head runs pass 2 in its backward instead, where the
+  incoming gradient is known and the weight gradient can be accumulated in place.
 
 Precision: tiles are accumulated in the score dtype (float32, float64 for float64 inputs). Float32 dots
 use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` allows it for torch matmuls.
@@ -37,6 +41,7 @@ from torch import Tensor
 # Re-exported: the vocab-parallel statistics are part of this module's interface.
 from megatron_eslm.kernels.lm_head_partials import (Partials, combine_partials, merge_partials,  # noqa: F401
                                                     rescale_partials)
+from megatron_eslm.kernels.lm_head_torch import score_dtype, weight_grad_buffer
 
 # Bytes of the [chunk, V] d_logits buffer of pass 2. Large chunks matter on GPUs: every chunk re-reads
 # and re-writes the [V, H] float32 weight gradient, which must stay small next to the chunk's GEMMs.
@@ -202,18 +207,14 @@ def _kernels() -> SimpleNamespace:
 
 # ------------------------------------------------------------------------------------------- host side
 
-def score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the tile accumulators, softmax statistics and weight gradient: at least float32."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     """TF32 for float32 dots only where torch matmuls would use it too."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Row-major hidden and the weight cast to the hidden dtype (tl.dot needs one dtype)."""
+    """Row-major hidden and the weight cast to the hidden dtype (tl.dot needs one dtype); no copy when the
+    head passes the weight already cast, as ``model/lm_head.py`` does."""
     return hidden.contiguous(), weight.to(hidden.dtype).contiguous()
 
 
@@ -272,12 +273,16 @@ def _chunk_rows(num_rows: int, vocab: int, hidden: Tensor) -> int:
 
 @torch.no_grad()
 def lm_head_backward_rows(hidden: Tensor, weight: Tensor, labels: Tensor, rows: Tensor, lse: Tensor,
-                          grad_scale: float | Tensor, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+                          grad_scale: float | Tensor, chunk_rows: int | None = None,
+                          grad_weight_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Pass 2: gradients of grad_scale * sum(loss[rows]) w.r.t. hidden[rows] and weight.
 
-    ``rows`` must have valid labels. Returns (grad_hidden_rows [K, H] in hidden dtype, grad_weight [V, H]
-    in the score dtype). Work and memory scale with K; the d_logits buffer holds ``chunk_rows`` rows.
+    ``rows`` must have valid labels. The weight gradient is added to ``grad_weight_out`` (score dtype, e.g.
+    the weight's ``.grad``) or to fresh zeros. Returns (grad_hidden_rows [K, H] in hidden dtype,
+    grad_weight [V, H] in the score dtype). Work and memory scale with K; the d_logits buffer holds
+    ``chunk_rows`` rows.
     """
+    grad_weight = weight_grad_buffer(weight, hidden, grad_weight_out)
     hidden, weight = _operands(hidden, weight)
     (num_kept,), (vocab, hidden_size) = rows.shape, weight.shape
     acc_dtype = score_dtype(hidden.dtype)
@@ -287,7 +292,6 @@ def lm_head_backward_rows(hidden: Tensor, weight: Tensor, labels: Tensor, rows: 
     labels, lse = labels.contiguous(), lse.to(acc_dtype).contiguous()
     precision = _dot_precision(hidden.dtype)
     grad_hidden = hidden.new_empty(num_kept, hidden_size)
-    grad_weight = torch.zeros(vocab, hidden_size, dtype=acc_dtype, device=hidden.device)
     for start in range(0, num_kept, chunk_rows):
         chunk = rows[start:start + chunk_rows].contiguous()
         size = chunk.shape[0]
@@ -301,19 +305,3 @@ def lm_head_backward_rows(hidden: Tensor, weight: Tensor, labels: Tensor, rows: 
                                   d_logits.stride(0), hidden.stride(0), grad_weight.stride(0),
                                   DOT_PRECISION=precision)
     return grad_hidden, grad_weight
-
-
-@torch.no_grad()
-def lm_head_fused_dense(hidden: Tensor, weight: Tensor, labels: Tensor, grad_scale: float | Tensor,
-                        ignore_index: int = -100, chunk_rows: int | None = None
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Scores and gradients of grad_scale * sum(valid losses), for dense training.
-
-    Pass 1 over all rows then pass 2 over the valid rows (see the module docstring for why). Ignored rows
-    get zero gradient. Returns (loss, lse, entropy, grad_hidden [N, H] hidden dtype, grad_weight [V, H]).
-    """
-    loss, lse, entropy = lm_head_scores(hidden, weight, labels, ignore_index)
-    rows = (labels != ignore_index).nonzero().squeeze(1)
-    grad_rows, grad_weight = lm_head_backward_rows(hidden, weight, labels, rows, lse, grad_scale, chunk_rows)
-    grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_rows)
-    return loss, lse, entropy, grad_hidden, grad_weight

@@ -1,6 +1,11 @@
 """Benchmark the LM head: eager full-logits cross-entropy vs our fused dense and selective paths.
 
-Prints a markdown table of forward+backward median time and peak extra memory per variant.
+Prints a markdown table of forward+backward median time and peak extra memory per variant. A step is
+``--micro-batches`` forward+backward passes accumulating into the weight's ``.grad``, from no gradient;
+``--accumulate-into-grad`` makes our heads add the weight gradient in place (the trainer's setting without
+DeepSpeed) rather than return it to autograd. With a 16-bit ``--dtype`` the hidden states are 16-bit and the
+weight stays float32, as under ``--bf16`` autocast; our heads cast it once per step (``weight_cast_cache``),
+eager dense casts it in every forward, as autocast does.
 
 Which tool does what: this one times the PyTorch heads with perf_counter on any device (the CPU table of
 docs/benchmarks.md); the GPU benchmark that issue 6 calls `tools/bench_lm_head.py` -- the Triton kernels
@@ -12,12 +17,16 @@ tools/bench_lm_head_triton.py.
   (torch.cuda.max_memory_allocated on CUDA).
 * Time: all variants share one process and are timed round-robin (A B C .. A B C ..), so load from
   other processes on a shared machine hits every variant alike and the ratios stay meaningful.
+* Before/after a change: run the same command with PYTHONPATH pointing at the other checkout's package;
+  the eager baseline is the same code in both runs, so the ratios to it compare across runs.
 
     python tools/bench_lm_head.py --tokens 4096 --hidden 512 --vocab 16384
+    python tools/bench_lm_head.py --tokens 512 --hidden 768 --vocab 32768 --micro-batches 2 --accumulate-into-grad
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -30,6 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from megatron_eslm.model import lm_head
 from megatron_eslm.model.lm_head import Selection, Selector, TokenScores, selective_lm_head_loss
 
 VARIANTS = [("eager dense", 1.0), ("fused dense", 1.0)] + [("selective", keep) for keep in (1.0, 0.5, 0.3, 0.1)]
@@ -47,6 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant, after one warmup")
+    parser.add_argument("--micro-batches", type=int, default=1, help="forward+backward passes per step")
+    parser.add_argument("--accumulate-into-grad", action="store_true",
+                        help="our heads add the weight gradient in place into .grad")
     parser.add_argument("--memory-worker", type=int, metavar="VARIANT_INDEX", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -68,26 +81,33 @@ def make_inputs(args: argparse.Namespace) -> Inputs:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, generator=gen)
-    weight = torch.randn(args.vocab, args.hidden, device=device, dtype=dtype, generator=gen) * 0.02
+    # In place: a temporary would raise the baseline's peak RSS and hide part of a variant's peak.
+    weight = torch.randn(args.vocab, args.hidden, device=device, generator=gen).mul_(0.02)
     labels = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=gen)
     return hidden.requires_grad_(), weight.requires_grad_(), labels
 
 
-def make_step(variant: str, keep: float, inputs: Inputs) -> Callable[[], None]:
-    """One forward+backward of the named variant, starting from empty gradients."""
+def make_step(variant: str, keep: float, inputs: Inputs, args: argparse.Namespace) -> Callable[[], None]:
+    """One step of the named variant: ``--micro-batches`` forward+backward passes from empty gradients."""
     hidden, weight, labels = inputs
+    # Both only when they exist and are asked for, so that the script also runs against a checkout from
+    # before them (PYTHONPATH): the before/after comparison of docs/benchmarks.md.
+    cast_cache = getattr(lm_head, "weight_cast_cache", contextlib.nullcontext)
+    in_place = {"accumulate_into_grad": True} if args.accumulate_into_grad else {}
     if variant == "eager dense":
         def loss() -> torch.Tensor:
-            return F.cross_entropy(F.linear(hidden, weight).float(), labels)
+            return F.cross_entropy(F.linear(hidden, weight.to(hidden.dtype)).float(), labels)
     else:
         select = None if variant == "fused dense" else top_fraction(keep)
 
         def loss() -> torch.Tensor:
-            return selective_lm_head_loss(hidden, weight, labels, select).loss
+            return selective_lm_head_loss(hidden, weight, labels, select, **in_place).loss
 
     def step() -> None:
         hidden.grad = weight.grad = None
-        loss().backward()
+        with cast_cache():
+            for _ in range(args.micro_batches):
+                loss().backward()
         if hidden.device.type == "cuda":
             torch.cuda.synchronize(hidden.device)
 
@@ -108,7 +128,7 @@ def measure_memory(args: argparse.Namespace) -> float:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     baseline = peak_bytes(device)
-    make_step(*VARIANTS[args.memory_worker], inputs)()
+    make_step(*VARIANTS[args.memory_worker], inputs, args)()
     return (peak_bytes(device) - baseline) / 2**20
 
 
@@ -120,7 +140,7 @@ def spawn_memory_worker(index: int, argv: list[str]) -> float:
 def measure_times(args: argparse.Namespace) -> list[float]:
     """Median step time (ms) of every variant, timed round-robin after one warmup step each."""
     inputs = make_inputs(args)
-    steps = [make_step(name, keep, inputs) for name, keep in VARIANTS]
+    steps = [make_step(name, keep, inputs, args) for name, keep in VARIANTS]
     times: list[list[float]] = [[] for _ in steps]
     for repeat in range(1 + args.repeats):
         for step, samples in zip(steps, times):
@@ -141,7 +161,8 @@ def main(argv: list[str]) -> None:
     peaks = [spawn_memory_worker(index, argv) for index in range(len(VARIANTS))]
     times = measure_times(args)
     print(f"tokens={args.tokens} hidden={args.hidden} vocab={args.vocab} dtype={args.dtype} device={args.device} "
-          f"threads={args.threads} repeats={args.repeats} "
+          f"threads={args.threads} repeats={args.repeats} micro-batches={args.micro_batches} "
+          f"accumulate-into-grad={args.accumulate_into_grad} "
           f"load average before/after={load_before:.2f}/{os.getloadavg()[0]:.2f}\n")
     print("| variant | keep | time ms | ratio | peak extra MiB | ratio |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -6,8 +6,10 @@ MAX all-reduce of the maxima and one SUM all-reduce of the three rescaled sums g
 over the whole vocabulary. All-reduce results are the same bits on every rank, so every TP rank scores,
 selects and drops the same rows. Backward: each rank recomputes its shard's logits for the kept rows only;
 their hidden-state gradients are partial sums over the shards, summed by one all-reduce of the kept rows,
-[K, H] instead of [N, H]. Dense training runs the same two passes over every valid row (the single fused
-pass needs the global lse before any softmax gradient, which only exists after the all-reduce).
+[K, H] instead of [N, H]. Dense training runs the same two passes over every row, the ignored ones with a
+zero gradient (the single fused pass needs the global lse before any softmax gradient, which only exists
+after the all-reduce). As in `model.lm_head`: no host sync but a selection's ``kept.nonzero()``, the weight cast saved for (and cached across) the
+backward, and with ``accumulate_into_grad`` the shard's weight gradient added in place into its ``.grad``.
 
 With one tensor-parallel rank `model.lm_head.selective_lm_head_loss` runs instead, unchanged.
 """
@@ -22,7 +24,8 @@ from torch import Tensor
 from megatron_eslm import parallel_state
 from megatron_eslm.distributed import collectives
 from megatron_eslm.kernels.lm_head_partials import Partials, combine_partials, rescale_partials
-from megatron_eslm.model.lm_head import (LMHeadOutput, Selection, Selector, TokenScores, kernels_for, needs_grad,
+from megatron_eslm.model.lm_head import (LMHeadOutput, Selection, Selector, TokenScores, WeightGrad, cast_weight,
+                                         kernels_for, needs_grad, row_backward, save_for_row_backward,
                                          select_and_reduce)
 
 
@@ -46,36 +49,35 @@ class _VocabParallelSelectiveLMHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, select: Selector | None, ignore_index: int,
-                kernels: ModuleType, needs_grad: bool, normalizer: float | None, vocab_start: int
-                ) -> tuple[Tensor, TokenScores, Selection]:
+                kernels: ModuleType, needs_grad: bool, normalizer: Tensor | float | None, vocab_start: int,
+                accumulate_into_grad: bool) -> tuple[Tensor, TokenScores, Selection]:
         valid = labels != ignore_index
-        token_loss, lse, entropy = vocab_parallel_scores(hidden, weight, labels, vocab_start, ignore_index, kernels)
-        dense_normalizer = float(valid.sum()) if normalizer is None else normalizer
+        compute_weight = cast_weight(weight, hidden.dtype)
+        token_loss, lse, entropy = vocab_parallel_scores(hidden, compute_weight, labels, vocab_start, ignore_index,
+                                                         kernels)
+        dense_normalizer = valid.sum() if normalizer is None else normalizer
         loss, scores, selection, inv_normalizer = select_and_reduce(token_loss, entropy, valid, select,
                                                                     dense_normalizer)
         if needs_grad:
             local = labels - vocab_start
             local_labels = torch.where(valid & (local >= 0) & (local < weight.shape[0]), local, -1)
-            ctx.save_for_backward(hidden, weight, local_labels, selection.kept.nonzero().squeeze(1), lse)
-            ctx.kernels, ctx.inv_normalizer, ctx.weight_dtype = kernels, inv_normalizer, weight.dtype
+            save_for_row_backward(ctx, hidden, compute_weight, local_labels, selection, lse, inv_normalizer,
+                                  kernels, WeightGrad(weight, hidden, accumulate_into_grad), dense=select is None)
         return loss, scores, selection
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_unused) -> tuple[Tensor | None, ...]:
-        hidden, weight, local_labels, rows, lse = ctx.saved_tensors
-        grad_rows, grad_weight = ctx.kernels.lm_head_backward_rows(
-            hidden, weight, local_labels, rows, lse, grad_loss * ctx.inv_normalizer)
-        grad_rows = _tp_all_reduce(grad_rows)
-        grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_rows)
-        return grad_hidden, grad_weight.to(ctx.weight_dtype), None, None, None, None, None, None, None
+        grad_hidden, grad_weight = row_backward(ctx, grad_loss, reduce_rows=_tp_all_reduce)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_lm_head_loss(hidden: Tensor, weight: Tensor, labels: Tensor, select: Selector | None,
                                 vocab_start: int, ignore_index: int = -100, impl: str = "torch",
-                                normalizer: float | None = None) -> LMHeadOutput:
+                                normalizer: Tensor | float | None = None,
+                                accumulate_into_grad: bool = False) -> LMHeadOutput:
     """`selective_lm_head_loss` with ``weight`` = this tensor-parallel rank's vocabulary rows vocab_start..;
     ``hidden`` and ``labels`` are the same on every TP rank, and so are the returned loss and scores."""
     loss, scores, selection = _VocabParallelSelectiveLMHead.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), select, ignore_index, kernels_for(impl),
-        needs_grad(hidden, weight), normalizer, vocab_start)
+        needs_grad(hidden, weight), normalizer, vocab_start, accumulate_into_grad)
     return LMHeadOutput(loss=loss, scores=scores, selection=selection)
