@@ -16,7 +16,7 @@ setup(
     packages=PACKAGES,
     package_dir={"megatron_eslm.kernels": "kernels"},
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.4",  # torch.get_autocast_dtype, torch.is_autocast_enabled(device_type)
         "numpy>=1.24",
         "sentencepiece>=0.1.99",
         "tensorboard>=2.12",

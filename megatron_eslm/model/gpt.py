@@ -20,10 +20,10 @@ from torch import nn
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig
 from megatron_eslm.model.lm_head import LMHeadOutput, Selector, selective_lm_head_loss
-from megatron_eslm.model.transformer import TransformerBlock
+from megatron_eslm.model.transformer import LayerNorm, TransformerBlock
 from megatron_eslm.tensor_parallel import mappings
-from megatron_eslm.tensor_parallel.layers import (ShardedDropout, VocabParallelEmbedding, mark_sequence_parallel,
-                                                  master_normal)
+from megatron_eslm.tensor_parallel.layers import (ShardedDropout, VocabParallelEmbedding, activation_dtype,
+                                                  mark_sequence_parallel, master_normal, to_activation_dtype)
 from megatron_eslm.tensor_parallel.lm_head import vocab_parallel_lm_head_loss
 
 T = TypeVar("T")
@@ -68,7 +68,7 @@ class GPTModel(nn.Module):
             TransformerBlock(cfg, init_generator(init_seed, 1 + self.layer_offset + i), sequence_parallel)
             for i in range(layers_per_stage))
         if self.post_process:
-            self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+            self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
             if sequence_parallel:
                 mark_sequence_parallel(self.final_layernorm.parameters())
 
@@ -76,6 +76,11 @@ class GPTModel(nn.Module):
     def output_weight(self) -> torch.Tensor:
         """The LM head is tied to the input embedding, as in GPT-2 and Megatron's default."""
         return self.word_embeddings.weight
+
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype of the activations this stage receives and sends (the pipeline messages') under the
+        current autocast state: ask inside the forward's autocast context. bf16 under --bf16."""
+        return activation_dtype(next(self.parameters()))
 
     def forward(self, tokens: torch.Tensor | None, input_tensor: torch.Tensor | None = None,
                 head: Callable[[torch.Tensor], T] | None = None) -> torch.Tensor | T:
@@ -85,7 +90,7 @@ class GPTModel(nn.Module):
         the forward, where DeepSpeed ZeRO-3 has gathered the tied word embedding."""
         if self.pre_process:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
-            x = self.word_embeddings(tokens) + self.position_embeddings(positions)
+            x = self.word_embeddings(tokens) + to_activation_dtype(self.position_embeddings(positions))
             if self.sequence_parallel:
                 x = mappings.scatter_to_sequence_parallel_region(x)
             x = self.embedding_dropout(x)
@@ -102,16 +107,20 @@ class GPTModel(nn.Module):
         return x if head is None else head(x)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, select: Selector | None,
-             impl: str = "torch", normalizer: float | None = None) -> LMHeadOutput:
+             impl: str = "torch", normalizer: torch.Tensor | float | None = None,
+             accumulate_into_grad: bool = False) -> LMHeadOutput:
         """Per-token scores over every token, then the loss over the tokens `select` keeps (dense: every
-        valid token, divided by `normalizer`, default their count here)."""
+        valid token, divided by `normalizer`, default their count here). `accumulate_into_grad`: the head
+        adds the tied weight's gradient in place into its `.grad` (our data parallelism; never under
+        DeepSpeed, whose ZeRO hooks the weight's autograd accumulation: see `model/lm_head.py`)."""
         weight = self.output_weight
         if torch.is_autocast_enabled(hidden.device.type):
             hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
         if parallel_state.tensor_model_parallel_size() == 1:
-            return selective_lm_head_loss(hidden, weight, labels, select, impl=impl, normalizer=normalizer)
+            return selective_lm_head_loss(hidden, weight, labels, select, impl=impl, normalizer=normalizer,
+                                          accumulate_into_grad=accumulate_into_grad)
         return vocab_parallel_lm_head_loss(hidden, weight, labels, select, self.word_embeddings.vocab_start,
-                                           impl=impl, normalizer=normalizer)
+                                           impl=impl, normalizer=normalizer, accumulate_into_grad=accumulate_into_grad)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits, only for generation of a few positions; training never builds them."""

@@ -2,7 +2,8 @@
 
 Tensor parallelism splits the attention heads and the MLP width over the TP ranks (column-parallel in,
 row-parallel out, Megatron's layout). Under sequence parallelism the norms, residuals and hidden dropout
-work on this rank's share of the sequence.
+work on this rank's share of the sequence. Under autocast (--bf16) the residual stream, like every
+activation, is in the autocast dtype (Megatron's default; it has no fp32 residual here).
 """
 from __future__ import annotations
 
@@ -11,13 +12,30 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig
 from megatron_eslm.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, ShardedDropout,
                                                   mark_sequence_parallel)
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that takes and returns the activation dtype under autocast. CUDA's autocast runs
+    layer_norm in fp32 and returns fp32, which would turn the residual stream, the saved activations and
+    the pipeline messages fp32. Here input and weights go to the kernel in the autocast dtype with autocast
+    off: it still accumulates the statistics in fp32, and saves its bf16 input and weights and one mean
+    and rstd per row (fp32 on CUDA; the CPU kernel stores them in bf16). Without autocast: nn.LayerNorm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype),
+                                self.eps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,9 +80,9 @@ class TransformerBlock(nn.Module):
         # Megatron/GPT-2 scale the init of the projections that write into the residual stream by
         # 1/sqrt(2 * num_layers) so the residual's variance does not grow with depth.
         output_std = cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.self_attention = CausalSelfAttention(cfg, output_std, generator, sequence_parallel)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
         self.mlp = MLP(cfg, output_std, generator, sequence_parallel)
         self.hidden_dropout = (ShardedDropout if sequence_parallel else nn.Dropout)(cfg.hidden_dropout)
         if sequence_parallel:

@@ -7,7 +7,9 @@ tensors and run backwards; what a loss is (and what its threshold covers) is the
 
 1F1B: stage p of P first runs P - p - 1 forwards (warmup), then alternates one forward and one backward
 (steady state), then drains the remaining backwards (cooldown). At most P - p micro-batches' activations
-are alive on a stage, against all of them for "all forwards, then all backwards".
+are alive on a stage, against all of them for "all forwards, then all backwards". A stage output, once
+sent, keeps only its autograd graph (Megatron's deallocate_output_tensor): its values live on the next
+stage, and the plain autograd backward needs only the graph.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd import Variable
 
 from megatron_eslm import parallel_state
 from megatron_eslm.pipeline_parallel import p2p_communication as p2p
@@ -27,7 +30,22 @@ Backward = Callable[[Tensor, Tensor | None], None]
 
 
 def autograd_backward(output: Tensor, output_grad: Tensor | None) -> None:
-    torch.autograd.backward(output, grad_tensors=output_grad)
+    """Plain autograd. Given a gradient, it calls the engine directly (Megatron's custom_backward):
+    torch.autograd.backward would compare the gradient's shape with the output's, whose data `_free_data`
+    has released; the engine checks it against the shape the graph recorded. (torch >= 2.7 takes
+    get_gradient_edge(output) in torch.autograd.backward for the same.)"""
+    if output_grad is None:
+        torch.autograd.backward(output)
+        return
+    Variable._execution_engine.run_backward(tensors=(output,), grad_tensors=(output_grad,), keep_graph=False,
+                                            create_graph=False, inputs=(), allow_unreachable=True,
+                                            accumulate_grad=True)
+
+
+def _free_data(output: Tensor) -> Tensor:
+    """Release a sent output's values, keeping its autograd graph (Megatron's deallocate_output_tensor)."""
+    output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
+    return output
 
 
 def forward_backward_no_pipelining(forward_step: ForwardStep, num_micro_batches: int, forward_only: bool,
@@ -56,7 +74,9 @@ def _receive_input(spec: TensorSpec, forward_only: bool) -> Tensor | None:
 def forward_backward_pipelining_without_interleaving(forward_step: ForwardStep, num_micro_batches: int,
                                                      forward_only: bool, spec: TensorSpec | None = None,
                                                      backward: Backward = autograd_backward) -> None:
-    """1F1B over the pipeline stages; `spec` describes the activations between stages."""
+    """1F1B over the pipeline stages; `spec` describes the activations between stages. Sent outputs are
+    freed only under the plain autograd backward: any other (DeepSpeed's sum(output * grad)) may read
+    their values, so they are kept."""
     if forward_only:
         for _ in range(num_micro_batches):
             p2p.send_forward(forward_step(_receive_input(spec, True)), spec)
@@ -64,6 +84,7 @@ def forward_backward_pipelining_without_interleaving(forward_step: ForwardStep, 
     rank, size = parallel_state.pipeline_model_parallel_rank(), parallel_state.pipeline_model_parallel_size()
     warmup = min(size - rank - 1, num_micro_batches)
     steady = num_micro_batches - warmup
+    free = backward is autograd_backward and not parallel_state.is_pipeline_last_stage()  # last: a loss
     inputs: list[Tensor | None] = []
     outputs: list[Tensor] = []
     for _ in range(warmup):
@@ -71,14 +92,14 @@ def forward_backward_pipelining_without_interleaving(forward_step: ForwardStep, 
         output = forward_step(input_tensor)
         p2p.send_forward(output, spec)
         inputs.append(input_tensor)
-        outputs.append(output)
+        outputs.append(_free_data(output) if free else output)
 
     input_tensor = _receive_input(spec, False) if steady else None
     for i in range(steady):
         output = forward_step(input_tensor)
         output_grad = p2p.send_forward_recv_backward(output, spec)
         inputs.append(input_tensor)
-        outputs.append(output)
+        outputs.append(_free_data(output) if free else output)
         input_grad = _backward_step(backward, inputs.pop(0), outputs.pop(0), output_grad)
         if i == steady - 1:
             p2p.send_backward(input_grad, spec)

@@ -6,6 +6,10 @@ shards put together equal the one-process weight for the same seed, whatever the
 Parameters carry Megatron's attributes: `tensor_model_parallel` and `partition_dim` for shards,
 `sequence_parallel` for replicated parameters used on sequence shards (their gradients are partial sums
 over the tensor-parallel ranks).
+
+Under autocast (--bf16, fp32 parameters) every output is in the autocast dtype: the GEMMs are cast by
+autocast itself, while the embedding lookup and the bias added after the row-parallel reduction, which
+autocast leaves alone, are cast here, so the residual stream stays bf16 as in Megatron.
 """
 from __future__ import annotations
 
@@ -16,6 +20,19 @@ from torch import Tensor, nn
 from megatron_eslm import parallel_state
 from megatron_eslm.tensor_parallel import mappings
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
+
+
+def activation_dtype(x: Tensor) -> torch.dtype:
+    """The dtype activations travel in: autocast's where it is on for x's device, else x's own. Ops that
+    autocast leaves alone (lookups, additions with fp32 parameters, norms) would otherwise promote the
+    activations, the tensors autograd saves and the pipeline messages to the parameters' fp32."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def to_activation_dtype(x: Tensor) -> Tensor:
+    """x in `activation_dtype` (itself, not a copy, when it already is: fp32 runs are unchanged)."""
+    return x.to(activation_dtype(x))
 
 
 def master_normal(shape: tuple[int, ...], std: float, generator: torch.Generator) -> Tensor:
@@ -74,14 +91,16 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         partial = F.linear(x, self.weight)
+        bias = self.bias.to(partial.dtype)  # an fp32 bias would promote a bf16 output
         if self.sequence_parallel:
-            return mappings.reduce_scatter_to_sequence_parallel_region(partial) + self.bias
-        return mappings.reduce_from_tensor_model_parallel_region(partial) + self.bias
+            return mappings.reduce_scatter_to_sequence_parallel_region(partial) + bias
+        return mappings.reduce_from_tensor_model_parallel_region(partial) + bias
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose vocabulary rows are split over the TP ranks: each rank looks up the ids in its range,
-    zeros elsewhere, and the sum over ranks is the full lookup. The same shard is the tied LM head's."""
+    zeros elsewhere, and the sum over ranks is the full lookup. The same shard is the tied LM head's. The
+    lookup is cast to the activation dtype before the sum (exact: one rank's row is nonzero)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float, generator: torch.Generator):
         super().__init__()
@@ -90,11 +109,11 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         if parallel_state.tensor_model_parallel_size() == 1:
-            return F.embedding(ids, self.weight)
+            return to_activation_dtype(F.embedding(ids, self.weight))
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return mappings.reduce_from_tensor_model_parallel_region(out)
+        return mappings.reduce_from_tensor_model_parallel_region(to_activation_dtype(out))
 
 
 class ShardedDropout(nn.Dropout):
