@@ -57,14 +57,14 @@ def write_stdlib_corpus(path: str, max_bytes: int) -> tuple[int, int]:
 
 
 class RunTotals:
-    """Sums over every training step of a run (the trainer's records hold the logged steps only)."""
+    """Sums over every training step of a run, from the reduced sums of each log interval."""
 
     def __init__(self) -> None:
         self.steps = self.tokens = self.valid = self.kept = 0
         self.executed_flops = self.dense_flops = self.seconds = 0.0
 
     def add(self, stats: StepStats, seconds: float, tokens: int, flops) -> None:
-        self.steps += 1
+        self.steps += stats.steps
         self.tokens += tokens
         self.valid += stats.valid
         self.kept += stats.kept
@@ -82,19 +82,16 @@ class RunTotals:
 
 
 class TotalsTrainer(Trainer):
-    """The trainer, also summing every step into `totals`, timed as the trainer times its records."""
+    """The trainer, also summing every log interval (so every step) into `totals`, timed as its records."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.totals = RunTotals()
 
-    def train_step(self, batches) -> StepStats:
-        tic = time.perf_counter()
-        stats = super().train_step(batches)
-        elapsed = time.perf_counter() - tic
-        self.totals.add(stats, elapsed, self.cfg.training.global_batch_size * self.cfg.model.seq_length,
+    def _train_record(self, stats: StepStats, elapsed: float) -> dict:
+        self.totals.add(stats, elapsed, self.cfg.training.global_batch_size * self.cfg.model.seq_length * stats.steps,
                         stats.flops(self.cfg.model, self.vocab_size))
-        return stats
+        return super()._train_record(stats, elapsed)
 
 
 def pretrain_flags(out: str, data_prefix: str, tokenizer_model: str, args: argparse.Namespace) -> list[str]:

@@ -50,7 +50,7 @@ def test_alpha_zero_keeps_every_valid_token_and_empty_batch_keeps_none():
     assert torch.equal(sel.kept, s.valid) and sel.normalizer == float(s.valid.sum())
     empty = TokenScores(loss=s.loss, entropy=s.entropy, valid=torch.zeros_like(s.valid))
     sel = ESLMPolicy(0.5, "loss")(empty)
-    assert not sel.kept.any() and sel.normalizer == 0.0 and sel.threshold is None
+    assert not sel.kept.any() and sel.normalizer == 0.0 and sel.threshold == float("inf")  # no threshold
 
 
 def test_eslm_entropy_score_uses_entropy():

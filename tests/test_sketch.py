@@ -178,14 +178,13 @@ def check_against_sorting(group: Group, results: list[ThresholdResult], alpha: f
     """Shared checks of one call on every rank of a group (also used by the gloo tests)."""
     x = group.finite
     first = results[0]
-    for r in results:
-        assert (r.threshold is None) == (first.threshold is None)
-        assert r.threshold is None or torch.equal(r.threshold, first.threshold)
+    for r in results:  # every field a 0-dim device tensor (bytes_sent an int), equal on every rank
+        assert torch.equal(r.threshold, first.threshold)
         assert (r.kept_global, r.valid_global, r.rank_error_bound, r.nonfinite, r.bytes_sent) == (
             first.kept_global, first.valid_global, first.rank_error_bound, first.nonfinite, first.bytes_sent)
     assert first.valid_global == x.numel() and first.nonfinite == group.nonfinite
-    if x.numel() == 0:
-        assert first.threshold is None and first.kept_global == 0
+    if x.numel() == 0:  # no finite score in the group: the threshold +inf keeps nothing
+        assert first.threshold == float("inf") and first.kept_global == 0
         assert not any(r.kept_local.any() for r in results)
         return
     k = var_index(alpha, x.numel())
@@ -203,13 +202,14 @@ def check_against_sorting(group: Group, results: list[ThresholdResult], alpha: f
 def expected_bytes(group: Group, mode: str, size: int, alpha: float) -> int:
     """This rank's payload for one call (every rank hands the collectives equal shapes)."""
     x = group.finite
+    # Whether the group has a finite score is known only on the device: every round runs regardless.
     if mode == "exact":  # 4 histogram rounds of 256 int64 bins, the first with the non-finite count
-        return 8 * (256 + 1) + (3 * 8 * 256 if x.numel() else 0)
+        return 8 * (256 + 1) + 3 * 8 * 256
     sketch = 4 * sketch_words(size)
-    if x.numel() == 0:
-        return sketch
     if mode == "sketch":
         return sketch + 8  # the kept-count all-reduce
+    if x.numel() == 0:
+        return sketch + 24  # the three counts
     k = var_index(alpha, x.numel())
     lower, upper = merged_sketch(group, size).bracket(k)
     if not int((x <= lower).sum()) <= k < int((x < upper).sum()):

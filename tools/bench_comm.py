@@ -95,7 +95,8 @@ def threshold_bytes(s: Setup) -> int:
 
 
 def predict(s: Setup, stage: int) -> Counter[str]:
-    """Payload bytes per optimizer step of a rank on pipeline stage `stage` (0-based), by kind."""
+    """Payload bytes per optimizer step of a rank on pipeline stage `stage` (0-based), by kind; the metrics
+    sums go once per log interval, counted here as if every step were logged (`--log-interval 1`)."""
     first, last = stage == 0, stage == s.pp - 1
     per_micro, per_step = Counter(), Counter()
     t, h = s.tokens, s.hidden * FLOAT
@@ -121,13 +122,13 @@ def predict(s: Setup, stage: int) -> Counter[str]:
             per_micro[kind] += activation * ((not first) + (not last))
         if first or last:
             per_step[c.EMBEDDING_ALL_REDUCE] += s.vocab // s.tp * h
-        per_step[c.METRICS] += len(SUMMED) * INDEX  # step sums from the last stage to the others
+        per_step[c.METRICS] += len(SUMMED) * INDEX  # sums from the last stage to the others, per log interval
     if s.dp > 1:
         per_step[c.DP_ALL_REDUCE] += s.local_parameters(stage) * FLOAT
         if last:
             per_micro[c.ESLM_THRESHOLD if s.selection == "eslm" else c.DENSE_NORMALIZER] += (
                 threshold_bytes(s) if s.selection == "eslm" else INDEX)
-            per_step[c.METRICS] += len(SUMMED) * INDEX  # step sums over the selection group
+            per_step[c.METRICS] += len(SUMMED) * INDEX  # sums over the selection group, per log interval
     if s.tp * s.pp > 1:
         per_step[c.GRAD_NORM] += INDEX
     total = Counter({kind: value * s.micro_batches for kind, value in per_micro.items()})
@@ -207,7 +208,7 @@ def check_flags(s: Setup, prefix: str) -> list[str]:
             "--global-batch-size", str(s.global_batch), "--train-iters", "2", "--lr", "1e-3",
             "--data-path", prefix, "--split", "100,0,0", "--tokenizer-type", "NullTokenizer", "--vocab-size",
             str(s.vocab - 1), "--make-vocab-size-divisible-by", str(s.vocab // s.tp), "--eval-iters", "0",
-            "--log-interval", "100", "--num-workers", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--log-interval", "1", "--num-workers", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--tensor-model-parallel-size", str(s.tp), "--pipeline-model-parallel-size", str(s.pp),
             *(["--sequence-parallel"] if s.sp else []), "--selection", s.selection,
             "--eslm-alpha", str(s.alpha), "--eslm-threshold", s.threshold_mode,

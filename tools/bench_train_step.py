@@ -3,7 +3,9 @@
 
 Each variant runs the real step (`megatron_eslm.training.step`: forward, selective LM head, backward,
 AdamW) on the same random token batches, from the same initial weights; the table gives the median
-step time and its ratio to dense, plus the executed-FLOPs ratio from the FLOPs accounting.
+step time and its ratio to dense, the executed-FLOPs ratio from the FLOPs accounting, and the host syncs
+of one step (`megatron_eslm/host_syncs.py`: what would make the host wait for a GPU), counted in an extra,
+untimed step.
 
     python tools/bench_train_step.py --num-layers 4 --hidden-size 256 --vocab-size 8192 --seq-length 256
 
@@ -30,8 +32,9 @@ from megatron_eslm.errors import exit_on_user_error
 from megatron_eslm.eslm.policies import ESLMPolicy, RandomPolicy
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.model.lm_head import resolve_impl
+from megatron_eslm.host_syncs import HostSyncCounter
 from megatron_eslm.training.optimizer import build_optimizer
-from megatron_eslm.training.step import forward_backward, optimizer_step
+from megatron_eslm.training.step import forward_backward, optimizer_step, reduce_step_stats
 
 
 # The shape flags' values without --preset, and each preset's (flags given on the command line win).
@@ -58,6 +61,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true",
                    help="run the forward under bf16 autocast, as the trainer's --bf16 (weights stay fp32)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7])
+    p.add_argument("--thresholds", nargs="+", default=["sketch-exact"], choices=["sketch", "sketch-exact", "exact"],
+                   help="ESLM threshold modes (one ESLM row per alpha and mode)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 warmup steps)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,6 +79,13 @@ def time_variant(model: GPTModel, policy, batches: list[dict], device: torch.dev
     def autocast():  # the trainer's: the forward only, backward outside it
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
+    def step(batch: dict):
+        optimizer.zero_grad(set_to_none=True)
+        stats = forward_backward(model, policy, iter([batch]), 1, device, lm_head_impl=lm_head_impl,
+                                 autocast=autocast)
+        optimizer_step(model, optimizer, 1e-4, 1.0)
+        return stats
+
     model = copy.deepcopy(model)
     optimizer = build_optimizer(model, OptimizerConfig())
     times, kept = [], []
@@ -81,16 +93,16 @@ def time_variant(model: GPTModel, policy, batches: list[dict], device: torch.dev
         if device.type == "cuda":
             torch.cuda.synchronize()
         tic = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        stats = forward_backward(model, policy, iter([batch]), 1, device, lm_head_impl=lm_head_impl,
-                                 autocast=autocast)
-        optimizer_step(model, optimizer, 1e-4, 1.0)
+        stats = step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - tic)
+            stats = reduce_step_stats(stats)  # after the clock stops: the trainer reads once per log interval
             kept.append(stats.kept / stats.valid)
-    return statistics.median(times), statistics.mean(kept), stats
+    with HostSyncCounter() as syncs:
+        step(batches[-1])
+    return statistics.median(times), statistics.mean(kept), stats, syncs.total
 
 
 @exit_on_user_error
@@ -111,20 +123,22 @@ def main(argv: list[str] | None = None) -> None:
         batches.append({"tokens": seq[:, :-1], "labels": seq[:, 1:]})
     variants = [("dense", None)]
     for alpha in args.alphas:
-        variants.append((f"eslm a={alpha}", ESLMPolicy(alpha, "loss")))
-        variants.append((f"random a={alpha}", RandomPolicy(ESLMPolicy(alpha, "loss"))))
+        for mode in args.thresholds:
+            variants.append((f"eslm a={alpha} {mode}", ESLMPolicy(alpha, "loss", mode)))
+        variants.append((f"random a={alpha}", RandomPolicy(ESLMPolicy(alpha, "loss", args.thresholds[0]))))
     print(f"device {device}, threads {args.threads}, layers {args.num_layers}, hidden {args.hidden_size}, "
           f"seq {args.seq_length}, vocab {args.vocab_size}, micro-batch {args.micro_batch_size}, "
           f"lm head {lm_head_impl}, {'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.steps} steps\n")
-    print("| variant | kept | step ms | time vs dense | executed FLOPs vs dense |")
-    print("|---|---:|---:|---:|---:|")
+    print("| variant | kept | step ms | time vs dense | executed FLOPs vs dense | host syncs per step |")
+    print("|---|---:|---:|---:|---:|---:|")
     dense_ms = None
     for name, policy in variants:
-        seconds, kept, stats = time_variant(model, policy, batches, device, lm_head_impl, args.bf16)
+        seconds, kept, stats, syncs = time_variant(model, policy, batches, device, lm_head_impl, args.bf16)
         ms = 1000 * seconds
         dense_ms = dense_ms or ms
         flops = stats.flops(cfg, args.vocab_size)
-        print(f"| {name} | {kept:.3f} | {ms:.1f} | {ms / dense_ms:.3f} | {flops.executed / flops.dense:.3f} |")
+        print(f"| {name} | {kept:.3f} | {ms:.1f} | {ms / dense_ms:.3f} | {flops.executed / flops.dense:.3f} | "
+              f"{syncs} |")
 
 
 if __name__ == "__main__":

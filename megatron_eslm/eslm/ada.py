@@ -43,7 +43,7 @@ def droppable_over(comm: Collectives, score: Tensor, loss: Tensor, valid: Tensor
 def droppable_count(score: Tensor, loss: Tensor, valid: Tensor, budget: float) -> int:
     """How many valid tokens, taken from the lowest score up and whole ties at a time, carry at most
     `budget` of the batch's logit-gradient L1 mass: `droppable_over` on this process alone."""
-    return droppable_over(LocalCollectives(), score, loss, valid, budget).count
+    return int(droppable_over(LocalCollectives(), score, loss, valid, budget).count)
 
 
 def group_droppable_count(score: Tensor, loss: Tensor, valid: Tensor, budget: float, group=None) -> tuple[int, int]:
@@ -52,7 +52,7 @@ def group_droppable_count(score: Tensor, loss: Tensor, valid: Tensor, budget: fl
     each rank's own count would not do: it is the largest prefix of each rank's tokens, not of the union,
     so it is smaller and depends on the data-parallel size."""
     result = droppable_over(group_collectives(group), score, loss, valid, budget)
-    return result.count, result.total
+    return int(result.count), int(result.total)
 
 
 @dataclass
@@ -73,14 +73,16 @@ class AlphaRule:
         ramp = x if self.kind == "linear" else (1.0 - math.cos(math.pi * x)) / 2.0
         return self.alpha_min + (self.alpha_max - self.alpha_min) * ramp
 
-    def moved(self, alpha: float, level: float) -> float:
-        """grad-mass: the next alpha from the current one and the level measured on this micro-batch."""
-        return self.clip(self.momentum * alpha + (1.0 - self.momentum) * level)
+    def moved(self, alpha: float | Tensor, level: Tensor) -> Tensor:
+        """grad-mass: the next alpha from the current one and the level measured on this micro-batch, as a
+        0-dim float64 device tensor (the same IEEE operations as on Python floats), never read by the host."""
+        return (self.momentum * alpha + (1.0 - self.momentum) * level).clamp(self.alpha_min, self.alpha_max)
 
 
 class AdaESLMPolicy(Policy):
     """ESLM at the alpha the rule gives; alpha is checkpointed. The grad-mass level is pooled over the
-    selection group (`group_droppable_count`), so every rank moves alpha alike, as one process would."""
+    selection group (`droppable_over`), so every rank moves alpha alike, as one process would; alpha then
+    lives on the device and the threshold reads it there (no host sync per micro-batch)."""
 
     def __init__(self, eslm: ESLMPolicy, rule: AlphaRule):
         self.eslm = eslm
@@ -88,7 +90,7 @@ class AdaESLMPolicy(Policy):
         eslm.alpha = rule.clip(eslm.alpha)  # grad-mass starts at --eslm-alpha; schedules set it per step
 
     @property
-    def alpha(self) -> float:
+    def alpha(self) -> float | Tensor:
         return self.eslm.alpha
 
     def start_step(self, iteration: int) -> None:
@@ -99,14 +101,14 @@ class AdaESLMPolicy(Policy):
     def __call__(self, scores: TokenScores) -> Selection:
         selection = self.eslm(scores)
         if self.rule.kind == "grad-mass":
-            dropped, valid = group_droppable_count(token_score(scores, self.eslm.score), scores.loss,
-                                                   scores.valid, self.rule.budget, self.eslm.group)
-            if valid:
-                self.eslm.alpha = self.rule.moved(self.eslm.alpha, dropped / valid)
+            mass = droppable_over(group_collectives(self.eslm.group), token_score(scores, self.eslm.score),
+                                  scores.loss, scores.valid, self.rule.budget)
+            level = mass.count.double() / mass.total.clamp(min=1).double()
+            self.eslm.alpha = torch.where(mass.total > 0, self.rule.moved(self.eslm.alpha, level), self.eslm.alpha)
         return selection
 
     def state_dict(self) -> dict:
-        return {"alpha": self.eslm.alpha, "eslm": self.eslm.state_dict()}
+        return {"alpha": float(self.eslm.alpha), "eslm": self.eslm.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.eslm.load_state_dict(state.get("eslm", {}))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_eslm import host_syncs
 from megatron_eslm.eslm.frozen_model import FrozenPass, frozen_pass
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, token_score
 from megatron_eslm.model.gpt import GPTModel
@@ -56,12 +57,15 @@ class ESLMKDPolicy(Policy):
         return self.eslm.select(token_score(source, self.eslm.score), scores.valid)
 
     def objective(self, model: GPTModel, hidden: Tensor, out: LMHeadOutput) -> Tensor:
-        rows = out.selection.kept.nonzero().squeeze(1)
+        rows = out.selection.rows  # the head's kept rows: no second host read
+        if rows is None:  # the head ran without autograd
+            with host_syncs.inherent("the kept count sizes the distillation's logits"):
+                rows = out.selection.kept.nonzero().squeeze(1)
         student = model.logits(hidden.reshape(-1, hidden.shape[-1])[rows])
         with torch.no_grad():
             teacher = self.teacher.logits(self._teacher.hidden[rows])
-        normalizer = out.selection.normalizer
-        kd = kd_loss_sum(student, teacher, self.temperature) * (1.0 / normalizer if normalizer else 0.0)
+        normalizer = torch.as_tensor(out.selection.normalizer, device=student.device)
+        kd = kd_loss_sum(student, teacher, self.temperature) * torch.where(normalizer > 0, 1.0 / normalizer, 0.0)
         # student logits: forward + two backward GEMMs; teacher logits: forward only
         head = 2.0 * rows.numel() * model.vocab_size
         self._kd_flops = head * (3 * model.cfg.hidden_size + self.teacher.cfg.hidden_size)

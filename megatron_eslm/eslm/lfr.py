@@ -9,6 +9,10 @@ R steps, this one included (the perplexities that guide a focus phase are those 
 steps before it, as in the paper, and the window slides with the model so older, higher perplexities do
 not inflate the drop rate). Review and learn steps train on everything. The quantile is the VaR rule of
 `threshold.py` over the selection group's tables (ties kept); the table and the step survive resume.
+
+The table's keys are the sample indices, which come from the data loader on the host; its values stay on
+the device (0-dim views of each micro-batch's log-perplexities, with a flag for samples without a valid
+token), so recording and thresholding read nothing back to the host.
 """
 from __future__ import annotations
 
@@ -45,45 +49,52 @@ class LFRPolicy(Policy):
         self.sketch_size = sketch_size
         self.group = group
         self.iteration = 0
-        self.table: dict[int, tuple[float, int]] = {}  # sample index -> (log-perplexity, step recorded)
+        # sample index -> (log-perplexity, has valid tokens, step recorded); the first two 0-dim device tensors
+        self.table: dict[int, tuple[Tensor, Tensor, int]] = {}
         self._index: list[int] = []
 
     def start_step(self, iteration: int) -> None:
         self.iteration = iteration
         oldest = iteration - self.phases.review  # keep the last R steps, this one included
-        self.table = {i: entry for i, entry in self.table.items() if entry[1] > oldest}
+        self.table = {i: entry for i, entry in self.table.items() if entry[2] > oldest}
 
     def prepare(self, tokens: Tensor, labels: Tensor, index: Tensor | None) -> None:
         if index is None:
             raise UserError("--selection lfr needs the dataset's sample indices (an 'index' field per sample)")
-        self._index = index.tolist()
+        self._index = index.tolist()  # a host tensor from the data loader: no device sync
 
     def __call__(self, scores: TokenScores) -> Selection:
         valid = scores.valid.view(len(self._index), -1)
         counts = valid.sum(1)
         log_ppl = (scores.loss.view_as(valid).sum(1) / counts.clamp(min=1)).float()
-        for index, value, count in zip(self._index, log_ppl.tolist(), counts.tolist()):
-            if count:
-                self.table[index] = (value, self.iteration)
+        for index, value, count in zip(self._index, log_ppl.unbind(), counts.unbind()):
+            # a re-seen sample (an epoch shorter than the window) replaces its entry; one without a valid
+            # token keeps the value it had (under this step's date)
+            recorded, old = count > 0, self.table.get(index)
+            if old is not None:
+                value, recorded = torch.where(recorded, value, old[0]), recorded | old[1]
+            self.table[index] = (value, recorded, self.iteration)
         threshold, bound, sent, nonfinite = None, None, 0, 0
         kept_samples = torch.ones_like(counts, dtype=torch.bool)
         if self.phases.phase(self.iteration) == "focus":
-            values = torch.tensor([value for value, _ in self.table.values()], dtype=torch.float32,
-                                  device=log_ppl.device)
-            result = global_var_threshold(values, torch.ones_like(values, dtype=torch.bool), self.drop_fraction,
-                                          self.threshold_mode, self.sketch_size, self.group)
-            sent, nonfinite = result.bytes_sent, result.nonfinite
-            if result.threshold is not None:
-                threshold, bound = float(result.threshold), result.rank_error_bound
-                kept_samples = log_ppl >= result.threshold
+            # (`.to` moves only the entries a resumed checkpoint brought in on the CPU)
+            values, recorded = (torch.stack([x.to(log_ppl.device) for x in column])
+                                for column in list(zip(*self.table.values()))[:2])
+            result = global_var_threshold(values, recorded, self.drop_fraction, self.threshold_mode,
+                                          self.sketch_size, self.group)
+            threshold, bound, sent, nonfinite = (result.threshold, result.rank_error_bound, result.bytes_sent,
+                                                 result.nonfinite)
+            kept_samples = log_ppl >= result.threshold  # +inf (no recorded sample in the group): none
         kept = (valid & kept_samples.unsqueeze(1)).flatten()
         normalizer = group_collectives(self.group).all_reduce(kept.sum())
-        return Selection(kept=kept, normalizer=float(normalizer), threshold=threshold, rank_error_bound=bound,
+        return Selection(kept=kept, normalizer=normalizer, threshold=threshold, rank_error_bound=bound,
                          bytes_sent=sent, nonfinite=nonfinite)
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "table": dict(self.table)}
+        return {"iteration": self.iteration,
+                "table": {i: (float(value), bool(recorded), step) for i, (value, recorded, step) in self.table.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = state["iteration"]
-        self.table = dict(state["table"])
+        self.table = {i: (torch.tensor(value), torch.tensor(recorded), step)
+                      for i, (value, recorded, step) in state["table"].items()}

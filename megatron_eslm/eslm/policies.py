@@ -58,11 +58,11 @@ class Policy:
 
 
 def selection_of(result: ThresholdResult) -> Selection:
-    """A threshold call's kept tokens and count, with what it reports for the step's metrics."""
-    threshold = None if result.threshold is None else float(result.threshold)
-    return Selection(kept=result.kept_local, normalizer=float(result.kept_global), threshold=threshold,
-                     rank_error_bound=None if threshold is None else result.rank_error_bound,
-                     bytes_sent=result.bytes_sent, nonfinite=result.nonfinite)
+    """A threshold call's kept tokens and count, with what it reports for the step's metrics (all device
+    tensors; the threshold is +inf when the group had no finite score)."""
+    return Selection(kept=result.kept_local, normalizer=result.kept_global, threshold=result.threshold,
+                     rank_error_bound=result.rank_error_bound, bytes_sent=result.bytes_sent,
+                     nonfinite=result.nonfinite)
 
 
 class ESLMPolicy(Policy):
@@ -79,7 +79,7 @@ class ESLMPolicy(Policy):
     blocks (`RunningSketch`), identical on every rank of the group: the state, two such sketches of
     4 (m + 2) bytes whatever the ranks and micro-batches, rotates at `start_step` and is checkpointed."""
 
-    def __init__(self, alpha: float, score: str, threshold_mode: str = "sketch-exact",
+    def __init__(self, alpha: float | Tensor, score: str, threshold_mode: str = "sketch-exact",
                  sketch_size: int = 2048, group=None, scope: str = "micro-batch"):
         if scope not in THRESHOLD_SCOPES:
             raise ValueError(f"unknown threshold scope {scope!r}; choose from {', '.join(THRESHOLD_SCOPES)}")
@@ -138,11 +138,12 @@ class ESLMPolicy(Policy):
 
 
 class RandomPolicy(Policy):
-    """Control: keep a uniformly random subset of valid tokens, as many as ESLM would keep on this batch.
-    Each draw has its own generator, seeded by (seed, stream, iteration, micro-batch): `stream` is the
-    data-parallel rank, so replicas drop different positions of their micro-batches (one shared stream
-    would drop the same ones on every replica), and a resumed run draws exactly what the uninterrupted
-    one would, with no generator state to checkpoint."""
+    """Control: keep a uniformly random subset of valid tokens, as many as ESLM would keep on this batch:
+    every valid token draws a uniform key and the `count` smallest keys are kept (a random subset of that
+    size, chosen on the device without reading the count). Each draw has its own generator, seeded by
+    (seed, stream, iteration, micro-batch): `stream` is the data-parallel rank, so replicas drop different
+    positions of their micro-batches (one shared stream would drop the same ones on every replica), and a
+    resumed run draws exactly what the uninterrupted one would, with no generator state to checkpoint."""
 
     def __init__(self, eslm: ESLMPolicy, seed: int = 0, stream: int = 0):
         self.eslm = eslm
@@ -162,13 +163,12 @@ class RandomPolicy(Policy):
 
     def __call__(self, scores: TokenScores) -> Selection:
         eslm = self.eslm(scores)  # with data parallelism: this rank's kept tokens, the group's count
-        count = int(eslm.kept.sum())
-        valid_rows = scores.valid.nonzero().squeeze(1)
-        order = torch.randperm(valid_rows.numel(), generator=self._generator(valid_rows.device),
-                               device=valid_rows.device)
-        chosen = valid_rows[order[:count]]
-        kept = torch.zeros_like(scores.valid)
-        kept[chosen] = True
+        valid = scores.valid
+        keys = torch.rand(valid.shape, generator=self._generator(valid.device), device=valid.device,
+                          dtype=torch.float64)
+        order = torch.where(valid, keys, 2.0).argsort()  # valid tokens first, in random order
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        kept = valid & (rank < eslm.kept.sum())
         return Selection(kept=kept, normalizer=eslm.normalizer, threshold=None, bytes_sent=eslm.bytes_sent,
                          nonfinite=eslm.nonfinite)
 

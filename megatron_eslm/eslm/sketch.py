@@ -97,54 +97,51 @@ def build_sketch(sorted_scores: Tensor, count: Tensor, nonfinite: Tensor, size: 
 
 @dataclass
 class MergedSketch:
-    """The group's merged sketch: every score rounded down to its block's min, as weighted sorted points."""
+    """The group's merged sketch: every score rounded down to its block's min, as weighted sorted points.
+    Counts are 0-dim int64 tensors on the payloads' device: reading a quantile needs no host sync."""
 
     points: Tensor  # [R * size] ascending block minima (fp32)
     cumulative: Tensor  # [R * size] int64: how many scores the points up to here stand for
-    count: int  # n, finite valid scores in the group
-    nonfinite: int  # valid scores in the group that were NaN or +-inf
-    slack: int  # E of the module docstring
+    count: Tensor  # n, finite valid scores in the group
+    nonfinite: Tensor  # valid scores in the group that were NaN or +-inf
+    slack: Tensor  # E of the module docstring
 
     @classmethod
-    def merge(cls, payloads: Tensor, size: int, carried: int = 0) -> MergedSketch:
-        """Merge the all-gathered payloads [R, size + HEADER]; one host sync to read the totals.
-        `carried`: slack the payloads' multisets already have against the scores they stand for (a
-        compacted payload's earlier merges), added to E."""
+    def merge(cls, payloads: Tensor, size: int, carried: Tensor | int = 0) -> MergedSketch:
+        """Merge the all-gathered payloads [R, size + HEADER], on their device. `carried`: slack the
+        payloads' multisets already have against the scores they stand for (a compacted payload's earlier
+        merges), added to E."""
         counts, nonfinite = payloads[:, 0].long(), payloads[:, 1].long()
         points, order = payloads[:, HEADER:].contiguous().view(torch.float32).flatten().sort()
         cumulative = _block_sizes(counts, size).flatten()[order].cumsum(0)
-        count, nonfinite, slack = torch.stack([counts.sum(), nonfinite.sum(), _slack(counts, size)]).tolist()
-        return cls(points, cumulative, count, nonfinite, slack + carried)
+        return cls(points, cumulative, counts.sum(), nonfinite.sum(), _slack(counts, size) + carried)
 
     def compact(self, size: int) -> Tensor:
         """One payload of `size` blocks standing for this sketch, as one rank of n scores would sketch
         them: the order statistics z_(start) at the block starts of n (+inf for empty blocks), n and the
         non-finite count. Its multiset is this one rounded down blockwise: floor((n - 1) / size) more
         slack (none when n <= size)."""
-        if self.count > MAX_COUNT:
-            raise ValueError(f"a sketch can stand for at most {MAX_COUNT} scores, got {self.count}")
-        count = torch.tensor(self.count, device=self.cumulative.device)
-        starts = _block_starts(count, size)
-        index = torch.searchsorted(self.cumulative, starts, right=True).clamp(max=self.points.numel() - 1)
-        minima = self.points[index].masked_fill(starts >= self.count, float("inf"))
-        header = torch.tensor([self.count, self.nonfinite], dtype=torch.int32, device=minima.device)
+        torch._assert_async(self.count <= MAX_COUNT, f"a sketch can stand for at most {MAX_COUNT} scores")
+        starts = _block_starts(self.count, size)
+        minima = self.order_statistic(starts).masked_fill(starts >= self.count, float("inf"))
+        header = torch.stack([self.count, self.nonfinite]).to(torch.int32)
         return torch.cat([header, minima.view(torch.int32)])
 
-    def order_statistic(self, j: int) -> Tensor:
-        """z_(j), 0-based, as a 0-dim fp32 tensor."""
-        rank = torch.tensor(j, device=self.cumulative.device)
-        return self.points[torch.searchsorted(self.cumulative, rank, right=True)]
+    def order_statistic(self, j: Tensor | int) -> Tensor:
+        """z_(j), 0-based, as fp32 (j: int64 indices of any shape; +inf where j >= n, e.g. n = 0)."""
+        index = torch.searchsorted(self.cumulative, torch.as_tensor(j, device=self.cumulative.device), right=True)
+        return self.points.take(index.clamp(max=self.points.numel() - 1))  # take: a 0-dim index is not read
 
-    def estimate(self, k: int) -> tuple[Tensor, int]:
+    def estimate(self, k: Tensor | int) -> tuple[Tensor, Tensor]:
         """(z_(k), B): z_(k) is what the exact rule gives at some rank in [k - B, k]."""
-        return self.order_statistic(k), min(self.slack, k)
+        k = torch.as_tensor(k, device=self.cumulative.device)
+        return self.order_statistic(k), torch.minimum(self.slack, k)
 
-    def bracket(self, k: int) -> tuple[Tensor, Tensor]:
-        """[a, b] holding x_(k), with at most 2E - 1 scores strictly between a and b."""
-        lower = self.order_statistic(k)
-        if k + self.slack >= self.count:
-            return lower, lower.new_tensor(float("inf"))
-        return lower, self.order_statistic(k + self.slack)
+    def bracket(self, k: Tensor | int) -> tuple[Tensor, Tensor]:
+        """[a, b] holding x_(k), with at most 2E - 1 scores strictly between a and b (b = +inf when
+        k + E > n - 1)."""
+        upper = k + self.slack
+        return self.order_statistic(k), self.order_statistic(upper).masked_fill(upper >= self.count, float("inf"))
 
 
 @dataclass
@@ -154,25 +151,27 @@ class RunningSketch:
     up to (module docstring: sketch of sketches)."""
 
     payload: Tensor  # [size + HEADER] int32, a payload as one rank of n scores would send it
-    carried: int  # sigma minus the payload's own floor((n - 1) / m): the slack of the earlier rounds
+    carried: Tensor  # 0-dim int64: sigma minus the payload's own floor((n - 1) / m), the earlier rounds' slack
 
     @classmethod
     def absorb(cls, running: RunningSketch | None, payloads: Tensor, size: int) -> RunningSketch:
         """`running` (None: nothing yet) with the gathered payloads [R, size + HEADER] merged in and
         compacted back to `size` blocks. The merge counts the running payload's own floor((n - 1) / m) as
         its slack, so the new carried slack is the merge's: sigma_(t-1) + E_t."""
+        carried = 0
         if running is not None:
             payloads = torch.cat([running.payload.to(payloads.device).unsqueeze(0), payloads])
-        merged = MergedSketch.merge(payloads, size, 0 if running is None else running.carried)
+            carried = running.carried.to(payloads.device)
+        merged = MergedSketch.merge(payloads, size, carried)
         return cls(merged.compact(size), merged.slack)
 
     def merged(self, size: int, device: torch.device | None = None) -> MergedSketch:
         """The sketch to read quantiles from; its slack is sigma, the bound's E."""
-        return MergedSketch.merge(self.payload.to(device).unsqueeze(0), size, self.carried)
+        return MergedSketch.merge(self.payload.to(device).unsqueeze(0), size, self.carried.to(device))
 
     def state_dict(self) -> dict:
-        return {"payload": self.payload.cpu(), "carried": self.carried}
+        return {"payload": self.payload.cpu(), "carried": int(self.carried)}
 
     @classmethod
     def from_state(cls, state: dict | None) -> RunningSketch | None:
-        return None if state is None else cls(state["payload"], int(state["carried"]))
+        return None if state is None else cls(state["payload"], torch.tensor(int(state["carried"])))

@@ -17,6 +17,14 @@ def var_index(alpha: float, n: int) -> int:
     return min(int(math.floor(alpha * n)), n - 1)
 
 
+def var_index_on(alpha: float | torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """`var_index` on the device, for a 0-dim int64 `count` (and a float or 0-dim float64 `alpha`), so a
+    threshold over a group's scores needs no host read of the count: floor(alpha * n) in float64 (the same
+    IEEE product as Python's), clamped to [0, n - 1] (0 when n is 0)."""
+    k = torch.floor(count.double() * alpha).long()
+    return torch.minimum(k, count - 1).clamp(min=0)
+
+
 def var_threshold(scores: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor | None:
     """Exact alpha-quantile of the valid scores (a 0-dim tensor), or None when no token is valid."""
     values = scores[valid]

@@ -38,7 +38,7 @@ from megatron_eslm.distributed import collectives
 from megatron_eslm.distributed.grads import clip_grad_norm
 from megatron_eslm.eslm.policies import Policy
 from megatron_eslm.model.gpt import GPTModel
-from megatron_eslm.model.lm_head import LMHeadOutput
+from megatron_eslm.model.lm_head import LMHeadOutput, weight_cast_cache
 from megatron_eslm.pipeline_parallel.p2p_communication import TensorSpec
 from megatron_eslm.pipeline_parallel.schedules import Backward, autograd_backward, get_forward_backward_func
 from megatron_eslm.training.flops import StepFlops, micro_batch_flops
@@ -46,76 +46,94 @@ from megatron_eslm.training.flops import StepFlops, micro_batch_flops
 IGNORE_INDEX = -100
 
 
+# Sums a micro-batch adds on the device: nothing in the step reads them; `reduce_step_stats` does, at the
+# log interval. Their order in `StepStats.sums`:
+DEVICE_SUMS = ("loss_sum", "valid", "kept_loss_sum", "kept", "threshold_sum", "thresholds", "threshold_bound",
+               "nonfinite")
+# Known on the host from shapes and the policy's own accounting:
+HOST_SUMS = ("tokens", "threshold_bytes", "policy_flops")
+SUMMED = DEVICE_SUMS + HOST_SUMS  # what `reduce_step_stats` all-reduces, in this order
+# Equal on every rank of the selection group (group totals, equal payloads): not added up over it.
+_SHARED = ("threshold_bound", "threshold_bytes", "nonfinite")
+
+
 @dataclass
 class StepStats:
-    """Sums over the micro-batches of one optimizer step (this rank's until `reduce_step_stats`)."""
+    """Sums over the micro-batches of one or more optimizer steps (a log interval), this rank's until
+    `reduce_step_stats` turns them into the global batch's host numbers.
+
+    The micro-batch sums accumulate in one float64 device tensor, so a step reads nothing back to the host
+    (on a GPU every read waits for the queued kernels). After `reduce_step_stats` the attributes named in
+    DEVICE_SUMS hold the reduced host values."""
+    sums: torch.Tensor | None = None  # [len(DEVICE_SUMS)] float64
+    tokens: int = 0
+    threshold_bytes: int = 0  # payload one rank handed to the threshold collectives
+    policy_flops: float = 0.0  # the policy's own passes (teacher, reference): executed, not dense
+    selective: bool = True
+    steps: int = 0  # optimizer steps summed
+    lr: float = 0.0  # of the last step
+    grad_norm: torch.Tensor | float = 0.0  # of the last step (a device tensor until reduced)
+    # filled by reduce_step_stats:
     loss_sum: float = 0.0
     valid: int = 0
     kept_loss_sum: float = 0.0
     kept: int = 0
-    tokens: int = 0
     threshold_sum: float = 0.0
     thresholds: int = 0  # micro-batches with a threshold
-    # Summed over the micro-batches; each micro-batch's value is the same on every rank of the selection
-    # group (the threshold calls report group totals, and every rank hands the collectives equal shapes):
     threshold_bound: int = 0  # rank-error bounds B of the thresholds, in tokens (0 for the exact modes)
-    threshold_bytes: int = 0  # payload one rank handed to the threshold collectives
     nonfinite: int = 0  # valid tokens of the group whose score was NaN or +-inf (left out of the quantile)
-    policy_flops: float = 0.0  # the policy's own passes (teacher, reference): executed, not dense
-    selective: bool = True
-    lr: float = 0.0
-    grad_norm: float = 0.0
 
     def add(self, num_tokens: int, out: LMHeadOutput) -> None:
+        """One micro-batch's sums, on the device (no host read)."""
         scores, selection = out.scores, out.selection
-        self.loss_sum += float(scores.loss.sum())
-        self.valid += int(scores.valid.sum())
-        self.kept_loss_sum += float(scores.loss[selection.kept].sum())
-        self.kept += int(selection.kept.sum())
+        zero = scores.loss.new_zeros((), dtype=torch.float64)
+        # a threshold of +inf (no finite score in the group) is no threshold
+        threshold = zero if selection.threshold is None else selection.threshold.double()
+        has_threshold = torch.isfinite(threshold) & (selection.threshold is not None)
+        bound = zero if selection.rank_error_bound is None else selection.rank_error_bound
+        micro = torch.stack([scores.loss.sum().double(), scores.valid.sum().double(),
+                             torch.where(selection.kept, scores.loss, 0.0).sum().double(),
+                             selection.kept.sum().double(), torch.where(has_threshold, threshold, 0.0),
+                             has_threshold.double(), torch.where(has_threshold, bound, 0.0).double(),
+                             zero + selection.nonfinite])
+        self.sums = micro if self.sums is None else self.sums + micro
         self.tokens += num_tokens
-        if selection.threshold is not None:
-            self.threshold_sum += selection.threshold
-            self.thresholds += 1
-        if selection.rank_error_bound is not None:
-            self.threshold_bound += selection.rank_error_bound
         self.threshold_bytes += selection.bytes_sent
-        self.nonfinite += selection.nonfinite
 
     @property
     def threshold(self) -> float | None:
-        """Mean threshold over the step's micro-batches, None without ESLM."""
+        """Mean threshold over the micro-batches, None without ESLM."""
         return self.threshold_sum / self.thresholds if self.thresholds else None
 
     def flops(self, cfg: ModelConfig, vocab_size: int) -> StepFlops:
-        # The FLOPs of a micro-batch are linear in its token counts, so the step's totals give the sum.
+        # The FLOPs of a micro-batch are linear in its token counts, so the totals give the sum.
         total = micro_batch_flops(cfg, vocab_size, self.tokens, self.valid, self.kept, self.selective)
         total.executed += self.policy_flops
         return total
 
 
-SUMMED = ("loss_sum", "valid", "kept_loss_sum", "kept", "tokens", "threshold_sum", "thresholds", "policy_flops",
-           "threshold_bound", "threshold_bytes", "nonfinite")
-_SHARED = ("threshold_bound", "threshold_bytes", "nonfinite")  # equal on every rank of the group: not added up
-
-
 def reduce_step_stats(stats: StepStats) -> StepStats:
-    """The step's sums over the whole global batch, on every rank: summed over the selection group on
-    the last stage (which alone scores tokens), then sent to the other stages, so every rank logs what
-    one process would. Thresholds are the same on every replica; their mean is unchanged by the sum.
-    The `_SHARED` sums, equal on every rank of the group, are divided back by the group's size (exact:
-    integers below 2^53)."""
-    values = torch.tensor([float(getattr(stats, name)) for name in SUMMED], dtype=torch.float64,
-                          device=_device())
+    """The sums over the whole global batch, on every rank, as host numbers (the one host read of a log
+    interval): summed over the selection group on the last stage (which alone scores tokens), then sent to
+    the other stages, so every rank logs what one process would. Thresholds are the same on every replica;
+    their mean is unchanged by the sum. The `_SHARED` sums, equal on every rank of the group, are divided
+    back by the group's size (exact: integers below 2^53)."""
+    device = _device()
+    local = stats.sums.to(device) if stats.sums is not None else torch.zeros(len(DEVICE_SUMS), dtype=torch.float64,
+                                                                                device=device)
+    values = torch.cat([local, torch.tensor([float(getattr(stats, name)) for name in HOST_SUMS],
+                                            dtype=torch.float64, device=device)])
     group = parallel_state.selection_group()
     if parallel_state.is_pipeline_last_stage() and group is not None:
         collectives.all_reduce(values, group, collectives.METRICS)
-        shared = torch.tensor([name in _SHARED for name in SUMMED], device=values.device)
+        shared = torch.tensor([name in _SHARED for name in SUMMED], device=device)
         values = torch.where(shared, values / torch.distributed.get_world_size(group), values)
     if parallel_state.pipeline_model_parallel_size() > 1:
         collectives.broadcast(values, parallel_state.pipeline_last_rank(),
                               parallel_state.pipeline_model_parallel_group(), collectives.METRICS)
     for name, value in zip(SUMMED, values.tolist()):
         setattr(stats, name, type(getattr(stats, name))(value))
+    stats.grad_norm = float(stats.grad_norm)
     return stats
 
 
@@ -125,28 +143,34 @@ def _device() -> torch.device:
         torch.distributed.get_backend() == "nccl" else torch.device("cpu")
 
 
-def dense_normalizer(labels: torch.Tensor) -> float | None:
+def dense_normalizer(labels: torch.Tensor) -> torch.Tensor | None:
     """Dense training's loss divisor under data parallelism: the valid tokens of the micro-batch over the
-    selection group (None: this rank's tokens are the whole micro-batch, or no gradient is taken)."""
+    selection group, a device tensor (None: this rank's tokens are the whole micro-batch, or no gradient
+    is taken)."""
     group = parallel_state.selection_group()
     if group is None or not torch.is_grad_enabled():
         return None
-    count = (labels != IGNORE_INDEX).sum().to(torch.float64)
-    return float(collectives.all_reduce(count, group, collectives.DENSE_NORMALIZER))
+    return collectives.all_reduce((labels != IGNORE_INDEX).sum(), group, collectives.DENSE_NORMALIZER)
 
 
 def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[dict], num_micro_batches: int,
                      device: torch.device, lm_head_impl: str = "torch",
                      autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                      forward_only: bool = False, grad_scale: float = 1.0,
-                     backward: Backward = autograd_backward, forward: Callable | None = None) -> StepStats:
+                     backward: Backward = autograd_backward, forward: Callable | None = None,
+                     stats: StepStats | None = None, accumulate_into_grad: bool = True) -> StepStats:
     """Accumulate the gradients of this rank's micro-batches (`forward_only`: just score them);
     `policy=None` is dense training. `autocast` wraps the forward only (bf16); backward runs outside it,
     as PyTorch recommends. Each micro-batch loss is multiplied by grad_scale / num_micro_batches and
     handed to `backward`; `forward` runs the model (default: `model` itself). DeepSpeed's engine supplies
-    both (`distributed/deepspeed_engine.py`). Returns this rank's sums (nonzero on the last pipeline
-    stage only)."""
-    stats = StepStats(selective=policy is not None)
+    both (`distributed/deepspeed_engine.py`). `accumulate_into_grad`: the LM head adds the tied weight's
+    gradient in place into `.grad` (never under DeepSpeed, whose ZeRO hooks the weight's autograd
+    accumulation; `model/lm_head.py`). The head's bf16 weight copy is made once for all the micro-batches
+    (`weight_cast_cache`: the weights do not change until the optimizer step). Returns this rank's sums
+    (nonzero on the last pipeline stage only), added to `stats` when given (the trainer sums a log
+    interval's steps)."""
+    if stats is None:
+        stats = StepStats(selective=policy is not None)
     if num_micro_batches == 0:  # e.g. a validation split smaller than one micro-batch per replica
         return stats
     first = next(batches)
@@ -154,8 +178,9 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
     micro_batch, seq_length = first["tokens"].shape
     if model.sequence_parallel:
         seq_length //= parallel_state.tensor_model_parallel_size()
-    param_dtype = next(model.parameters()).dtype
-    spec = TensorSpec((micro_batch, seq_length, model.cfg.hidden_size), param_dtype, device)
+    with autocast():  # the forward's: bf16 messages under --bf16
+        message_dtype = model.activation_dtype()
+    spec = TensorSpec((micro_batch, seq_length, model.cfg.hidden_size), message_dtype, device)
     forward = forward or model
 
     def forward_step(input_tensor: torch.Tensor | None) -> torch.Tensor:
@@ -167,7 +192,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
             if policy is not None:
                 policy.prepare(tokens, labels, batch.get("index"))  # reference/teacher pass, sample ids
             normalizer = dense_normalizer(labels) if policy is None else None
-            out = model.loss(hidden, labels, policy, impl=lm_head_impl, normalizer=normalizer)
+            out = model.loss(hidden, labels, policy, impl=lm_head_impl, normalizer=normalizer,
+                             accumulate_into_grad=accumulate_into_grad)
             return (out.loss if policy is None else policy.objective(model, hidden, out)), out
 
         with autocast():
@@ -179,12 +205,15 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
             stats.policy_flops += policy.extra_flops()
         return loss * grad_scale / num_micro_batches
 
-    get_forward_backward_func()(forward_step, num_micro_batches, forward_only, spec, backward)
+    with weight_cast_cache():
+        get_forward_backward_func()(forward_step, num_micro_batches, forward_only, spec, backward)
     return stats
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float, clip_grad: float) -> float:
-    """Clip (clip_grad 0: only measure) the global gradient norm, set the rate, step; returns the norm."""
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
+                   clip_grad: float) -> torch.Tensor:
+    """Clip (clip_grad 0: only measure) the global gradient norm, set the rate, step; returns the norm, a
+    0-dim device tensor (read at the log interval)."""
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], clip_grad)
     for group in optimizer.param_groups:
         group["lr"] = lr

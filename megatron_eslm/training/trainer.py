@@ -36,7 +36,8 @@ class Trainer:
         validate_layout(cfg, world)  # before any collective: a bad layout is one line on every rank
         self.cfg = cfg
         self.device = device or launch.default_device()
-        self.owns_process_group = launch.init_process_group(self.device, single_process=cfg.deepspeed.deepspeed)
+        self.owns_process_group = launch.init_process_group(self.device, single_process=cfg.deepspeed.deepspeed,
+                                                             timeout_minutes=cfg.parallel.distributed_timeout_minutes)
         p = cfg.parallel
         if world > 1:
             parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
@@ -85,8 +86,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ----------------------------------------------------------------- step
-    def train_step(self, batches) -> StepStats:
-        """Forward/backward over the global batch's micro-batches, then one optimizer step."""
+    def train_step(self, batches, stats: StepStats | None = None) -> StepStats:
+        """Forward/backward over the global batch's micro-batches, then one optimizer step; the step's sums
+        are added to `stats` (a log interval's) on the device, unreduced: nothing here waits for the
+        device (`reduce_step_stats` reads them at the log interval)."""
         self.model.train()
         if self.policy is not None:
             self.policy.start_step(self.iteration + 1)
@@ -94,17 +97,19 @@ class Trainer:
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
             stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
-                                     self.lm_head_impl, self._autocast)
+                                     self.lm_head_impl, self._autocast, stats=stats)
             finalize_model_grads(self.model, self.cfg.parallel.ddp_bucket_size)
             stats.grad_norm = optimizer_step(self.model, self.optimizer, lr, self.cfg.optimizer.clip_grad)
         else:
             self.engine.start_step()
             stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
                                      self.lm_head_impl, self._autocast, grad_scale=self.engine.grad_scale,
-                                     backward=self.engine.backward, forward=self.engine.forward)
+                                     backward=self.engine.backward, forward=self.engine.forward, stats=stats,
+                                     accumulate_into_grad=False)
             stats.grad_norm = self.engine.step(lr)
         stats.lr = lr
-        return reduce_step_stats(stats)
+        stats.steps += 1
+        return stats
 
     # ----------------------------------------------------------------- eval
     @torch.no_grad()
@@ -128,22 +133,24 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def train(self) -> list[dict]:
-        """Run to --train-iters; returns the logged training records."""
+        """Run to --train-iters; returns the logged training records, one per log interval, each over the
+        steps since the previous one (every step is in exactly one record)."""
         cfg, t = self.cfg, self.cfg.training
         batches = iter(self._loader(self.train_ds, len(self.train_ds), self.consumed_samples))
         records = []
         start_iteration, start = self.iteration, time.perf_counter()
+        interval, tic = None, time.perf_counter()
         while self.iteration < t.train_iters:
-            tic = time.perf_counter()
-            stats = self.train_step(batches)
+            interval = self.train_step(batches, interval)
             self.iteration += 1
             self.consumed_samples += t.global_batch_size
-            elapsed = time.perf_counter() - tic
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
-                record = self._train_record(stats, elapsed)
+                stats = reduce_step_stats(interval)  # the interval's one host read: waits for the device
+                record = self._train_record(stats, time.perf_counter() - tic)
                 records.append(record)
                 self.metrics.write(record)
                 self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
+                interval, tic = None, time.perf_counter()
             if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
                 self._log_eval()
             save = cfg.checkpoint
@@ -153,7 +160,10 @@ class Trainer:
         return records
 
     def _train_record(self, stats: StepStats, elapsed: float) -> dict:
-        tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length
+        """A log interval's record: losses, kept fraction and threshold over all its tokens and micro-batches;
+        times and FLOPs per iteration (means over its `iterations`); lr and grad norm of its last step."""
+        tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length * stats.steps
+        flops = stats.flops(self.cfg.model, self.vocab_size)
         return {
             "iteration": self.iteration,
             "lm_loss": stats.loss_sum / max(stats.valid, 1),
@@ -163,9 +173,10 @@ class Trainer:
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
             "tokens_per_sec": tokens / elapsed,
-            "iteration_time_ms": 1000.0 * elapsed,
-            "executed_flops": stats.flops(self.cfg.model, self.vocab_size).executed,
-            "dense_flops": stats.flops(self.cfg.model, self.vocab_size).dense,
+            "iteration_time_ms": 1000.0 * elapsed / stats.steps,
+            "executed_flops": flops.executed / stats.steps,
+            "dense_flops": flops.dense / stats.steps,
+            "iterations": stats.steps,
             "consumed_samples": self.consumed_samples,
             "kept": stats.kept,
             "threshold_bound": stats.threshold_bound if stats.thresholds else None,

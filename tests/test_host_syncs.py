@@ -1,0 +1,166 @@
+"""The host-sync budget of a training step (megatron_eslm.host_syncs.py says what is counted).
+
+On a GPU every scalar read, data-dependent shape and host-to-device scalar copy makes the host wait for the
+queued kernels. The budget, per policy and threshold mode:
+  dense micro-batch              0
+  selective micro-batch          at most 2, both inherent (marked `host_syncs.inherent` in the code): the
+                                 kept count that sizes the LM head's row backward, and in sketch-exact mode
+                                 the width of the in-bracket window
+  the rest of a step             0 (gradient sums, clipping, optimizer step, metrics): the step's sums are
+                                 read once per log interval, by `reduce_step_stats`
+  anything not marked inherent   0
+Counted over two optimizer steps of two micro-batches each, after a first step (which builds lazy state),
+on one process and on 2-rank gloo layouts where the collectives are real.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helpers import flags, run
+from megatron_eslm.config import parse_args
+from megatron_eslm.host_syncs import HOST_READ, INHERENT, HostSyncCounter, inherent
+from megatron_eslm.training.trainer import Trainer
+
+STEPS = 2
+POLICIES = {
+    "dense": ["--selection", "none"],
+    "eslm-sketch": ["--selection", "eslm", "--eslm-threshold", "sketch"],
+    "eslm-sketch-exact": ["--selection", "eslm", "--eslm-threshold", "sketch-exact"],
+    "eslm-exact": ["--selection", "eslm", "--eslm-threshold", "exact"],
+    "eslm-entropy": ["--selection", "eslm", "--eslm-score", "entropy"],
+    "eslm-previous-step": ["--selection", "eslm", "--eslm-threshold-scope", "previous-step"],
+    "random": ["--selection", "random"],
+    "ada-eslm-grad-mass": ["--selection", "ada-eslm", "--ada-eslm-rule", "grad-mass"],
+    "ada-eslm-linear": ["--selection", "ada-eslm", "--ada-eslm-rule", "linear"],
+    "lfr-focus": ["--selection", "lfr", "--lfr-learn-iters", "0", "--lfr-focus-iters", "5"],
+}
+
+
+def count_step_syncs(argv: list[str]) -> tuple[HostSyncCounter, int]:
+    """Syncs of STEPS optimizer steps after a first one, and the micro-batches they ran on this rank."""
+    trainer = Trainer(parse_args(argv))
+    loader = iter(trainer._loader(trainer.train_ds, len(trainer.train_ds), 0))
+    batches = iter([next(loader) for _ in range((STEPS + 1) * trainer.num_micro_batches)])  # data: not counted
+    stats = trainer.train_step(batches)
+    with HostSyncCounter() as syncs:
+        for _ in range(STEPS):
+            stats = trainer.train_step(batches, stats)
+    micro_batches = STEPS * trainer.num_micro_batches
+    trainer.close()
+    return syncs, micro_batches
+
+
+def budget(name: str, micro_batches: int) -> int:
+    return 0 if name == "dense" else 2 * micro_batches
+
+
+def avoidable(syncs: HostSyncCounter) -> int:
+    """Syncs outside the inherent ones. LFR reads its sample ids from the data loader's host tensor: host
+    data, no device wait, so not counted."""
+    lfr_ids = sum(n for place, n in syncs.by_place.items() if place.startswith(f"{HOST_READ} at eslm/lfr.py"))
+    return syncs.avoidable - lfr_ids
+
+
+def assert_within_budget(name: str, syncs: HostSyncCounter, micro_batches: int) -> None:
+    assert avoidable(syncs) == 0, f"{name}: {syncs.report()}"
+    assert syncs.by_kind[INHERENT] <= budget(name, micro_batches), f"{name}: {syncs.report()}"
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_one_process_step_within_budget(tiny_corpus, name):
+    syncs, micro_batches = count_step_syncs(flags(tiny_corpus, "--log-interval", "100", *POLICIES[name]))
+    assert_within_budget(name, syncs, micro_batches)
+    if name in ("eslm-sketch", "eslm-exact"):  # only the kept-row count is read
+        assert syncs.total == micro_batches, syncs.report()
+
+
+@pytest.fixture(scope="module")
+def frozen_checkpoint(tiny_corpus, tmp_path_factory):
+    """A tiny trained checkpoint: the teacher of eslm-kd and the reference of rho1."""
+    save = str(tmp_path_factory.mktemp("frozen") / "ckpt")
+    run(flags(tiny_corpus, "--selection", "none", "--train-iters", "1", "--lr-warmup-iters", "0", "--save", save))
+    return save
+
+
+@pytest.mark.parametrize("policy", ["eslm-kd", "rho1"])
+def test_frozen_model_policies_within_budget(tiny_corpus, frozen_checkpoint, policy):
+    load_flag = "--teacher-load" if policy == "eslm-kd" else "--reference-load"
+    syncs, micro_batches = count_step_syncs(flags(tiny_corpus, "--log-interval", "100", "--selection", policy,
+                                                  load_flag, frozen_checkpoint))
+    assert_within_budget(policy, syncs, micro_batches)
+
+
+LAYOUTS = {"dp2": [], "tp2": ["--tensor-model-parallel-size", "2"],
+           "pp2": ["--pipeline-model-parallel-size", "2"]}
+MULTI = ["dense", "eslm-sketch-exact", "eslm-exact", "ada-eslm-grad-mass"]
+
+
+def _rank_main(rank: int, world: int, tmp: str, corpus: tuple[str, str]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    lines = []
+    for layout, layout_flags in LAYOUTS.items():
+        for name in MULTI:
+            syncs, micro_batches = count_step_syncs(flags(corpus, "--log-interval", "100", *layout_flags,
+                                                          *POLICIES[name]))
+            lines.append(f"{layout} {name} {avoidable(syncs)} {syncs.by_kind[INHERENT]} {micro_batches} "
+                         f"{syncs.report()}")
+    Path(tmp, f"rank{rank}.txt").write_text("\n".join(lines))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_within_budget(tiny_corpus, tmp_path):
+    """Real collectives (the selection group's all-gathers and all-reduces, TP's vocab-parallel head, the
+    pipeline's sends) add no sync: the budget holds on every rank of DP2, TP2 and PP2."""
+    mp.spawn(_rank_main, args=(2, str(tmp_path), tiny_corpus), nprocs=2, join=True)
+    for rank in range(2):
+        for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines():
+            layout, name, other, inherent, micro_batches, report = (line.split(" ", 5) + [""])[:6]
+            label = f"rank {rank} {layout} {name}: {report}"
+            assert int(other) == 0 and int(inherent) <= budget(name, int(micro_batches)), label
+
+
+def test_counter_sees_each_kind_of_sync():
+    x = torch.arange(6.0)
+    with HostSyncCounter() as syncs:
+        float(x.sum())
+        x[x > 2].sum()
+        x.nonzero()
+        x.tolist()
+        torch.tensor(3.0)
+        torch.where(x > 2, x, 0.0).sum()  # none: a device select with a Python scalar operand
+    assert syncs.by_kind == {"scalar read": 1, "data-dependent shape": 2, "host read": 1, "host-to-device": 1}
+    with HostSyncCounter() as marked:
+        with inherent("a test"):
+            float(x.sum())
+    assert marked.by_kind == {INHERENT: 1} and marked.avoidable == 0
+    x.tolist()  # the wrapper is gone after the block
+    assert syncs.by_kind[HOST_READ] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
+@pytest.mark.parametrize("name", ["dense", "eslm-sketch", "eslm-sketch-exact", "eslm-exact", "ada-eslm-grad-mass"])
+def test_cuda_step_passes_sync_debug_mode(tiny_corpus, name):
+    """The same steps on a GPU under torch.cuda.set_sync_debug_mode("error"): any sync outside the
+    `host_syncs.inherent` blocks raises (tools/device_check.sh runs this)."""
+    trainer = Trainer(parse_args(flags(tiny_corpus, "--log-interval", "100", *POLICIES[name])))
+    loader = iter(trainer._loader(trainer.train_ds, len(trainer.train_ds), 0))
+    batches = iter([next(loader) for _ in range((STEPS + 1) * trainer.num_micro_batches)])
+    stats = trainer.train_step(batches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(STEPS):
+            stats = trainer.train_step(batches, stats)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    trainer.close()
