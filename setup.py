@@ -16,7 +16,7 @@ setup(
     packages=PACKAGES,
     package_dir={"megatron_eslm.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",  # torch.get_autocast_dtype, torch.is_autocast_enabled(device_type)
+        "torch>=2.5",  # torch.get_autocast_dtype, scaled_dot_product_attention(enable_gqa=)
         "numpy>=1.24",
         "sentencepiece>=0.1.99",
         "tensorboard>=2.12",
@@ -27,10 +27,11 @@ setup(
         # tools/selection_study.py draws its plot with matplotlib.
         "study": ["matplotlib>=3.7"],
         # megatron-core: the format-compatibility tests compare against its own reader and writer;
-        # tokenizers: HuggingFaceTokenizer. Tests that need either skip without it.
-        "test": ["pytest>=7", "hypothesis>=6", "megatron-core>=0.12", "tokenizers>=0.19"],
+        # tokenizers: HuggingFaceTokenizer; transformers: LlamaForCausalLM, the Llama blocks' reference.
+        # Tests that need one skip without it.
+        "test": ["pytest>=7", "hypothesis>=6", "megatron-core>=0.12", "tokenizers>=0.19", "transformers>=4.45"],
         # What CI and the README's commands install: torch 2.13.0 is the CPU build on the CI machines.
         "ci": ["torch==2.13.0", "triton==3.9.0", "deepspeed==0.19.0", "pytest==9.2.0", "hypothesis==6.170.15",
-               "megatron-core==0.16.1", "tokenizers==0.23.3"],
+               "megatron-core==0.16.1", "tokenizers==0.23.3", "transformers==5.17.0"],
     },
 )

@@ -8,7 +8,8 @@ Groups this rank belongs to:
   data       the dp replicas of one (tp rank, stage) shard; gradients are summed over it
   pipeline   the pp stages holding one model replica (same tp and dp rank)
   model      tensor x pipeline: every shard of one replica (the gradient norm is summed over it)
-  embedding  first and last stage of this pipeline, which both hold the tied word embedding
+  embedding  first and last stage of this pipeline, which both hold the tied word embedding (unused when
+             the output layer is untied: the last stage then holds no copy)
   selection  the ranks holding distinct tokens of a micro-batch: the data group of the last stage. TP
              ranks of the last stage compute identical scores, so each runs the threshold over its own
              data group and all get the same threshold, kept rows and counts.

@@ -6,7 +6,9 @@ of the equivalence table in one launch, since each launch costs seconds of DeepS
 JOBS.json: [[name, kind, argv], ...], kind "train" (records and final validation loss), "bf16" (a train
 job that also keeps this rank's parameters and layout, and records what DeepSpeed trains with: its
 optimizer, the parameters' dtypes and, after every backward, the dtypes of the tensors in which the step's
-gradients accumulate) or "resume" (the straight and the resumed records of `test_parallel_training.resume`).
+gradients accumulate), "resume" (the straight and the resumed records of `test_parallel_training.resume`)
+or "init" (a ZeRO-3 trainer's parameters before any step, gathered, and the same model built without
+DeepSpeed, each with the names its optimizer decays).
 Each rank writes OUT_DIR/rankN.pt. (The launcher adds --local_rank=N, which LOCAL_RANK already says.)
 """
 from __future__ import annotations
@@ -14,10 +16,14 @@ from __future__ import annotations
 import json
 import sys
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
+from megatron_eslm.config import parse_args
 from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine
+from megatron_eslm.training.optimizer import param_groups
+from megatron_eslm.training.trainer import Trainer, build_model
 from test_parallel_training import resume, train
 
 
@@ -53,6 +59,26 @@ def train_bf16(argv: list[str]) -> dict:
     return {**result, **seen}
 
 
+def decayed(model: torch.nn.Module) -> set[str]:
+    """The names of the parameters our AdamW groups decay."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    return {names[id(param)] for group in param_groups(model, 0.1) if group["weight_decay"]
+            for param in group["params"]}
+
+
+def built(argv: list[str]) -> dict:
+    """What a ZeRO-3 trainer starts from (its model built inside zero.Init), gathered from the partitions,
+    and the same model built without DeepSpeed."""
+    trainer = Trainer(parse_args(argv), log=lambda *a: None)
+    plain = build_model(trainer.cfg, trainer.vocab_size, torch.device("cpu"), None)
+    result = {"decayed": decayed(trainer.model), "plain_decayed": decayed(plain),
+              "plain": {name: param.detach() for name, param in plain.named_parameters()}}
+    with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
+        result["built"] = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+    trainer.close()
+    return result
+
+
 def main(jobs_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo")  # the launcher's environment: RANK, WORLD_SIZE, MASTER_ADDR, ...
     torch.set_num_threads(1)
@@ -63,6 +89,8 @@ def main(jobs_file: str, out_dir: str) -> None:
             results[name] = {"records": result["records"], "val_loss": result["val_loss"]}
         elif kind == "bf16":
             results[name] = train_bf16(argv)
+        elif kind == "init":
+            results[name] = built(argv)
         else:
             results[name] = resume(argv, f"{out_dir}/{name}-ckpt")
     torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")

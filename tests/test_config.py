@@ -1,9 +1,10 @@
 """Flags -> Config, the --config file, derived defaults and one-line validation errors."""
 import json
+import re
 
 import pytest
 
-from megatron_eslm.config import OptimizerConfig, parse_args
+from megatron_eslm.config import OptimizerConfig, parse_args, validate_layout
 from megatron_eslm.errors import UserError
 from megatron_eslm.training.lr_schedule import learning_rate
 
@@ -80,3 +81,55 @@ def test_lr_schedules(style):
         assert learning_rate(cfg, 100) == pytest.approx(0.1 + 0.9 * 10 / 20)
     rates = [learning_rate(cfg, s) for s in range(10, 120)]
     assert all(a >= b - 1e-12 for a, b in zip(rates, rates[1:]))
+
+
+def test_llama_flags(base, tmp_path):
+    cfg = parse_args(base + ["--hidden-size", "64", "--num-attention-heads", "8", "--position-embedding-type", "rope",
+                             "--rotary-base", "500000", "--normalization", "RMSNorm", "--norm-epsilon", "1e-6",
+                             "--swiglu", "--ffn-hidden-size", "176", "--group-query-attention", "--num-query-groups",
+                             "2", "--kv-channels", "16", "--untie-embeddings-and-output-weights",
+                             "--disable-bias-linear"]).model
+    assert (cfg.position_embedding_type, cfg.rotary_base, cfg.normalization, cfg.norm_epsilon) == ("rope", 500000,
+                                                                                                "RMSNorm", 1e-6)
+    assert (cfg.swiglu, cfg.ffn_hidden_size, cfg.group_query_attention, cfg.num_query_groups, cfg.kv_channels) == (
+        True, 176, True, 2, 16)
+    assert cfg.untie_embeddings_and_output_weights and cfg.disable_bias_linear
+    gpt = parse_args(base + ["--hidden-size", "64", "--num-attention-heads", "8"]).model  # derived sizes
+    assert (gpt.num_query_groups, gpt.kv_channels, gpt.ffn_hidden_size, gpt.norm_epsilon) == (8, 8, 256, 1e-5)
+    assert parse_args(base + ["--hidden-size", "768", "--swiglu"]).model.ffn_hidden_size == 2048  # int(8/3 h / 64) 64
+    assert parse_args(base + ["--layernorm-epsilon", "1e-6"]).model.norm_epsilon == 1e-6  # Megatron's old name
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"layernorm-epsilon": 1e-4}))
+    assert parse_args(base + ["--config", str(path)]).model.norm_epsilon == 1e-4
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--position-embedding-type", "alibi"], "--position-embedding-type must be one of learned_absolute, rope"),
+    (["--normalization", "BatchNorm"], "--normalization must be one of LayerNorm, RMSNorm"),
+    (["--norm-epsilon", "0"], "--norm-epsilon must be positive, got 0.0"),
+    (["--rotary-base", "500000"], "--rotary-base 500000 needs --position-embedding-type rope"),
+    (["--position-embedding-type", "rope", "--kv-channels", "7"], "rope needs an even head dimension"),
+    (["--group-query-attention"], "--group-query-attention needs --num-query-groups"),
+    (["--num-query-groups", "2"], "--num-query-groups 2 needs --group-query-attention"),
+    (["--group-query-attention", "--num-query-groups", "5"], "--num-query-groups 5 does not divide "
+                                                              "--num-attention-heads 12"),
+    (["--group-query-attention", "--num-query-groups", "0"], "--num-query-groups must be positive, got 0"),
+    (["--hidden-size", "100", "--num-attention-heads", "3"], "(or give --kv-channels)"),
+    (["--kv-channels", "0"], "--kv-channels must be positive, got 0"),
+])
+def test_bad_llama_flags_fail_in_one_line(base, flags, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args(base + flags)
+
+
+@pytest.mark.parametrize("tp,error", [(2, None), (4, "--num-query-groups 2 is not divisible by "
+                                                     "--tensor-model-parallel-size 4")])
+def test_query_groups_split_over_tensor_parallel_ranks(base, tp, error):
+    """Each TP rank holds whole key/value groups (and the query heads that use them)."""
+    cfg = parse_args(base + ["--group-query-attention", "--num-query-groups", "2", "--tensor-model-parallel-size",
+                             str(tp), "--micro-batch-size", "1", "--global-batch-size", "4"])
+    if error is None:
+        assert validate_layout(cfg, 4) == 4 // tp
+    else:
+        with pytest.raises(UserError, match=re.escape(error)):
+            validate_layout(cfg, 4)

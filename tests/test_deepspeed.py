@@ -25,8 +25,8 @@ import torch
 
 from megatron_eslm.config import build_parser, parse_args, validate_layout
 from megatron_eslm.errors import UserError
-from test_parallel_training import (COMPARED, GLOBAL_BATCH, REFERENCE_MICRO_BATCH, SELECTIONS, assemble, flags,
-                                    layout_flags, micro_batch, relative, train, untimed)
+from test_parallel_training import (COMPARED, GLOBAL_BATCH, LLAMA_FLAGS, REFERENCE_MICRO_BATCH, SELECTIONS, assemble,
+                                    flags, layout_flags, micro_batch, relative, train, untimed)
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
 
@@ -48,6 +48,8 @@ BF16_LAYOUTS = {"dp2 zero1": (1, 1, False, 1), "dp2 zero2": (1, 1, False, 2), "d
                 "pp2 zero1": (1, 2, False, 1), "tp2-sp zero1": (2, 1, True, 1)}
 BF16_OPTIMIZERS = {1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
 BF16_TOLERANCE = 2e-2
+# ZeRO-3 on DP2 built inside zero.Init: name -> extra flags
+INITS = {"gpt": [], "gpt bf16": ["--bf16"], "llama": LLAMA_FLAGS}
 
 
 def run_flags(corpus, tp: int, pp: int, stage: int | None, selection: str, sp: bool = False) -> list[str]:
@@ -76,6 +78,8 @@ def launched(tiny_corpus, tmp_path_factory):
              for name, ((tp, pp, stage), extra) in RESUMES.items()]
     jobs += [[f"{layout} bf16", "bf16", [*run_flags(tiny_corpus, tp, pp, stage, "dense", sp), "--bf16"]]
              for layout, (tp, pp, sp, stage) in BF16_LAYOUTS.items()]
+    jobs += [[f"init {name}", "init", [*run_flags(tiny_corpus, 1, 1, 3, "dense"), *extra]]
+             for name, extra in INITS.items()]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = launch([str(TESTS / "deepspeed_jobs.py"), str(tmp / "jobs.json"), str(tmp)], tmp)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -145,6 +149,20 @@ def test_bf16_accumulates_in_fp32_and_trains_like_fp32(launched, references):
         assemble([ranks[rank][f"{layout} bf16"] for rank in range(WORLD)])
 
 
+def test_zero3_builds_the_parameters_of_one_process(launched):
+    """Built inside zero.Init (a rank holds 1/DP of every parameter from the start: test_model_memory.py),
+    the parameters gathered are bit for bit those of the model built without DeepSpeed (cast to bf16 under
+    --bf16, as DeepSpeed casts it), and the optimizer decays the same ones."""
+    _, ranks = launched
+    for name in INITS:
+        for result in (rank[f"init {name}"] for rank in ranks):
+            built, plain = result["built"], result["plain"]
+            assert built.keys() == plain.keys(), name
+            for key, param in built.items():
+                assert torch.equal(param, plain[key].to(param.dtype)), f"{name}: {key}"
+            assert result["decayed"] == result["plain_decayed"], name
+
+
 def test_deepspeed_module_launch(tiny_corpus, references, tmp_path):
     """What users type: `deepspeed --module megatron_eslm.pretrain` with a ds_config file, ZeRO-2."""
     ds_config = tmp_path / "ds.json"
@@ -201,6 +219,7 @@ def test_config_file_filled_and_stage_overridden(tiny_corpus, tmp_path):
                                 "zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}}))
     ds = resolve(tiny_corpus, ["--deepspeed", "--deepspeed_config", str(path)])
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["memory_efficient_linear"] is False  # zero.Init leaves F.linear alone
     ds = resolve(tiny_corpus, ["--deepspeed", "--deepspeed_config", str(path), "--zero-stage", "1"])
     assert ds["zero_optimization"]["stage"] == 1 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
     assert ds["zero_optimization"]["overlap_comm"] is False
@@ -218,6 +237,8 @@ def test_config_file_filled_and_stage_overridden(tiny_corpus, tmp_path):
     ({"optimizer": {"type": "Adam"}}, [], "remove the 'optimizer' block"),
     ({"zero_optimization": {"stage": 0}}, [], "zero_optimization.stage must be 1, 2 or 3, got 0"),
     ({"zero_optimization": {"stage": 1, "overlap_comm": True}}, [], "overlap_comm must be false with stage 1"),
+    ({"zero_optimization": {"stage": 3, "memory_efficient_linear": True}}, [],
+     "zero_optimization.memory_efficient_linear must be false: zero.Init would replace torch.nn.functional.linear"),
     ({}, ["--zero-stage", "2", "--pipeline-model-parallel-size", "2"],
      "ZeRO stage 2 cannot run with --pipeline-model-parallel-size 2"),
     ({}, ["--zero-stage", "3", "--tensor-model-parallel-size", "2", "--sequence-parallel"],

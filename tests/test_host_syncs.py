@@ -27,6 +27,7 @@ from helpers import flags, run
 from megatron_eslm.config import parse_args
 from megatron_eslm.host_syncs import HOST_READ, INHERENT, HostSyncCounter, inherent
 from megatron_eslm.training.trainer import Trainer
+from test_parallel_training import LLAMA_FLAGS
 
 STEPS = 2
 POLICIES = {
@@ -98,7 +99,10 @@ def test_frozen_model_policies_within_budget(tiny_corpus, frozen_checkpoint, pol
 
 
 LAYOUTS = {"dp2": [], "tp2": ["--tensor-model-parallel-size", "2"],
-           "pp2": ["--pipeline-model-parallel-size", "2"]}
+           "pp2": ["--pipeline-model-parallel-size", "2"],
+           # the Llama-shaped model: grouped-query attention, rotary tables, RMSNorm, the untied vocab-parallel head
+           "llama-tp2-sp": [*LLAMA_FLAGS, "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+           "llama-pp2": [*LLAMA_FLAGS, "--pipeline-model-parallel-size", "2"]}
 MULTI = ["dense", "eslm-sketch-exact", "eslm-exact", "ada-eslm-grad-mass"]
 
 
@@ -120,7 +124,8 @@ def _rank_main(rank: int, world: int, tmp: str, corpus: tuple[str, str]) -> None
 
 def test_two_ranks_within_budget(tiny_corpus, tmp_path):
     """Real collectives (the selection group's all-gathers and all-reduces, TP's vocab-parallel head, the
-    pipeline's sends) add no sync: the budget holds on every rank of DP2, TP2 and PP2."""
+    pipeline's sends) add no sync: the budget holds on every rank of DP2, TP2 and PP2, and for the
+    Llama-shaped model on TP2 with sequence parallelism and PP2."""
     mp.spawn(_rank_main, args=(2, str(tmp_path), tiny_corpus), nprocs=2, join=True)
     for rank in range(2):
         for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines():

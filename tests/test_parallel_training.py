@@ -1,14 +1,18 @@
 """Tensor, sequence, pipeline and data parallelism against one process, on gloo process groups (CPU).
 
-One spawn per world size runs every layout x selection inside one process group (each trainer builds and
-drops its model-parallel groups); the parent runs the one-process references on the same global batches,
-with DP x the micro-batch size, and compares:
+One spawn per world size runs every model x layout x selection inside one process group (each trainer
+builds and drops its model-parallel groups); the parent runs the one-process references on the same global
+batches, with DP x the micro-batch size, and compares:
 
   float32  per step lm_loss, kept_loss, threshold and grad_norm, and the validation loss, to 1e-5
            relative; the kept fraction exactly.
   float64  every parameter after the steps (TP shards concatenated, pipeline layers renumbered) to 1e-9
            relative. Float64 because Adam turns float32 round-off in (near-)zero gradients into full-size
            steps: the key bias's gradient is exactly zero, so both runs update it by normalised noise.
+
+The models: GPT-2 shaped (every layout, dense and ESLM by loss and entropy) and Llama shaped (rope, RMSNorm,
+SwiGLU, 2 key/value groups, untied output layer, no biases: TP2, PP2, DP2 and TP2xPP2+SP; dense, ESLM and
+Ada-ESLM).
 
 Besides: DP replicas, TP-replicated parameters and the two copies of the tied embedding stay bitwise
 equal; dropout under the RNG tracker is reproducible and resumes exactly from a 4-rank checkpoint; the
@@ -56,6 +60,20 @@ LAYOUTS = {
     2: {"tp2": (2, 1, False), "pp2": (1, 2, False), "dp2": (1, 1, False), "tp2-sp": (2, 1, True)},
     4: {"tp2pp2": (2, 2, False), "tp2dp2": (2, 1, False), "pp2dp2": (1, 2, False), "tp2pp2-sp": (2, 2, True)},
 }
+# A Llama-shaped model at the tests' hidden 32 and 4 heads (2 key/value groups: one per TP rank).
+LLAMA_FLAGS = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--ffn-hidden-size", "48",
+               "--group-query-attention", "--num-query-groups", "2", "--untie-embeddings-and-output-weights",
+               "--disable-bias-linear"]
+LLAMA_SELECTIONS = {
+    "dense": SELECTIONS["dense"],
+    "eslm-loss": SELECTIONS["eslm-loss"],
+    # test_parallel_policies.py's: alpha moves from 0.1 every micro-batch
+    "ada-eslm": ["--selection", "ada-eslm", "--eslm-alpha", "0.1", "--ada-eslm-budget", "0.2", "--ada-eslm-momentum",
+                 "0.5"],
+}
+# model -> (its flags, selections, layouts checked per world size)
+MODELS = {"gpt2": ([], SELECTIONS, {world: tuple(layouts) for world, layouts in LAYOUTS.items()}),
+          "llama": (LLAMA_FLAGS, LLAMA_SELECTIONS, {2: ("tp2", "pp2", "dp2"), 4: ("tp2pp2-sp",)})}
 COMPARED = ("lm_loss", "kept_loss", "threshold", "grad_norm")
 TIMING = {"tokens_per_sec", "iteration_time_ms"}
 
@@ -68,6 +86,17 @@ def flags(corpus, micro_batch: int, *extra: str) -> list[str]:
             "--tokenizer-model", model, "--split", "90,10,0", "--eval-interval", "1000", "--eval-iters", "1",
             "--log-interval", "1", "--num-workers", "0", "--seed", "7", "--hidden-dropout", "0",
             "--attention-dropout", "0", "--make-vocab-size-divisible-by", "32", *extra]
+
+
+def model_flags(corpus, micro_batch: int, model: str, selection: str, *extra: str) -> list[str]:
+    model_extra, selections, _ = MODELS[model]
+    return flags(corpus, micro_batch, *model_extra, *selections[selection], *extra)
+
+
+def cases(world: int) -> list[tuple[str, str, str]]:
+    """(model, layout, selection) run on `world` ranks."""
+    return [(model, layout, selection) for model, (_, selections, layouts) in MODELS.items()
+            for layout in layouts[world] for selection in selections]
 
 
 def layout_flags(tp: int, pp: int, sp: bool) -> list[str]:
@@ -268,34 +297,34 @@ def parameter_difference(results: list[dict], reference: dict) -> float:
 
 @pytest.fixture(scope="module")
 def references(tiny_corpus):
-    """One-process runs with the layouts' global micro-batch, per selection and dtype."""
+    """One-process runs with the layouts' global micro-batch, per model, selection and dtype."""
     torch.set_num_threads(1)
-    return {(selection, dtype): train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *extra), dtype)
-            for selection, extra in SELECTIONS.items() for dtype in (torch.float32, torch.float64)}
+    return {(model, selection, dtype): train(model_flags(tiny_corpus, REFERENCE_MICRO_BATCH, model, selection), dtype)
+            for model, (_, selections, _) in MODELS.items() for selection in selections
+            for dtype in (torch.float32, torch.float64)}
 
 
 def equivalence_jobs(world: int, corpus) -> list[tuple]:
     jobs = []
-    for layout, (tp, pp, sp) in LAYOUTS[world].items():
-        for selection, extra in SELECTIONS.items():
-            argv = flags(corpus, micro_batch(world, tp, pp), *extra, *layout_flags(tp, pp, sp))
-            jobs += [((layout, selection, dtype), "train", argv, dtype) for dtype in (torch.float32, torch.float64)]
+    for model, layout, selection in cases(world):
+        tp, pp, sp = LAYOUTS[world][layout]
+        argv = model_flags(corpus, micro_batch(world, tp, pp), model, selection, *layout_flags(tp, pp, sp))
+        jobs += [((model, layout, selection, dtype), "train", argv, dtype) for dtype in (torch.float32, torch.float64)]
     return jobs
 
 
 def check_equivalence(world: int, per_rank: list[dict], references: dict) -> dict:
     table = {}
-    for layout in LAYOUTS[world]:
-        for selection in SELECTIONS:
-            label = f"{layout} {selection}"
-            results32 = [r[(layout, selection, torch.float32)] for r in per_rank]
-            results64 = [r[(layout, selection, torch.float64)] for r in per_rank]
-            logged = record_difference(results32[0], references[(selection, torch.float32)])
-            params = parameter_difference(results64, references[(selection, torch.float64)])
-            params32 = parameter_difference(results32, references[(selection, torch.float32)])  # reported only
-            table[label] = (logged, params, params32)
-            assert logged <= 1e-5, f"{label}: logged numbers differ by {logged:.2e}"
-            assert params <= 1e-9, f"{label}: float64 parameters differ by {params:.2e}"
+    for model, layout, selection in cases(world):
+        label = f"{model} {layout} {selection}"
+        results32 = [r[(model, layout, selection, torch.float32)] for r in per_rank]
+        results64 = [r[(model, layout, selection, torch.float64)] for r in per_rank]
+        logged = record_difference(results32[0], references[(model, selection, torch.float32)])
+        params = parameter_difference(results64, references[(model, selection, torch.float64)])
+        params32 = parameter_difference(results32, references[(model, selection, torch.float32)])  # reported only
+        table[label] = (logged, params, params32)
+        assert logged <= 1e-5, f"{label}: logged numbers differ by {logged:.2e}"
+        assert params <= 1e-9, f"{label}: float64 parameters differ by {params:.2e}"
     print("\n".join(f"| {k} | {a:.1e} | {b:.1e} | {c:.1e} |" for k, (a, b, c) in table.items()))
     return table
 
@@ -320,7 +349,7 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
     assert untimed(first[0]["records"]) == untimed(second[0]["records"])
     first_params, second_params = assemble(first), assemble(second)  # replicated ones: equal on both TP ranks
     assert all(torch.equal(first_params[name], second_params[name]) for name in first_params)
-    without = per_rank[0][("tp2-sp", "eslm-loss", torch.float32)]["records"]
+    without = per_rank[0][("gpt2", "tp2-sp", "eslm-loss", torch.float32)]["records"]
     assert first[0]["records"][-1]["lm_loss"] != without[-1]["lm_loss"]  # dropout was on
 
     maps = [r["mappings"] for r in per_rank]

@@ -42,7 +42,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from megatron_eslm.config import ModelConfig
+from megatron_eslm.config import ModelConfig, finalize_model
 from megatron_eslm.model.gpt import init_generator
 from megatron_eslm.model.transformer import TransformerBlock
 from megatron_eslm.training.flops import micro_batch_flops
@@ -60,13 +60,13 @@ class Tail(nn.Module):
 
     def __init__(self, hidden: int, seed: int = 0):
         super().__init__()
-        cfg = ModelConfig(hidden_size=hidden, num_attention_heads=max(1, hidden // 64), ffn_hidden_size=4 * hidden,
-                          hidden_dropout=0.0, attention_dropout=0.0)
+        cfg = finalize_model(ModelConfig(hidden_size=hidden, num_attention_heads=max(1, hidden // 64),
+                                         ffn_hidden_size=4 * hidden, hidden_dropout=0.0, attention_dropout=0.0))
         block = TransformerBlock(cfg, init_generator(seed, 1 + cfg.num_layers - 1))
         self.post_attention_layernorm = block.post_attention_layernorm
         self.mlp = block.mlp
         self.hidden_dropout = block.hidden_dropout
-        self.final_layernorm = nn.LayerNorm(hidden, eps=cfg.layernorm_epsilon)
+        self.final_layernorm = nn.LayerNorm(hidden, eps=cfg.norm_epsilon)
         self.ffn = cfg.ffn_hidden_size
         with torch.no_grad():  # non-trivial norms and biases, so every gradient is checked
             gen = torch.Generator().manual_seed(seed)

@@ -1,12 +1,21 @@
-"""Model shape flags: sizes, dropout and init of the GPT."""
+"""Model shape flags: sizes, dropout and init of the GPT, and the Llama-family options (rotary positions,
+RMSNorm, SwiGLU, grouped-query attention, an untied output layer, no linear biases), with Megatron-LM's
+flag names. The defaults are GPT-2's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_eslm.config.checks import positive
+from megatron_eslm.config.checks import one_of, positive
 from megatron_eslm.errors import UserError
 
 TITLE = "model"
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+# Flags with more than one spelling (the first names the field); Megatron-LM still reads the old one.
+FLAG_NAMES = {"norm_epsilon": ("--norm-epsilon", "--layernorm-epsilon")}
+# Fields renamed since checkpoints stored their config: old name -> new name.
+RENAMED_FIELDS = {"layernorm_epsilon": "norm_epsilon"}
 
 
 @dataclass
@@ -14,37 +23,82 @@ class ModelConfig:
     num_layers: int = 12
     hidden_size: int = 768
     num_attention_heads: int = 12
-    ffn_hidden_size: int | None = None  # None: 4 * hidden_size
+    ffn_hidden_size: int | None = None  # None: 4 * hidden_size (with swiglu: Megatron's 8/3 rounding)
     seq_length: int = 1024
     max_position_embeddings: int | None = None  # None: seq_length
     make_vocab_size_divisible_by: int = 128
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
-    layernorm_epsilon: float = 1e-5
+    norm_epsilon: float = 1e-5
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: int = 10000
+    normalization: str = "LayerNorm"
+    swiglu: bool = False
+    group_query_attention: bool = False
+    num_query_groups: int | None = None  # None: num_attention_heads (filled by finalize_model)
+    kv_channels: int | None = None  # None: hidden_size / num_attention_heads (filled by finalize_model)
+    untie_embeddings_and_output_weights: bool = False
+    disable_bias_linear: bool = False
 
 
 HELP = {
     "num_layers": "transformer blocks",
     "hidden_size": "model width",
-    "num_attention_heads": "attention heads (must divide --hidden-size)",
-    "ffn_hidden_size": "MLP width; unset means 4x hidden",
+    "num_attention_heads": "attention (query) heads; must divide --hidden-size unless --kv-channels is given",
+    "ffn_hidden_size": "MLP width; unset means 4x hidden, or with --swiglu Megatron's int(8/3 x hidden / 64) x 64 "
+                       "(Llama instead rounds 8/3 x hidden up to a multiple of 256: 11008 for hidden 4096; "
+                       "Llama-3-8B uses 14336: give it here)",
     "seq_length": "tokens per training sample",
-    "max_position_embeddings": "learned position table size; unset means --seq-length",
+    "max_position_embeddings": "the model's context: the learned position table's size, with rope the "
+                               "window generation uses; unset means --seq-length",
     "make_vocab_size_divisible_by": "pad the tokenizer vocabulary to a multiple of this",
     "hidden_dropout": "dropout after attention/MLP and on embeddings",
     "attention_dropout": "dropout on attention probabilities",
     "init_method_std": "std of the normal weight init",
-    "layernorm_epsilon": "LayerNorm epsilon",
+    "norm_epsilon": "epsilon of every LayerNorm or RMSNorm (--layernorm-epsilon is the same flag)",
+    "position_embedding_type": f"{' or '.join(POSITION_EMBEDDING_TYPES)}: a learned position table, or rotary "
+                               "embeddings on queries and keys (no table)",
+    "rotary_base": "rotary embeddings' base (Llama 2: 10000, Llama 3: 500000); needs rope",
+    "normalization": f"{' or '.join(NORMALIZATIONS)} (RMSNorm: weight only, fp32 statistics)",
+    "swiglu": "MLP silu(x W_gate) * (x W_up) then W_down (three matrices of --ffn-hidden-size) instead of GELU",
+    "group_query_attention": "grouped-query attention: --num-query-groups key/value heads shared by the query heads",
+    "num_query_groups": "key/value heads under --group-query-attention; must divide --num-attention-heads and "
+                        "be divisible by --tensor-model-parallel-size",
+    "kv_channels": "head dimension; unset means hidden / heads",
+    "untie_embeddings_and_output_weights": "a separate vocab-parallel output layer instead of the input "
+                                           "embedding as LM head",
+    "disable_bias_linear": "no bias in any linear layer (attention and MLP projections)",
 }
 
 
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """A ModelConfig from a stored `Config.to_dict()["model"]`, including those saved before a field was
+    renamed (checkpoints keep the config they were trained with)."""
+    return ModelConfig(**{RENAMED_FIELDS.get(key, key): value for key, value in values.items()})
+
+
 def finalize_model(m: ModelConfig) -> ModelConfig:
-    """Fill the model's derived sizes (MLP width, position table)."""
+    """Fill the model's derived sizes (MLP width, position window, head dimension, key/value groups).
+    Idempotent, so configs stored in checkpoints (already filled) pass through it unchanged. Raises where
+    a size cannot be derived."""
     if m.ffn_hidden_size is None:
-        m.ffn_hidden_size = 4 * m.hidden_size
+        # Megatron-LM's default: two input projections of 8/3 hidden keep the parameters near a 4x GELU MLP.
+        m.ffn_hidden_size = int(4 * m.hidden_size * 2 / 3 / 64) * 64 if m.swiglu else 4 * m.hidden_size
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
+    if m.kv_channels is None:
+        positive(m.num_attention_heads, "--num-attention-heads")
+        if m.hidden_size % m.num_attention_heads:
+            raise UserError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+                            f"{m.num_attention_heads} (or give --kv-channels)")
+        m.kv_channels = m.hidden_size // m.num_attention_heads
+    if m.group_query_attention and m.num_query_groups is None:
+        raise UserError("--group-query-attention needs --num-query-groups")
+    if not m.group_query_attention and m.num_query_groups not in (None, m.num_attention_heads):
+        raise UserError(f"--num-query-groups {m.num_query_groups} needs --group-query-attention")
+    if m.num_query_groups is None:
+        m.num_query_groups = m.num_attention_heads
     return m
 
 
@@ -53,14 +107,23 @@ def validate_model(m: ModelConfig) -> None:
     for value, flag in ((m.num_layers, "--num-layers"), (m.hidden_size, "--hidden-size"),
                         (m.num_attention_heads, "--num-attention-heads"), (m.seq_length, "--seq-length"),
                         (m.ffn_hidden_size, "--ffn-hidden-size"),
-                        (m.make_vocab_size_divisible_by, "--make-vocab-size-divisible-by")):
+                        (m.make_vocab_size_divisible_by, "--make-vocab-size-divisible-by"),
+                        (m.norm_epsilon, "--norm-epsilon"), (m.rotary_base, "--rotary-base"),
+                        (m.num_query_groups, "--num-query-groups"), (m.kv_channels, "--kv-channels")):
         positive(value, flag)
-    if m.hidden_size % m.num_attention_heads:
-        raise UserError(f"--hidden-size {m.hidden_size} is not divisible by "
-                        f"--num-attention-heads {m.num_attention_heads}")
+    one_of(m.position_embedding_type, POSITION_EMBEDDING_TYPES, "--position-embedding-type")
+    one_of(m.normalization, NORMALIZATIONS, "--normalization")
+    if m.num_attention_heads % m.num_query_groups:
+        raise UserError(f"--num-query-groups {m.num_query_groups} does not divide --num-attention-heads "
+                        f"{m.num_attention_heads}")
     if m.seq_length > m.max_position_embeddings:
         raise UserError(f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
                         f"{m.max_position_embeddings}")
+    if m.position_embedding_type == "rope" and m.kv_channels % 2:
+        raise UserError(f"--position-embedding-type rope needs an even head dimension, got --kv-channels "
+                        f"{m.kv_channels}")
+    if m.position_embedding_type != "rope" and m.rotary_base != ModelConfig.rotary_base:
+        raise UserError(f"--rotary-base {m.rotary_base} needs --position-embedding-type rope")
     for value, flag in ((m.hidden_dropout, "--hidden-dropout"), (m.attention_dropout, "--attention-dropout")):
         if not 0.0 <= value < 1.0:
             raise UserError(f"{flag} must be in [0, 1), got {value}")

@@ -5,13 +5,15 @@ import argparse
 import dataclasses
 from typing import Sequence
 
-from megatron_eslm.config.deepspeed import FLAG_NAMES
+from megatron_eslm.config import deepspeed, model
 from megatron_eslm.config.tree import SECTIONS, Config
 from megatron_eslm.config.validation import finalize
 from megatron_eslm.errors import UserError, read_json_object
 
 # Flags that are not dataclass fields: the launcher's rank argument and the config file itself.
 _NON_CONFIG_DESTS = {"local_rank", "config"}
+# Fields with more than one flag spelling, the first naming the field.
+FLAG_NAMES = {**deepspeed.FLAG_NAMES, **model.FLAG_NAMES}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -58,13 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _file_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     values = read_json_object(path, "--config")
-    known = {a.dest for a in parser._actions}
     out = {}
     for key, value in values.items():
-        dest = key.lstrip("-").replace("-", "_")
-        if dest not in known or dest in _NON_CONFIG_DESTS | {"help"}:
+        action = parser._option_string_actions.get(_flag(key.lstrip("-").replace("-", "_")))
+        if action is None or action.dest in _NON_CONFIG_DESTS | {"help"}:
             raise UserError(f"--config {path}: unknown key '{key}'")
-        out[dest] = value
+        out[action.dest] = value
     return out
 
 

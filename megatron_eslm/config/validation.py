@@ -57,6 +57,9 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if m.num_attention_heads % tp:
         raise UserError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
                         f"--tensor-model-parallel-size {tp}")
+    if m.num_query_groups % tp:  # each rank holds whole key/value groups and the query heads that use them
+        raise UserError(f"--num-query-groups {m.num_query_groups} is not divisible by --tensor-model-parallel-size "
+                        f"{tp}")
     if m.ffn_hidden_size % tp:
         raise UserError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     if t.global_batch_size % (t.micro_batch_size * dp):

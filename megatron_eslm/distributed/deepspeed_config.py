@@ -96,6 +96,13 @@ def resolve(cfg: Config, dp: int) -> dict:
     if stage == 1 and zero.get("overlap_comm"):
         raise UserError(f"{where}: zero_optimization.overlap_comm must be false with stage 1: the step sums "
                         "tensor- and pipeline-shared gradients before DeepSpeed reduces them")
+    if stage == 3:
+        # The model is built inside zero.Init, which with this on replaces torch.nn.functional.linear for the
+        # rest of the process (its own autograd function: other numbers, other saved tensors, every model).
+        if zero.get("memory_efficient_linear", False):
+            raise UserError(f"{where}: zero_optimization.memory_efficient_linear must be false: zero.Init would "
+                            "replace torch.nn.functional.linear in the whole process")
+        zero["memory_efficient_linear"] = False
     # ZeRO wraps our own AdamW (torch's), which DeepSpeed calls "untested" and refuses unless told.
     return {**_DEFAULTS, **ds, "zero_allow_untested_optimizer": True, "zero_optimization": zero, "bf16": bf16,
             "data_types": data_types}

@@ -27,8 +27,10 @@ schedule, the ESLM selection and the LR schedule. How one step maps onto DeepSpe
   step                  our learning rate into the optimizer's groups, engine.step() (clips, steps,
                         zeroes the gradients); the gradient norm is DeepSpeed's (the tied copy is marked
                         `ds_pipe_replicated`, TP-replicated weights are counted on TP rank 0 only, as ours).
-  ZeRO-3                the LM head reads the tied word embedding outside the embedding's forward, so it
-                        is registered as an external parameter of the model, whose forward runs the head.
+  ZeRO-3                the model is built inside deepspeed.zero.Init (`partitioned_construction`), so a
+                        rank holds 1/DP of every parameter from the start. The LM head reads the tied word
+                        embedding outside the embedding's forward, so it is registered as an external
+                        parameter of the model, whose forward runs the head.
 """
 from __future__ import annotations
 
@@ -89,6 +91,25 @@ class ModelParallelUnit:
 
     def get_data_parallel_group(self):
         return parallel_state.data_parallel_group()
+
+
+def partitioned_construction(ds_config: dict | None) -> contextlib.AbstractContextManager:
+    """Where the model is built. Under ZeRO-3 with data parallelism: deepspeed.zero.Init over our
+    data-parallel group, which partitions each module's parameters as soon as its __init__ returns, so a rank
+    holds 1/DP of the modules built so far plus the whole of the one being built (our init has drawn its
+    values by then: the same numbers as without ZeRO; zero.Init makes floating tensors in the ZeRO dtype,
+    bf16 under --bf16, as `deepspeed.initialize` would cast them). Otherwise nothing: ZeRO 1-2 keep whole
+    parameters, and one replica has nothing to partition."""
+    stage = ds_config["zero_optimization"]["stage"] if ds_config is not None else 0
+    if stage != 3 or parallel_state.data_parallel_size() == 1:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    # DeepSpeed's comm over our process group; without it zero.Init's config sees a world of 1 and refuses
+    # the batch sizes.
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    return deepspeed.zero.Init(data_parallel_group=parallel_state.data_parallel_group(),
+                               config_dict_or_path=ds_config, mpu=ModelParallelUnit())
 
 
 class DeepSpeedEngine:

@@ -8,7 +8,8 @@ then measure (and clip) the norm of the whole model's gradient.
   sequence parallel  SUM over the TP ranks for replicated parameters applied to sequence shards (norms,
                      row-parallel biases): each rank saw only its share of the tokens.
   pipeline           SUM the tied word embedding's gradient over the first and last stage, which both use
-                     it (input embedding, LM head), so their copies take the same update.
+                     it (input embedding, LM head), so their copies take the same update; an untied output
+                     layer lives on the last stage alone and needs no sum.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def finalize_model_grads(model: nn.Module, bucket_elements: int, data_parallel: 
         shared = [p.grad for p in params if getattr(p, "sequence_parallel", False)]
         if shared:
             _all_reduce_flat(shared, parallel_state.tensor_model_parallel_group(), collectives.TP_ALL_REDUCE)
-    if parallel_state.embedding_group() is not None:
+    if parallel_state.embedding_group() is not None and model.tied:
         collectives.all_reduce(model.word_embeddings.weight.grad, parallel_state.embedding_group(),
                                collectives.EMBEDDING_ALL_REDUCE)
     if data_parallel and parallel_state.data_parallel_size() > 1:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_eslm.config import ModelConfig, finalize_model
+from megatron_eslm.config.model import finalize_model, model_config_from_dict
 from megatron_eslm.errors import UserError
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.model.lm_head import TokenScores
@@ -35,7 +35,7 @@ def load_frozen_model(root: str, flag: str, vocab_size: int, seq_length: int,
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a missing, torn or foreign file: name it instead of a pickle traceback
         raise UserError(f"{flag} {root}: cannot read {path} ({type(err).__name__})") from None
-    cfg = finalize_model(ModelConfig(**state["config"]["model"]))
+    cfg = finalize_model(model_config_from_dict(state["config"]["model"]))
     rows = state["model"]["word_embeddings.weight"].shape[0]
     if rows != vocab_size:
         raise UserError(f"{flag} {root}: vocabulary of {rows} rows, this model has {vocab_size} "

@@ -1,16 +1,22 @@
-"""GPT language model: embeddings, transformer blocks, final norm, and an LM head tied to the input
-embedding whose loss goes through the selective head (only kept tokens get LM-head gradients).
+"""GPT language model: embeddings, transformer blocks, final norm, and an LM head whose loss goes through
+the selective head (only kept tokens get LM-head gradients). The head is tied to the input embedding (GPT-2,
+Megatron's default) or, with --untie-embeddings-and-output-weights, a separate output layer (Llama).
+Positions are a learned table added to the embeddings, or rotary embeddings inside attention (rope).
 
 Parallel layouts hold a part of this model (`parallel_state` says which):
-  tensor     the word embedding / LM head split by vocabulary rows, attention by heads, the MLP by width;
+  tensor     the word embedding and output layer split by vocabulary rows, attention by key/value groups,
+             the MLP by width;
   pipeline   stage p holds layers [p * L/pp, (p+1) * L/pp); the first stage also the embeddings, the last
-             the final norm and the LM head, with its own copy of the tied word embedding (first and last
-             stage sum their gradients of it, so the copies stay equal).
-Every weight is drawn from a generator seeded by (seed, which embedding or layer it belongs to), whole,
-and then sharded, so every layout holds exactly the weights of one process with the same seed.
+             the final norm and the LM head: the output layer, or its own copy of the tied word embedding
+             (first and last stage sum their gradients of it, so the copies stay equal).
+Every weight is drawn from a generator seeded by (seed, which part it belongs to: 0 the embeddings, 1 + i
+layer i, 1 + L the output layer), in blocks of rows of which each rank keeps its shard
+(`tensor_parallel/initialization.py`), so every layout holds exactly the weights of one process with the
+same seed. The trainer builds the model on its device (`training/trainer.py: build_model`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, TypeVar
 
 import numpy as np
@@ -18,9 +24,11 @@ import torch
 from torch import nn
 
 from megatron_eslm import parallel_state
-from megatron_eslm.config import ModelConfig
+from megatron_eslm.config import ModelConfig, finalize_model
 from megatron_eslm.model.lm_head import LMHeadOutput, Selector, selective_lm_head_loss
-from megatron_eslm.model.transformer import LayerNorm, TransformerBlock
+from megatron_eslm.model.norms import build_norm
+from megatron_eslm.model.rotary import rotary_tables
+from megatron_eslm.model.transformer import TransformerBlock
 from megatron_eslm.tensor_parallel import mappings
 from megatron_eslm.tensor_parallel.layers import (ShardedDropout, VocabParallelEmbedding, activation_dtype,
                                                   mark_sequence_parallel, master_normal, to_activation_dtype)
@@ -36,28 +44,32 @@ def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
 
 
 def init_generator(seed: int, index: int) -> torch.Generator:
-    """The generator of one part of the model (0: embeddings, 1 + i: layer i), independent of the layout."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+    """The generator of one part of the model (0: embeddings, 1 + i: layer i, 1 + num_layers: the untied
+    output layer), independent of the layout."""
+    return torch.Generator("cpu").manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
 
 
 class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, init_seed: int = 0, sequence_parallel: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = finalize_model(dataclasses.replace(cfg))  # derived sizes, also for configs built by hand
         self.vocab_size = vocab_size
         self.sequence_parallel = sequence_parallel
         self.pre_process = parallel_state.is_pipeline_first_stage()
         self.post_process = parallel_state.is_pipeline_last_stage()
+        self.tied = not cfg.untie_embeddings_and_output_weights
         embedding_generator = init_generator(init_seed, 0)
-        if self.pre_process or self.post_process:
+        if self.pre_process or (self.post_process and self.tied):
             self.word_embeddings = VocabParallelEmbedding(vocab_size, cfg.hidden_size, cfg.init_method_std,
                                                           embedding_generator)
         if self.pre_process:
-            self.position_embeddings = nn.Embedding.from_pretrained(
-                master_normal((cfg.max_position_embeddings, cfg.hidden_size), cfg.init_method_std,
-                              embedding_generator), freeze=False)
+            self.position_embeddings = None  # rope: rotary positions inside attention, no table
+            if cfg.position_embedding_type == "learned_absolute":
+                self.position_embeddings = nn.Embedding.from_pretrained(
+                    master_normal((cfg.max_position_embeddings, cfg.hidden_size), cfg.init_method_std,
+                                  embedding_generator), freeze=False)
             self.embedding_dropout = (ShardedDropout if sequence_parallel else nn.Dropout)(cfg.hidden_dropout)
-        elif self.post_process:
+        elif self.post_process and self.tied:
             # The last stage's copy of the tied embedding: its gradient is summed with the first stage's,
             # and it is left out of the gradient norm (counted once, on the first stage).
             self.word_embeddings.weight.tied_copy = True
@@ -68,14 +80,21 @@ class GPTModel(nn.Module):
             TransformerBlock(cfg, init_generator(init_seed, 1 + self.layer_offset + i), sequence_parallel)
             for i in range(layers_per_stage))
         if self.post_process:
-            self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+            self.final_layernorm = build_norm(cfg)
             if sequence_parallel:
                 mark_sequence_parallel(self.final_layernorm.parameters())
+            if not self.tied:  # Megatron's output_layer: [V, h] by vocabulary rows, like the embedding
+                self.output_layer = VocabParallelEmbedding(vocab_size, cfg.hidden_size, cfg.init_method_std,
+                                                           init_generator(init_seed, 1 + cfg.num_layers))
+
+    @property
+    def _head(self) -> VocabParallelEmbedding:
+        return self.word_embeddings if self.tied else self.output_layer
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """The LM head is tied to the input embedding, as in GPT-2 and Megatron's default."""
-        return self.word_embeddings.weight
+        """This rank's vocabulary rows of the LM head: the input embedding's, or the untied output layer's."""
+        return self._head.weight
 
     def activation_dtype(self) -> torch.dtype:
         """The dtype of the activations this stage receives and sends (the pipeline messages') under the
@@ -87,17 +106,23 @@ class GPTModel(nn.Module):
         """First stage: tokens [b, s]; later stages: the previous stage's output. Returns the activation
         to send ([b, s / TP, h] under sequence parallelism), or on the last stage the final hidden states
         [b, s, h], or `head(hidden)` when given: the training step computes its loss (`loss`) there, inside
-        the forward, where DeepSpeed ZeRO-3 has gathered the tied word embedding."""
+        the forward, where DeepSpeed ZeRO-3 has gathered the head's weight."""
         if self.pre_process:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-            x = self.word_embeddings(tokens) + to_activation_dtype(self.position_embeddings(positions))
+            x = self.word_embeddings(tokens)
+            if self.position_embeddings is not None:
+                positions = torch.arange(tokens.shape[1], device=tokens.device)
+                x = x + to_activation_dtype(self.position_embeddings(positions))
             if self.sequence_parallel:
                 x = mappings.scatter_to_sequence_parallel_region(x)
             x = self.embedding_dropout(x)
         else:
             x = input_tensor
+        rotary = None
+        if self.cfg.position_embedding_type == "rope":  # global positions: the whole sequence, not this shard
+            seq_length = x.shape[1] * (parallel_state.tensor_model_parallel_size() if self.sequence_parallel else 1)
+            rotary = rotary_tables(seq_length, self.cfg.kv_channels, self.cfg.rotary_base, x.device)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, rotary)
         if not self.post_process:
             return x
         x = self.final_layernorm(x)
@@ -111,7 +136,7 @@ class GPTModel(nn.Module):
              accumulate_into_grad: bool = False) -> LMHeadOutput:
         """Per-token scores over every token, then the loss over the tokens `select` keeps (dense: every
         valid token, divided by `normalizer`, default their count here). `accumulate_into_grad`: the head
-        adds the tied weight's gradient in place into its `.grad` (our data parallelism; never under
+        adds the head weight's gradient in place into its `.grad` (our data parallelism; never under
         DeepSpeed, whose ZeRO hooks the weight's autograd accumulation: see `model/lm_head.py`)."""
         weight = self.output_weight
         if torch.is_autocast_enabled(hidden.device.type):
@@ -119,7 +144,7 @@ class GPTModel(nn.Module):
         if parallel_state.tensor_model_parallel_size() == 1:
             return selective_lm_head_loss(hidden, weight, labels, select, impl=impl, normalizer=normalizer,
                                           accumulate_into_grad=accumulate_into_grad)
-        return vocab_parallel_lm_head_loss(hidden, weight, labels, select, self.word_embeddings.vocab_start,
+        return vocab_parallel_lm_head_loss(hidden, weight, labels, select, self._head.vocab_start,
                                            impl=impl, normalizer=normalizer, accumulate_into_grad=accumulate_into_grad)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

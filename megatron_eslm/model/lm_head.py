@@ -254,6 +254,12 @@ def kernels_for(impl: str) -> ModuleType:
     return IMPLEMENTATIONS[impl]
 
 
+def fuses_dense(impl: str, tensor_parallel_size: int) -> bool:
+    """Whether dense training's head runs one fused pass (its backward inside the scoring pass): the
+    kernels have one, and the vocabulary is not split (a vocab-parallel head needs the global lse first)."""
+    return tensor_parallel_size == 1 and hasattr(kernels_for(impl), "lm_head_fused_dense")
+
+
 def needs_grad(hidden: Tensor, weight: Tensor) -> bool:
     return torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
 

@@ -1,8 +1,9 @@
 """Tensor-parallel layers (Megatron's ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding) and
 the dropout for activations that differ across tensor-parallel ranks.
 
-Init: every rank draws the whole (master) weight from the layer's generator and keeps its shard, so the
-shards put together equal the one-process weight for the same seed, whatever the tensor-parallel size.
+Init: every rank draws the (master) weight from the layer's generator, block by block of rows, and keeps
+only its shard (`initialization.py`), so the shards put together equal the one-process weight for the same
+seed, whatever the tensor-parallel size, and no rank holds a whole weight it has only a shard of.
 Parameters carry Megatron's attributes: `tensor_model_parallel` and `partition_dim` for shards,
 `sequence_parallel` for replicated parameters used on sequence shards (their gradients are partial sums
 over the tensor-parallel ranks).
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from megatron_eslm import parallel_state
 from megatron_eslm.tensor_parallel import mappings
+from megatron_eslm.tensor_parallel.initialization import normal_chunk
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
 
@@ -36,14 +38,29 @@ def to_activation_dtype(x: Tensor) -> Tensor:
 
 
 def master_normal(shape: tuple[int, ...], std: float, generator: torch.Generator) -> Tensor:
-    """The whole weight, drawn on the CPU in the default dtype (the same numbers on every rank)."""
-    return torch.empty(shape).normal_(0.0, std, generator=generator)
+    """The whole weight, drawn on the CPU in the default dtype (the same numbers on every rank), made on
+    the default device: for weights every tensor-parallel rank holds whole."""
+    return normal_chunk(shape, std, generator, 0, 1, 0)
 
 
 def shard_parameter(master: Tensor, partition_dim: int) -> nn.Parameter:
-    """This tensor-parallel rank's contiguous chunk of `master` along `partition_dim`."""
+    """This tensor-parallel rank's contiguous chunk of `master` along `partition_dim`. For a normal
+    weight, `normal_shard_parameter` gives the same numbers without the whole master."""
     size, rank = parallel_state.tensor_model_parallel_size(), parallel_state.tensor_model_parallel_rank()
-    param = nn.Parameter(master.chunk(size, partition_dim)[rank].clone())
+    return _tensor_parallel(nn.Parameter(master.chunk(size, partition_dim)[rank].clone()), partition_dim)
+
+
+def normal_shard_parameter(shape: tuple[int, ...], std: float, generator: torch.Generator,
+                           partition_dim: int) -> nn.Parameter:
+    """`shard_parameter(master_normal(shape, std, generator), partition_dim)`, bit for bit, holding one
+    block of the master's rows at a time instead of the whole master."""
+    size, rank = parallel_state.tensor_model_parallel_size(), parallel_state.tensor_model_parallel_rank()
+    return _tensor_parallel(nn.Parameter(normal_chunk(shape, std, generator, partition_dim, size, rank)),
+                            partition_dim)
+
+
+def _tensor_parallel(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
+    """Megatron's attributes of a shard (DeepSpeed reads `tensor_model_parallel` too)."""
     param.tensor_model_parallel = True
     param.partition_dim = partition_dim
     return param
@@ -58,14 +75,14 @@ def mark_sequence_parallel(params) -> None:
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A's output features split over the TP ranks; the output stays split (it feeds
     attention heads or an MLP shard). The input is the full activation: replicated, or gathered from
-    sequence shards under sequence parallelism."""
+    sequence shards under sequence parallelism. `bias=False`: no b (--disable-bias-linear)."""
 
     def __init__(self, in_features: int, out_features: int, init_std: float, generator: torch.Generator,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, bias: bool = True):
         super().__init__()
         self.sequence_parallel = sequence_parallel
-        self.weight = shard_parameter(master_normal((out_features, in_features), init_std, generator), 0)
-        self.bias = shard_parameter(torch.zeros(out_features), 0)
+        self.weight = normal_shard_parameter((out_features, in_features), init_std, generator, 0)
+        self.bias = shard_parameter(torch.zeros(out_features), 0) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.sequence_parallel:
@@ -78,23 +95,24 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x A^T + b with A's input features split over the TP ranks: the input is already split (a
     column-parallel output), the partial products are summed (reduce-scattered to sequence shards under
-    sequence parallelism), then the replicated bias is added once."""
+    sequence parallelism), then the replicated bias, if any, is added once."""
 
     def __init__(self, in_features: int, out_features: int, init_std: float, generator: torch.Generator,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, bias: bool = True):
         super().__init__()
         self.sequence_parallel = sequence_parallel
-        self.weight = shard_parameter(master_normal((out_features, in_features), init_std, generator), 1)
-        self.bias = nn.Parameter(torch.zeros(out_features))
-        if sequence_parallel:
+        self.weight = normal_shard_parameter((out_features, in_features), init_std, generator, 1)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        if sequence_parallel and bias:
             mark_sequence_parallel([self.bias])
 
     def forward(self, x: Tensor) -> Tensor:
         partial = F.linear(x, self.weight)
-        bias = self.bias.to(partial.dtype)  # an fp32 bias would promote a bf16 output
         if self.sequence_parallel:
-            return mappings.reduce_scatter_to_sequence_parallel_region(partial) + bias
-        return mappings.reduce_from_tensor_model_parallel_region(partial) + bias
+            out = mappings.reduce_scatter_to_sequence_parallel_region(partial)
+        else:
+            out = mappings.reduce_from_tensor_model_parallel_region(partial)
+        return out if self.bias is None else out + self.bias.to(out.dtype)  # an fp32 bias would promote bf16
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -104,7 +122,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float, generator: torch.Generator):
         super().__init__()
-        self.weight = shard_parameter(master_normal((num_embeddings, embedding_dim), init_std, generator), 0)
+        self.weight = normal_shard_parameter((num_embeddings, embedding_dim), init_std, generator, 0)
         self.vocab_start = parallel_state.tensor_model_parallel_rank() * self.weight.shape[0]
 
     def forward(self, ids: Tensor) -> Tensor:

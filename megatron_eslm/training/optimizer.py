@@ -11,7 +11,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
+            # ZeRO-3 partitions parameters into flat 1-D shards at construction: its `ds_shape` is the shape
+            (no_decay if len(getattr(param, "ds_shape", param.shape)) < 2 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -38,7 +38,7 @@ from megatron_eslm.distributed import collectives
 from megatron_eslm.distributed.grads import clip_grad_norm
 from megatron_eslm.eslm.policies import Policy
 from megatron_eslm.model.gpt import GPTModel
-from megatron_eslm.model.lm_head import LMHeadOutput, weight_cast_cache
+from megatron_eslm.model.lm_head import LMHeadOutput, fuses_dense, weight_cast_cache
 from megatron_eslm.pipeline_parallel.p2p_communication import TensorSpec
 from megatron_eslm.pipeline_parallel.schedules import Backward, autograd_backward, get_forward_backward_func
 from megatron_eslm.training.flops import StepFlops, micro_batch_flops
@@ -70,6 +70,7 @@ class StepStats:
     threshold_bytes: int = 0  # payload one rank handed to the threshold collectives
     policy_flops: float = 0.0  # the policy's own passes (teacher, reference): executed, not dense
     selective: bool = True
+    fused_dense: bool = True  # dense training ran the fused head (`model.lm_head.fuses_dense`)
     steps: int = 0  # optimizer steps summed
     lr: float = 0.0  # of the last step
     grad_norm: torch.Tensor | float = 0.0  # of the last step (a device tensor until reduced)
@@ -107,7 +108,8 @@ class StepStats:
 
     def flops(self, cfg: ModelConfig, vocab_size: int) -> StepFlops:
         # The FLOPs of a micro-batch are linear in its token counts, so the totals give the sum.
-        total = micro_batch_flops(cfg, vocab_size, self.tokens, self.valid, self.kept, self.selective)
+        total = micro_batch_flops(cfg, vocab_size, self.tokens, self.valid, self.kept, self.selective,
+                                  self.fused_dense)
         total.executed += self.policy_flops
         return total
 
@@ -170,7 +172,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
     (nonzero on the last pipeline stage only), added to `stats` when given (the trainer sums a log
     interval's steps)."""
     if stats is None:
-        stats = StepStats(selective=policy is not None)
+        stats = StepStats(selective=policy is not None,
+                          fused_dense=fuses_dense(lm_head_impl, parallel_state.tensor_model_parallel_size()))
     if num_micro_batches == 0:  # e.g. a validation split smaller than one micro-batch per replica
         return stats
     first = next(batches)

@@ -14,7 +14,7 @@ from megatron_eslm.config import Config, validate_layout
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler
 from megatron_eslm.distributed import deepspeed_config, launch
-from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine
+from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine, partitioned_construction
 from megatron_eslm.distributed.grads import finalize_model_grads
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
@@ -28,6 +28,14 @@ from megatron_eslm.training.metrics import MetricsWriter
 from megatron_eslm.training.optimizer import build_optimizer
 from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
 from megatron_eslm.training.progress import progress_bar
+
+
+def build_model(cfg: Config, vocab_size: int, device: torch.device, ds_config: dict | None) -> GPTModel:
+    """This rank's part of the model, its parameters created on `device` rather than built on the CPU and
+    moved, and under ZeRO-3 partitioned module by module as they are built (`partitioned_construction`).
+    No rank holds a whole weight it keeps only a tensor-parallel shard of (`tensor_parallel/initialization.py`)."""
+    with torch.device(device), partitioned_construction(ds_config):
+        return GPTModel(cfg.model, vocab_size, cfg.training.seed, cfg.parallel.sequence_parallel)
 
 
 class Trainer:
@@ -48,19 +56,20 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, cfg.data.vocab_size)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size,
                                             cfg.model.make_vocab_size_divisible_by * p.tensor_model_parallel_size)
-        self.model = GPTModel(cfg.model, self.vocab_size, cfg.training.seed, p.sequence_parallel).to(self.device)
+        dp = parallel_state.data_parallel_size()
+        ds_config = deepspeed_config.resolve(cfg, dp) if cfg.deepspeed.deepspeed else None
+        self.model = build_model(cfg, self.vocab_size, self.device, ds_config)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.policy = build_policy(cfg, self.vocab_size, self.device, parallel_state.selection_group())
         self.lm_head_impl = resolve_impl(cfg.selection.lm_head_impl, self.device)
         self.iteration = 0
         self.consumed_samples = 0
         t = cfg.training
-        self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * parallel_state.data_parallel_size())
+        self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
         self.engine = None  # --deepspeed: ZeRO owns the data-parallel reduction and the optimizer step
-        if cfg.deepspeed.deepspeed:
-            self.engine = DeepSpeedEngine(self.model, self.optimizer,
-                                          deepspeed_config.resolve(cfg, parallel_state.data_parallel_size()),
-                                          self.num_micro_batches, p.ddp_bucket_size)
+        if ds_config is not None:
+            self.engine = DeepSpeedEngine(self.model, self.optimizer, ds_config, self.num_micro_batches,
+                                          p.ddp_bucket_size)
         eval_samples = t.eval_iters * t.global_batch_size
         self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
             cfg.data, cfg.model.seq_length, t.seed, (t.train_iters * t.global_batch_size, eval_samples, 0),
