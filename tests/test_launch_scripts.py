@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch_scripts"
 RECIPES = sorted(p for p in (REPO / "examples").iterdir() if (p / "pretrain.json").exists())
 RECIPE_IDS = [p.name for p in RECIPES]
-WORLD = 8  # every recipe is sized for one node of 8 GPUs
+WORLD = 8  # the recipes are sized for one node of 8 GPUs ...
+RECIPE_WORLD = {"llama3_8b": 16}  # ... but for these, sized for two
+TWO_NODES = sorted(RECIPE_WORLD)
 
 # script -> (launcher it runs, environment it needs on top of the common one)
 SCRIPTS = {
@@ -63,12 +65,23 @@ def run_script(script, env, *args, cwd):
 
 
 def dry_run(script, env, recipe, tmp_path, *extra):
-    _, extra_env = SCRIPTS[script]
-    proc = run_script(script, {**env, **extra_env}, f"examples/{recipe.name}", *extra, cwd=tmp_path)
+    proc = run_script(script, {**env, **gpu_env(script, recipe)}, f"examples/{recipe.name}", *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout
     return shlex.split(lines[0])
+
+
+def world(recipe) -> int:
+    return RECIPE_WORLD.get(recipe.name, WORLD)
+
+
+def gpu_env(script, recipe) -> dict:
+    """The GPU count of a dry run: the script's default (8 GPUs, or 2 nodes of 4), or 2 nodes of 8 for a
+    two-node recipe (only the multi-node scripts launch those)."""
+    if recipe.name in RECIPE_WORLD:
+        return {"GPUS_PER_NODE": str(RECIPE_WORLD[recipe.name] // 2)}
+    return SCRIPTS[script][1]
 
 
 def load_recipe(recipe, tmp_path):
@@ -79,24 +92,24 @@ def load_recipe(recipe, tmp_path):
 
 # ------------------------------------------------------------------------------------------- recipes
 def test_recipes_exist():
-    assert RECIPE_IDS == ["gpt2_1.3b", "gpt2_124m", "gpt2_350m"]
+    assert RECIPE_IDS == ["gpt2_1.3b", "gpt2_124m", "gpt2_350m", "llama3_8b", "llama_1b"]
     for recipe in RECIPES:
         assert (recipe / "ds_config.json").is_file() and (recipe / "README.md").is_file()
     assert (REPO / "examples" / "README.md").is_file()
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
-def test_recipe_parses_and_fits_eight_gpus(recipe, tmp_path, tokenizer_model):
+def test_recipe_parses_and_fits_its_gpus(recipe, tmp_path, tokenizer_model):
     cfg, ds = load_recipe(recipe, tmp_path)
     m, t, p = cfg.model, cfg.training, cfg.parallel
-    assert (m.seq_length, m.max_position_embeddings, m.make_vocab_size_divisible_by) == (1024, 1024, 128)
-    assert t.global_batch_size == 512 and t.bf16
+    assert m.seq_length == m.max_position_embeddings and m.make_vocab_size_divisible_by == 128
+    assert t.bf16
     assert cfg.selection.selection == "eslm" and cfg.selection.eslm_score == "loss"
     assert cfg.selection.eslm_alpha == 0.5 and cfg.selection.lm_head_impl == "auto"
     assert cfg.optimizer.lr_decay_style == "cosine" and cfg.optimizer.clip_grad == 1.0
     assert (cfg.optimizer.weight_decay, cfg.optimizer.adam_beta2) == (0.1, 0.95)
-    dp = validate_layout(cfg, WORLD)
-    assert dp == WORLD // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    dp = validate_layout(cfg, world(recipe))
+    assert dp == world(recipe) // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
 
     assert ds["train_batch_size"] == t.global_batch_size
     assert ds["train_micro_batch_size_per_gpu"] == t.micro_batch_size
@@ -104,9 +117,10 @@ def test_recipe_parses_and_fits_eight_gpus(recipe, tmp_path, tokenizer_model):
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp
     assert ds["gradient_clipping"] == cfg.optimizer.clip_grad
     assert ds["bf16"]["enabled"] == t.bf16
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
     stage = ds["zero_optimization"]["stage"]
-    if p.pipeline_model_parallel_size > 1:
-        assert stage < 2, "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism"
+    if p.pipeline_model_parallel_size > 1 or p.sequence_parallel:
+        assert stage < 2, "ZeRO-2/3 are refused with pipeline and sequence parallelism"
     if stage == 1:  # our step sums TP/PP-shared gradients before DeepSpeed reduces them: no overlap
         assert ds["zero_optimization"]["overlap_comm"] is False
     assert "optimizer" not in ds and "scheduler" not in ds  # our AdamW and LR schedule are passed in
@@ -119,31 +133,47 @@ def _knows_deepspeed_flags():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
-def test_recipe_ds_config_resolves_on_eight_gpus(recipe, tmp_path, tokenizer_model):
+def test_recipe_ds_config_resolves_on_its_gpus(recipe, tmp_path, tokenizer_model):
     """With --deepspeed --deepspeed_config (as the launch scripts pass them), validate_layout also checks
-    the ds_config against the flags at 8 GPUs."""
+    the ds_config against the flags at the recipe's GPU count."""
     if not _knows_deepspeed_flags():
         pytest.skip("parse_args has no --deepspeed_config yet")
     cfg = parse_args(["--config", str(recipe / "pretrain.json"), "--data-path", "x", "--tokenizer-model",
                       tokenizer_model, "--save", str(tmp_path / "ckpt"), "--deepspeed",
                       "--deepspeed_config", str(recipe / "ds_config.json")])
     assert cfg.deepspeed.deepspeed and cfg.deepspeed.deepspeed_config == str(recipe / "ds_config.json")
-    validate_layout(cfg, WORLD)
-    for world in (4, 16):  # the recipes' accumulation is for 8 GPUs only
+    validate_layout(cfg, world(recipe))
+    for other in (world(recipe) // 2, 2 * world(recipe)):  # the recipes' accumulation is for their count only
         with pytest.raises(UserError, match="gradient_accumulation_steps"):
-            validate_layout(cfg, world)
+            validate_layout(cfg, other)
 
 
-@pytest.mark.parametrize("recipe,sizes,layout,stage", [
-    ("gpt2_124m", (12, 768, 12), (1, 1), 1),
-    ("gpt2_350m", (24, 1024, 16), (2, 1), 2),
-    ("gpt2_1.3b", (24, 2048, 16), (2, 2), 1),
+@pytest.mark.parametrize("recipe,sizes,batch,layout,stage", [
+    ("gpt2_124m", (12, 768, 12), (1024, 512), (1, 1), 1),
+    ("gpt2_350m", (24, 1024, 16), (1024, 512), (2, 1), 2),
+    ("gpt2_1.3b", (24, 2048, 16), (1024, 512), (2, 2), 1),
+    ("llama_1b", (16, 2048, 32), (4096, 256), (1, 1), 1),
+    ("llama3_8b", (32, 4096, 32), (8192, 512), (4, 2), 1),
 ])
-def test_recipe_sizes_and_layouts(recipe, sizes, layout, stage, tmp_path, tokenizer_model):
+def test_recipe_sizes_and_layouts(recipe, sizes, batch, layout, stage, tmp_path, tokenizer_model):
+    """Layers, hidden, heads; sequence length and global batch (sequences); TP x PP; ZeRO stage."""
     cfg, ds = load_recipe(REPO / "examples" / recipe, tmp_path)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == sizes
+    assert (cfg.model.seq_length, cfg.training.global_batch_size) == batch
     assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == layout
     assert ds["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize("recipe,ffn,groups,rotary_base", [
+    ("llama_1b", 8192, 8, 10000),
+    ("llama3_8b", 14336, 8, 500000),
+])
+def test_llama_recipes_are_llama_shaped(recipe, ffn, groups, rotary_base, tmp_path, tokenizer_model):
+    m = load_recipe(REPO / "examples" / recipe, tmp_path)[0].model
+    assert (m.ffn_hidden_size, m.num_query_groups, m.rotary_base) == (ffn, groups, rotary_base)
+    assert m.swiglu and m.group_query_attention and m.untie_embeddings_and_output_weights and m.disable_bias_linear
+    assert (m.position_embedding_type, m.normalization, m.norm_epsilon) == ("rope", "RMSNorm", 1e-5)
+    assert m.hidden_dropout == m.attention_dropout == 0.0
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
@@ -157,7 +187,7 @@ def test_ds_configs_pass_deepspeeds_own_checks(monkeypatch):
     the rank query is patched and the data-parallel size comes from a stub mpu)."""
     ds_config = pytest.importorskip("deepspeed.runtime.config")
     monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
-    dp_sizes = {"gpt2_124m": 8, "gpt2_350m": 4, "gpt2_1.3b": 2}
+    dp_sizes = {"gpt2_124m": 8, "gpt2_350m": 4, "gpt2_1.3b": 2, "llama_1b": 8, "llama3_8b": 2}
     for recipe in RECIPES:
         class Mpu:
             def get_data_parallel_world_size(self, dp=dp_sizes[recipe.name]):
@@ -188,8 +218,12 @@ def test_script_is_executable_and_strict(script):
     assert "set -euo pipefail" in (LAUNCH / "common.sh").read_text()
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
+# every script with every recipe, but the two-node recipes with the multi-node scripts only
+DRY_RUNS = [(script, recipe) for recipe in RECIPES for script in sorted(SCRIPTS)
+            if recipe.name not in RECIPE_WORLD or "single_node" not in script]
+
+
+@pytest.mark.parametrize("script,recipe", DRY_RUNS, ids=[f"{s}-{r.name}" for s, r in DRY_RUNS])
 def test_dry_run_prints_the_command(script, recipe, env, tmp_path):
     cmd = dry_run(script, env, recipe, tmp_path)
     launcher, _ = SCRIPTS[script]
@@ -271,6 +305,14 @@ def test_recipe_folder_lacking_a_file_is_one_line(script, lacking, env, tmp_path
 def test_unknown_recipe_folder(env, tmp_path):
     proc = run_script("deepspeed_single_node.sh", env, "examples/nope", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: recipe folder examples/nope not found")
+
+
+@pytest.mark.parametrize("recipe", TWO_NODES)
+def test_two_node_recipe_on_one_node_is_one_line(recipe, env, tmp_path):
+    proc = run_script("deepspeed_single_node.sh", env, f"examples/{recipe}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "gradient_accumulation_steps" in lines[0], lines
 
 
 def test_ds_config_must_fit_the_world_size(env, tmp_path):

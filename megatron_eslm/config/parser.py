@@ -16,7 +16,7 @@ _NON_CONFIG_DESTS = {"local_rank", "config"}
 FLAG_NAMES = {**deepspeed.FLAG_NAMES, **model.FLAG_NAMES}
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse prints usage plus the error; a bad flag should cost the user exactly one line."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -45,7 +45,7 @@ def _add_section(parser: argparse.ArgumentParser, title: str, section: type, hel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m megatron_eslm.pretrain",
         description="Pretrain a GPT with ESLM token selection (Megatron-style flags).",
     )
