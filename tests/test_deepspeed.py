@@ -50,6 +50,8 @@ BF16_OPTIMIZERS = {1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpe
 BF16_TOLERANCE = 2e-2
 # ZeRO-3 on DP2 built inside zero.Init: name -> extra flags
 INITS = {"gpt": [], "gpt bf16": ["--bf16"], "llama": LLAMA_FLAGS}
+# The Llama model trained under these ZeRO stages (None: our own data parallelism), ESLM, on DP2
+LLAMA_STAGES = (None, 1, 3)
 
 
 def run_flags(corpus, tp: int, pp: int, stage: int | None, selection: str, sp: bool = False) -> list[str]:
@@ -80,6 +82,8 @@ def launched(tiny_corpus, tmp_path_factory):
              for layout, (tp, pp, sp, stage) in BF16_LAYOUTS.items()]
     jobs += [[f"init {name}", "init", [*run_flags(tiny_corpus, 1, 1, 3, "dense"), *extra]]
              for name, extra in INITS.items()]
+    jobs += [[f"llama zero{stage}", "train", [*run_flags(tiny_corpus, 1, 1, stage, "eslm-loss"), *LLAMA_FLAGS]]
+             for stage in LLAMA_STAGES]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = launch([str(TESTS / "deepspeed_jobs.py"), str(tmp / "jobs.json"), str(tmp)], tmp)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -114,6 +118,15 @@ def test_zero_stages_equal_plain_data_parallel_and_one_process(launched, referen
             table[label] = (against_dp, against_one)
             assert against_dp <= TOLERANCE and against_one <= TOLERANCE, f"{label}: {against_dp:.1e} {against_one:.1e}"
     print("\n" + "\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
+
+
+def test_llama_under_zero_equals_plain_data_parallel(launched):
+    """The Llama model (rope, RMSNorm, SwiGLU, GQA, untied head, no biases) under ZeRO-1 and ZeRO-3 (built
+    inside zero.Init) trains like our own data parallelism, ESLM on the loss."""
+    _, (results, _) = launched
+    for stage in LLAMA_STAGES[1:]:
+        worst = difference(results[f"llama zero{stage}"], results["llama zeroNone"])
+        assert worst <= TOLERANCE, f"llama zero{stage}: {worst:.1e}"
 
 
 def test_deepspeed_checkpoints_resume_exactly(launched):
