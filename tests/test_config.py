@@ -29,6 +29,20 @@ def test_defaults_and_derived_values(base):
     assert parse_args(base + ["--distributed-timeout-minutes", "45"]).parallel.distributed_timeout_minutes == 45
 
 
+def test_each_flag_group_reaches_its_field(base):
+    """One flag of every kind per group lands in its dataclass field (the config package's parser builds
+    the flags from the fields of each group's module)."""
+    cfg = parse_args(base + ["--adam-beta1", "0.8", "--adam-beta2", "0.95", "--adam-eps", "1e-6",
+                             "--weight-decay", "0.05", "--min-lr", "1e-5", "--lr-decay-style", "WSD",
+                             "--lr-decay-iters", "50", "--lr-wsd-decay-iters", "10", "--ddp-bucket-size", "1000",
+                             "--init-method-std", "0.01", "--lm-head-impl", "torch"])
+    o = cfg.optimizer
+    assert (o.adam_beta1, o.adam_beta2, o.adam_eps, o.weight_decay, o.min_lr) == (0.8, 0.95, 1e-6, 0.05, 1e-5)
+    assert (o.lr_decay_style, o.lr_decay_iters, o.lr_wsd_decay_iters) == ("WSD", 50, 10)
+    assert cfg.parallel.ddp_bucket_size == 1000 and cfg.model.init_method_std == 0.01
+    assert cfg.selection.lm_head_impl == "torch"
+
+
 def test_config_file_with_command_line_override(base, tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"num-layers": 3, "hidden_size": 48, "num_attention_heads": 4, "lr": 0.01}))
