@@ -43,6 +43,19 @@ def test_each_flag_group_reaches_its_field(base):
     assert cfg.selection.lm_head_impl == "torch"
 
 
+def test_per_split_data_paths(tmp_path):
+    """--train/--valid/--test-data-path (per-split blends) instead of --data-path and --split."""
+    model = tmp_path / "tok.model"
+    model.write_text("x")
+    paths = {split: str(tmp_path / f"{split}_text_document") for split in ("train", "valid", "test")}
+    cfg = parse_args(["--tokenizer-model", str(model), "--train-data-path", paths["train"],
+                      "--valid-data-path", "0.5", paths["valid"], "0.5", paths["train"],
+                      "--test-data-path", paths["test"]])
+    assert cfg.data.train_data_path == [paths["train"]]
+    assert cfg.data.valid_data_path == ["0.5", paths["valid"], "0.5", paths["train"]]
+    assert cfg.data.test_data_path == [paths["test"]]
+
+
 def test_config_file_with_command_line_override(base, tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"num-layers": 3, "hidden_size": 48, "num_attention_heads": 4, "lr": 0.01}))

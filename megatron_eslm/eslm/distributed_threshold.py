@@ -33,7 +33,6 @@ sync of selection (docs/threshold.md, "Host syncs").
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from fractions import Fraction
@@ -43,10 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_eslm import host_syncs
 from megatron_eslm.distributed import collectives
 from megatron_eslm.eslm.sketch import MergedSketch, build_sketch
 from megatron_eslm.eslm.threshold import var_index_on
-from megatron_eslm import host_syncs
 
 MODES = ("sketch", "sketch-exact", "exact")
 RADIX_BITS = 8
