@@ -7,8 +7,9 @@ one process on the same global batch (float32, 1e-5 relative where 1e-4 is asked
 ZeRO-1 (PP2 with the tied embedding's two copies), likewise; a DeepSpeed checkpoint resumes exactly
 (ZeRO-3's partitioned parameters, the per-stage files of PP2, and ZeRO-1 under --bf16); `deepspeed
 --module megatron_eslm.pretrain` itself trains and logs. Under --bf16, ZeRO 1, 2 and 3 accumulate the
-micro-batches' gradients in fp32 and train close to the float32 run. Besides: the config that goes to
-DeepSpeed, and the one line each bad combination stops with.
+micro-batches' gradients in fp32 and train close to the float32 run. ZeRO-3 with full activation recompute
+trains like ZeRO-3 without. Besides: the config that goes to DeepSpeed, and the one line each bad
+combination stops with.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ BF16_TOLERANCE = 2e-2
 INITS = {"gpt": [], "gpt bf16": ["--bf16"], "llama": LLAMA_FLAGS}
 # The Llama model trained under these ZeRO stages (None: our own data parallelism), ESLM, on DP2
 LLAMA_STAGES = (None, 1, 3)
+# Full activation recompute under ZeRO-3, whose module hooks must gather the parameters again for it
+RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 
 
 def run_flags(corpus, tp: int, pp: int, stage: int | None, selection: str, sp: bool = False) -> list[str]:
@@ -84,6 +87,7 @@ def launched(tiny_corpus, tmp_path_factory):
              for name, extra in INITS.items()]
     jobs += [[f"llama zero{stage}", "train", [*run_flags(tiny_corpus, 1, 1, stage, "eslm-loss"), *LLAMA_FLAGS]]
              for stage in LLAMA_STAGES]
+    jobs.append(["dp2 zero3 recompute", "train", [*run_flags(tiny_corpus, 1, 1, 3, "eslm-loss"), *RECOMPUTE]])
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = launch([str(TESTS / "deepspeed_jobs.py"), str(tmp / "jobs.json"), str(tmp)], tmp)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -127,6 +131,14 @@ def test_llama_under_zero_equals_plain_data_parallel(launched):
     for stage in LLAMA_STAGES[1:]:
         worst = difference(results[f"llama zero{stage}"], results["llama zeroNone"])
         assert worst <= TOLERANCE, f"llama zero{stage}: {worst:.1e}"
+
+
+def test_zero3_with_full_recompute_equals_zero3(launched):
+    """torch's non-reentrant checkpoint under ZeRO-3: the recompute in the backward runs the layers' forward
+    hooks again, which gather the partitioned parameters it needs; the run equals the one without."""
+    _, (results, _) = launched
+    worst = difference(results["dp2 zero3 recompute"], results["dp2 zero3 eslm-loss"])
+    assert worst <= TOLERANCE, f"zero3 recompute: {worst:.1e}"
 
 
 def test_deepspeed_checkpoints_resume_exactly(launched):

@@ -1,6 +1,6 @@
-"""Model shape flags: sizes, dropout and init of the GPT, and the Llama-family options (rotary positions,
-RMSNorm, SwiGLU, grouped-query attention, an untied output layer, no linear biases), with Megatron-LM's
-flag names. The defaults are GPT-2's."""
+"""Model shape flags: sizes, dropout and init of the GPT, the Llama-family options (rotary positions,
+RMSNorm, SwiGLU, grouped-query attention, an untied output layer, no linear biases) and activation
+recompute, with Megatron-LM's flag names. The defaults are GPT-2's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +11,8 @@ from megatron_eslm.errors import UserError
 TITLE = "model"
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 # Flags with more than one spelling (the first names the field); Megatron-LM still reads the old one.
 FLAG_NAMES = {"norm_epsilon": ("--norm-epsilon", "--layernorm-epsilon")}
@@ -40,6 +42,9 @@ class ModelConfig:
     kv_channels: int | None = None  # None: hidden_size / num_attention_heads (filled by finalize_model)
     untie_embeddings_and_output_weights: bool = False
     disable_bias_linear: bool = False
+    recompute_granularity: str | None = None  # None: keep every activation (see training/recompute.py)
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
 
 
 HELP = {
@@ -69,6 +74,16 @@ HELP = {
     "untie_embeddings_and_output_weights": "a separate vocab-parallel output layer instead of the input "
                                            "embedding as LM head",
     "disable_bias_linear": "no bias in any linear layer (attention and MLP projections)",
+    "recompute_granularity": f"{' or '.join(RECOMPUTE_GRANULARITIES)}: keep less for the backward and run that "
+                             "part of the forward again (dropout replayed exactly). full: whole transformer "
+                             "layers, chosen by --recompute-method; selective: the attention core (QK^T, "
+                             "softmax, dropout, AV) of every layer",
+    "recompute_method": f"{' or '.join(RECOMPUTE_METHODS)}, with --recompute-granularity full: uniform keeps only "
+                        "the input of each group of --recompute-num-layers consecutive layers of a pipeline "
+                        "stage (the last group may be shorter); block recomputes the first "
+                        "--recompute-num-layers layers of each stage one by one and keeps the rest",
+    "recompute_num_layers": "layers per recomputed group (uniform) or recomputed layers per pipeline stage "
+                            "(block); at most the layers of a stage",
 }
 
 
@@ -127,3 +142,28 @@ def validate_model(m: ModelConfig) -> None:
     for value, flag in ((m.hidden_dropout, "--hidden-dropout"), (m.attention_dropout, "--attention-dropout")):
         if not 0.0 <= value < 1.0:
             raise UserError(f"{flag} must be in [0, 1), got {value}")
+    validate_recompute(m)
+
+
+def validate_recompute(m: ModelConfig) -> None:
+    """Megatron's rules: full needs a method and a layer count, selective takes neither. Whether the count
+    fits a pipeline stage is `validate_layout`'s check."""
+    method, layers = m.recompute_method, m.recompute_num_layers
+    if m.recompute_granularity is None:
+        if method is not None or layers is not None:
+            flag = "--recompute-method" if method is not None else "--recompute-num-layers"
+            raise UserError(f"{flag} needs --recompute-granularity full")
+        return
+    one_of(m.recompute_granularity, RECOMPUTE_GRANULARITIES, "--recompute-granularity")
+    if m.recompute_granularity == "selective":
+        if method is not None or layers is not None:
+            flag = "--recompute-method" if method is not None else "--recompute-num-layers"
+            raise UserError(f"{flag} is not supported with --recompute-granularity selective (it recomputes "
+                            "the attention core of every layer)")
+        return
+    if method is None:
+        raise UserError(f"--recompute-granularity full needs --recompute-method ({' or '.join(RECOMPUTE_METHODS)})")
+    one_of(method, RECOMPUTE_METHODS, "--recompute-method")
+    if layers is None:
+        raise UserError("--recompute-granularity full needs --recompute-num-layers")
+    positive(layers, "--recompute-num-layers")

@@ -54,6 +54,9 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     dp = world_size // (tp * pp)
     if m.num_layers % pp:
         raise UserError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if m.recompute_num_layers is not None and m.recompute_num_layers > m.num_layers // pp:
+        raise UserError(f"--recompute-num-layers {m.recompute_num_layers} exceeds the {m.num_layers // pp} layers "
+                        "of a pipeline stage")
     if m.num_attention_heads % tp:
         raise UserError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
                         f"--tensor-model-parallel-size {tp}")

@@ -13,6 +13,8 @@ Every weight is drawn from a generator seeded by (seed, which part it belongs to
 layer i, 1 + L the output layer), in blocks of rows of which each rank keeps its shard
 (`tensor_parallel/initialization.py`), so every layout holds exactly the weights of one process with the
 same seed. The trainer builds the model on its device (`training/trainer.py: build_model`).
+Activation recompute (--recompute-granularity) is applied here, from the config, so that every model
+built gets it (`training/recompute.py`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from megatron_eslm.tensor_parallel import mappings
 from megatron_eslm.tensor_parallel.layers import (ShardedDropout, VocabParallelEmbedding, activation_dtype,
                                                   mark_sequence_parallel, master_normal, to_activation_dtype)
 from megatron_eslm.tensor_parallel.lm_head import vocab_parallel_lm_head_loss
+from megatron_eslm.training import recompute
 
 T = TypeVar("T")
 
@@ -79,6 +82,7 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(cfg, init_generator(init_seed, 1 + self.layer_offset + i), sequence_parallel)
             for i in range(layers_per_stage))
+        self.layer_groups = recompute.configure(self.layers, cfg)
         if self.post_process:
             self.final_layernorm = build_norm(cfg)
             if sequence_parallel:
@@ -121,8 +125,7 @@ class GPTModel(nn.Module):
         if self.cfg.position_embedding_type == "rope":  # global positions: the whole sequence, not this shard
             seq_length = x.shape[1] * (parallel_state.tensor_model_parallel_size() if self.sequence_parallel else 1)
             rotary = rotary_tables(seq_length, self.cfg.kv_channels, self.cfg.rotary_base, x.device)
-        for layer in self.layers:
-            x = layer(x, rotary)
+        x = recompute.forward_layers(self.layers, self.layer_groups, x, rotary)
         if not self.post_process:
             return x
         x = self.final_layernorm(x)

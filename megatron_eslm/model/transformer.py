@@ -25,6 +25,26 @@ from megatron_eslm.tensor_parallel.layers import (ColumnParallelLinear, RowParal
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
 
+class CoreAttention(nn.Module):
+    """softmax(QK^T / sqrt(d) + causal mask), its dropout, times V: the part whose saved tensors grow with
+    the square of the sequence. A module of its own, without parameters, so that selective recompute
+    wraps it from outside (`training/recompute.py`) and the state dict does not change."""
+
+    def __init__(self, dropout: float, grouped: bool):
+        super().__init__()
+        self.dropout = dropout
+        self.sdpa_options = {"enable_gqa": True} if grouped else {}  # torch >= 2.5, only for GQA
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [b, s, heads, d], k and v [b, s, groups, d] -> [b, s, heads, d]."""
+        dropout = self.dropout if self.training else 0.0
+        # Each TP rank holds different heads: their dropout masks come from the model-parallel stream.
+        with get_rng_tracker().fork() if dropout else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, dropout_p=dropout, **self.sdpa_options)
+        return out.transpose(1, 2)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head or grouped-query attention: num_query_groups key/value heads, each shared by
     num_attention_heads / num_query_groups query heads (one each without --group-query-attention). A TP
@@ -35,13 +55,13 @@ class CausalSelfAttention(nn.Module):
         self.local_groups = cfg.num_query_groups // parallel_state.tensor_model_parallel_size()
         self.queries_per_group = cfg.num_attention_heads // cfg.num_query_groups
         self.head_dim = cfg.kv_channels
-        self.attention_dropout = cfg.attention_dropout
         bias = not cfg.disable_bias_linear
         # Output features ordered [group, (its queries, key, value), head_dim] (Megatron's layout; without
         # GQA [head, (q, k, v), head_dim]), so that a contiguous shard of the rows holds whole groups.
         qkv_features = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
         self.query_key_value = ColumnParallelLinear(cfg.hidden_size, qkv_features, cfg.init_method_std, generator,
                                                     sequence_parallel, bias=bias)
+        self.core_attention = CoreAttention(cfg.attention_dropout, grouped=self.queries_per_group > 1)
         self.dense = RowParallelLinear(cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size, output_std,
                                        generator, sequence_parallel, bias=bias)
 
@@ -55,13 +75,8 @@ class CausalSelfAttention(nn.Module):
         k, v = k.squeeze(3), v.squeeze(3)
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        dropout = self.attention_dropout if self.training else 0.0
-        grouped = {"enable_gqa": True} if self.queries_per_group > 1 else {}  # torch >= 2.5, only for GQA
-        # Each TP rank holds different heads: their dropout masks come from the model-parallel stream.
-        with get_rng_tracker().fork() if dropout else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, dropout_p=dropout, **grouped)
-        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+        out = self.core_attention(q, k, v)
+        return self.dense(out.reshape(b, s, -1))
 
 
 class MLP(nn.Module):

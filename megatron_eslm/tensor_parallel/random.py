@@ -8,15 +8,20 @@ Two streams per rank:
                   on activations each TP rank holds a different part of (attention heads, sequence
                   shards): each rank draws its own mask, the same one on every run.
 Both states go into checkpoints, so a resumed run draws the same masks.
+
+`checkpoint(function, *args)` is activation recompute that replays both streams (Megatron keeps its
+`checkpoint` here too, beside the tracker whose states it must replay): the recomputed forward draws
+the very dropout masks of the first one.
 """
 from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from megatron_eslm import parallel_state
@@ -74,12 +79,48 @@ class RNGStatesTracker:
     def set_states(self, states: dict[str, Tensor]) -> None:
         self.states = {name: state.clone() for name, state in states.items()}
 
+    @contextlib.contextmanager
+    def replay(self, states: dict[str, Tensor]) -> Iterator[None]:
+        """Run a region from `states` (a `snapshot`), then put back the states it found. `fork` replaces a
+        stream's state tensor rather than writing into it, so a snapshot is a shallow copy of the dict:
+        no tensor is copied, and it stays valid for a second replay."""
+        live = self.states
+        self.states = dict(states)
+        try:
+            yield
+        finally:
+            self.states = live
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return dict(self.states)
+
 
 _TRACKER = RNGStatesTracker()
 
 
 def get_rng_tracker() -> RNGStatesTracker:
     return _TRACKER
+
+
+def _replay_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """torch.utils.checkpoint's `context_fn`, called as the forward starts: nothing around the forward,
+    the tracker's streams as they were then around the recompute."""
+    return contextlib.nullcontext(), _TRACKER.replay(_TRACKER.snapshot())
+
+
+def checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` keeping only its inputs for the backward, which runs it again first. The
+    recompute draws the first forward's dropout masks: torch restores the default CPU and device
+    generators (`preserve_rng_state`) and this restores the tracker's streams; it also runs under the
+    forward's autocast state. Non-reentrant (the saved-tensor hooks), so it nests in any autograd graph,
+    leaves `backward(inputs=...)` alone, and DeepSpeed ZeRO-3's module hooks gather the parameters again
+    for the recompute. torch stops the recompute once the last tensor the backward reads is back
+    (`training/flops.py` counts what that skips). Without gradients (evaluation, frozen models) it is
+    `function(*args)`."""
+    if not torch.is_grad_enabled():
+        return function(*args)
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True,
+                                             context_fn=_replay_contexts)
 
 
 def set_random_seeds(seed: int, device: torch.device) -> None:

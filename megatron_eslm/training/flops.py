@@ -7,6 +7,11 @@ dimension, m = 3 MLP matrices with SwiGLU else 2), counting 2 FLOPs per multiply
                         Megatron counts it; GPT-2 shapes, nd = h and g = n: L * (2 * (4h^2 + 2hf) + 4sh))
   transformer backward  2x forward                       (dense: attention spreads every kept token's
                                                           gradient over the whole sequence)
+  recompute             full: one more forward of each recomputed layer: every layer (uniform), the
+                        first --recompute-num-layers of each pipeline stage (block); without hidden
+                        dropout less 2hf per recomputed group (its last MLP down-projection, which torch
+                        does not rerun: nothing the backward reads comes after it);
+                        selective: L * 4snd (QK^T and AV again; softmax and dropout are not counted)
   LM head forward       2hV for every token              (scores are needed for all tokens; tied or
                                                           untied, the same GEMMs)
   LM head backward      dense (fused, no recompute):      4hV per token (ignored ones too), the baseline:
@@ -14,14 +19,17 @@ dimension, m = 3 MLP matrices with SwiGLU else 2), counting 2 FLOPs per multiply
                         dense, unfused (Triton, TP > 1): 6hV per token (recompute + 2 GEMMs)
                         selective (recompute + 2 GEMMs): 6hV per KEPT token
 Embedding lookups, norms and elementwise work are not counted (Megatron's convention).
-Selection policies that run extra passes (a teacher's or reference model's forward, distillation logits)
-add them to the executed FLOPs only: the dense baseline is dense training without those models.
+Recompute and the extra passes of selection policies (a teacher's or reference model's forward,
+distillation logits) count in the executed FLOPs only: the dense baseline is dense training without
+recompute and without those models.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig
+from megatron_eslm.training.recompute import layer_groups
 
 
 @dataclass
@@ -35,13 +43,36 @@ class StepFlops:
         return self
 
 
-def transformer_forward_flops_per_token(cfg: ModelConfig) -> float:
-    """A finalized config's (head dimension and key/value groups filled)."""
-    h, f, s = cfg.hidden_size, cfg.ffn_hidden_size, cfg.seq_length
+def _attention_core_flops_per_token(cfg: ModelConfig) -> float:
+    """QK^T and AV of one layer over the whole causal square (Megatron's count)."""
+    return 4.0 * cfg.seq_length * cfg.num_attention_heads * cfg.kv_channels
+
+
+def _layer_forward_flops_per_token(cfg: ModelConfig) -> float:
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
     queries, keys_values = cfg.num_attention_heads * cfg.kv_channels, 2 * cfg.num_query_groups * cfg.kv_channels
     mlp_matrices = 3 if cfg.swiglu else 2
     projections = h * (queries + keys_values) + queries * h + mlp_matrices * h * f
-    return cfg.num_layers * (2.0 * projections + 4.0 * s * queries)
+    return 2.0 * projections + _attention_core_flops_per_token(cfg)
+
+
+def transformer_forward_flops_per_token(cfg: ModelConfig) -> float:
+    """A finalized config's (head dimension and key/value groups filled)."""
+    return cfg.num_layers * _layer_forward_flops_per_token(cfg)
+
+
+def recompute_flops_per_token(cfg: ModelConfig, pipeline_stages: int) -> float:
+    """The forward work recompute runs again, over the whole model of `pipeline_stages` stages."""
+    if cfg.recompute_granularity == "selective":
+        return cfg.num_layers * _attention_core_flops_per_token(cfg)
+    groups = [g for g in layer_groups(cfg, cfg.num_layers // pipeline_stages) if g.recomputed]
+    flops = sum(len(g.layers) for g in groups) * _layer_forward_flops_per_token(cfg)
+    if cfg.hidden_dropout == 0.0:
+        # torch's checkpoint stops the recompute once every tensor the backward needs is back: a group's
+        # last MLP down-projection saves nothing the backward reads, nor do the bias and residual additions
+        # after it, unless the hidden dropout in between saves its mask.
+        flops -= len(groups) * 2.0 * cfg.hidden_size * cfg.ffn_hidden_size
+    return flops * pipeline_stages
 
 
 def forward_flops(cfg: ModelConfig, vocab_size: int, num_tokens: int, head_rows: int) -> float:
@@ -56,8 +87,9 @@ def micro_batch_flops(cfg: ModelConfig, vocab_size: int, num_tokens: int, num_va
     every row, ignored ones included (their gradient is zeroed, not skipped): fused into the scoring pass
     (`fused_dense`, the PyTorch head on one tensor-parallel rank: 4hV a row) or as pass 2 recomputing the
     logits (the Triton and vocab-parallel heads: 6hV a row). The dense baseline is the fused head over the
-    valid tokens."""
+    valid tokens, without recompute (which `cfg` may ask for, on this run's pipeline stages)."""
     body = 3.0 * transformer_forward_flops_per_token(cfg) * num_tokens
+    recomputed = recompute_flops_per_token(cfg, parallel_state.pipeline_model_parallel_size()) * num_tokens
     head_unit = 2.0 * cfg.hidden_size * vocab_size
     head_forward = head_unit * num_tokens
     dense_backward = 2.0 * head_unit * num_valid
@@ -65,5 +97,5 @@ def micro_batch_flops(cfg: ModelConfig, vocab_size: int, num_tokens: int, num_va
         executed_backward = 3.0 * head_unit * num_kept
     else:
         executed_backward = (2.0 if fused_dense else 3.0) * head_unit * num_tokens
-    return StepFlops(executed=body + head_forward + executed_backward,
+    return StepFlops(executed=body + recomputed + head_forward + executed_backward,
                      dense=body + head_forward + dense_backward)
