@@ -16,8 +16,9 @@ The few syncs a selective step needs (the kept count that sizes the LM head's ro
 the sketch-exact window) run inside `inherent(reason)`: counted apart as INHERENT, and let through by
 `torch.cuda.set_sync_debug_mode("error")`, so a GPU run in that mode fails on any other sync.
 
-Not counted: scalar reads inside torch.optim. torch's Adam/AdamW keep their step counts in host tensors
-unless `capturable` or `fused` (which read nothing), so those reads are host reads on a GPU run too.
+Not counted: scalar reads and scalar tensors made inside torch.optim. torch's Adam/AdamW keep their step
+counts in host tensors unless `capturable` or `fused` (which read and copy nothing: the default on CUDA,
+`training/optimizer.py`), so this bookkeeping stays on the host.
 
 `torch.cuda.set_sync_debug_mode("error")` is the GPU's own check (tools/device_check.sh). The counter
 keeps where each event came from, so a failing budget names the line.
@@ -107,7 +108,8 @@ class HostSyncCounter(TorchDispatchMode):
         elif func in _DATA_DEPENDENT_OPS or _is_bool_mask_index(func, args):
             self.record(DATA_DEPENDENT)
         elif func is aten.lift_fresh.default:
-            self.record(HOST_TO_DEVICE)
+            if not _in_optimizer():
+                self.record(HOST_TO_DEVICE)
         return func(*args, **(kwargs or {}))
 
     def __enter__(self) -> HostSyncCounter:

@@ -8,9 +8,13 @@ import numpy as np
 
 from megatron_eslm.config import parse_args
 from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+from megatron_eslm.training.timers import PHASES
 from megatron_eslm.training.trainer import Trainer
 
-TIMING = {"tokens_per_sec", "iteration_time_ms"}
+# wall-clock fields, which differ between any two runs (mfu is None on a CPU without --peak-tflops, the
+# memory None off CUDA; the phase times come with --timing-log-level)
+TIMING = {"tokens_per_sec", "iteration_time_ms", "tflops_per_gpu", "mfu", "max_memory_allocated",
+          *(f"time_{name}_ms" for name in PHASES)}
 
 
 def build_indexed(prefix, documents, dtype=np.int32):

@@ -98,7 +98,7 @@ def test_frozen_model_policies_within_budget(tiny_corpus, frozen_checkpoint, pol
     assert_within_budget(policy, syncs, micro_batches)
 
 
-LAYOUTS = {"dp2": [], "tp2": ["--tensor-model-parallel-size", "2"],
+LAYOUTS = {"dp2": [], "dp2-overlap": ["--overlap-grad-reduce"], "tp2": ["--tensor-model-parallel-size", "2"],
            "pp2": ["--pipeline-model-parallel-size", "2"],
            # the Llama-shaped model: grouped-query attention, rotary tables, RMSNorm, the untied vocab-parallel head
            "llama-tp2-sp": [*LLAMA_FLAGS, "--tensor-model-parallel-size", "2", "--sequence-parallel"],
@@ -124,7 +124,8 @@ def _rank_main(rank: int, world: int, tmp: str, corpus: tuple[str, str]) -> None
 
 def test_two_ranks_within_budget(tiny_corpus, tmp_path):
     """Real collectives (the selection group's all-gathers and all-reduces, TP's vocab-parallel head, the
-    pipeline's sends) add no sync: the budget holds on every rank of DP2, TP2 and PP2, and for the
+    pipeline's sends, the data-parallel sums launched from the backward) add no sync: the budget holds on
+    every rank of DP2 (with and without --overlap-grad-reduce), TP2 and PP2, and for the
     Llama-shaped model on TP2 with sequence parallelism and PP2."""
     mp.spawn(_rank_main, args=(2, str(tmp_path), tiny_corpus), nprocs=2, join=True)
     for rank in range(2):

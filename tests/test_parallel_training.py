@@ -47,6 +47,7 @@ from megatron_eslm.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_comm  # noqa: E402
+from helpers import TIMING  # noqa: E402  (the wall-clock record fields)
 
 GLOBAL_BATCH = 12
 REFERENCE_MICRO_BATCH = 4  # = DP x micro-batch in every layout
@@ -75,7 +76,6 @@ LLAMA_SELECTIONS = {
 MODELS = {"gpt2": ([], SELECTIONS, {world: tuple(layouts) for world, layouts in LAYOUTS.items()}),
           "llama": (LLAMA_FLAGS, LLAMA_SELECTIONS, {2: ("tp2", "pp2", "dp2"), 4: ("tp2pp2-sp",)})}
 COMPARED = ("lm_loss", "kept_loss", "threshold", "grad_norm")
-TIMING = {"tokens_per_sec", "iteration_time_ms"}
 
 
 def flags(corpus, micro_batch: int, *extra: str) -> list[str]:

@@ -46,7 +46,8 @@ def test_eslm_keeps_high_loss_tokens_and_logs_the_contract(tiny_corpus, tmp_path
     assert len(train) == 6 and len(valid) == 1
     assert set(train[0]) == {"iteration", "lm_loss", "kept_loss", "kept_fraction", "threshold", "lr", "grad_norm",
                              "tokens_per_sec", "iteration_time_ms", "executed_flops", "dense_flops",
-                             "consumed_samples", "kept", "threshold_bound", "threshold_bytes", "nonfinite", "iterations"}
+                             "consumed_samples", "kept", "threshold_bound", "threshold_bytes", "nonfinite", "iterations",
+                             "tflops_per_gpu", "mfu", "max_memory_allocated"}
     assert set(valid[0]) == {"iteration", "split", "val_loss", "val_ppl"}
     for r in train:
         assert 0.35 <= r["kept_fraction"] <= 0.6

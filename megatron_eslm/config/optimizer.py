@@ -8,6 +8,7 @@ from megatron_eslm.errors import UserError
 
 TITLE = "optimizer and learning rate"
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
 @dataclass
@@ -23,6 +24,7 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    optimizer_impl: str = "auto"  # auto | fused | foreach | loop
 
 
 HELP = {
@@ -37,6 +39,8 @@ HELP = {
     "adam_beta2": "AdamW beta2",
     "adam_eps": "AdamW epsilon",
     "clip_grad": "global gradient-norm clip; 0 disables",
+    "optimizer_impl": "torch AdamW kernels: one of " + ", ".join(OPTIMIZER_IMPLS) + "; auto is fused on CUDA, "
+                      "foreach (multi-tensor ops) elsewhere",
 }
 
 
@@ -44,6 +48,7 @@ def validate_optimizer(o: OptimizerConfig) -> None:
     """A finalized optimizer section (--lr-decay-iters filled)."""
     positive(o.lr_decay_iters, "--lr-decay-iters")
     one_of(o.lr_decay_style, LR_DECAY_STYLES, "--lr-decay-style")
+    one_of(o.optimizer_impl, OPTIMIZER_IMPLS, "--optimizer-impl")
     if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise UserError(f"--min-lr {o.min_lr} must be in [0, --lr {o.lr}]")
     if o.lr_warmup_iters < 0 or o.lr_warmup_iters > o.lr_decay_iters:

@@ -15,6 +15,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     ddp_bucket_size: int = 25_000_000  # gradient elements per data-parallel all-reduce
+    overlap_grad_reduce: bool = False
     distributed_timeout_minutes: int = 10  # Megatron's default
 
 
@@ -23,6 +24,9 @@ HELP = {
     "pipeline_model_parallel_size": "pipeline stages; the layers are split evenly over them",
     "sequence_parallel": "with TP: shard norms and dropout along the sequence (all-gather/reduce-scatter)",
     "ddp_bucket_size": "gradient elements per data-parallel all-reduce bucket",
+    "overlap_grad_reduce": "launch each bucket's data-parallel all-reduce from the last micro-batch's backward, "
+                           "as soon as its gradients are final, instead of after the backward (under "
+                           "--deepspeed: ZeRO-2/3's overlap_comm)",
     "distributed_timeout_minutes": "how long a collective, or a rank waiting while rank 0 alone writes a "
                                    "checkpoint or builds the index cache, may wait before the job fails",
 }

@@ -93,6 +93,14 @@ def resolve(cfg: Config, dp: int) -> dict:
         raise UserError(f"ZeRO stage {stage} cannot run with --sequence-parallel: the norms' gradients must be "
                         "summed over the tensor-parallel group before DeepSpeed partitions them; use "
                         "--zero-stage 1")
+    if p.overlap_grad_reduce:  # ZeRO's name for it; without the flag the stage's default or the JSON decides
+        if stage == 1:
+            raise UserError("--overlap-grad-reduce cannot run with ZeRO stage 1: the step sums tensor- and "
+                            "pipeline-shared gradients before DeepSpeed reduces them; use --zero-stage 2 or 3")
+        if zero.get("overlap_comm", True) is not True:
+            raise UserError(f"{where}: zero_optimization.overlap_comm is {zero['overlap_comm']} but "
+                            "--overlap-grad-reduce asks for it; make them agree")
+        zero["overlap_comm"] = True
     if stage == 1 and zero.get("overlap_comm"):
         raise UserError(f"{where}: zero_optimization.overlap_comm must be false with stage 1: the step sums "
                         "tensor- and pipeline-shared gradients before DeepSpeed reduces them")

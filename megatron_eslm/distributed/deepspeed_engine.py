@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from megatron_eslm import parallel_state
 from megatron_eslm.distributed.grads import finalize_model_grads
+from megatron_eslm.training.timers import get_timers
 
 
 class ModelParallelUnit:
@@ -177,7 +178,8 @@ class DeepSpeedEngine:
         DeepSpeed has it (read at the log interval; DeepSpeed's own step reads it on the host anyway:
         BF16_Optimizer asserts it positive, ZeRO checks it for overflow)."""
         if self._defers_reduction():
-            self._reduce()
+            with get_timers().phase("grads_reduce"):  # stages 2 and 3 reduce inside the backward
+                self._reduce()
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()

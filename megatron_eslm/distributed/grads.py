@@ -10,6 +10,9 @@ then measure (and clip) the norm of the whole model's gradient.
   pipeline           SUM the tied word embedding's gradient over the first and last stage, which both use
                      it (input embedding, LM head), so their copies take the same update; an untied output
                      layer lives on the last stage alone and needs no sum.
+
+With --overlap-grad-reduce the data-parallel sums are launched from the backward instead
+(`grad_overlap.py`, same buckets) and only waited for here.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from megatron_eslm import parallel_state
 from megatron_eslm.distributed import collectives
 
 
-def _buckets(grads: list[Tensor], bucket_elements: int) -> list[list[Tensor]]:
-    """Consecutive grads of one dtype, at most bucket_elements per bucket (a larger grad goes alone)."""
+def split_into_buckets(grads: list[Tensor], bucket_elements: int) -> list[list[Tensor]]:
+    """Consecutive grads (or parameters) of one dtype, at most bucket_elements per bucket (a larger one goes
+    alone)."""
     buckets: list[list[Tensor]] = []
     size = 0
     for grad in grads:
@@ -43,12 +47,14 @@ def _all_reduce_flat(grads: list[Tensor], group, kind: str) -> None:
 def allreduce_data_parallel_grads(params: list[nn.Parameter], bucket_elements: int) -> None:
     """SUM every gradient over the data-parallel group, bucket by bucket (last layers first, as DDP)."""
     grads = [p.grad for p in reversed(params) if p.grad is not None]
-    for bucket in _buckets(grads, bucket_elements):
+    for bucket in split_into_buckets(grads, bucket_elements):
         _all_reduce_flat(bucket, parallel_state.data_parallel_group(), collectives.DP_ALL_REDUCE)
 
 
 def finalize_model_grads(model: nn.Module, bucket_elements: int, data_parallel: bool = True) -> None:
-    """The sums above; `data_parallel=False` leaves the data-parallel one to DeepSpeed's ZeRO."""
+    """The sums above; `data_parallel=False` leaves the data-parallel one to DeepSpeed's ZeRO, or to the
+    overlapped reducer, which has summed every bucket before this runs (the other sums are linear: their
+    order changes only the rounding)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if parallel_state.tensor_model_parallel_size() > 1:
         shared = [p.grad for p in params if getattr(p, "sequence_parallel", False)]

@@ -20,6 +20,7 @@ from megatron_eslm.eslm.distributed_threshold import (Collectives, LocalCollecti
                                                       group_collectives, mass_prefix_over)
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, token_score
 from megatron_eslm.model.lm_head import Selection, TokenScores
+from megatron_eslm.training.timers import get_timers
 
 
 def gradient_mass(loss: Tensor) -> Tensor:
@@ -101,8 +102,9 @@ class AdaESLMPolicy(Policy):
     def __call__(self, scores: TokenScores) -> Selection:
         selection = self.eslm(scores)
         if self.rule.kind == "grad-mass":
-            mass = droppable_over(group_collectives(self.eslm.group), token_score(scores, self.eslm.score),
-                                  scores.loss, scores.valid, self.rule.budget)
+            with get_timers().phase("threshold"):  # the selection's other radix select over the group
+                mass = droppable_over(group_collectives(self.eslm.group), token_score(scores, self.eslm.score),
+                                      scores.loss, scores.valid, self.rule.budget)
             level = mass.count.double() / mass.total.clamp(min=1).double()
             self.eslm.alpha = torch.where(mass.total > 0, self.rule.moved(self.eslm.alpha, level), self.eslm.alpha)
         return selection

@@ -46,6 +46,7 @@ from megatron_eslm import host_syncs
 from megatron_eslm.distributed import collectives
 from megatron_eslm.eslm.sketch import MergedSketch, build_sketch
 from megatron_eslm.eslm.threshold import var_index_on
+from megatron_eslm.training.timers import get_timers
 
 MODES = ("sketch", "sketch-exact", "exact")
 RADIX_BITS = 8
@@ -76,12 +77,14 @@ class Collectives(ABC):
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Every rank's `tensor` (equal shapes), stacked in rank order: [world, *tensor.shape]."""
         self.bytes_sent += tensor.numel() * tensor.element_size()
-        return self._all_gather(tensor)
+        with get_timers().phase("threshold_comm"):
+            return self._all_gather(tensor)
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """Elementwise sum over the group."""
         self.bytes_sent += tensor.numel() * tensor.element_size()
-        return self._all_reduce(tensor)
+        with get_timers().phase("threshold_comm"):
+            return self._all_reduce(tensor)
 
     @abstractmethod
     def _all_gather(self, tensor: Tensor) -> Tensor: ...
@@ -188,8 +191,9 @@ def global_var_threshold(scores: Tensor, valid: Tensor, alpha: float | Tensor, m
     scores (k and B of docs/threshold.md computed on them); a reference without a finite score (a step
     whose scores were all NaN) defers to these scores' own sketch estimate, as `mode` "sketch" would. `keep_sketch`: return
     the group's sketch of these scores in `sketch` (gathered even in exact mode), to merge later."""
-    return var_threshold_over(group_collectives(group), scores, valid, alpha, mode, sketch_size, reference,
-                              keep_sketch)
+    with get_timers().phase("threshold"):
+        return var_threshold_over(group_collectives(group), scores, valid, alpha, mode, sketch_size, reference,
+                                  keep_sketch)
 
 
 def group_collectives(group: dist.ProcessGroup | None) -> Collectives:

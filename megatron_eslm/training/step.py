@@ -11,8 +11,9 @@
       loss = policy.objective(model, hidden, out) # out.loss, plus distillation for eslm-kd
       (loss / num_micro_batches).backward()       # LM-head backward over kept rows only, then the
                                                   # (dense) transformer backward
-  sum gradients over data-parallel replicas (and tied / sequence-parallel copies), clip the global
-  gradient norm, set the learning rate, optimizer step.
+  sum gradients over data-parallel replicas (and tied / sequence-parallel copies; --overlap-grad-reduce
+  launches the data-parallel sums from the last micro-batch's backward), clip the global gradient norm,
+  set the learning rate, optimizer step.
   (--deepspeed: DeepSpeed's engine runs the backward, the data-parallel reduction, the clipping and the
   step; `distributed/deepspeed_engine.py`.)
 
@@ -35,6 +36,7 @@ import torch
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig
 from megatron_eslm.distributed import collectives
+from megatron_eslm.distributed.grad_overlap import OverlappedGradReducer
 from megatron_eslm.distributed.grads import clip_grad_norm
 from megatron_eslm.eslm.policies import Policy
 from megatron_eslm.model.gpt import GPTModel
@@ -160,7 +162,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
                      autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                      forward_only: bool = False, grad_scale: float = 1.0,
                      backward: Backward = autograd_backward, forward: Callable | None = None,
-                     stats: StepStats | None = None, accumulate_into_grad: bool = True) -> StepStats:
+                     stats: StepStats | None = None, accumulate_into_grad: bool = True,
+                     grad_reducer: OverlappedGradReducer | None = None) -> StepStats:
     """Accumulate the gradients of this rank's micro-batches (`forward_only`: just score them);
     `policy=None` is dense training. `autocast` wraps the forward only (bf16); backward runs outside it,
     as PyTorch recommends. Each micro-batch loss is multiplied by grad_scale / num_micro_batches and
@@ -168,7 +171,9 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
     both (`distributed/deepspeed_engine.py`). `accumulate_into_grad`: the LM head adds the tied weight's
     gradient in place into `.grad` (never under DeepSpeed, whose ZeRO hooks the weight's autograd
     accumulation; `model/lm_head.py`). The head's bf16 weight copy is made once for all the micro-batches
-    (`weight_cast_cache`: the weights do not change until the optimizer step). Returns this rank's sums
+    (`weight_cast_cache`: the weights do not change until the optimizer step). `grad_reducer`
+    (--overlap-grad-reduce): the last micro-batch's backward launches its data-parallel sums, which the
+    caller waits for (`grad_reducer.finish()`). Returns this rank's sums
     (nonzero on the last pipeline stage only), added to `stats` when given (the trainer sums a log
     interval's steps)."""
     if stats is None:
@@ -195,6 +200,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
             if policy is not None:
                 policy.prepare(tokens, labels, batch.get("index"))  # reference/teacher pass, sample ids
             normalizer = dense_normalizer(labels) if policy is None else None
+            if grad_reducer is not None:
+                grad_reducer.watch_head_input(hidden)
             out = model.loss(hidden, labels, policy, impl=lm_head_impl, normalizer=normalizer,
                              accumulate_into_grad=accumulate_into_grad)
             return (out.loss if policy is None else policy.objective(model, hidden, out)), out
@@ -208,6 +215,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
             stats.policy_flops += policy.extra_flops()
         return loss * grad_scale / num_micro_batches
 
+    if grad_reducer is not None:
+        forward_step = grad_reducer.launching(forward_step, num_micro_batches)
     with weight_cast_cache():
         get_forward_backward_func()(forward_step, num_micro_batches, forward_only, spec, backward)
     return stats

@@ -15,6 +15,7 @@ from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler
 from megatron_eslm.distributed import deepspeed_config, launch
 from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine, partitioned_construction
+from megatron_eslm.distributed.grad_overlap import OverlappedGradReducer
 from megatron_eslm.distributed.grads import finalize_model_grads
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
@@ -22,12 +23,13 @@ from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
 from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
-from megatron_eslm.training import checkpointing
+from megatron_eslm.training import checkpointing, throughput
 from megatron_eslm.training.lr_schedule import learning_rate
 from megatron_eslm.training.metrics import MetricsWriter
-from megatron_eslm.training.optimizer import build_optimizer
+from megatron_eslm.training.optimizer import build_optimizer, load_optimizer_state
 from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
 from megatron_eslm.training.progress import progress_bar
+from megatron_eslm.training.timers import get_timers, install_timers, uninstall_timers
 
 
 def build_model(cfg: Config, vocab_size: int, device: torch.device, ds_config: dict | None) -> GPTModel:
@@ -70,6 +72,10 @@ class Trainer:
         if ds_config is not None:
             self.engine = DeepSpeedEngine(self.model, self.optimizer, ds_config, self.num_micro_batches,
                                           p.ddp_bucket_size)
+        # --overlap-grad-reduce: the data-parallel sums launched from the backward (under --deepspeed, ZeRO's)
+        self.grad_reducer = None
+        if p.overlap_grad_reduce and self.engine is None and dp > 1:
+            self.grad_reducer = OverlappedGradReducer(self.model, p.ddp_bucket_size)
         eval_samples = t.eval_iters * t.global_batch_size
         self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
             cfg.data, cfg.model.seq_length, t.seed, (t.train_iters * t.global_batch_size, eval_samples, 0),
@@ -99,6 +105,8 @@ class Trainer:
         """Forward/backward over the global batch's micro-batches, then one optimizer step; the step's sums
         are added to `stats` (a log interval's) on the device, unreduced: nothing here waits for the
         device (`reduce_step_stats` reads them at the log interval)."""
+        timers = get_timers()  # phases (`training/timers.py`); data and threshold nest in forward_backward
+        timers.start("forward_backward")
         self.model.train()
         if self.policy is not None:
             self.policy.start_step(self.iteration + 1)
@@ -106,8 +114,15 @@ class Trainer:
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
             stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
-                                     self.lm_head_impl, self._autocast, stats=stats)
-            finalize_model_grads(self.model, self.cfg.parallel.ddp_bucket_size)
+                                     self.lm_head_impl, self._autocast, stats=stats, grad_reducer=self.grad_reducer)
+            timers.stop("forward_backward")
+            timers.start("grads_reduce")
+            if self.grad_reducer is not None:
+                self.grad_reducer.finish()  # what remains of the data-parallel sums: the wait
+            finalize_model_grads(self.model, self.cfg.parallel.ddp_bucket_size,
+                                 data_parallel=self.grad_reducer is None)
+            timers.stop("grads_reduce")
+            timers.start("optimizer")
             stats.grad_norm = optimizer_step(self.model, self.optimizer, lr, self.cfg.optimizer.clip_grad)
         else:
             self.engine.start_step()
@@ -115,7 +130,10 @@ class Trainer:
                                      self.lm_head_impl, self._autocast, grad_scale=self.engine.grad_scale,
                                      backward=self.engine.backward, forward=self.engine.forward, stats=stats,
                                      accumulate_into_grad=False)
+            timers.stop("forward_backward")
+            timers.start("optimizer")  # ZeRO-1's deferred reduction nests in it as grads_reduce
             stats.grad_norm = self.engine.step(lr)
+        timers.stop("optimizer")
         stats.lr = lr
         stats.steps += 1
         return stats
@@ -145,7 +163,8 @@ class Trainer:
         """Run to --train-iters; returns the logged training records, one per log interval, each over the
         steps since the previous one (every step is in exactly one record)."""
         cfg, t = self.cfg, self.cfg.training
-        batches = iter(self._loader(self.train_ds, len(self.train_ds), self.consumed_samples))
+        timers = install_timers(cfg.logging.timing_log_level, self.device)
+        batches = timers.timed(iter(self._loader(self.train_ds, len(self.train_ds), self.consumed_samples)), "data")
         records = []
         start_iteration, start = self.iteration, time.perf_counter()
         interval, tic = None, time.perf_counter()
@@ -161,18 +180,22 @@ class Trainer:
                 self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
                 interval, tic = None, time.perf_counter()
             if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
-                self._log_eval()
+                with timers.phase("eval"):
+                    self._log_eval()
             save = cfg.checkpoint
             if save.save and ((save.save_interval and self.iteration % save.save_interval == 0)
                               or self.iteration == t.train_iters):
-                self.save(save.save)
+                with timers.phase("checkpoint"):
+                    self.save(save.save)
         return records
 
     def _train_record(self, stats: StepStats, elapsed: float) -> dict:
         """A log interval's record: losses, kept fraction and threshold over all its tokens and micro-batches;
-        times and FLOPs per iteration (means over its `iterations`); lr and grad norm of its last step."""
+        times, FLOPs and throughput per iteration (means over its `iterations`); lr and grad norm of its last
+        step; this rank's peak memory in the interval; the phase times at --timing-log-level 1 or 2."""
         tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length * stats.steps
         flops = stats.flops(self.cfg.model, self.vocab_size)
+        tflops = throughput.tflops_per_gpu(flops.executed / stats.steps, elapsed / stats.steps, launch.world_size())
         return {
             "iteration": self.iteration,
             "lm_loss": stats.loss_sum / max(stats.valid, 1),
@@ -191,6 +214,10 @@ class Trainer:
             "threshold_bound": stats.threshold_bound if stats.thresholds else None,
             "threshold_bytes": stats.threshold_bytes,
             "nonfinite": stats.nonfinite,
+            "tflops_per_gpu": tflops,
+            "mfu": throughput.mfu(tflops, throughput.peak_tflops(self.device, self.cfg.logging.peak_tflops)),
+            "max_memory_allocated": throughput.max_memory_allocated(self.device),
+            **get_timers().interval_ms(stats.steps),
         }
 
     def _console_line(self, r: dict, elapsed: float, start_iteration: int) -> str:
@@ -200,7 +227,9 @@ class Trainer:
         return (f"{progress_bar(done, todo, elapsed)} | iter {self.iteration} | lm loss {r['lm_loss']:.4f} | "
                 f"kept loss {r['kept_loss']:.4f} | kept {r['kept_fraction']:.2f} | threshold {threshold} | "
                 f"lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | {r['tokens_per_sec']:.0f} tok/s | "
-                f"flops {r['executed_flops'] / r['dense_flops']:.3f}x dense"
+                f"{r['tflops_per_gpu']:.3g} TFLOP/s per GPU"
+                + ("" if r["mfu"] is None else f" (MFU {100 * r['mfu']:.1f}%)")
+                + f" | flops {r['executed_flops'] / r['dense_flops']:.3f}x dense"
                 + (f" | {r['nonfinite']} non-finite scores left out" if r["nonfinite"] else ""))
 
     def _log_eval(self) -> None:
@@ -233,7 +262,7 @@ class Trainer:
                 state = checkpointing.load_checkpoint(root)
                 if state is not None:
                     self.model.load_state_dict(state["model"])
-                    self.optimizer.load_state_dict(state["optimizer"])
+                    load_optimizer_state(self.optimizer, state["optimizer"])
             else:
                 state = checkpointing.load_checkpoint(root, read=self._read_deepspeed)
         except (RuntimeError, ValueError) as err:
@@ -258,6 +287,7 @@ class Trainer:
     def close(self) -> None:
         """Close the metrics sinks and leave the layout (and the process group, if this trainer joined it)."""
         self.metrics.close()
+        uninstall_timers()
         parallel_state.destroy_model_parallel()
         if self.owns_process_group:
             torch.distributed.destroy_process_group()
