@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from dataclasses import dataclass
 from typing import Callable

@@ -1,37 +1,167 @@
 #!/usr/bin/env bash
-# The GPU checks, in one call of the device tool (or by hand on any CUDA machine), from the repo root:
+# The checks for the first GPU, in one call of under 9 minutes on a machine with ONE CUDA GPU, from the
+# repository root:
 #
-#   bash tools/device_check.sh            # results under $OUT (the device tool's folder) or ./device_check_out
+#   bash tools/device_check.sh                        # report in $OUT/report.md ($OUT: default /tmp/device_check)
+#   DEVICE_CHECK_DRY_RUN=1 bash tools/device_check.sh # print the steps and write the report, run nothing
+#   DEVICE_CHECK_ONLY="llama_step quickstart" bash tools/device_check.sh   # only these steps
 #
-# 1. installs this checkout without dependencies into the machine's own python (which holds a CUDA torch
-#    and triton; deepspeed and megatron-core are not needed here);
-# 2. runs the CUDA-only tests: the compiled Triton LM-head kernels against torch, and one training step
-#    per policy under torch.cuda.set_sync_debug_mode("error") (any host sync outside the inherent ones,
-#    `megatron_eslm/host_syncs.py`, raises);
-# 3. runs the GPU benchmarks: the training step (dense vs ESLM, time and host syncs per step) in bf16 at
-#    the GPT-2 124M shape, and the LM head.
-# Each step's log goes to $OUT; a failing step does not stop the later ones. Record what it prints in
-# docs/benchmarks.md with the device, the date and this command.
+# Steps, in order of importance (each under its own timeout, and none started once the whole budget,
+# DEVICE_CHECK_BUDGET_S, default 510 s, is spent; a failing step does not stop the later ones):
+#   env              the GPU, torch, triton and the optional packages present
+#   install          this checkout into the machine's python (PYTHON, default python3: it holds a CUDA torch
+#                    and triton), --no-deps: there is no package index to reach, and deepspeed and
+#                    megatron-core are not needed here
+#   cuda_tests       the CUDA-only tests (the test files with a CUDA skipif, `-k "cuda or OnGPU"`): the compiled
+#                    Triton LM-head kernels against torch in bf16 and fp32, and training steps per policy under
+#                    torch.cuda.set_sync_debug_mode("error") (any host sync outside the inherent ones raises)
+#   gpt2_step_*      tools/bench_train_step.py at the GPT-2 124M shape in bf16: dense vs ESLM keep 0.3
+#                    (alpha 0.7, the three threshold modes) with MFU, Triton head, then torch head with the
+#                    AdamW implementations
+#   llama_step       the same at the Llama-1B shape: dense, ESLM keep 0.3, AdamW implementations, recompute
+#                    (none / selective / full uniform 1), time and peak memory
+#   llama_memory     tools/bench_memory.py --preset llama-1b on cuda: saved activations per recompute variant
+#   quickstart       the quickstart's data and a 20-iteration run on cuda (fp32), then quickstart_bf16: the
+#                    same model for 20 iterations with --bf16 --timing-log-level 1, printing its metrics
+#                    record (time_*_ms, tflops_per_gpu, mfu, max_memory_allocated)
+#   lm_head_bench    tools/bench_lm_head_triton.py (quick shapes)
+# A step that needs a python package the machine lacks says so and is skipped. The report gives each step's
+# command, exit status (124: its timeout) and time, and the end of its log; the whole logs are in
+# $OUT/logs.tar.gz. Record the numbers in docs/benchmarks.md with the device, the date and this command.
 set -uo pipefail
-OUT=${OUT:-device_check_out}
-mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+OUT=${OUT:-${TMPDIR:-/tmp}/device_check}
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+DRY=${DEVICE_CHECK_DRY_RUN:-0}
+BUDGET=${DEVICE_CHECK_BUDGET_S:-510}
+ONLY=${DEVICE_CHECK_ONLY:-}  # step names to run (a rerun of some), default all
+MIN_STEP_S=20  # a step that could run less than this is not started
+WORK=$(mktemp -d)  # logs and the quickstart's data: never under $OUT (only a few files come back from it)
+mkdir -p "$OUT" "$WORK/logs"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHON="$PY" WORK
+START=$SECONDS
+: > "$WORK/rows.md"
+: > "$WORK/sections.md"
 
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, report the status
-    local name=$1; shift
-    echo "== $name: $*"
-    "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    tail -n 25 "$OUT/$name.log"
-    echo "== $name: exit $rc"
+write_report() {
+    {
+        echo "# Device check"
+        echo
+        echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); host $(hostname); checkout $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        echo "- GPU: $( (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none) | head -n 1)"
+        echo "- command: \`bash tools/device_check.sh\`$([ "$DRY" = 1 ] && echo ' (dry run: nothing was run)')"
+        echo "- $((SECONDS - START)) s of the ${BUDGET} s budget used"
+        echo
+        echo "| step | exit | seconds | command |"
+        echo "|---|---|---:|---|"
+        cat "$WORK/rows.md"
+        echo
+        cat "$WORK/sections.md"
+    } > "$OUT/report.md"
+    tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 }
 
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-step install "$PY" -m pip install -q --no-deps --no-build-isolation -e .
-step versions "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
-step cuda_tests "$PY" -m pytest -q -p no:cacheprovider tests/test_host_syncs.py tests/test_lm_head_triton.py \
-    -k "cuda or OnGPU"
-step bench_train_step "$PY" tools/bench_train_step.py --preset gpt2-124m --bf16 --lm-head-impl auto \
-    --thresholds sketch sketch-exact exact --steps 10
-step bench_lm_head "$PY" tools/bench_lm_head_triton.py
+record() {  # record NAME STATUS SECONDS COMMAND [LOG]
+    local name=$1 status=$2 secs=$3 cmd=$4 log=${5:-}
+    echo "| $name | $status | $secs | \`$cmd\` |" >> "$WORK/rows.md"
+    {
+        echo "## $name: $status"
+        echo
+        echo "\`$cmd\` ($secs s)"
+        echo
+        if [ -n "$log" ] && [ -s "$log" ]; then
+            echo '```'
+            tail -n 60 "$log"
+            echo '```'
+            echo
+        fi
+    } >> "$WORK/sections.md"
+    echo "== $name: $status ($secs s)"
+    write_report
+}
+
+missing_modules() {  # the python modules of "$@" that $PY cannot find (found without importing them)
+    [ $# -eq 0 ] && return
+    "$PY" -c 'import importlib.util, sys; print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' "$@" \
+        2>/dev/null || echo "$* (python $PY did not start)"
+}
+
+step() {  # step NAME TIMEOUT_S "MODULES NEEDED" COMMAND...: run it with its timeout, log it, record it
+    local name=$1 limit=$2 needs=$3; shift 3
+    local cmd log="$WORK/logs/$name.log" left=$((BUDGET - (SECONDS - START))) missing
+    [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && return
+    cmd=$(printf '%q ' "$@")
+    cmd=${cmd% }
+    missing=$(missing_modules $needs)
+    if [ -n "$missing" ]; then
+        record "$name" "skipped: needs python module(s) $missing, not installed for $PY (install them, e.g. from wheels, and rerun)" 0 "$cmd"
+        return
+    fi
+    if [ "$left" -lt "$MIN_STEP_S" ]; then
+        record "$name" "not run: ${left} s of the budget left" 0 "$cmd"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$DRY" = 1 ]; then
+        echo "would run (timeout $limit s): $cmd"
+        record "$name" "dry run (timeout $limit s)" 0 "$cmd"
+        return
+    fi
+    echo "== $name (timeout $limit s): $cmd"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+    local rc=$?
+    local status="exit $rc"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && status="exit $rc (timed out after $limit s)"
+    record "$name" "$status" $((SECONDS - t0)) "$cmd" "$log"
+}
+
+environment() {  # the GPU, python, torch and the packages the steps may need
+    nvidia-smi
+    "$PYTHON" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'
+    "$PYTHON" -m pip list 2>/dev/null | grep -i -E '^(triton|sentencepiece|pytest|hypothesis|deepspeed|transformers|tensorboard|numpy|setuptools) '
+}
+export -f environment
+
+# The quickstart's model for 20 iterations under --bf16 with phase timers, on its data (the quickstart step's),
+# then the last training record of its metrics file, checked for the timing and throughput fields.
+quickstart_bf16() {
+    local qs=$WORK/quickstart
+    [ -f "$qs/stdlib_text_document.idx" ] || { echo "no quickstart data in $qs (the quickstart step failed)"; return 2; }
+    "$PYTHON" -m megatron_eslm.pretrain --num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 128 \
+        --max-position-embeddings 128 --micro-batch-size 16 --global-batch-size 16 --train-iters 20 --lr 1e-3 \
+        --lr-warmup-iters 2 --hidden-dropout 0.0 --attention-dropout 0.0 --data-path "$qs/stdlib_text_document" \
+        --split 95,5,0 --tokenizer-type SentencePieceTokenizer --tokenizer-model "$qs/tokenizer.model" \
+        --selection eslm --eslm-alpha 0.7 --eval-interval 1000 --eval-iters 1 --log-interval 5 --num-workers 0 \
+        --bf16 --timing-log-level 1 --metrics-file "$qs/bf16_metrics.jsonl" || return
+    "$PYTHON" - "$qs/bf16_metrics.jsonl" <<'EOF'
+import json, sys
+import torch
+record = [json.loads(line) for line in open(sys.argv[1]) if '"time_' in line][-1]  # the last training record
+print(json.dumps(record, sort_keys=True, indent=1))
+wanted = ["time_forward_backward_ms", "time_optimizer_ms", "tflops_per_gpu", "mfu", "max_memory_allocated"]
+bad = [key for key in wanted if key not in record or (record[key] is None and torch.cuda.is_available())]
+print("missing or null: " + ", ".join(bad) if bad else ", ".join(wanted) + ": all set")
+sys.exit(1 if bad else 0)
+EOF
+}
+export -f quickstart_bf16
+
+TESTS=$(grep -l "skipif(not torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')  # the CUDA-only tests' files
+TRAIN_STEP=(tools/bench_train_step.py --bf16 --alphas 0.7)
+
+step env 30 "" bash -c environment
+step install 90 "pip setuptools" "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+step cuda_tests 150 "torch triton pytest sentencepiece megatron_eslm" "$PY" -m pytest -q -p no:cacheprovider $TESTS -k "cuda or OnGPU"
+step gpt2_step_triton 90 "torch triton megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl triton \
+    --thresholds sketch sketch-exact exact --steps 10 --optimizer-impls --recompute
+step gpt2_step_torch 90 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl torch \
+    --thresholds sketch sketch-exact exact --steps 10 --recompute
+step llama_step 150 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto --steps 6
+step llama_memory 90 "torch megatron_eslm" "$PY" tools/bench_memory.py --preset llama-1b --bf16 --device cuda
+step quickstart 120 "torch sentencepiece megatron_eslm" "$PY" -m megatron_eslm.quickstart --output-dir "$WORK/quickstart" \
+    --train-iters 20 --log-interval 5 --corpus-mb 1 --eval-iters 1 --generate-tokens 20
+step quickstart_bf16 60 "torch sentencepiece megatron_eslm" bash -c quickstart_bf16
+step lm_head_bench 120 "torch triton megatron_eslm" "$PY" tools/bench_lm_head_triton.py
+echo "report: $OUT/report.md; logs: $OUT/logs.tar.gz"
+rm -rf "$WORK"

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Per-GPU memory of a pretraining run, computed, not measured: parameters, gradients, optimizer states
 (our data parallelism or DeepSpeed ZeRO 1-3 under --bf16), transient buffers and the activations autograd
-saves (no recompute: megatron_eslm has none yet), for the largest pipeline stage and per stage.
+saves (under the run's activation recompute), for the largest pipeline stage and per stage.
 
     python tools/estimate_memory.py --config examples/llama_1b/pretrain.json \\
         --deepspeed-config examples/llama_1b/ds_config.json --world-size 8 --vocab-size 32000
 
 Every other flag is a pretrain flag (`python -m megatron_eslm.pretrain --help`) and overrides the config,
-e.g. --micro-batch-size 2 --seq-length 4096 --tensor-model-parallel-size 4 --zero-stage 3. The layout is
+e.g. --micro-batch-size 2 --seq-length 4096 --tensor-model-parallel-size 4 --zero-stage 3, or the recompute
+flags: --recompute-granularity full --recompute-method uniform --recompute-num-layers 1. The layout is
 checked as every rank would check it at that world size. The arithmetic, and what it leaves out, is in
 megatron_eslm/training/memory.py; tests/test_estimate_memory.py checks it against tiny CPU runs.
 """
@@ -21,7 +22,7 @@ from dataclasses import asdict
 from megatron_eslm.config import Config, parse_args
 from megatron_eslm.config.parser import OneLineParser  # bad flags: one line
 from megatron_eslm.errors import UserError, exit_on_user_error
-from megatron_eslm.training.memory import RECOMPUTE, Estimate, estimate
+from megatron_eslm.training.memory import Estimate, estimate
 
 GIB = 2 ** 30
 ROWS = ("parameters", "gradients", "optimizer", "buffers")
@@ -37,8 +38,6 @@ def split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--world-size", type=int, required=True, help="GPUs of the run (TP x PP x DP)")
     parser.add_argument("--vocab-size", type=int, required=True,
                         help="the tokenizer's vocabulary, before padding (SentencePiece: its --vocab-size)")
-    parser.add_argument("--recompute", choices=sorted(RECOMPUTE), default="none",
-                        help="activation recompute setting")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes)")
     own, rest = parser.parse_known_args(argv)
     for value, flag in ((own.world_size, "--world-size"), (own.vocab_size, "--vocab-size")):
@@ -93,6 +92,8 @@ def render(cfg: Config, est: Estimate, world_size: int, vocab_size: int) -> str:
     rows += [[ROW_NAMES[name], *[_gib(getattr(s.states, name)) for s in stages]] for name in ROWS]
     rows.append(["activations", *[_gib(s.activations.total) for s in stages]])
     rows.append(["  micro-batches in flight", *[str(s.activations.in_flight) for s in stages]])
+    if any(s.activations.recomputed for s in stages):
+        rows.append(["  of which one recompute", *[_gib(s.activations.recomputed) for s in stages]])
     rows.append(["total", *[_gib(s.total) for s in stages]])
     out = ["Per-GPU memory, computed, not measured (megatron_eslm/training/memory.py)",
            *describe(cfg, est, world_size, vocab_size), "", *_table(header, rows)]
@@ -130,7 +131,7 @@ def as_json(est: Estimate) -> str:
 def main(argv: list[str] | None = None) -> None:
     own, pretrain_argv = split_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(pretrain_argv, own.vocab_size)
-    est = estimate(cfg, own.vocab_size, own.world_size, recompute=own.recompute)
+    est = estimate(cfg, own.vocab_size, own.world_size)
     print(as_json(est) if own.json else render(cfg, est, own.world_size, own.vocab_size))
 
 

@@ -23,6 +23,9 @@ and the LM head's hidden, log-sum-exp, labels and rows (all tokens: an upper bou
 Under --bf16 without DeepSpeed the parameters stay fp32, and the matmuls and LayerNorms save bf16 copies of
 their weights, per micro-batch (the LM head's once per step). 1F1B keeps PP - stage micro-batches in
 flight on a stage; under DeepSpeed it also keeps each sent output (DeepSpeed's backward reads it).
+Activation recompute (--recompute-granularity full|selective, `layer_units`): a checkpointed block or
+group of blocks keeps only its input, and the backward adds one recomputed unit on top of the forward's
+end; selective drops the attention core's own tensors (under flash: its log-sum-exp).
 Attention is assumed to run a flash kernel (no [s, s] probabilities saved). Not counted: the PyTorch dense
 LM head's fused gradients (--selection none with --lm-head-impl torch), the frozen models of eslm-kd and
 rho1, ZeRO-3's gathered parameters, the CUDA context and the allocator's fragmentation.
@@ -276,13 +279,76 @@ def _mlp_saved(s: Shapes) -> int:
     return s.tokens * (s.m.hidden_size + (4 if s.m.swiglu else 2) * width) * s.act
 
 
-def _layer_saved_without_recompute(s: Shapes) -> int:
-    return (2 * s.norm() + _attention_saved(s) + _mlp_saved(s) + 2 * s.dropout(s.m.hidden_dropout))
+def _layer_saved(s: Shapes) -> int:
+    """Everything one transformer block saves, nothing recomputed."""
+    return 2 * s.norm() + _attention_saved(s) + _mlp_saved(s) + 2 * s.dropout(s.m.hidden_dropout)
 
 
-# Activation recompute settings: what a layer keeps for its backward under each. Recompute itself is a
-# later issue; a setting that recomputes adds its entry here (and its flag to the tool's choices).
-RECOMPUTE: dict[str, Callable[[Shapes], int]] = {"none": _layer_saved_without_recompute}
+def _layer_input(s: Shapes) -> int:
+    """A block's input [b, s(/TP under SP), h]: all a checkpointed block (or group) keeps."""
+    return s.rows * s.m.hidden_size * s.act
+
+
+def _attention_core_saved(s: Shapes) -> int:
+    """What the attention core (`CoreAttention`: the scaled_dot_product_attention call) saves beyond its
+    inputs and output, i.e. what selective recompute drops per layer.
+
+    Without recompute a flash kernel saves q, k, v, its output and the fp32 log-sum-exp [b, heads, s]
+    (CUDA's also two philox scalars for the dropout; CUDA's memory-efficient kernel, which fp32 runs,
+    pads the log-sum-exp to a multiple of 32 rows). q, k and v are views of the QKV output or the rotated
+    copies and the output is the projection's input, so those stay saved under selective recompute (the
+    checkpoint keeps q, k, v as its inputs): it drops the log-sum-exp only, which this returns.
+    The math kernel (SDPA's on the CPU with attention dropout, and its fallback where no fused kernel
+    applies) saves instead contiguous copies of the scaled q, of k^T and of v (its bmm operands), the
+    [b, heads, s, s] softmax output, the dropout mask and the dropped probabilities; under selective
+    recompute the checkpoint keeps q, k, v themselves (the QKV output's storage, whole, without rope) and
+    none of those. The estimate assumes flash throughout, so it counts none of them."""
+    return s.tokens * (s.m.num_attention_heads // s.layout.tp) * FP32
+
+
+class LayerUnits(NamedTuple):
+    """How the layers of a stage save under the recompute config: `saved` per micro-batch at the end of
+    its forward, and `recomputed` the most bytes one recompute adds in the backward on top of them; the
+    counts of layers whose bf16 weight copies are saved and recomputed (`_weight_copies`)."""
+    saved: int
+    recomputed: int
+    layers_saved: int
+    layers_recomputed: int
+
+
+def layer_units(s: Shapes, layers: int) -> LayerUnits:
+    """The activations of a stage's `layers` blocks under --recompute-granularity/-method/-num-layers.
+
+    none        every block saves everything (`_layer_saved`).
+    selective   every block saves everything but the attention core's own tensors (`_attention_core_saved`).
+    full        uniform N: each consecutive group of N blocks (the stage's last may be shorter) keeps only
+                its input; in the backward one group is recomputed at a time and holds all its blocks'
+                saved tensors (their inputs but the first included) until its backward frees them.
+                block N: the first N blocks keep only their inputs, the others everything; by the time
+                the backward recomputes block N-1 the blocks after it have freed more than one block's
+                worth, so recompute adds nothing to the end of the forward, unless N is every block of
+                the stage: then one block (uniform 1).
+    The peak modelled is the end of the forward of every micro-batch in flight plus one recomputed unit:
+    an upper bound by what the backward has freed before that unit (the LM head's tensors on the last
+    stage, the later groups' inputs)."""
+    m, full = s.m, _layer_saved(s)
+    if m.recompute_granularity == "selective":
+        return LayerUnits(layers * (full - _attention_core_saved(s)), 0, layers, 0)
+    if m.recompute_granularity != "full":
+        return LayerUnits(layers * full, 0, layers, 0)
+    n = min(m.recompute_num_layers, layers)
+    if m.recompute_method == "uniform":
+        return LayerUnits(-(-layers // n) * _layer_input(s), n * full - _layer_input(s), 0, n)
+    if n < layers:
+        return LayerUnits(n * _layer_input(s) + (layers - n) * full, 0, layers - n, 0)
+    return LayerUnits(layers * _layer_input(s), full - _layer_input(s), 0, 1)
+
+
+def recompute_name(m: ModelConfig) -> str:
+    """The recompute config in a few words, e.g. 'full uniform 1', 'selective', 'none'."""
+    if m.recompute_granularity == "full":
+        return f"full {m.recompute_method} {m.recompute_num_layers}"
+    return m.recompute_granularity or "none"
 
 
 def _embedding_saved(s: Shapes) -> int:
@@ -299,45 +365,56 @@ def _head_saved(s: Shapes) -> int:
     return s.norm() + s.tokens * (s.m.hidden_size * s.act + FP32 + 2 * INT64)
 
 
-def _weight_copies(s: Shapes, last: bool) -> int:
-    """bf16 copies of fp32 weights autograd saves for one micro-batch under autocast: every block matrix,
-    and each LayerNorm's weight and bias (RMSNorm saves its fp32 weight itself); the embeddings save none."""
+def _weight_copies(s: Shapes, layers: int, final_norm: bool) -> int:
+    """bf16 copies of fp32 weights autograd saves under autocast for `layers` blocks (and the final norm):
+    every block matrix, and each LayerNorm's weight and bias (RMSNorm saves its fp32 weight itself); the
+    embeddings save none. A checkpointed block saves none; its recompute makes them again."""
     layer = sum(p.numel for p in layer_parameters(s.m, s.layout.tp) if p.matrix)
     norm = 0 if s.m.normalization == "RMSNorm" else 2 * s.m.hidden_size
-    return BF16 * ((layer + 2 * norm) * (s.m.num_layers // s.layout.pp) + (norm if last else 0))
+    return BF16 * ((layer + 2 * norm) * layers + (norm if final_norm else 0))
 
 
 @dataclass(frozen=True)
 class Activations:
     """Bytes of activations on one rank of a stage: `saved` and `weight_copies` per micro-batch, times the
-    micro-batches in flight, plus copies made once per step."""
-    saved: int  # what autograd saves for one micro-batch (and DeepSpeed's kept stage output)
+    micro-batches in flight, plus one recompute in the backward (`layer_units`) and copies made once per
+    step."""
+    saved: int  # what autograd saves for one micro-batch at the end of its forward (and DeepSpeed's kept
+    # stage output)
     weight_copies: int  # per micro-batch: bf16 casts of fp32 weights under --bf16 without DeepSpeed
+    recomputed: int  # what one recomputed block or group adds in the backward, its weight casts included
     step_copies: int  # once per step: the LM head's bf16 weight cast (same condition)
     in_flight: int
 
     @property
-    def total(self) -> int:
+    def end_of_forward(self) -> int:
+        """What the forwards in flight leave for their backwards, before any recompute."""
         return self.in_flight * (self.saved + self.weight_copies) + self.step_copies
+
+    @property
+    def total(self) -> int:
+        return self.end_of_forward + self.recomputed
 
 
 def activations(m: ModelConfig, vocab_size: int, layout: Layout, stage: int, micro_batch: int,
-                micro_batches: int, bf16: bool, deepspeed: bool, kernels: Kernels = CUDA,
-                recompute: str = "none") -> Activations:
-    """Activations of pipeline stage `stage` (one rank) with `micro_batches` per step per replica."""
+                micro_batches: int, bf16: bool, deepspeed: bool, kernels: Kernels = CUDA) -> Activations:
+    """Activations of pipeline stage `stage` (one rank) with `micro_batches` per step per replica, under
+    `m`'s recompute config."""
     s = Shapes(m, layout, micro_batch, BF16 if bf16 else FP32, kernels)
     first, last = stage == 0, stage == layout.pp - 1
-    saved = RECOMPUTE[recompute](s) * (m.num_layers // layout.pp)
+    units = layer_units(s, m.num_layers // layout.pp)
+    saved = units.saved
     if m.position_embedding_type == "rope":
         saved += 2 * m.seq_length * m.kv_channels * FP32  # the stage's cos and sin tables
     saved += (_embedding_saved(s) if first else 0) + (_head_saved(s) if last else 0)
     if deepspeed and layout.pp > 1 and not last:
         saved += s.rows * m.hidden_size * s.act
     casts = bf16 and not deepspeed
-    weight_copies = _weight_copies(s, last) if casts else 0
+    weight_copies = _weight_copies(s, units.layers_saved, last) if casts else 0
+    recomputed = units.recomputed + (_weight_copies(s, units.layers_recomputed, False) if casts else 0)
     step_copies = BF16 * vocab_size // layout.tp * m.hidden_size if casts and last else 0
     in_flight = min(layout.pp - stage, micro_batches)
-    return Activations(saved, weight_copies, step_copies, in_flight)
+    return Activations(saved, weight_copies, recomputed, step_copies, in_flight)
 
 
 # --------------------------------------------------------------------------------------------- estimate
@@ -360,14 +437,13 @@ class Estimate:
     zero_stage: int  # 0: our data parallelism
     bf16: bool
     micro_batches: int  # per step per replica
-    recompute: str
+    recompute: str  # `recompute_name`
     stages: list[StageEstimate]
     largest: StageEstimate  # the stage with the largest total
     by_zero_stage: dict[int, ModelStates]  # the largest stage's model states at each ZeRO stage modelled
 
 
-def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: Kernels = CUDA,
-             recompute: str = "none") -> Estimate:
+def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: Kernels = CUDA) -> Estimate:
     """Per-GPU memory of `cfg` on `world_size` GPUs; raises UserError where the layout does not fit (the
     checks every rank runs first) or the run is one this model does not cover."""
     dp = validate_layout(cfg, world_size)
@@ -386,9 +462,10 @@ def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: K
     stages = [StageEstimate(stage, sum(q.numel for q in params[stage]),
                             model_states(params[stage], zero_stage, dp, zero, p.ddp_bucket_size),
                             activations(m, vocab, layout, stage, t.micro_batch_size, micro_batches, t.bf16,
-                                        cfg.deepspeed.deepspeed, kernels, recompute))
+                                        cfg.deepspeed.deepspeed, kernels))
               for stage in range(layout.pp)]
     largest = max(stages, key=lambda stage: stage.total)
     by_zero_stage = {stage: model_states(params[largest.stage], stage, dp, zero, p.ddp_bucket_size)
                      for stage in ZERO_STAGES if stage == 0 or t.bf16}
-    return Estimate(layout, vocab, zero_stage, t.bf16, micro_batches, recompute, stages, largest, by_zero_stage)
+    return Estimate(layout, vocab, zero_stage, t.bf16, micro_batches, recompute_name(m), stages, largest,
+                    by_zero_stage)

@@ -1,0 +1,82 @@
+"""Smoke tests of the benchmark tools a GPU session runs first (tools/device_check.sh): each row kind of
+tools/bench_train_step.py at a tiny shape, its presets against the recipes they copy, and the device
+check's dry run. The numbers are not checked: on this CPU they only have to exist."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_eslm.config import parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import bench_train_step  # noqa: E402
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+        "--vocab-size", "128", "--micro-batch-size", "2", "--steps", "1", "--threads", "1", "--device", "cpu"]
+RECIPES = {"gpt2-124m": "gpt2_124m", "llama-1b": "llama_1b"}
+
+
+def table(out: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The markdown table's header, and its rows by variant name (the cells after the name)."""
+    lines = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
+    cells = [[cell.strip() for cell in line] for line in lines if "---" not in line[0]]
+    return cells[0][1:], {row[0]: row[1:] for row in cells[1:]}
+
+
+def test_train_step_rows(capsys):
+    """Every row kind, each ratio to the dense row of the same run; --peak-tflops gives the MFU column."""
+    bench_train_step.main([*TINY, "--alphas", "0.7", "--peak-tflops", "1.0"])
+    header, rows = table(capsys.readouterr().out)
+    assert list(rows) == ["dense", "eslm a=0.7 sketch-exact", "random a=0.7", "dense, optimizer fused",
+                          "dense, optimizer foreach", "dense, optimizer loop", "dense, recompute selective",
+                          "dense, recompute full uniform 1"]
+    column = {name: [cells[i] for cells in rows.values()] for i, name in enumerate(header)}
+    assert column["time vs dense"][0] == column["optimizer vs dense"][0] == "1.000"
+    assert float(column["kept"][1]) < 0.5 and float(column["executed FLOPs vs dense"][1]) < 1.0  # keep 0.3
+    assert all(float(mfu) > 0 for mfu in column["MFU"])
+    assert set(column["peak GiB"]) == {"-"}  # CUDA only
+
+
+def test_train_step_llama_preset_at_a_tiny_shape(capsys):
+    """The llama-1b preset keeps its Llama options under smaller sizes; no MFU without a known peak."""
+    bench_train_step.main([*TINY, "--preset", "llama-1b", "--num-query-groups", "2", "--ffn-hidden-size", "64",
+                           "--alphas", "--optimizer-impls", "--recompute", "full"])
+    out = capsys.readouterr().out
+    assert "heads 4 (2 query groups), ffn 64, Llama (rope, RMSNorm, SwiGLU, untied head, no biases)" in out
+    header, rows = table(out)
+    assert list(rows) == ["dense", "dense, recompute full uniform 1"]
+    assert rows["dense"][header.index("MFU")] == "-"
+
+
+@pytest.mark.parametrize("preset", sorted(bench_train_step.PRESETS))
+def test_presets_match_the_recipes(preset):
+    """A preset's model and micro-batch are its recipe's (dropout aside: the bench runs without)."""
+    recipe = parse_args(["--config", str(REPO / "examples" / RECIPES[preset] / "pretrain.json"), "--data-path", "x",
+                         "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--save", "x"])
+    args = bench_train_step.parse(["--preset", preset])
+    ours = dataclasses.asdict(bench_train_step.model_config(args))
+    theirs = dataclasses.asdict(recipe.model)
+    for values in (ours, theirs):
+        del values["hidden_dropout"], values["attention_dropout"]
+    assert ours == theirs
+    assert args.micro_batch_size == recipe.training.micro_batch_size
+
+
+def test_device_check_dry_run(tmp_path):
+    """The device check's steps, each with its timeout within the budget, into a report, running nothing."""
+    env = {**os.environ, "DEVICE_CHECK_DRY_RUN": "1", "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    subprocess.run(["bash", str(REPO / "tools" / "device_check.sh")], env=env, check=True, capture_output=True)
+    report = (tmp_path / "report.md").read_text()
+    steps = re.findall(r"^\| (\w+) \| dry run \(timeout (\d+) s\)", report, re.M)
+    assert [name for name, _ in steps] == ["env", "install", "cuda_tests", "gpt2_step_triton", "gpt2_step_torch",
+                                           "llama_step", "llama_memory", "quickstart", "quickstart_bf16",
+                                           "lm_head_bench"]
+    assert "tests/test_lm_head_triton.py" in report and "tests/test_host_syncs.py" in report
+    assert (tmp_path / "logs.tar.gz").exists()
