@@ -14,7 +14,9 @@ Besides: under --bf16 too (the recompute runs under the forward's autocast); the
 attention core twice per layer) and does not replay the LM head or its scoring pass; without the
 tracker's replay the runs differ; the state dict is the same (a checkpoint saved without recompute resumes
 with it exactly); fewer bytes are saved for the backward; the FLOPs model counts the recomputed matmuls;
-no host sync is added; bad flag combinations stop in one line. ZeRO-3 with full recompute:
+no host sync is added; bad flag combinations stop in one line; every other selection policy (random,
+Ada-ESLM, LFR, entropy scores, the exact and previous-step thresholds, eslm-kd, rho1) equals no
+recompute on one process under full recompute. ZeRO-3 with full recompute:
 tests/test_deepspeed.py.
 """
 from __future__ import annotations
@@ -120,6 +122,36 @@ def test_two_ranks_equal_no_recompute(tiny_corpus, tmp_path):
     for layout in LAYOUTS:
         check_against_none(tiny_corpus, {case: [r[(layout, *case)] for r in per_rank] for case in cases()}, layout,
                            LAYOUTS[layout][1])
+
+
+# Every other policy, the frozen-model ones included (their teacher or reference runs without gradients, so
+# outside any recomputed region): full recompute, which replays the most, against none on one process.
+OTHER_POLICIES = {name: argv for name, argv in POLICIES.items() if name not in ("dense", "eslm-sketch-exact")}
+
+
+@pytest.fixture(scope="module")
+def frozen_checkpoint(tiny_corpus, tmp_path_factory) -> str:
+    """A one-step checkpoint of this file's model: the teacher of eslm-kd and the reference of rho1."""
+    save = str(tmp_path_factory.mktemp("frozen") / "ckpt")
+    run([*dropout_flags(tiny_corpus, "--num-layers", str(LAYERS), "--selection", "none"), "--train-iters", "1",
+         "--lr-warmup-iters", "0", "--save", save])
+    return save
+
+
+@pytest.mark.parametrize("policy", [*OTHER_POLICIES, "eslm-kd", "rho1"])
+def test_every_policy_equals_no_recompute(tiny_corpus, frozen_checkpoint, policy):
+    """float32 logged numbers to 1e-6 and float64 parameters to 1e-12, dropout on (the policy's own
+    passes, e.g. LFR's table or Ada-ESLM's alpha, see the same scores with and without recompute)."""
+    torch.set_num_threads(1)
+    selection = OTHER_POLICIES.get(policy) or ["--selection", policy, "--teacher-load" if policy == "eslm-kd"
+                                                else "--reference-load", frozen_checkpoint]
+    results = {(variant, dtype): train([*dropout_flags(tiny_corpus, "--num-layers", str(LAYERS), *selection),
+                                        *VARIANTS[variant]], dtype)
+               for variant in ("none", "full-uniform") for dtype in DTYPES}
+    logged = record_difference(results[("full-uniform", torch.float32)], results[("none", torch.float32)])
+    params = parameter_difference(assemble([results[("full-uniform", torch.float64)]]),
+                                  assemble([results[("none", torch.float64)]]))
+    assert logged <= LOGGED_TOLERANCE and params <= PARAMETER_TOLERANCE, (policy, logged, params)
 
 
 # ----------------------------------------------------------------------------------------- what runs
