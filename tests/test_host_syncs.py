@@ -155,10 +155,14 @@ def test_counter_sees_each_kind_of_sync():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
 @pytest.mark.parametrize("name", ["dense", "eslm-sketch", "eslm-sketch-exact", "eslm-exact", "ada-eslm-grad-mass"])
-def test_cuda_step_passes_sync_debug_mode(tiny_corpus, name):
+@pytest.mark.parametrize("extra", [[], ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                        "--recompute-num-layers", "1", "--bf16"]],
+                         ids=["plain", "recompute-bf16"])
+def test_cuda_step_passes_sync_debug_mode(tiny_corpus, name, extra):
     """The same steps on a GPU under torch.cuda.set_sync_debug_mode("error"): any sync outside the
-    `host_syncs.inherent` blocks raises (tools/device_check.sh runs this)."""
-    trainer = Trainer(parse_args(flags(tiny_corpus, "--log-interval", "100", *POLICIES[name])))
+    `host_syncs.inherent` blocks raises (tools/device_check.sh runs this); also under full recompute in
+    bf16 (the recompute's RNG replay must not read the device either)."""
+    trainer = Trainer(parse_args(flags(tiny_corpus, "--log-interval", "100", *POLICIES[name], *extra)))
     loader = iter(trainer._loader(trainer.train_ds, len(trainer.train_ds), 0))
     batches = iter([next(loader) for _ in range((STEPS + 1) * trainer.num_micro_batches)])
     stats = trainer.train_step(batches)

@@ -1,6 +1,6 @@
 """--optimizer-impl: torch's fused, foreach and per-parameter (loop) AdamW compute the same update, to
 float32 round-off over a few steps and to 1e-12 in float64, alone and in a training run; auto picks fused
-on CUDA and loop on this CPU; a checkpoint keeps the kernels of the run that loads it."""
+on CUDA and foreach on this CPU; a checkpoint keeps the kernels of the run that loads it."""
 from __future__ import annotations
 
 import copy

@@ -9,12 +9,12 @@ DP2 is bitwise equal (the same sums of the same buckets); with TP or PP the sequ
 tied-embedding sums come after the data-parallel ones, which changes the rounding only.
 
 Every run with the flag also records its asynchronous all-reduces: each bucket is launched exactly once per
-step, every one of them inside the backward of the step's last micro-batch (after the one before it has
+step, in bucket order (so every data-parallel rank issues the same sequence), every one of them inside the
+backward of the step's last micro-batch (after the one before it has
 ended, before it ends): the LM head's weight included, whose gradient the head adds in place.
 """
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -112,7 +112,8 @@ def check_launches(events: list[tuple]) -> int:
             ends = [i for i, e in enumerate(step) if e[0] == "backward end"]
             launches = [i for i, e in enumerate(step) if e[0] == "launch"]
             assert len(ends) == GLOBAL_BATCH // REFERENCE_MICRO_BATCH, step  # micro-batches per rank
-            assert Counter(step[i][1] for i in launches) == Counter(buckets)  # each bucket once
+            # each bucket once, in index order: the same sequence on every data-parallel rank (NCCL's need)
+            assert [step[i][1] for i in launches] == buckets, step
             assert all(ends[-2] < i < ends[-1] for i in launches), step  # in the last backward
     return trainers
 

@@ -154,6 +154,17 @@ def test_every_policy_equals_no_recompute(tiny_corpus, frozen_checkpoint, policy
     assert logged <= LOGGED_TOLERANCE and params <= PARAMETER_TOLERANCE, (policy, logged, params)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA RNG replay (philox dropout in the fused "
+                    "attention kernels) needs a GPU")
+@pytest.mark.parametrize("variant", ["full-uniform", "selective"])
+def test_cuda_recompute_equals_none(tiny_corpus, variant):
+    """On a GPU in bf16 with dropout on (tools/device_check.sh runs this): torch restores the CUDA generator
+    and the tracker's CUDA streams for the recompute, so the fused attention kernels draw the same masks."""
+    runs = {name: train(run_flags(tiny_corpus, name, "eslm", "--bf16"), torch.float32) for name in ("none", variant)}
+    assert record_difference(runs[variant], runs["none"]) <= LOGGED_TOLERANCE
+    assert parameter_difference(assemble([runs[variant]]), assemble([runs["none"]])) <= LOGGED_TOLERANCE
+
+
 # ----------------------------------------------------------------------------------------- what runs
 
 @contextlib.contextmanager
@@ -207,6 +218,19 @@ def tiny_model(variant: str, **overrides) -> GPTModel:
                   recompute_num_layers=None if layers is None else int(layers))
     set_random_seeds(3, torch.device("cpu"))
     return GPTModel(finalize_model(ModelConfig(**values)), 64, init_seed=1)
+
+
+@pytest.mark.parametrize("variant", ["full-uniform", "selective"])
+def test_a_retained_graph_recomputes_again(variant):
+    """A second backward through a graph kept with retain_graph recomputes again, with the same masks: the
+    gradients double exactly (the replay context is entered once per recompute)."""
+    model = tiny_model(variant)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    hidden = model(tokens)
+    hidden.square().sum().backward(retain_graph=True)
+    once = [p.grad.clone() for p in model.parameters()]
+    hidden.square().sum().backward()
+    assert all(torch.equal(p.grad, 2 * g) for p, g in zip(model.parameters(), once))
 
 
 def test_checkpoint_saved_without_recompute_resumes_with_it(tiny_corpus, tmp_path):

@@ -52,6 +52,7 @@ from megatron_eslm.eslm.policies import ESLMPolicy, Policy, RandomPolicy
 from megatron_eslm.host_syncs import HostSyncCounter
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.model.lm_head import resolve_impl
+from megatron_eslm.training.memory import recompute_name
 from megatron_eslm.training.optimizer import build_optimizer
 from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
 from megatron_eslm.training.throughput import max_memory_allocated, mfu, peak_tflops, tflops_per_gpu
@@ -75,7 +76,7 @@ OPTIMIZER_IMPLS = ("fused", "foreach", "loop")
 # The recompute rows: their ModelConfig fields over the dense row's (which recomputes nothing).
 RECOMPUTE = {"selective": {"recompute_granularity": "selective"},
              "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
-RECOMPUTE_NAMES = {"selective": "selective", "full": "full uniform 1"}
+RECOMPUTE_NAMES = {kind: recompute_name(ModelConfig(**options)) for kind, options in RECOMPUTE.items()}
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@
 #   cuda_tests       the CUDA-only tests (the test files with a CUDA skipif, `-k "cuda or OnGPU"`): the compiled
 #                    Triton LM-head kernels against torch in bf16 and fp32, and training steps per policy under
 #                    torch.cuda.set_sync_debug_mode("error") (any host sync outside the inherent ones raises)
+#   lm_head_bench    tools/bench_lm_head_triton.py (quick shapes)
 #   gpt2_step_*      tools/bench_train_step.py at the GPT-2 124M shape in bf16: dense vs ESLM keep 0.3
 #                    (alpha 0.7, the three threshold modes) with MFU, Triton head, then torch head with the
 #                    AdamW implementations
@@ -24,7 +25,6 @@
 #   quickstart       the quickstart's data and a 20-iteration run on cuda (fp32), then quickstart_bf16: the
 #                    same model for 20 iterations with --bf16 --timing-log-level 1, printing its metrics
 #                    record (time_*_ms, tflops_per_gpu, mfu, max_memory_allocated)
-#   lm_head_bench    tools/bench_lm_head_triton.py (quick shapes)
 # A step that needs a python package the machine lacks says so and is skipped. The report gives each step's
 # command, exit status (124: its timeout) and time, and the end of its log; the whole logs are in
 # $OUT/logs.tar.gz. Record the numbers in docs/benchmarks.md with the device, the date and this command.
@@ -37,6 +37,7 @@ BUDGET=${DEVICE_CHECK_BUDGET_S:-510}
 ONLY=${DEVICE_CHECK_ONLY:-}  # step names to run (a rerun of some), default all
 MIN_STEP_S=20  # a step that could run less than this is not started
 WORK=$(mktemp -d)  # logs and the quickstart's data: never under $OUT (only a few files come back from it)
+trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT" "$WORK/logs"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHON="$PY" WORK
 START=$SECONDS
@@ -142,17 +143,22 @@ print(json.dumps(record, sort_keys=True, indent=1))
 wanted = ["time_forward_backward_ms", "time_optimizer_ms", "tflops_per_gpu", "mfu", "max_memory_allocated"]
 bad = [key for key in wanted if key not in record or (record[key] is None and torch.cuda.is_available())]
 print("missing or null: " + ", ".join(bad) if bad else ", ".join(wanted) + ": all set")
-sys.exit(1 if bad else 0)
+phases = sum(value for key, value in record.items() if key.startswith("time_") and key != "time_threshold_comm_ms")
+share = phases / record["iteration_time_ms"]
+print(f"phases add up to {share:.4f} of iteration_time_ms (must be within 5%)")
+sys.exit(1 if bad or abs(share - 1) > 0.05 else 0)
 EOF
 }
 export -f quickstart_bf16
 
 TESTS=$(grep -l "skipif(not torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')  # the CUDA-only tests' files
+[ -n "$TESTS" ] || TESTS=tests/test_lm_head_triton.py  # never the whole suite
 TRAIN_STEP=(tools/bench_train_step.py --bf16 --alphas 0.7)
 
 step env 30 "" bash -c environment
 step install 90 "pip setuptools" "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 step cuda_tests 150 "torch triton pytest sentencepiece megatron_eslm" "$PY" -m pytest -q -p no:cacheprovider $TESTS -k "cuda or OnGPU"
+step lm_head_bench 120 "torch triton megatron_eslm" "$PY" tools/bench_lm_head_triton.py
 step gpt2_step_triton 90 "torch triton megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl triton \
     --thresholds sketch sketch-exact exact --steps 10 --optimizer-impls --recompute
 step gpt2_step_torch 90 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl torch \
@@ -161,7 +167,5 @@ step llama_step 150 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llam
 step llama_memory 90 "torch megatron_eslm" "$PY" tools/bench_memory.py --preset llama-1b --bf16 --device cuda
 step quickstart 120 "torch sentencepiece megatron_eslm" "$PY" -m megatron_eslm.quickstart --output-dir "$WORK/quickstart" \
     --train-iters 20 --log-interval 5 --corpus-mb 1 --eval-iters 1 --generate-tokens 20
-step quickstart_bf16 60 "torch sentencepiece megatron_eslm" bash -c quickstart_bf16
-step lm_head_bench 120 "torch triton megatron_eslm" "$PY" tools/bench_lm_head_triton.py
+step quickstart_bf16 120 "torch sentencepiece megatron_eslm" bash -c quickstart_bf16
 echo "report: $OUT/report.md; logs: $OUT/logs.tar.gz"
-rm -rf "$WORK"

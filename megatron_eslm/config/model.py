@@ -149,15 +149,13 @@ def validate_recompute(m: ModelConfig) -> None:
     """Megatron's rules: full needs a method and a layer count, selective takes neither. Whether the count
     fits a pipeline stage is `validate_layout`'s check."""
     method, layers = m.recompute_method, m.recompute_num_layers
-    if m.recompute_granularity is None:
+    if m.recompute_granularity is not None:
+        one_of(m.recompute_granularity, RECOMPUTE_GRANULARITIES, "--recompute-granularity")
+    if m.recompute_granularity != "full":
         if method is not None or layers is not None:
             flag = "--recompute-method" if method is not None else "--recompute-num-layers"
-            raise UserError(f"{flag} needs --recompute-granularity full")
-        return
-    one_of(m.recompute_granularity, RECOMPUTE_GRANULARITIES, "--recompute-granularity")
-    if m.recompute_granularity == "selective":
-        if method is not None or layers is not None:
-            flag = "--recompute-method" if method is not None else "--recompute-num-layers"
+            if m.recompute_granularity is None:
+                raise UserError(f"{flag} needs --recompute-granularity full")
             raise UserError(f"{flag} is not supported with --recompute-granularity selective (it recomputes "
                             "the attention core of every layer)")
         return

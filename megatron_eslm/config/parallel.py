@@ -25,8 +25,8 @@ HELP = {
     "sequence_parallel": "with TP: shard norms and dropout along the sequence (all-gather/reduce-scatter)",
     "ddp_bucket_size": "gradient elements per data-parallel all-reduce bucket",
     "overlap_grad_reduce": "launch each bucket's data-parallel all-reduce from the last micro-batch's backward, "
-                           "as soon as its gradients are final, instead of after the backward (under "
-                           "--deepspeed: ZeRO-2/3's overlap_comm)",
+                           "as soon as its gradients are final, instead of after the backward (nothing to "
+                           "do without data parallelism; under --deepspeed: ZeRO-2/3's overlap_comm)",
     "distributed_timeout_minutes": "how long a collective, or a rank waiting while rank 0 alone writes a "
                                    "checkpoint or builds the index cache, may wait before the job fails",
 }

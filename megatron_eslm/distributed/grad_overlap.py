@@ -4,7 +4,9 @@ of the backward (Megatron's overlap_grad_reduce, torch DDP's reducer); `finish` 
 the gradient norm and the clipping. The earlier micro-batches only accumulate.
 
 Buckets are `grads.py`'s: --ddp-bucket-size elements of one dtype in reverse parameter order, so the last
-layers' buckets, whose gradients are final first, launch first. When a gradient is final:
+layers' buckets, whose gradients are final first, launch first; they launch strictly in that order (a
+bucket ready early waits for the ones before it), so every rank issues the same collectives in the same
+order, as NCCL requires, whatever order its hooks fire in. When a gradient is final:
 
   most parameters        autograd has accumulated it into `.grad`: torch's post-accumulate-grad hook.
   the tied embedding     on a single stage, the input embedding's gradient, accumulated by autograd at the
@@ -60,6 +62,7 @@ class OverlappedGradReducer:
                 param.register_post_accumulate_grad_hook(self._arrived)
         self._armed = False  # from the start of the step's last backward to `finish`
         self._waiting = [set(bucket) for bucket in self.buckets]
+        self._launched = 0  # buckets launched this step: always a prefix, in index order
         self._works: list[dist.Work] = []
 
     def launching(self, forward_step: ForwardStep, num_micro_batches: int) -> ForwardStep:
@@ -81,14 +84,15 @@ class OverlappedGradReducer:
             hidden.register_hook(lambda grad: self._arrived(self._head_weight))
 
     def finish(self) -> None:
-        """Launch what the backward did not (unused parameters), and wait for every sum."""
-        for index, waiting in enumerate(self._waiting):
-            if waiting:
-                self._launch(index)
+        """Launch what the backward did not (buckets with an unused parameter, and those after them), and
+        wait for every sum."""
+        while self._launched < len(self.buckets):
+            self._launch_next()
         for work in self._works:
             work.wait()
         self._armed = False
         self._waiting = [set(bucket) for bucket in self.buckets]
+        self._launched = 0
         self._works = []
 
     def _arm(self, grad: Tensor) -> None:
@@ -97,14 +101,17 @@ class OverlappedGradReducer:
     def _arrived(self, param: nn.Parameter) -> None:
         if not self._armed:
             return
-        index = self._bucket_of[param]
-        if param in self._waiting[index]:
-            self._waiting[index].remove(param)
-            if not self._waiting[index]:
-                self._launch(index)
+        self._waiting[self._bucket_of[param]].discard(param)
+        # In index order only: NCCL needs every rank to issue the same collectives in the same order, and
+        # the order hooks fire in may differ between ranks (an unused parameter holds its bucket and the
+        # ones after it back until `finish`).
+        while self._launched < len(self.buckets) and not self._waiting[self._launched]:
+            self._launch_next()
 
-    def _launch(self, index: int) -> None:
-        """One asynchronous SUM all-reduce of the bucket's gradients, which become views of its buffer."""
+    def _launch_next(self) -> None:
+        """One asynchronous SUM all-reduce of the next bucket's gradients, which become views of its buffer."""
+        index = self._launched
+        self._launched += 1
         self._waiting[index].clear()
         params = [p for p in self.buckets[index] if p.grad is not None]
         if not params:

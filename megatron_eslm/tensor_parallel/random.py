@@ -79,20 +79,25 @@ class RNGStatesTracker:
     def set_states(self, states: dict[str, Tensor]) -> None:
         self.states = {name: state.clone() for name, state in states.items()}
 
-    @contextlib.contextmanager
-    def replay(self, states: dict[str, Tensor]) -> Iterator[None]:
-        """Run a region from `states` (a `snapshot`), then put back the states it found. `fork` replaces a
-        stream's state tensor rather than writing into it, so a snapshot is a shallow copy of the dict:
-        no tensor is copied, and it stays valid for a second replay."""
-        live = self.states
-        self.states = dict(states)
-        try:
-            yield
-        finally:
-            self.states = live
-
     def snapshot(self) -> dict[str, Tensor]:
+        """The streams' states now. `fork` replaces a stream's state tensor rather than writing into it, so
+        a shallow copy of the dict is a snapshot: no tensor is copied."""
         return dict(self.states)
+
+
+class Replay:
+    """A context that runs its region from a tracker `snapshot`, then puts back the states it found.
+    Reusable (unlike a generator context manager): a graph kept with retain_graph recomputes again."""
+
+    def __init__(self, tracker: RNGStatesTracker, states: dict[str, Tensor]):
+        self.tracker, self.states = tracker, states
+        self.live: dict[str, Tensor] = {}
+
+    def __enter__(self) -> None:
+        self.live, self.tracker.states = self.tracker.states, dict(self.states)
+
+    def __exit__(self, *exc: object) -> None:
+        self.tracker.states = self.live
 
 
 _TRACKER = RNGStatesTracker()
@@ -105,7 +110,7 @@ def get_rng_tracker() -> RNGStatesTracker:
 def _replay_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """torch.utils.checkpoint's `context_fn`, called as the forward starts: nothing around the forward,
     the tracker's streams as they were then around the recompute."""
-    return contextlib.nullcontext(), _TRACKER.replay(_TRACKER.snapshot())
+    return contextlib.nullcontext(), Replay(_TRACKER, _TRACKER.snapshot())
 
 
 def checkpoint(function: Callable[..., Any], *args: Any) -> Any:

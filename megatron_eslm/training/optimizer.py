@@ -6,8 +6,8 @@ round-off, tests/test_optimizer_impl.py):
            CUDA and, in torch >= 2.4, CPU
   foreach  multi-tensor (`torch._foreach_*`) ops, step counts on the host
   loop     one parameter at a time: the reference
-  auto     fused on CUDA, foreach elsewhere. On CPU, fused is about 4x faster than foreach and loop,
-           but its round-off differs between ZeRO's flat partitions and our per-parameter tensors (the
+  auto     fused on CUDA, foreach elsewhere. On CPU, fused is faster too (0.65x foreach's optimizer
+           time in docs/benchmarks.md's CPU step table), but its round-off differs between ZeRO's flat partitions and our per-parameter tensors (the
            tiny Llama of tests/test_deepspeed.py then keeps one token more at the third step's ESLM
            threshold, and that test compares kept counts exactly); foreach computes what loop does, bit
            for bit.

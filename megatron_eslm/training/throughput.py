@@ -14,6 +14,7 @@ import torch
 # occurs in torch.cuda.get_device_name() wins, so the more specific names come first.
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),  # SXM
     ("H200", 989.0),
     ("A100", 312.0),

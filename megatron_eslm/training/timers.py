@@ -13,10 +13,11 @@ less what runs outside every phase (the log interval's stats reduction and recor
            threshold       the ESLM VaR threshold (`eslm/distributed_threshold.global_var_threshold`, every
                            policy's) and Ada-ESLM's gradient-mass count, with their collectives over the
                            selection group
-           grads_reduce    the gradient sums after the backward (`finalize_model_grads`; with
-                           --overlap-grad-reduce the wait for what the backward left unfinished, the
-                           overlapped part being in forward_backward; ZeRO-1's deferred reduction under
-                           DeepSpeed)
+           grads_reduce    the gradient sums after the backward (`finalize_model_grads`; ZeRO-1's
+                           deferred reduction under DeepSpeed). With --overlap-grad-reduce the data-parallel
+                           sums run under the backward: on CUDA the synchronisation that ends
+                           forward_backward waits for them too (it waits for every stream, NCCL's
+                           included), so they count in forward_backward and grads_reduce keeps the rest
            optimizer       gradient clipping and the optimizer step
            eval            an evaluation (its own data included)
            checkpoint      saving a checkpoint

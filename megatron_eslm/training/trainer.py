@@ -168,6 +168,7 @@ class Trainer:
         records = []
         start_iteration, start = self.iteration, time.perf_counter()
         interval, tic = None, time.perf_counter()
+        self._outside_steps = 0.0  # seconds of the interval spent on evaluations and checkpoints
         while self.iteration < t.train_iters:
             interval = self.train_step(batches, interval)
             self.iteration += 1
@@ -178,24 +179,32 @@ class Trainer:
                 records.append(record)
                 self.metrics.write(record)
                 self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
-                interval, tic = None, time.perf_counter()
-            if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
-                with timers.phase("eval"):
-                    self._log_eval()
+                interval, tic, self._outside_steps = None, time.perf_counter(), 0.0
             save = cfg.checkpoint
-            if save.save and ((save.save_interval and self.iteration % save.save_interval == 0)
-                              or self.iteration == t.train_iters):
-                with timers.phase("checkpoint"):
-                    self.save(save.save)
+            evaluate = self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters
+            checkpoint = save.save and ((save.save_interval and self.iteration % save.save_interval == 0)
+                                        or self.iteration == t.train_iters)
+            if evaluate or checkpoint:
+                outside = time.perf_counter()  # both end in a host read: their host time is their time
+                if evaluate:
+                    with timers.phase("eval"):
+                        self._log_eval()
+                if checkpoint:
+                    with timers.phase("checkpoint"):
+                        self.save(save.save)
+                self._outside_steps += time.perf_counter() - outside
         return records
 
     def _train_record(self, stats: StepStats, elapsed: float) -> dict:
         """A log interval's record: losses, kept fraction and threshold over all its tokens and micro-batches;
         times, FLOPs and throughput per iteration (means over its `iterations`); lr and grad norm of its last
-        step; this rank's peak memory in the interval; the phase times at --timing-log-level 1 or 2."""
+        step; this rank's peak memory in the interval; the phase times at --timing-log-level 1 or 2. Tokens/s
+        and TFLOP/s count the training steps' time: the interval's evaluations and checkpoints are left out
+        (they are in iteration_time_ms, and in time_eval_ms / time_checkpoint_ms)."""
         tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length * stats.steps
         flops = stats.flops(self.cfg.model, self.vocab_size)
-        tflops = throughput.tflops_per_gpu(flops.executed / stats.steps, elapsed / stats.steps, launch.world_size())
+        training = elapsed - self._outside_steps
+        tflops = throughput.tflops_per_gpu(flops.executed, training, launch.world_size())
         return {
             "iteration": self.iteration,
             "lm_loss": stats.loss_sum / max(stats.valid, 1),
@@ -204,7 +213,7 @@ class Trainer:
             "threshold": stats.threshold,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
-            "tokens_per_sec": tokens / elapsed,
+            "tokens_per_sec": tokens / training,
             "iteration_time_ms": 1000.0 * elapsed / stats.steps,
             "executed_flops": flops.executed / stats.steps,
             "dense_flops": flops.dense / stats.steps,
@@ -228,7 +237,7 @@ class Trainer:
                 f"kept loss {r['kept_loss']:.4f} | kept {r['kept_fraction']:.2f} | threshold {threshold} | "
                 f"lr {r['lr']:.2e} | grad norm {r['grad_norm']:.3f} | {r['tokens_per_sec']:.0f} tok/s | "
                 f"{r['tflops_per_gpu']:.3g} TFLOP/s per GPU"
-                + ("" if r["mfu"] is None else f" (MFU {100 * r['mfu']:.1f}%)")
+                + ("" if r["mfu"] is None else f" (MFU {100 * r['mfu']:.1f}% of bf16 peak)")
                 + f" | flops {r['executed_flops'] / r['dense_flops']:.3f}x dense"
                 + (f" | {r['nonfinite']} non-finite scores left out" if r["nonfinite"] else ""))
 
