@@ -32,6 +32,7 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "megatron-core>=0.12", "tokenizers>=0.19", "transformers>=4.45"],
         # What CI and the README's commands install: torch 2.13.0 is the CPU build on the CI machines.
         "ci": ["torch==2.13.0", "triton==3.9.0", "deepspeed==0.19.0", "pytest==9.2.0", "hypothesis==6.170.15",
-               "megatron-core==0.16.1", "tokenizers==0.23.3", "transformers==5.17.0"],
+               "megatron-core==0.16.1", "tokenizers==0.23.3", "transformers==5.17.0",
+               "matplotlib==3.11.2"],
     },
 )

@@ -49,6 +49,20 @@ def reset() -> None:
     calls_by_kind.clear()
 
 
+def field_name(kind: str) -> str:
+    """The metrics field of `kind`: "tp all-reduce" -> "comm_bytes_tp_all_reduce"."""
+    return "comm_bytes_" + kind.replace(" ", "_").replace("-", "_")
+
+
+def interval_bytes(iterations: int) -> dict[str, float]:
+    """This rank's payload per iteration (the mean over `iterations`) of every kind since the last call,
+    which resets the counters: the per-log-interval view of `bytes_by_kind`, as `Timers.interval_ms` is of
+    the phase times."""
+    out = {field_name(kind): bytes_by_kind[kind] / iterations for kind in KINDS}
+    reset()
+    return out
+
+
 def all_reduce(tensor: Tensor, group: dist.ProcessGroup | None, kind: str,
                op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
     """In place over `group`; returns `tensor`."""

@@ -13,7 +13,7 @@ from megatron_eslm import parallel_state
 from megatron_eslm.config import Config, validate_layout
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler
-from megatron_eslm.distributed import deepspeed_config, launch
+from megatron_eslm.distributed import collectives, deepspeed_config, launch
 from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine, partitioned_construction
 from megatron_eslm.distributed.grad_overlap import OverlappedGradReducer
 from megatron_eslm.distributed.grads import finalize_model_grads
@@ -164,6 +164,7 @@ class Trainer:
         steps since the previous one (every step is in exactly one record)."""
         cfg, t = self.cfg, self.cfg.training
         timers = install_timers(cfg.logging.timing_log_level, self.device)
+        collectives.reset()  # the records' comm_bytes_* (level 2) count this run's steps, not the setup's
         batches = timers.timed(iter(self._loader(self.train_ds, len(self.train_ds), self.consumed_samples)), "data")
         records = []
         start_iteration, start = self.iteration, time.perf_counter()
@@ -198,7 +199,8 @@ class Trainer:
     def _train_record(self, stats: StepStats, elapsed: float) -> dict:
         """A log interval's record: losses, kept fraction and threshold over all its tokens and micro-batches;
         times, FLOPs and throughput per iteration (means over its `iterations`); lr and grad norm of its last
-        step; this rank's peak memory in the interval; the phase times at --timing-log-level 1 or 2. Tokens/s
+        step; this rank's peak memory in the interval; the phase times at --timing-log-level 1 or 2, and at 2
+        this rank's communication bytes per iteration by collective kind (`distributed/collectives.py`). Tokens/s
         and TFLOP/s count the training steps' time: the interval's evaluations and checkpoints are left out
         (they are in iteration_time_ms, and in time_eval_ms / time_checkpoint_ms)."""
         tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length * stats.steps
@@ -227,6 +229,7 @@ class Trainer:
             "mfu": throughput.mfu(tflops, throughput.peak_tflops(self.device, self.cfg.logging.peak_tflops)),
             "max_memory_allocated": throughput.max_memory_allocated(self.device),
             **get_timers().interval_ms(stats.steps),
+            **(collectives.interval_bytes(stats.steps) if self.cfg.logging.timing_log_level >= 2 else {}),
         }
 
     def _console_line(self, r: dict, elapsed: float, start_iteration: int) -> str:

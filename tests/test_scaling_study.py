@@ -1,0 +1,103 @@
+"""tools/scaling_study.py end to end on 1 and 2 CPU ranks (gloo, through torchrun): every output file and
+column, the communication bytes the records carry at --timing-log-level 2, invalid points as rows, the
+projection next to the measurements, and a second call that reruns nothing."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import scaling_study  # noqa: E402
+
+OUTPUTS = ("scaling.csv", "scaling.md", "throughput.png", "breakdown.png", "selection.png", "projection.csv")
+
+
+def study_argv(corpus, out: Path, recipe: Path) -> list[str]:
+    prefix, model = corpus
+    return ["--config", str(recipe), "--world-sizes", "1", "2", "--layouts", "tp1pp1", "--micro-batch-sizes", "2",
+            "3", "--selections", "none", "eslm:0.5", "--scaling", "weak", "--warmup-iters", "1", "--timed-iters",
+            "1", "--project-to", "8", "--network", "cpu-gloo", "--out-dir", str(out), "--",
+            "--data-path", prefix, "--tokenizer-model", model]
+
+
+@pytest.fixture(scope="module")
+def study(tiny_corpus, tmp_path_factory):
+    """The study's output folder and argv: 4 points run (w1, w2 x none, eslm), micro-batch 3 invalid."""
+    tmp = tmp_path_factory.mktemp("scaling")
+    recipe = tmp / "pretrain.json"  # tests/helpers.py flags()'s model
+    recipe.write_text(json.dumps({"num-layers": 2, "hidden-size": 32, "num-attention-heads": 4, "seq-length": 32,
+                                  "micro-batch-size": 2, "global-batch-size": 8, "lr": 3e-3, "lr-warmup-iters": 2,
+                                  "split": "90,10,0", "num-workers": 0, "seed": 7}))
+    argv = study_argv(tiny_corpus, tmp / "out", recipe)
+    scaling_study.main(argv)
+    return tmp / "out", argv
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path) as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames), list(reader)
+
+
+def test_outputs_and_columns(study):
+    out, _ = study
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    columns, rows = read_csv(out / "scaling.csv")
+    assert columns == scaling_study.COLUMNS
+    assert len(rows) == 8
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["world_size"], r["selection"]) for r in ok} == {(w, s) for w in "12" for s in ("none", "eslm:0.5")}
+    assert all(r["micro_batch_size"] == "2" for r in ok)
+    for r in ok:
+        assert r["global_batch_size"] == str(8 * int(r["world_size"]))  # weak scaling
+        for column in ("tokens_per_sec", "tokens_per_sec_per_gpu", "tflops_per_gpu", "step_ms",
+                       *scaling_study.PHASE_FIELDS, *scaling_study.COMM_FIELDS, "kept_fraction",
+                       "scaling_efficiency", "predicted_step_ms", "projection_error"):
+            assert r[column] != "", (column, r)
+        assert float(r["tokens_per_sec_per_gpu"]) * int(r["world_size"]) == pytest.approx(float(r["tokens_per_sec"]))
+        assert r["mfu"] == "" and r["max_memory_allocated"] == ""  # CPU: no peak, no device memory
+        assert (r["heldout_error"] != "") == (r["world_size"] == "2")  # fitted on world 1, predicts world 2
+        if r["world_size"] == "1":
+            assert float(r["scaling_efficiency"]) == 1.0
+            assert all(float(r[c]) == 0.0 for c in scaling_study.COMM_FIELDS if c != "comm_bytes_metrics")
+        else:  # data parallel: gradient sums, and with ESLM the threshold's sketch
+            assert float(r["comm_bytes_dp_all_reduce"]) > 0
+            assert (float(r["comm_bytes_eslm_threshold"]) > 0) == (r["selection"] != "none")
+    invalid = [r for r in rows if r["status"] == "invalid"]
+    assert len(invalid) == 4 and all("--micro-batch-size 3" in r["message"] for r in invalid)
+    columns, projected = read_csv(out / "projection.csv")
+    assert {"world_size", "tp", "pp", "dp", "selection", "network", "step_ms", "tokens_per_sec",
+            *scaling_study.BREAKDOWN} <= set(columns)
+    assert {(r["world_size"], r["dp"], r["global_batch_size"], r["selection"]) for r in projected} == {
+        ("8", "8", "64", "none"), ("8", "8", "64", "eslm:0.5")}
+    markdown = (out / "scaling.md").read_text()
+    assert "## Throughput" in markdown and "## Projection (cpu-gloo)" in markdown and "invalid" in markdown
+
+
+def test_timed_iterations_are_one_record(study):
+    out, _ = study
+    for folder in (out / "points").iterdir():
+        if (folder / "metrics.jsonl").exists():
+            records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            assert [r["iterations"] for r in records] == [1, 1]  # warmup, then the timed iteration
+            assert json.loads((folder / "result.json").read_text())["record"] == records[-1]
+
+
+def test_a_second_call_reruns_nothing(study, monkeypatch, capsys):
+    out, argv = study
+    before = (out / "scaling.csv").read_text()
+    monkeypatch.setattr(scaling_study, "run_point", lambda *a: pytest.fail("a finished point ran again"))
+    scaling_study.main(argv)
+    assert (out / "scaling.csv").read_text() == before
+    assert "8/8" in capsys.readouterr().out
+
+
+def test_schedule_makes_the_timed_iterations_the_last_record():
+    assert scaling_study.schedule(0, 3) == (0, 3)
+    assert scaling_study.schedule(1, 3) == (3, 3)  # warmup rounded up to one interval
+    assert scaling_study.schedule(4, 2) == (4, 4)
