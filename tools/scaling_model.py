@@ -12,9 +12,9 @@ What is MEASURED (`fit`, from the runs' metrics records at --timing-log-level 2,
   data           time per micro-batch (time_data_ms / micro-batches of a rank), the calibration points' mean.
   optimizer      seconds per parameter a rank updates (time_optimizer_ms over `Setup.local_parameters`,
                  divided by DP under ZeRO), the calibration points' mean.
-  threshold      seconds per scored row (time_threshold_ms less time_threshold_comm_ms, over the rows a rank
-                 scores in a step: micro-batch x sequence x micro-batches), the mean over the calibration
-                 points with selection; 0 when none has.
+  threshold      seconds per scored row (time_threshold_ms, which at level 2 excludes its collectives,
+                 threshold_comm, over the rows a rank scores in a step: micro-batch x sequence x
+                 micro-batches), the mean over the calibration points with selection; 0 when none has.
   latency        `fit_latency`: the per-ring-step latency of the network the points ran on, least squares
                  over every measured point's step time (a micro-benchmark's latency undercounts a collective
                  inside a training run); the bandwidth stays the network's.
@@ -260,7 +260,7 @@ def fit(measured: list[tuple[Point, dict]], network: Network = NETWORKS["cpu-glo
         optimizer.append(r["time_optimizer_ms"] / 1e3 / slow / parameters)
         if p.selection != "none":
             rows += p.micro_batch_size * p.model.seq_length * p.micro_batches
-            threshold += (r["time_threshold_ms"] - r.get("time_threshold_comm_ms", 0.0)) / 1e3 / slow
+            threshold += r["time_threshold_ms"] / 1e3 / slow  # the timers are disjoint: no collectives in it
     return Calibration(seconds / flops, sum(data) / len(data), sum(optimizer) / len(optimizer),
                        threshold / rows if rows else 0.0,
                        tuple(f"world {p.world_size} tp{p.tp}pp{p.pp}dp{p.dp} {p.selection}" for p, _ in points))
@@ -311,7 +311,8 @@ def predict(point: Point, calibration: Calibration, network: Network) -> dict[st
         tp_comm = 0.0
         if point.tp > 1:
             payload = sum(volume[k] * factors[k] for k in (c.TP_ALL_REDUCE, c.TP_ALL_GATHER, c.TP_REDUCE_SCATTER))
-            tp_comm = _time(payload, 1.0, m * _tp_calls(point, stage), 2 * (point.tp - 1), links["tp"])
+            steps = (point.tp - 1) if point.sequence_parallel else 2 * (point.tp - 1)  # SP: gathers and scatters
+            tp_comm = _time(payload, 1.0, m * _tp_calls(point, stage), steps, links["tp"])
         pp_comm = 0.0
         if point.pp > 1:  # the rank waits for its receives as for its sends: both count
             moved = volume[c.PP_SEND] + volume[c.PP_RECV]

@@ -17,9 +17,12 @@ times and communication bytes are means over them): the log interval is max(warm
 is rounded up to it. Evaluation is off (--eval-iters 0). The numbers are rank 0's (the logging rank: the
 first pipeline stage), tokens/s and TFLOP/s are the whole job's.
 
-Resumable: each point leaves <out>/points/<point>/result.json; a point whose result is ok, oom or invalid
-is not rerun (a failed one is). OOM ("CUDA out of memory" / MemoryError in the log) is a row with status
-oom; other failures a row with status failed and the log's last error line.
+Resumable: each point leaves <out>/points/<point>/result.json with its pretrain flags; a rerun keeps a
+point whose result is ok or oom for the same flags (a changed recipe, flag or iteration count, or a failed
+point, runs again; whether a layout is invalid is checked afresh). OOM ("CUDA out of memory" / MemoryError
+in the log) is a row with status oom; other failures (a launcher that cannot start, a crash, a point past
+--point-timeout, whose whole process group is killed) a row with status failed and the log's last error
+line.
 
 Writes <out>/scaling.csv, scaling.md, throughput.png, breakdown.png, selection.png, and with --project-to
 projection.csv (the projected points, also drawn on throughput.png, dashed and hollow). docs/scaling.md
@@ -34,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,7 +57,7 @@ from megatron_eslm.training.progress import progress_bar  # noqa: E402
 from megatron_eslm.training.timers import PHASES  # noqa: E402
 from scaling_model import NETWORKS, Layout, Point, fit, fit_latency, predict  # noqa: E402
 
-FINAL = ("ok", "oom", "invalid")  # statuses a rerun keeps; "failed" points run again
+FINAL = ("ok", "oom")  # statuses a rerun of the same command keeps; "failed" points run again
 PHASE_FIELDS = [f"time_{name}_ms" for name in PHASES if name not in ("eval", "checkpoint")]
 COMM_FIELDS = [field_name(kind) for kind in KINDS]
 COLUMNS = ["world_size", "tp", "pp", "dp", "zero_stage", "micro_batch_size", "global_batch_size", "selection",
@@ -193,25 +197,52 @@ def last_error(log: str) -> str:
     return lines[-1][-300:] if lines else "no output"
 
 
-def run_point(args: argparse.Namespace, p: StudyPoint, folder: Path) -> dict:
-    """Launch one point; returns its result: status, message and (ok) its timed record."""
+def launch_argv(args: argparse.Namespace, p: StudyPoint, folder: Path) -> list[str]:
+    """The pretrain flags of point `p`, writing its metrics (and DeepSpeed config) into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
+    return point_argv(args, p, str(folder / "metrics.jsonl"), point_ds_config(args, folder))
+
+
+def execute(command: list[str], env: dict, timeout: float) -> tuple[str, int]:
+    """(output, return code) of `command`; past `timeout` its whole process group is killed (a launcher's
+    ranks too, which would otherwise run on into the next points)."""
+    try:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    except OSError as err:  # e.g. no deepspeed launcher on PATH
+        return f"cannot launch {command[0]}: {err}", -1
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return out, proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return f"{out}\ntimed out after {timeout} s", -1
+
+
+def read_records(metrics: Path) -> list[dict]:
+    """The training records of a metrics file; a line cut short by a killed run is left out."""
+    records = []
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if "split" not in r]
+
+
+def run_point(args: argparse.Namespace, p: StudyPoint, folder: Path, argv: list[str]) -> dict:
+    """Launch one point; returns its result: status, message and (ok) its timed record."""
     metrics = folder / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    argv = point_argv(args, p, str(metrics), point_ds_config(args, folder))
     env = dict(os.environ)
     if not torch.cuda.is_available():  # one thread a rank, as one GPU a rank (torchrun sets it only for N > 1)
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", "1")
     command = launch_command(p, argv)
-    try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.point_timeout)
-        log, returncode = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as err:
-        log, returncode = f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {args.point_timeout} s", -1
+    log, returncode = execute(command, env, args.point_timeout)
     (folder / "log.txt").write_text(" ".join(command) + "\n\n" + log)
-    records = ([json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else [])
-    records = [r for r in records if "split" not in r]
+    records = read_records(metrics)
     if returncode == 0 and records and records[-1]["iterations"] == args.timed_iters:
         return {"status": "ok", "message": "", "record": records[-1]}
     if OOM.search(log):
@@ -219,17 +250,30 @@ def run_point(args: argparse.Namespace, p: StudyPoint, folder: Path) -> dict:
     return {"status": "failed", "message": last_error(log) if returncode else "no timed record in the metrics"}
 
 
+def cached(path: Path, argv: list[str]) -> dict | None:
+    """A finished result of the same command (a changed recipe, flag or iteration count runs again)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("status") in FINAL and result.get("argv") == argv else None
+
+
 def measure(args: argparse.Namespace, points: list[tuple[StudyPoint, str | None]]) -> list[tuple[StudyPoint, dict]]:
     """Every point's result, from its result.json when a finished one is there."""
     results, start = [], time.perf_counter()
     for done, (p, reason) in enumerate(points, 1):
         path = Path(args.out_dir) / "points" / p.name / "result.json"
-        result = json.loads(path.read_text()) if path.exists() else None
-        if result is None or result["status"] not in FINAL:
-            result = ({"status": "invalid", "message": reason} if reason is not None
-                      else run_point(args, p, path.parent))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=1))
+        if reason is not None:  # checked on every run: never taken from an earlier one
+            result = {"status": "invalid", "message": reason}
+        else:
+            argv = launch_argv(args, p, path.parent)
+            result = cached(path, argv)
+            if result is None:
+                result = {**run_point(args, p, path.parent, argv), "argv": argv}
+                temporary = path.with_suffix(".tmp")
+                temporary.write_text(json.dumps(result, indent=1))
+                temporary.replace(path)
         results.append((p, result))
         if result["status"] == "ok":
             note = f"ok, {result['record']['tokens_per_sec']:.0f} tokens/s"
@@ -252,13 +296,19 @@ def row(p: StudyPoint, result: dict) -> dict:
 
 
 def add_efficiency(rows: list[dict], points: list[StudyPoint]) -> None:
-    """Tokens/s per GPU over that of the smallest world size of the same shape (layout, ZeRO stage, micro-batch,
-    selection): for strong and weak scaling alike, 1.0 is perfect scaling."""
+    """Tokens/s per GPU over the best of the smallest world size (any layout) with the same ZeRO stage,
+    micro-batch and selection: for strong and weak scaling alike, 1.0 is perfect scaling, and a layout that
+    first appears at a larger size is measured against the small run too."""
+    ok = [(p, r) for p, r in zip(points, rows) if r["status"] == "ok"]
     base: dict[tuple, float] = {}
-    for p, r in sorted(zip(points, rows), key=lambda pr: pr[0].world_size):
-        if r["status"] == "ok":
-            base.setdefault(p.shape, r["tokens_per_sec_per_gpu"])
-            r["scaling_efficiency"] = r["tokens_per_sec_per_gpu"] / base[p.shape]
+    smallest = min((p.world_size for p, _ in ok), default=0)
+    for p, r in ok:
+        if p.world_size == smallest:
+            key = (p.zero_stage, p.micro_batch_size, p.selection)
+            base[key] = max(base.get(key, 0.0), r["tokens_per_sec_per_gpu"])
+    for p, r in ok:
+        reference = base.get((p.zero_stage, p.micro_batch_size, p.selection))
+        r["scaling_efficiency"] = r["tokens_per_sec_per_gpu"] / reference if reference else None
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -284,11 +334,11 @@ def network(args: argparse.Namespace):
     if args.network not in NETWORKS:
         raise UserError(f"--network {args.network}: unknown; choose from {', '.join(sorted(NETWORKS))}")
     overrides = {"gpus_per_node": args.gpus_per_node,
-                 "intra_bandwidth": args.intra_bandwidth_gbps and args.intra_bandwidth_gbps * 1e9 / 8,
-                 "inter_bandwidth": args.inter_bandwidth_gbps and args.inter_bandwidth_gbps * 1e9 / 8,
-                 "intra_latency": args.intra_latency_us and args.intra_latency_us * 1e-6,
-                 "inter_latency": args.inter_latency_us and args.inter_latency_us * 1e-6}
-    return dataclasses.replace(NETWORKS[args.network], **{k: v for k, v in overrides.items() if v})
+                 "intra_bandwidth": None if args.intra_bandwidth_gbps is None else args.intra_bandwidth_gbps * 1e9 / 8,
+                 "inter_bandwidth": None if args.inter_bandwidth_gbps is None else args.inter_bandwidth_gbps * 1e9 / 8,
+                 "intra_latency": None if args.intra_latency_us is None else args.intra_latency_us * 1e-6,
+                 "inter_latency": None if args.inter_latency_us is None else args.inter_latency_us * 1e-6}
+    return dataclasses.replace(NETWORKS[args.network], **{k: v for k, v in overrides.items() if v is not None})
 
 
 def heldout(measured: list[tuple[StudyPoint, dict]], model_points: dict, results: dict, network) -> None:
@@ -325,6 +375,7 @@ def project(args: argparse.Namespace, points: list[StudyPoint], rows: list[dict]
     here = fit_latency(pairs, calibration, here)
     print(f"fitted latency of the measured network: {here.intra_latency * 1e6:.0f} us per ring step")
     for p, r in measured:
+        r["fitted_latency_us"] = here.intra_latency * 1e6  # for scaling.md (not a CSV column)
         r["predicted_step_ms"] = predict(model_points[p], calibration, here)["step_ms"]
         r["projection_error"] = r["predicted_step_ms"] / r["step_ms"] - 1
     heldout(measured, model_points, results, here)
@@ -384,7 +435,7 @@ def markdown(rows: list[dict], projected: list[dict]) -> str:
         heldout = [abs(r["heldout_error"]) for r in ok if r.get("heldout_error") is not None]
         parts += [f"\n\n## Projection ({projected[0]['network']})\n\n",
                   "Measured points, predicted on the network they ran on (cpu-gloo off CUDA, its latency fitted "
-                  f"to the points): mean |error| {100 * sum(errors) / len(errors):.1f}%, "
+                  f"to the points: {ok[0]['fitted_latency_us']:.0f} us per ring step): mean |error| {100 * sum(errors) / len(errors):.1f}%, "
                   f"max {100 * max(errors):.1f}%, {sum(e <= 0.3 for e in errors)} of {len(errors)} within 30%."
                   + (f" Held out (the largest world size, fitted on the smaller ones only): mean |error| "
                      f"{100 * sum(heldout) / len(heldout):.1f}%, max {100 * max(heldout):.1f}%." if heldout else "")
@@ -481,7 +532,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--selections", nargs="+", default=["none"], help="none or <policy>:<alpha>, e.g. eslm:0.5")
     p.add_argument("--scaling", choices=["strong", "weak"], default="strong",
                    help="strong: the recipe's global batch at every size; weak: it times world / smallest world")
-    p.add_argument("--warmup-iters", type=int, default=2, help="rounded up to a multiple of --timed-iters")
+    p.add_argument("--warmup-iters", type=int, default=2, help="raised to --timed-iters when smaller (the timed iterations must be one log interval)")
     p.add_argument("--timed-iters", type=int, default=3)
     p.add_argument("--point-timeout", type=float, default=1800.0, help="seconds before a point counts as failed")
     p.add_argument("--out-dir", required=True)
