@@ -52,7 +52,7 @@ from megatron_eslm.eslm.policies import ESLMPolicy, Policy, RandomPolicy
 from megatron_eslm.host_syncs import HostSyncCounter
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.model.lm_head import resolve_impl
-from megatron_eslm.training.memory import recompute_name
+from megatron_eslm.training.recompute import recompute_name
 from megatron_eslm.training.optimizer import build_optimizer
 from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
 from megatron_eslm.training.throughput import max_memory_allocated, mfu, peak_tflops, tflops_per_gpu

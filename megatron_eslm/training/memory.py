@@ -39,6 +39,7 @@ from megatron_eslm.config import Config, ModelConfig, validate_layout
 from megatron_eslm.distributed import deepspeed_config
 from megatron_eslm.errors import UserError
 from megatron_eslm.model.gpt import padded_vocab_size
+from megatron_eslm.training.recompute import layer_groups, recompute_name
 
 FP32, BF16, INT64 = 4, 2, 8
 # DeepSpeed 0.19's defaults for the ZeRO keys read here (deepspeed/runtime/zero/config.py); overlap_comm
@@ -334,21 +335,14 @@ def layer_units(s: Shapes, layers: int) -> LayerUnits:
     m, full = s.m, _layer_saved(s)
     if m.recompute_granularity == "selective":
         return LayerUnits(layers * (full - _attention_core_saved(s)), 0, layers, 0)
-    if m.recompute_granularity != "full":
+    recomputed = [group for group in layer_groups(m, layers) if group.recomputed]  # the model's own groups
+    if not recomputed:
         return LayerUnits(layers * full, 0, layers, 0)
-    n = min(m.recompute_num_layers, layers)
-    if m.recompute_method == "uniform":
-        return LayerUnits(-(-layers // n) * _layer_input(s), n * full - _layer_input(s), 0, n)
-    if n < layers:
-        return LayerUnits(n * _layer_input(s) + (layers - n) * full, 0, layers - n, 0)
-    return LayerUnits(layers * _layer_input(s), full - _layer_input(s), 0, 1)
-
-
-def recompute_name(m: ModelConfig) -> str:
-    """The recompute config in a few words, e.g. 'full uniform 1', 'selective', 'none'."""
-    if m.recompute_granularity == "full":
-        return f"full {m.recompute_method} {m.recompute_num_layers}"
-    return m.recompute_granularity or "none"
+    kept = layers - sum(len(group.layers) for group in recomputed)
+    if kept:  # block N < layers: the kept blocks free more than one recomputed block before its turn
+        return LayerUnits(len(recomputed) * _layer_input(s) + kept * full, 0, kept, 0)
+    largest = max(len(group.layers) for group in recomputed)
+    return LayerUnits(len(recomputed) * _layer_input(s), largest * full - _layer_input(s), 0, largest)
 
 
 def _embedding_saved(s: Shapes) -> int:

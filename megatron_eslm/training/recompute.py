@@ -56,6 +56,13 @@ def layer_groups(cfg: ModelConfig, num_layers: int) -> tuple[LayerGroup, ...]:
     return (*(LayerGroup(range(i, i + 1), True) for i in range(n)), *kept)
 
 
+def recompute_name(m: ModelConfig) -> str:
+    """The recompute config in a few words, e.g. 'full uniform 1', 'selective', 'none'."""
+    if m.recompute_granularity == "full":
+        return f"full {m.recompute_method} {m.recompute_num_layers}"
+    return m.recompute_granularity or "none"
+
+
 def configure(layers: nn.ModuleList, cfg: ModelConfig) -> tuple[LayerGroup, ...]:
     """Apply `cfg`'s recompute to a stage's transformer layers: selective wraps each layer's attention core;
     returns the groups `forward_layers` runs them in."""
