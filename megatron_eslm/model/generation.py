@@ -22,7 +22,8 @@ def generate(model: GPTModel, prompt: list[int], max_new_tokens: int, temperatur
         logits = logits / max(temperature, 1e-5)
         kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits[logits < kth] = float("-inf")
-        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        # Sampled on the host with a host generator: the same seed gives the same text on any device.
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator).to(device)
         ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
     model.train(was_training)
     return ids[0, len(prompt):].tolist()
