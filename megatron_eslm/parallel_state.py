@@ -19,7 +19,9 @@ the single-process code path never touches torch.distributed.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch.distributed as dist
 
@@ -92,6 +94,20 @@ def destroy_model_parallel() -> None:
 
 def layout() -> Layout:
     return _layout
+
+
+@contextlib.contextmanager
+def offline_layout(shard: Layout) -> Iterator[None]:
+    """The sizes and ranks of one shard of a layout, without process groups: the checkpoint tools build a
+    shard's model in one process to learn its parameter names, partition dims and optimizer order. Nothing
+    may communicate inside."""
+    global _layout, _groups
+    saved = _layout, _groups
+    _layout, _groups = shard, _Groups()
+    try:
+        yield
+    finally:
+        _layout, _groups = saved
 
 
 def tensor_model_parallel_size() -> int:

@@ -7,8 +7,9 @@ JOBS.json: [[name, kind, argv], ...], kind "train" (records and final validation
 job that also keeps this rank's parameters and layout, and records what DeepSpeed trains with: its
 optimizer, the parameters' dtypes and, after every backward, the dtypes of the tensors in which the step's
 gradients accumulate), "resume" (the straight and the resumed records of `test_parallel_training.resume`)
-or "init" (a ZeRO-3 trainer's parameters before any step, gathered, and the same model built without
-DeepSpeed, each with the names its optimizer decays).
+"init" (a ZeRO-3 trainer's parameters before any step, gathered, and the same model built without
+DeepSpeed, each with the names its optimizer decays) or "save" (a train job that saves its checkpoint in
+OUT_DIR/NAME, for the checkpoint tools).
 Each rank writes OUT_DIR/rankN.pt. (The launcher adds --local_rank=N, which LOCAL_RANK already says.)
 """
 from __future__ import annotations
@@ -91,6 +92,8 @@ def main(jobs_file: str, out_dir: str) -> None:
             results[name] = train_bf16(argv)
         elif kind == "init":
             results[name] = built(argv)
+        elif kind == "save":
+            results[name] = train([*argv, "--save", f"{out_dir}/{name}"], torch.float32)["records"]
         else:
             results[name] = resume(argv, f"{out_dir}/{name}-ckpt")
     torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")

@@ -2,7 +2,10 @@
 
 Fixtures live in conftest.py; these are plain functions the tests call with their own arguments.
 """
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -61,3 +64,35 @@ def straight_and_resumed(corpus, tmp_path, *common):
 def without_timing(records):
     """The records without their wall-clock fields, which differ between any two runs."""
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the model flags of the two shapes the checkpoint tools handle
+MODELS = {
+    "gpt2": [],
+    "llama": ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+              "--untie-embeddings-and-output-weights", "--disable-bias-linear", "--group-query-attention",
+              "--num-query-groups", "2"],
+}
+
+
+def launch_pretrain(corpus, tmp, ranks: int, layout: tuple[int, int], model: str, *extra: str) -> list[dict]:
+    """A tiny dense run without dropout (no randomness but the data order) on `ranks` gloo processes;
+    returns its training records."""
+    prefix, tokenizer = corpus
+    metrics = os.path.join(tmp, f"metrics-{len(os.listdir(tmp))}.jsonl")
+    argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "1",
+            "--data-path", prefix, "--tokenizer-model", tokenizer, "--split", "90,10,0",
+            "--eval-interval", "1000", "--eval-iters", "0", "--log-interval", "1", "--num-workers", "0",
+            "--seed", "7", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--make-vocab-size-divisible-by", "32",  # 320 tokens: 320 rows at TP1 and at TP2 alike
+            "--tensor-model-parallel-size", str(layout[0]), "--pipeline-model-parallel-size", str(layout[1]),
+            "--metrics-file", metrics, *MODELS[model], *extra]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                "--standalone"] if ranks > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    done = subprocess.run([*launcher, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [r for r in map(json.loads, open(metrics)) if "lm_loss" in r]

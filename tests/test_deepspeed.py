@@ -26,6 +26,7 @@ import torch
 
 from megatron_eslm.config import build_parser, parse_args, validate_layout
 from megatron_eslm.errors import UserError
+from megatron_eslm.generate import load_model
 from test_parallel_training import (COMPARED, GLOBAL_BATCH, LLAMA_FLAGS, REFERENCE_MICRO_BATCH, SELECTIONS, assemble,
                                     flags, layout_flags, micro_batch, relative, train, untimed)
 
@@ -54,6 +55,8 @@ INITS = {"gpt": [], "gpt bf16": ["--bf16"], "llama": LLAMA_FLAGS}
 # The Llama model trained under these ZeRO stages (None: our own data parallelism), ESLM, on DP2
 LLAMA_STAGES = (None, 1, 3)
 # Full activation recompute under ZeRO-3, whose module hooks must gather the parameters again for it
+# Checkpoints for the offline reader (megatron_eslm/checkpoint/deepspeed_reader.py): name -> ZeRO stage
+CHECKPOINTS = {"dp2": None, "zero1": 1, "zero2": 2, "zero3": 3}
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 
 
@@ -88,6 +91,7 @@ def launched(tiny_corpus, tmp_path_factory):
     jobs += [[f"llama zero{stage}", "train", [*run_flags(tiny_corpus, 1, 1, stage, "eslm-loss"), *LLAMA_FLAGS]]
              for stage in LLAMA_STAGES]
     jobs.append(["dp2 zero3 recompute", "train", [*run_flags(tiny_corpus, 1, 1, 3, "eslm-loss"), *RECOMPUTE]])
+    jobs += [[f"ckpt {name}", "save", run_flags(tiny_corpus, 1, 1, stage, "dense")] for name, stage in CHECKPOINTS.items()]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = launch([str(TESTS / "deepspeed_jobs.py"), str(tmp / "jobs.json"), str(tmp)], tmp)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -153,6 +157,35 @@ def test_deepspeed_checkpoints_resume_exactly(launched):
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in files and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in files
     stages = sorted(f for f in os.listdir(tmp / "resume pp2-zero1-ckpt" / "iter_0000002") if f.endswith("model_states.pt"))
     assert stages == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]  # one file per pipeline stage
+
+
+def test_reader_consolidates_zero_checkpoints(launched):
+    """The offline reader's whole tensors of a ZeRO 1-3 checkpoint (weights and AdamW moments, from the
+    data-parallel partitions) equal those of the same training under our own data parallelism, whose
+    checkpoint holds them whole; the ZeRO-3 one exports to transformers with the same logits."""
+    from megatron_eslm.checkpoint.reader import read_checkpoint
+
+    tmp, _ = launched
+    plain = read_checkpoint(str(tmp / "ckpt dp2"))
+    for name in ("zero1", "zero2", "zero3"):
+        zero = read_checkpoint(str(tmp / f"ckpt {name}"))
+        assert zero.model.keys() == plain.model.keys() and zero.optimizer_step == plain.optimizer_step
+        for key, value in plain.model.items():
+            torch.testing.assert_close(zero.model[key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+            for moment in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(zero.moments[key][moment], plain.moments[key][moment], rtol=1e-4,
+                                           atol=1e-9, msg=f"{name} {key} {moment}")
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(TESTS.parent / "tools"))
+    import export_hf
+
+    export_hf.main(["--load", str(tmp / "ckpt zero3"), "--output", str(tmp / "hf zero3")])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp / "hf zero3")).eval()
+    ours, full = load_model(str(tmp / "ckpt zero3"), None, "cpu")
+    tokens = torch.randint(0, full.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (ours.logits(ours(tokens))[..., :full.vocab_size] - theirs(tokens).logits).abs().max().item()
+    assert difference < 1e-5
 
 
 def test_bf16_accumulates_in_fp32_and_trains_like_fp32(launched, references):

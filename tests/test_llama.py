@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import flags, run, straight_and_resumed, without_timing
+from megatron_eslm.checkpoint import hf
 from megatron_eslm.config import ModelConfig, finalize_model
 from megatron_eslm.eslm.frozen_model import load_frozen_model
 from megatron_eslm.eslm.policies import ESLMPolicy
@@ -42,36 +43,16 @@ def tokens(batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- reference
 
 def to_transformers(model: GPTModel):
-    """transformers' LlamaForCausalLM holding our model's weights (fused QKV and gate/up split apart)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers' LlamaForCausalLM holding our model's weights (the export's mapping, checkpoint/hf.py)."""
+    from transformers import LlamaForCausalLM
 
-    cfg = model.cfg
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=model.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_query_groups, head_dim=cfg.kv_channels, rms_norm_eps=cfg.norm_epsilon,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rotary_base)},
-        attention_bias=False, mlp_bias=False, attn_implementation="eager")).eval()
-    per_group = cfg.num_attention_heads // cfg.num_query_groups
-    state = {"model.embed_tokens.weight": model.word_embeddings.weight,
-             "model.norm.weight": model.final_layernorm.weight, "lm_head.weight": model.output_layer.weight}
-    for i, layer in enumerate(model.layers):
-        qkv = layer.self_attention.query_key_value.weight.view(cfg.num_query_groups, per_group + 2, cfg.kv_channels, -1)
-        fc1 = layer.mlp.dense_h_to_4h.weight
-        prefix = f"model.layers.{i}."
-        state.update({
-            prefix + "self_attn.q_proj.weight": qkv[:, :per_group].reshape(-1, cfg.hidden_size),
-            prefix + "self_attn.k_proj.weight": qkv[:, per_group].reshape(-1, cfg.hidden_size),
-            prefix + "self_attn.v_proj.weight": qkv[:, per_group + 1].reshape(-1, cfg.hidden_size),
-            prefix + "self_attn.o_proj.weight": layer.self_attention.dense.weight,
-            prefix + "mlp.gate_proj.weight": fc1[0::2], prefix + "mlp.up_proj.weight": fc1[1::2],
-            prefix + "mlp.down_proj.weight": layer.mlp.dense_4h_to_h.weight,
-            prefix + "input_layernorm.weight": layer.input_layernorm.weight,
-            prefix + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight})
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    config = hf.hf_config(model.cfg, model.vocab_size)
+    config._attn_implementation = "eager"
+    ours = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    hf_model = LlamaForCausalLM(config).eval()
+    missing, unexpected = hf_model.load_state_dict(hf.to_hf_state(model.cfg, ours, model.vocab_size), strict=False)
     assert not unexpected and all("rotary" in name for name in missing), (missing, unexpected)
-    return hf
+    return hf_model
 
 
 @pytest.mark.parametrize("overrides", [{}, {"kv_channels": 16, "rotary_base": 500000}], ids=["llama", "kv16-base5e5"])

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from megatron_eslm.errors import UserError
 
 TITLE = "checkpointing"
+# Megatron's spelling, underscore included
+FLAG_NAMES = {"override_opt_param_scheduler": ("--override-opt_param-scheduler", "--override-opt-param-scheduler")}
 
 
 @dataclass
@@ -13,12 +15,24 @@ class CheckpointConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
+    finetune: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    override_opt_param_scheduler: bool = False
 
 
 HELP = {
     "save": "checkpoint directory to write",
     "load": "checkpoint directory to resume from",
     "save_interval": "save every N iterations (and at the end when --save is set)",
+    "finetune": "--load the model weights only: iteration, data position, optimizer, RNG and selection state "
+                "start afresh, and the learning-rate schedule runs from step 1 (continual pretraining, "
+                "re-warming: docs/continual.md)",
+    "no_load_optim": "--load everything but the optimizer: fresh AdamW moments",
+    "no_load_rng": "--load everything but the RNG states (seeded from --seed; any data-parallel size)",
+    "override_opt_param_scheduler": "take the learning-rate schedule from this run's flags where the "
+                                    "checkpoint's differ (otherwise a difference is an error), e.g. to branch "
+                                    "a WSD decay off a stable-phase checkpoint",
 }
 
 
@@ -27,3 +41,8 @@ def validate_checkpoint(ck: CheckpointConfig) -> None:
         raise UserError(f"--save-interval must be positive, got {ck.save_interval}")
     if ck.save_interval is not None and ck.save is None:
         raise UserError("--save-interval needs --save")
+    for used, flag in ((ck.finetune, "--finetune"), (ck.no_load_optim, "--no-load-optim"),
+                       (ck.no_load_rng, "--no-load-rng"),
+                       (ck.override_opt_param_scheduler, "--override-opt_param-scheduler")):
+        if used and ck.load is None:
+            raise UserError(f"{flag} needs --load")

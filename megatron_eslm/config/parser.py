@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 from typing import Sequence
 
-from megatron_eslm.config import deepspeed, model
+from megatron_eslm.config import checkpoint, deepspeed, model
 from megatron_eslm.config.tree import SECTIONS, Config
 from megatron_eslm.config.validation import finalize
 from megatron_eslm.errors import UserError, read_json_object
@@ -13,7 +13,7 @@ from megatron_eslm.errors import UserError, read_json_object
 # Flags that are not dataclass fields: the launcher's rank argument and the config file itself.
 _NON_CONFIG_DESTS = {"local_rank", "config"}
 # Fields with more than one flag spelling, the first naming the field.
-FLAG_NAMES = {**deepspeed.FLAG_NAMES, **model.FLAG_NAMES}
+FLAG_NAMES = {**deepspeed.FLAG_NAMES, **model.FLAG_NAMES, **checkpoint.FLAG_NAMES}
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -6,7 +6,7 @@ from megatron_eslm.config.checkpoint import validate_checkpoint
 from megatron_eslm.config.data import validate_data
 from megatron_eslm.config.deepspeed import validate_deepspeed
 from megatron_eslm.config.logging import validate_logging
-from megatron_eslm.config.model import finalize_model, validate_model
+from megatron_eslm.config.model import ModelConfig, finalize_model, validate_model
 from megatron_eslm.config.optimizer import validate_optimizer
 from megatron_eslm.config.parallel import validate_parallel
 from megatron_eslm.config.selection import validate_selection
@@ -52,19 +52,10 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         raise UserError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                         f"--pipeline-model-parallel-size {pp}")
     dp = world_size // (tp * pp)
-    if m.num_layers % pp:
-        raise UserError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    validate_model_split(m, tp, pp)
     if m.recompute_num_layers is not None and m.recompute_num_layers > m.num_layers // pp:
         raise UserError(f"--recompute-num-layers {m.recompute_num_layers} exceeds the {m.num_layers // pp} layers "
                         "of a pipeline stage")
-    if m.num_attention_heads % tp:
-        raise UserError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-                        f"--tensor-model-parallel-size {tp}")
-    if m.num_query_groups % tp:  # each rank holds whole key/value groups and the query heads that use them
-        raise UserError(f"--num-query-groups {m.num_query_groups} is not divisible by --tensor-model-parallel-size "
-                        f"{tp}")
-    if m.ffn_hidden_size % tp:
-        raise UserError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
                         f"{t.micro_batch_size} x data-parallel size {dp}")
@@ -79,3 +70,18 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if cfg.deepspeed.deepspeed:
         deepspeed_config.resolve(cfg, dp)  # a JSON that disagrees with the flags fails here, in one line
     return dp
+
+
+def validate_model_split(m: ModelConfig, tp: int, pp: int) -> None:
+    """Reject a tensor x pipeline split of this model's layers, heads, groups and MLP (also for the
+    checkpoint tools, which write layouts no run has launched yet)."""
+    if m.num_layers % pp:
+        raise UserError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if m.num_attention_heads % tp:
+        raise UserError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                        f"--tensor-model-parallel-size {tp}")
+    if m.num_query_groups % tp:  # each rank holds whole key/value groups and the query heads that use them
+        raise UserError(f"--num-query-groups {m.num_query_groups} is not divisible by --tensor-model-parallel-size "
+                        f"{tp}")
+    if m.ffn_hidden_size % tp:
+        raise UserError(f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")

@@ -220,9 +220,10 @@ class DeepSpeedEngine:
         root, tag = directory.rstrip("/").rsplit("/", 1)
         self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, directory: str) -> dict | None:
-        """Model, ZeRO optimizer partitions and client state from `directory`; None if DeepSpeed found no
-        checkpoint there."""
+    def load(self, directory: str, optimizer: bool = True) -> dict | None:
+        """Model, ZeRO optimizer partitions (with `optimizer`) and client state from `directory`; None if
+        DeepSpeed found no checkpoint there."""
         root, tag = directory.rstrip("/").rsplit("/", 1)
-        path, client_state = self.engine.load_checkpoint(root, tag=tag, load_lr_scheduler_states=False)
+        path, client_state = self.engine.load_checkpoint(root, tag=tag, load_lr_scheduler_states=False,
+                                                         load_optimizer_states=optimizer)
         return None if path is None else client_state

@@ -128,12 +128,12 @@ def save_checkpoint(root: str, iteration: int, state: dict, write: Writer = _wri
         write(tmp, {**state, "iteration": iteration, "rng": rng, "layout": _layout_sizes()})
     with launch.shared_outcome():
         if _is_rank_zero():
-            _publish(root, tmp, final, iteration, deepspeed_tag)
+            publish(root, tmp, final, iteration, deepspeed_tag)
     return final
 
 
-def _publish(root: str, tmp: str, final: str, iteration: int, deepspeed_tag: bool) -> None:
-    """Rank 0: move the complete `tmp` into place, then point the tracker(s) at it."""
+def publish(root: str, tmp: str, final: str, iteration: int, deepspeed_tag: bool = False) -> None:
+    """Rank 0 (or the offline writer): move the complete `tmp` into place, then point the tracker(s) at it."""
     if os.path.exists(final):  # re-saving an iteration: keep the old copy until the new one is in place
         old = f"{final}.old"
         os.replace(final, old)
@@ -167,11 +167,13 @@ def _read_shard(directory: str) -> dict:
         raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
 
 
-def load_checkpoint(root: str, read: Reader = _read_shard) -> dict | None:
-    """This rank's state of the latest checkpoint under `root` (its RNG states are restored here), or None
-    if there is none. `read(directory)` reads it (DeepSpeed's engine reads its own format), raising
-    FileNotFoundError(path) when this rank's file is not there. The layout must be the one it was saved
-    with."""
+def load_checkpoint(root: str, read: Reader = _read_shard, load_rng: bool = True) -> dict | None:
+    """This rank's state of the latest checkpoint under `root`, or None if there is none. `read(directory)`
+    reads it (DeepSpeed's engine reads its own format), raising FileNotFoundError(path) when this rank's
+    file is not there. The tensor and pipeline sizes must be the ones it was saved with
+    (`tools/reshape_checkpoint.py` changes them). The RNG states are restored with `load_rng` (then the
+    data-parallel size must match too: one state per replica); a checkpoint without them (written by the
+    offline tools) leaves the RNG as seeded, like a fresh run."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
@@ -180,8 +182,15 @@ def load_checkpoint(root: str, read: Reader = _read_shard) -> dict | None:
     except FileNotFoundError as err:  # the reader names the file this rank's shard should be in
         raise UserError(f"{err}: missing, although {os.path.join(root, TRACKER)} names iteration {iteration} "
                         "(saved with another parallel layout?)") from None
-    if state["layout"] != _layout_sizes():
-        saved = ", ".join(f"{k}={v}" for k, v in state["layout"].items())
-        raise UserError(f"--load {root}: saved with {saved}; resume with the same layout")
-    set_rng_state(state["rng"][parallel_state.data_parallel_rank()])
+    saved, current = state["layout"], _layout_sizes()
+    restore_rng = load_rng and "rng" in state
+    sizes = [key for key in current if key != "data_parallel_size" or restore_rng]
+    differing = [key for key in sizes if saved[key] != current[key]]
+    if differing:
+        shown = ", ".join(f"{key}={saved[key]}" for key in sizes)
+        hint = " (or --no-load-rng for another data-parallel size)" if differing == ["data_parallel_size"] else ""
+        raise UserError(f"--load {root}: saved with {shown}; resume with the same layout{hint}, or reshape it "
+                        "with tools/reshape_checkpoint.py")
+    if restore_rng:
+        set_rng_state(state["rng"][parallel_state.data_parallel_rank()])
     return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from megatron_eslm.config import OptimizerConfig
+from megatron_eslm.errors import UserError
 
 
 def learning_rate(cfg: OptimizerConfig, step: int) -> float:
@@ -30,3 +31,22 @@ def learning_rate(cfg: OptimizerConfig, step: int) -> float:
     if cfg.lr_decay_style == "linear":
         return min_lr + (max_lr - min_lr) * (1.0 - ratio)
     return min_lr + (max_lr - min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
+
+
+SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "lr_decay_style": "--lr-decay-style",
+                  "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_iters": "--lr-decay-iters",
+                  "lr_wsd_decay_iters": "--lr-wsd-decay-iters"}
+
+
+def schedule_flags(cfg: OptimizerConfig) -> dict:
+    """What a checkpoint records of the schedule (Megatron's OptimizerParamScheduler state)."""
+    return {key: getattr(cfg, key) for key in SCHEDULE_FLAGS}
+
+
+def check_schedule(root: str, saved: dict, cfg: OptimizerConfig) -> None:
+    """Megatron's rule: a resumed run keeps the checkpoint's schedule; a different one is refused unless
+    --override-opt_param-scheduler (checkpoints from before the schedule was recorded pass)."""
+    for key, flag in SCHEDULE_FLAGS.items():
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise UserError(f"--load {root}: the checkpoint's schedule has {flag} {saved[key]}, this run "
+                            f"{getattr(cfg, key)}; pass --override-opt_param-scheduler to use this run's schedule")

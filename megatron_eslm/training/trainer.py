@@ -24,7 +24,7 @@ from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import checkpointing, throughput
-from megatron_eslm.training.lr_schedule import learning_rate
+from megatron_eslm.training.lr_schedule import check_schedule, learning_rate, schedule_flags
 from megatron_eslm.training.metrics import MetricsWriter
 from megatron_eslm.training.optimizer import build_optimizer, load_optimizer_state
 from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
@@ -254,10 +254,11 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
     def save(self, root: str) -> str:
         state = {
-            "scheduler": {"num_steps": self.iteration},
+            "scheduler": {"num_steps": self.iteration, **schedule_flags(self.cfg.optimizer)},
             "consumed_samples": self.consumed_samples,
             "config": self.cfg.to_dict(),
             "policy": self.policy.state_dict() if self.policy is not None else {},
+            "vocab_size": self.tokenizer.vocab_size,  # the offline tools cut the padding rows with it
         }
         if self.engine is None:
             path = checkpointing.save_checkpoint(root, self.iteration, {
@@ -269,28 +270,42 @@ class Trainer:
         return path
 
     def _load(self, root: str) -> None:
+        """Resume from `root`, or with --finetune take only its weights; --no-load-optim and --no-load-rng
+        leave the moments and the RNG fresh (docs/continual.md)."""
+        ck = self.cfg.checkpoint
+        load_rng, load_optim = not (ck.finetune or ck.no_load_rng), not (ck.finetune or ck.no_load_optim)
         try:
             if self.engine is None:
-                state = checkpointing.load_checkpoint(root)
+                state = checkpointing.load_checkpoint(root, load_rng=load_rng)
                 if state is not None:
                     self.model.load_state_dict(state["model"])
-                    load_optimizer_state(self.optimizer, state["optimizer"])
+                    if load_optim and "optimizer" not in state:
+                        raise UserError(f"--load {root}: the checkpoint holds weights only (written by an offline "
+                                        "tool); load it with --finetune or --no-load-optim")
+                    if load_optim:
+                        load_optimizer_state(self.optimizer, state["optimizer"])
             else:
-                state = checkpointing.load_checkpoint(root, read=self._read_deepspeed)
+                state = checkpointing.load_checkpoint(
+                    root, read=lambda directory: self._read_deepspeed(directory, load_optim), load_rng=load_rng)
         except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise UserError(f"--load {root}: checkpoint does not fit this model ({first})") from None
         if state is None:
             self.log(f"no checkpoint under --load {root}; starting from scratch")
             return
+        if ck.finetune:
+            self.log(f"--finetune: the weights of {root} (iteration {state['iteration']}), from iteration 0")
+            return
+        if not ck.override_opt_param_scheduler:
+            check_schedule(root, state.get("scheduler", {}), self.cfg.optimizer)
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
         if self.policy is not None and state.get("policy"):  # alpha of ada-eslm, table of lfr
             self.policy.load_state_dict(state["policy"])
         self.log(f"resumed from {root} at iteration {self.iteration} ({self.consumed_samples} samples)")
 
-    def _read_deepspeed(self, directory: str) -> dict:
-        state = self.engine.load(directory)
+    def _read_deepspeed(self, directory: str, optimizer: bool) -> dict:
+        state = self.engine.load(directory, optimizer)
         if state is None or "layout" not in state:
             raise UserError(f"--load {directory}: no DeepSpeed checkpoint of this run there (saved without "
                             "--deepspeed?)")

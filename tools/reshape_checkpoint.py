@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Re-shard a checkpoint for another tensor x pipeline layout, optimizer moments included, so that training
+continues on the new layout exactly as a fresh run on it would from those weights and moments.
+
+    python tools/reshape_checkpoint.py --load ckpt --save ckpt_tp1 \\
+        --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1
+
+Reads any layout of ours or a DeepSpeed ZeRO 1-3 checkpoint; writes ours (megatron_eslm/checkpoint/). The
+result keeps the iteration, data position, schedule and selection state, but no RNG states: it resumes
+with any data-parallel size, its RNG seeded from --seed. Where the new tensor-parallel size pads the
+vocabulary differently, the padding rows (which the LM head's softmax includes) are cut or zero-filled.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_eslm.checkpoint.reader import read_checkpoint
+from megatron_eslm.checkpoint.writer import write_checkpoint
+from megatron_eslm.config.parser import OneLineParser
+from megatron_eslm.errors import exit_on_user_error
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)
+    parser.add_argument("--load", required=True, help="checkpoint directory to read (its --save)")
+    parser.add_argument("--iteration", type=int, help="iteration to read; default: the latest")
+    parser.add_argument("--save", required=True, help="directory to write the reshaped checkpoint to")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    full = read_checkpoint(args.load, args.iteration)
+    path = write_checkpoint(full, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    moments = "with" if full.moments is not None else "without"
+    print(f"wrote {path}: iteration {full.iteration}, TP {args.tensor_model_parallel_size} x PP "
+          f"{args.pipeline_model_parallel_size}, {moments} optimizer moments")
+
+
+if __name__ == "__main__":
+    main()
