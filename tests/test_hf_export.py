@@ -4,6 +4,7 @@ logits (fp32, 1e-5) and the same greedy continuation; importing the export gives
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -47,6 +48,16 @@ def test_export_matches_transformers_and_imports_back(tiny_corpus, tmp_path, mod
     expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
                                attention_mask=torch.ones(1, 8, dtype=torch.long))[0, 8:].tolist()
     assert greedy == expected
+    if model == "gpt2":  # the command line prints the same greedy continuation, without the prompt
+        from megatron_eslm.tokenizer import build_tokenizer
+        tokenizer = build_tokenizer("SentencePieceTokenizer", tiny_corpus[1])
+        text = "the quick brown fox"
+        done = subprocess.run([sys.executable, "-m", "megatron_eslm.generate", "--load", ckpt, "--prompt", text,
+                               "--max-new-tokens", "10", "--greedy", "--device", "cpu"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        want = generate(ours, tokenizer.tokenize(text), 10, greedy=True, vocab_limit=vocab)
+        assert done.stdout.rstrip("\n") == tokenizer.detokenize(want)
 
     imported = str(tmp_path / "imported")
     import_hf.main(["--input", out, "--save", imported, "--tensor-model-parallel-size", "2"])
