@@ -11,7 +11,7 @@ from torch import Tensor
 from megatron_eslm import parallel_state
 from megatron_eslm.checkpoint.full_state import VOCAB_ROWS, FullCheckpoint
 from megatron_eslm.checkpoint.reader import MOMENTS
-from megatron_eslm.checkpoint.shards import TIED_COPY, miniature, shard_spec
+from megatron_eslm.checkpoint.shards import miniature, shard_spec
 from megatron_eslm.config.validation import validate_model_split
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
 from megatron_eslm.parallel_state import Layout
@@ -36,12 +36,14 @@ def write_checkpoint(full: FullCheckpoint, root: str, tensor_model_parallel_size
     tmp = f"{final}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    if with_optimizer:
+        moments = {key: {name: value[key] for name, value in full.moments.items()} for key in MOMENTS}
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             spec = shard_spec(cfg.model, tp, pp, tp_rank, pp_rank)
 
             def shard(tensors: dict[str, Tensor], name: str) -> Tensor:
-                canonical = TIED_COPY if spec.has_tied_copy and name == TIED_COPY else spec.canonical(name)
+                canonical = spec.canonical(name)  # the tied copy too: it is the one word embedding
                 whole = vocab_rows(tensors[canonical], rows) if canonical in VOCAB_ROWS else tensors[canonical]
                 dim = spec.partition_dims.get(name)
                 return (whole if dim is None else whole.chunk(tp, dim)[tp_rank]).clone()
@@ -53,7 +55,6 @@ def write_checkpoint(full: FullCheckpoint, root: str, tensor_model_parallel_size
                      "layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                                 "data_parallel_size": None}}
             if with_optimizer:
-                moments = {key: {name: value[key] for name, value in full.moments.items()} for key in MOMENTS}
                 step = torch.tensor(float(full.optimizer_step or 0))
                 state["optimizer"] = {
                     "state": {index: {"step": step.clone(), **{key: shard(moments[key], name) for key in MOMENTS}}
