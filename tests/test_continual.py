@@ -1,8 +1,11 @@
 """Continual pretraining flags (docs/continual.md): --finetune loads the weights only and restarts the
 counters and the schedule; --no-load-optim keeps them but starts fresh moments; a changed schedule is
-refused unless --override-opt_param-scheduler; a WSD decay branched off a stable-phase checkpoint equals
-the uninterrupted WSD run."""
+refused unless --override-opt_param-scheduler; a loaded run re-warms at its own iteration
+(--lr-schedule-start-iter, --lr-warmup-init) exactly by the formula; a WSD decay branched off a stable-phase
+checkpoint equals the uninterrupted WSD run."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -55,6 +58,24 @@ def test_changed_schedule_needs_override(tiny_corpus, stable):
     assert [r["lr"] for r in records] == [learning_rate(trainer.cfg.optimizer, step) for step in (4, 5, 6)]
 
 
+def test_rewarm_at_the_loaded_iteration_follows_the_formula(tiny_corpus, stable):
+    """Loaded at iteration 3 with its moments: warm up from 3e-4 to 1e-3 over iterations 4-5, then cosine
+    to 1e-4 at iteration 7, the rates written out by hand."""
+    save, _ = stable
+    rewarm = ["--train-iters", "7", "--override-opt_param-scheduler", "--lr-schedule-start-iter", "3",
+              "--lr-warmup-init", "3e-4", "--lr-warmup-iters", "2", "--lr", "1e-3", "--min-lr", "1e-4"]
+    trainer = loaded(tiny_corpus, save, *rewarm)
+    assert trainer.optimizer.state  # the moments are the checkpoint's
+    lrs = [r["lr"] for r in trainer.train() if "lm_loss" in r]
+    trainer.close()
+    cosine = 1e-4 + 9e-4 * 0.5 * (math.cos(math.pi * 0.5) + 1.0)
+    assert lrs == pytest.approx([3e-4 + 7e-4 / 2, 1e-3, cosine, 1e-4], rel=1e-12, abs=0)
+    assert lrs == [learning_rate(trainer.cfg.optimizer, step) for step in (4, 5, 6, 7)]
+    with pytest.raises(UserError, match="--lr-schedule-start-iter 4 is after the iteration this run starts from, 3"):
+        loaded(tiny_corpus, save, "--train-iters", "7", "--override-opt_param-scheduler",
+               "--lr-schedule-start-iter", "4")
+
+
 def test_wsd_decay_branch_equals_the_uninterrupted_run(tiny_corpus, tmp_path):
     """A stable phase planned to decay at iteration 17 (of --lr-decay-iters 20), its checkpoint of
     iteration 4 branched into a decay over iterations 6-8: the same records and weights as one WSD run
@@ -72,6 +93,12 @@ def test_wsd_decay_branch_equals_the_uninterrupted_run(tiny_corpus, tmp_path):
         assert torch.equal(branch.model.state_dict()[k], v), k
 
 
-def test_loading_flags_need_load(tiny_corpus):
-    with pytest.raises(UserError, match="--finetune needs --load"):
-        parse_args(flags(tiny_corpus, "--finetune"))
+@pytest.mark.parametrize("bad, message", [
+    (["--finetune"], "--finetune needs --load"),
+    (["--lr-warmup-init", "1"], r"--lr-warmup-init 1.0 must be in \[0, --lr 0.003\]"),
+    (["--lr-schedule-start-iter", "6"], r"--lr-schedule-start-iter 6 must be in \[0, --lr-decay-iters 6\)"),
+    (["--lr-schedule-start-iter", "5"], "--lr-warmup-iters 2 must be in"),
+])
+def test_bad_flags_are_refused_in_one_line(tiny_corpus, bad, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(flags(tiny_corpus, *bad))

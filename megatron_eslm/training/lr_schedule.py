@@ -1,8 +1,11 @@
 """Learning-rate schedules (Megatron's OptimizerParamScheduler semantics), as a pure function of the step.
 
-Linear warmup from 0 to --lr over --lr-warmup-iters, then over the remaining --lr-decay-iters:
-cosine or linear decay to --min-lr, constant, or warmup-stable-decay (WSD: hold --lr, then decay
-linearly to --min-lr over the last --lr-wsd-decay-iters). After --lr-decay-iters the rate is --min-lr.
+Linear warmup from --lr-warmup-init (default 0) to --lr over --lr-warmup-iters, then up to iteration
+--lr-decay-iters: cosine or linear decay to --min-lr, constant, or warmup-stable-decay (WSD: hold --lr,
+then decay linearly to --min-lr over the last --lr-wsd-decay-iters). After --lr-decay-iters the rate is
+--min-lr. The warmup starts after iteration --lr-schedule-start-iter (default 0): a loaded run re-warms at
+its own iteration and decays over its new budget (docs/continual.md); with the defaults the rates are the
+ones this module always gave.
 """
 from __future__ import annotations
 
@@ -15,19 +18,22 @@ from megatron_eslm.errors import UserError
 def learning_rate(cfg: OptimizerConfig, step: int) -> float:
     """Rate used by optimizer step number `step` (1-based)."""
     max_lr, min_lr, warmup, decay = cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters
-    if warmup > 0 and step <= warmup:
-        return max_lr * step / warmup
+    origin, init = cfg.lr_schedule_start_iter, cfg.lr_warmup_init
+    if warmup > 0 and step - origin <= warmup:
+        return init + (max_lr - init) * (step - origin) / warmup
     if cfg.lr_decay_style == "constant":
         return max_lr
     if step > decay:
         return min_lr
     if cfg.lr_decay_style == "WSD":
-        wsd = cfg.lr_wsd_decay_iters if cfg.lr_wsd_decay_iters is not None else max(1, (decay - warmup) // 10)
+        wsd = cfg.lr_wsd_decay_iters
+        if wsd is None:
+            wsd = max(1, (decay - origin - warmup) // 10)
         start = decay - wsd
         if step <= start:
             return max_lr
         return min_lr + (max_lr - min_lr) * (decay - step) / max(wsd, 1)
-    ratio = (step - warmup) / max(decay - warmup, 1)
+    ratio = (step - origin - warmup) / max(decay - origin - warmup, 1)
     if cfg.lr_decay_style == "linear":
         return min_lr + (max_lr - min_lr) * (1.0 - ratio)
     return min_lr + (max_lr - min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
@@ -35,7 +41,8 @@ def learning_rate(cfg: OptimizerConfig, step: int) -> float:
 
 SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr", "lr_decay_style": "--lr-decay-style",
                   "lr_warmup_iters": "--lr-warmup-iters", "lr_decay_iters": "--lr-decay-iters",
-                  "lr_wsd_decay_iters": "--lr-wsd-decay-iters"}
+                  "lr_wsd_decay_iters": "--lr-wsd-decay-iters", "lr_warmup_init": "--lr-warmup-init",
+                  "lr_schedule_start_iter": "--lr-schedule-start-iter"}
 
 
 def schedule_flags(cfg: OptimizerConfig) -> dict:

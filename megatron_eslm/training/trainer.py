@@ -82,6 +82,9 @@ class Trainer:
             self.tokenizer.vocab_size)
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
+        if self.iteration < cfg.optimizer.lr_schedule_start_iter:  # its warmup would start in the past
+            raise UserError(f"--lr-schedule-start-iter {cfg.optimizer.lr_schedule_start_iter} is after the iteration "
+                            f"this run starts from, {self.iteration} (set it to the loaded iteration to re-warm there)")
         self.metrics = MetricsWriter(cfg.logging.metrics_file if self.is_logging_rank else None,
                                      cfg.logging.tensorboard_dir if self.is_logging_rank else None)
 
