@@ -282,10 +282,10 @@ class Trainer:
                 state = checkpointing.load_checkpoint(root, load_rng=load_rng)
                 if state is not None:
                     self.model.load_state_dict(state["model"])
-                    if load_optim and "optimizer" not in state:
-                        raise UserError(f"--load {root}: the checkpoint holds weights only (written by an offline "
-                                        "tool); load it with --finetune or --no-load-optim")
                     if load_optim:
+                        if "optimizer" not in state:
+                            raise UserError(f"--load {root}: the checkpoint holds weights only (written by an "
+                                            "offline tool); load it with --finetune or --no-load-optim")
                         load_optimizer_state(self.optimizer, state["optimizer"])
             else:
                 state = checkpointing.load_checkpoint(
