@@ -5,10 +5,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from megatron_eslm.config import checkpoint, data, deepspeed, logging, model, optimizer, parallel, selection, training
+from megatron_eslm.config import (checkpoint, data, deepspeed, faults, logging, model, optimizer, parallel, selection,
+                                  training)
 from megatron_eslm.config.checkpoint import CheckpointConfig
 from megatron_eslm.config.data import DataConfig
 from megatron_eslm.config.deepspeed import DeepSpeedSection
+from megatron_eslm.config.faults import FaultsConfig
 from megatron_eslm.config.logging import LoggingConfig
 from megatron_eslm.config.model import ModelConfig
 from megatron_eslm.config.optimizer import OptimizerConfig
@@ -27,6 +29,7 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def to_dict(self) -> dict:
@@ -50,5 +53,6 @@ SECTIONS = tuple(Section(name, module.TITLE, cls, module.HELP) for name, module,
     ("selection", selection, SelectionConfig),
     ("logging", logging, LoggingConfig),
     ("checkpoint", checkpoint, CheckpointConfig),
+    ("faults", faults, FaultsConfig),
     ("deepspeed", deepspeed, DeepSpeedSection),
 ))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from megatron_eslm.config.checkpoint import validate_checkpoint
 from megatron_eslm.config.data import validate_data
 from megatron_eslm.config.deepspeed import validate_deepspeed
+from megatron_eslm.config.faults import validate_faults
 from megatron_eslm.config.logging import validate_logging
 from megatron_eslm.config.model import ModelConfig, finalize_model, validate_model
 from megatron_eslm.config.optimizer import validate_optimizer
@@ -39,6 +40,7 @@ def validate(cfg: Config) -> None:
     validate_data(cfg.data)
     validate_parallel(cfg.parallel)
     validate_checkpoint(cfg.checkpoint)
+    validate_faults(cfg.faults)
     validate_deepspeed(cfg.deepspeed)
 
 

@@ -24,6 +24,7 @@ from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import checkpointing, throughput
+from megatron_eslm.training.faults import ExitConditions
 from megatron_eslm.training.lr_schedule import check_schedule, learning_rate, schedule_flags
 from megatron_eslm.training.metrics import MetricsWriter
 from megatron_eslm.training.optimizer import build_optimizer, load_optimizer_state
@@ -173,30 +174,38 @@ class Trainer:
         start_iteration, start = self.iteration, time.perf_counter()
         interval, tic = None, time.perf_counter()
         self._outside_steps = 0.0  # seconds of the interval spent on evaluations and checkpoints
-        while self.iteration < t.train_iters:
-            interval = self.train_step(batches, interval)
-            self.iteration += 1
-            self.consumed_samples += t.global_batch_size
-            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
-                stats = reduce_step_stats(interval)  # the interval's one host read: waits for the device
-                record = self._train_record(stats, time.perf_counter() - tic)
-                records.append(record)
-                self.metrics.write(record)
-                self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
-                interval, tic, self._outside_steps = None, time.perf_counter(), 0.0
-            save = cfg.checkpoint
-            evaluate = self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters
-            checkpoint = save.save and ((save.save_interval and self.iteration % save.save_interval == 0)
-                                        or self.iteration == t.train_iters)
-            if evaluate or checkpoint:
-                outside = time.perf_counter()  # both end in a host read: their host time is their time
-                if evaluate:
-                    with timers.phase("eval"):
-                        self._log_eval()
-                if checkpoint:
-                    with timers.phase("checkpoint"):
-                        self.save(save.save)
-                self._outside_steps += time.perf_counter() - outside
+        exits = ExitConditions(cfg.faults)
+        stop = None  # why the run stops before --train-iters (training/faults.py)
+        try:
+            while self.iteration < t.train_iters and stop is None:
+                interval = self.train_step(batches, interval)
+                self.iteration += 1
+                self.consumed_samples += t.global_batch_size
+                stop = exits.reason(self.iteration)
+                if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters or stop:
+                    stats = reduce_step_stats(interval)  # the interval's one host read: waits for the device
+                    record = self._train_record(stats, time.perf_counter() - tic)
+                    records.append(record)
+                    self.metrics.write(record)
+                    self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
+                    interval, tic, self._outside_steps = None, time.perf_counter(), 0.0
+                save = cfg.checkpoint
+                evaluate = self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters
+                checkpoint = save.save and ((save.save_interval and self.iteration % save.save_interval == 0)
+                                            or self.iteration == t.train_iters or stop is not None)
+                if evaluate or checkpoint:
+                    outside = time.perf_counter()  # both end in a host read: their host time is their time
+                    if evaluate:
+                        with timers.phase("eval"):
+                            self._log_eval()
+                    if checkpoint:
+                        with timers.phase("checkpoint"):
+                            self.save(save.save)
+                    self._outside_steps += time.perf_counter() - outside
+        finally:
+            exits.close()  # the signal's previous handler back, also when a step raised
+        if stop is not None:
+            self.log(f"stopped after iteration {self.iteration}: {stop}")
         return records
 
     def _train_record(self, stats: StepStats, elapsed: float) -> dict:

@@ -1,0 +1,106 @@
+"""Megatron's exit flags (training/faults.py): --exit-interval, --exit-duration-in-mins and
+--exit-signal-handler stop the run after the iteration it is in, save that iteration and exit 0, and the
+resumed run equals the uninterrupted one."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, flags, run, without_timing
+from megatron_eslm.config import parse_args
+from megatron_eslm.errors import UserError
+from megatron_eslm.training.checkpointing import latest_iteration
+
+ITERS = 8
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_corpus):
+    """The uninterrupted run's records, one per iteration."""
+    return run(flags(tiny_corpus, "--train-iters", str(ITERS)))[1]
+
+
+@pytest.mark.parametrize("stop", [["--exit-interval", "3"], ["--exit-duration-in-mins", "1e-9"]],
+                         ids=["interval", "duration"])
+def test_exit_saves_and_resumes_exactly(tiny_corpus, tmp_path, straight, stop):
+    save = str(tmp_path / "ckpt")
+    _, first = run(flags(tiny_corpus, "--train-iters", str(ITERS), "--save", save, *stop))
+    stopped = first[-1]["iteration"]
+    assert stopped == (3 if stop[0] == "--exit-interval" else 1) and latest_iteration(save) == stopped
+    _, rest = run(flags(tiny_corpus, "--train-iters", str(ITERS), "--load", save))
+    assert without_timing(first + rest) == without_timing(straight)
+
+
+def test_sigterm_finishes_the_iteration_saves_and_exits_0(tiny_corpus, tmp_path):
+    """A real SIGTERM to a running `python -m megatron_eslm.pretrain`: exit 0, a checkpoint of the iteration
+    it stopped after, and the rest of the run from it equals the uninterrupted run."""
+    iters = 300
+    save, metrics = str(tmp_path / "ckpt"), str(tmp_path / "metrics.jsonl")
+    argv = flags(tiny_corpus, "--train-iters", str(iters), "--save", save, "--metrics-file", metrics,
+                 "--exit-signal-handler")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    first = [json.loads(line) for line in open(metrics)]
+    stopped = first[-1]["iteration"]
+    assert 3 <= stopped < iters and latest_iteration(save) == stopped
+    assert f"stopped after iteration {stopped}: SIGTERM (--exit-signal-handler)" in out
+    _, straight = run(flags(tiny_corpus, "--train-iters", str(iters)))
+    _, rest = run(flags(tiny_corpus, "--train-iters", str(iters), "--load", save))
+    assert without_timing(first + rest) == without_timing(straight)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--exit-interval", "0"], "--exit-interval must be positive"),
+    (["--exit-duration-in-mins", "-1"], "--exit-duration-in-mins must be positive"),
+    (["--exit-signal", "SIGNOPE"], "--exit-signal SIGNOPE: not a signal name"),
+])
+def test_bad_exit_flags_are_one_line(tiny_corpus, extra, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(flags(tiny_corpus, *extra))
+
+
+def _signalled_rank(rank: int, world: int, tmp: str, argv: list[str]) -> None:
+    """One rank of a DP2 run; rank 1 alone gets SIGTERM half a second in."""
+    import datetime
+    import threading
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_eslm.training.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    trainer = Trainer(parse_args(argv), log=lambda *a: None)
+    if rank == 1:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    records = trainer.train()
+    trainer.close()
+    with open(f"{tmp}/rank{rank}.json", "w") as fh:
+        json.dump([r["iteration"] for r in records], fh)
+    dist.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration(tiny_corpus, tmp_path):
+    import torch.multiprocessing as mp
+
+    save = str(tmp_path / "ckpt")
+    argv = flags(tiny_corpus, "--train-iters", "400", "--save", save, "--exit-signal-handler")
+    mp.spawn(_signalled_rank, args=(2, str(tmp_path), argv), nprocs=2, join=True)
+    iterations = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    stopped = iterations[0][-1]
+    assert iterations[0] == iterations[1] and 1 <= stopped < 400 and latest_iteration(save) == stopped
