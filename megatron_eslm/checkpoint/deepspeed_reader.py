@@ -13,11 +13,9 @@ import glob
 import io
 import os
 
-import torch
-
+from megatron_eslm.checkpoint.full_state import MOMENTS
+from megatron_eslm.checkpoint.reader import load_file
 from megatron_eslm.errors import UserError
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @contextlib.contextmanager
@@ -48,7 +46,7 @@ def read_deepspeed_shards(directory: str, optimizer: bool = True) -> dict[tuple[
     "optimizer_step": int | None, "client": our saved state (iteration, config, layout, ...)}."""
     from deepspeed.utils import zero_to_fp32 as z
 
-    first = torch.load(_files(directory, 0, "model")[0], map_location="cpu", weights_only=False)
+    first = load_file(_files(directory, 0, "model")[0])
     tp, pp = first["layout"]["tensor_model_parallel_size"], first["layout"]["pipeline_model_parallel_size"]
     shards = {}
     for pp_rank in range(pp):
@@ -64,8 +62,7 @@ def read_deepspeed_shards(directory: str, optimizer: bool = True) -> dict[tuple[
                 weights = z.to_torch_tensor(merge(world, fp32_groups, model_states, False))
             moments, step = None, None
             if optimizer:
-                states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-                          for f in optim_files]
+                states = [load_file(f)["optimizer_state_dict"] for f in optim_files]
                 with _quiet():
                     merged = {key: z.to_torch_tensor(merge(world, [_moment_groups(s, stage, key) for s in states],
                                                            model_states, False))
@@ -73,7 +70,7 @@ def read_deepspeed_shards(directory: str, optimizer: bool = True) -> dict[tuple[
                 moments = {name: {key: merged[key][name] for key in MOMENTS} for name in weights}
                 inner = states[0]["optimizer_state_dict"] if stage == 3 else states[0]["base_optimizer_state"]
                 step = int(next(iter(inner["state"].values()))["step"])
-            client = torch.load(model_files[0], map_location="cpu", weights_only=False)
+            client = load_file(model_files[0])
             shards[tp_rank, pp_rank] = {"model": dict(weights), "moments": moments, "optimizer_step": step,
                                         "client": client}
     return shards

@@ -11,6 +11,7 @@ from megatron_eslm.config.model import model_config_from_dict
 from megatron_eslm.config.tree import SECTIONS
 
 VOCAB_ROWS = ("word_embeddings.weight", "output_layer.weight")  # the parameters with one row per token
+MOMENTS = ("exp_avg", "exp_avg_sq")  # the AdamW state kept per parameter
 
 
 @dataclass

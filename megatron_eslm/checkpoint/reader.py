@@ -8,12 +8,10 @@ import os
 import torch
 from torch import Tensor
 
-from megatron_eslm.checkpoint.full_state import FullCheckpoint, config_from_dict
+from megatron_eslm.checkpoint.full_state import MOMENTS, FullCheckpoint, config_from_dict
 from megatron_eslm.checkpoint.shards import TIED_COPY, shard_spec
 from megatron_eslm.errors import UserError
 from megatron_eslm.training.checkpointing import FILENAME, TRACKER, iteration_dir, latest_iteration
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def shard_path(directory: str, tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -23,11 +21,11 @@ def shard_path(directory: str, tp_rank: int, pp_rank: int, pp: int) -> str:
 
 
 def load_file(path: str) -> dict:
-    """A checkpoint file, or one line naming it."""
+    """A checkpoint file (memory-mapped: the tools read each tensor once), or one line naming it."""
     if not os.path.exists(path):
         raise UserError(f"{path}: missing checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # a torn or foreign file
         raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
 

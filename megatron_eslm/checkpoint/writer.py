@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from megatron_eslm import parallel_state
-from megatron_eslm.checkpoint.full_state import VOCAB_ROWS, FullCheckpoint
-from megatron_eslm.checkpoint.reader import MOMENTS
+from megatron_eslm.checkpoint.full_state import MOMENTS, VOCAB_ROWS, FullCheckpoint
 from megatron_eslm.checkpoint.shards import miniature, shard_spec
 from megatron_eslm.config.validation import validate_model_split
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
