@@ -7,7 +7,13 @@ The .idx file is a header ``MMIDIDX\\x00\\x00``, version ``<Q`` (1), dtype code 
 document-index count ``<Q``, then the int32 sequence lengths, the int64 byte offsets of each sequence in
 the .bin, and the int64 document indices (``[0, end of doc 0, end of doc 1, ...]`` in sequences).
 The .bin file is the token arrays back to back. Multimodal files append one int8 mode per sequence to the
-.idx; they read here with the modes ignored.
+.idx; they read here with the modes ignored, and any other trailing bytes are refused.
+
+The format has no redundancy for the dtype code beyond its item size, nor for document boundaries beyond
+running from 0 to the sequence count without going back: a damaged .idx that changes only those reads
+without error (int32 bytes as float32, other document ends). Random damage elsewhere in the .idx, and a
+.bin of the wrong size, fail on opening (tests/test_fuzz_readers.py); the .bin has no checksum, so
+flipped token bytes read as they are.
 """
 from __future__ import annotations
 
@@ -199,6 +205,12 @@ class IndexedDataset:
             raise UserError(
                 f"{idx_path}: truncated index ({index.size} bytes, but {sequence_count} sequences and "
                 f"{document_count} document indices need {needed})"
+            )
+        # Only multimodal modes may follow; anything else means a miscounted header or bytes appended.
+        if index.size - needed not in (0, sequence_count):
+            raise UserError(
+                f"{idx_path}: {index.size - needed} bytes after the document indices (expected none, or one mode "
+                f"byte for each of the {sequence_count} sequences)"
             )
         self.dtype = DTYPE_CODES[code]
         offset = _HEADER.size
