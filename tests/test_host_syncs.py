@@ -6,8 +6,10 @@ queued kernels. The budget, per policy and threshold mode:
   selective micro-batch          at most 2, both inherent (marked `host_syncs.inherent` in the code): the
                                  kept count that sizes the LM head's row backward, and in sketch-exact mode
                                  the width of the in-bracket window
-  the rest of a step             0 (gradient sums, clipping, optimizer step, metrics): the step's sums are
-                                 read once per log interval, by `reduce_step_stats`
+  the rest of a step             0 (gradient sums, clipping, optimizer step with its skip of a non-finite
+                                 step, metrics): the step's sums are read once per log interval, by
+                                 `reduce_step_stats`. With the fused AdamW (CUDA's default); foreach and loop
+                                 read the skip flag, 1 inherent per step
   anything not marked inherent   0
 Counted over two optimizer steps of two micro-batches each, after a first step (which builds lazy state),
 on one process and on 2-rank gloo layouts where the collectives are real.
@@ -15,6 +17,7 @@ on one process and on 2-rank gloo layouts where the collectives are real.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import torch.multiprocessing as mp
 from helpers import flags, run
 from megatron_eslm.config import parse_args
 from megatron_eslm.host_syncs import HOST_READ, INHERENT, HostSyncCounter, inherent
+from megatron_eslm.training.step import optimizer_step
 from megatron_eslm.training.trainer import Trainer
 from test_parallel_training import LLAMA_FLAGS
 
@@ -45,8 +49,10 @@ POLICIES = {
 
 
 def count_step_syncs(argv: list[str]) -> tuple[HostSyncCounter, int]:
-    """Syncs of STEPS optimizer steps after a first one, and the micro-batches they ran on this rank."""
-    trainer = Trainer(parse_args(argv))
+    """Syncs of STEPS optimizer steps after a first one, and the micro-batches they ran on this rank. With
+    the fused AdamW (CUDA's default), which skips a non-finite step on the device, unless `argv` names
+    another (`test_non_fused_optimizer_reads_the_skip_flag`)."""
+    trainer = Trainer(parse_args(["--optimizer-impl", "fused", *argv]))
     loader = iter(trainer._loader(trainer.train_ds, len(trainer.train_ds), 0))
     batches = iter([next(loader) for _ in range((STEPS + 1) * trainer.num_micro_batches)])  # data: not counted
     stats = trainer.train_step(batches)
@@ -80,6 +86,19 @@ def test_one_process_step_within_budget(tiny_corpus, name):
     assert_within_budget(name, syncs, micro_batches)
     if name in ("eslm-sketch", "eslm-exact"):  # only the kept-row count is read
         assert syncs.total == micro_batches, syncs.report()
+
+
+def test_non_fused_optimizer_reads_the_skip_flag(tiny_corpus):
+    """foreach (and loop) cannot skip a non-finite step on the device: exactly one inherent read per step."""
+    syncs, _ = count_step_syncs(flags(tiny_corpus, "--log-interval", "100", "--optimizer-impl", "foreach",
+                                      *POLICIES["dense"]))
+    assert syncs.by_place == {f"{INHERENT} at training/step.py:{optimizer_step_read()}": STEPS}, syncs.report()
+
+
+def optimizer_step_read() -> int:
+    """The line of `optimizer_step` that reads the skip flag."""
+    lines, first = inspect.getsourcelines(optimizer_step)
+    return first + next(i for i, line in enumerate(lines) if "bool(found_inf)" in line)
 
 
 @pytest.fixture(scope="module")

@@ -412,8 +412,8 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
         assert [r["iteration"] for r in resumed] == [3, 4]
         assert untimed(straight[2:]) == untimed(resumed)
     assert sorted(os.listdir(tmp_path / "ckpt-a" / "iter_0000002")) == [
-        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
-    assert sorted(os.listdir(tmp_path / "ckpt-b" / "iter_0000004")) == ["mp_rank_00", "mp_rank_01"]
+        "manifest.json", "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    assert sorted(os.listdir(tmp_path / "ckpt-b" / "iter_0000004")) == ["manifest.json", "mp_rank_00", "mp_rank_01"]
     assert all(r["other layout"].endswith("(saved with another parallel layout?)") for r in per_rank)
 
 

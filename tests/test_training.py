@@ -47,6 +47,7 @@ def test_eslm_keeps_high_loss_tokens_and_logs_the_contract(tiny_corpus, tmp_path
     assert set(train[0]) == {"iteration", "lm_loss", "kept_loss", "kept_fraction", "threshold", "lr", "grad_norm",
                              "tokens_per_sec", "iteration_time_ms", "executed_flops", "dense_flops",
                              "consumed_samples", "kept", "threshold_bound", "threshold_bytes", "nonfinite", "iterations",
+                             "skipped_iterations", "consecutive_skips",
                              "tflops_per_gpu", "mfu", "max_memory_allocated"}
     assert set(valid[0]) == {"iteration", "split", "val_loss", "val_ppl"}
     for r in train:

@@ -26,6 +26,8 @@
 #   llama_step       the same at the Llama-1B shape: dense, ESLM keep 0.3, AdamW implementations, recompute
 #                    (none / selective / full uniform 1), time and peak memory
 #   llama_memory     tools/bench_memory.py --preset llama-1b on cuda: saved activations per recompute variant
+#   save_bench       tools/fault_drill.py --save-bench: how long a save of the GPT-2 124M shape (weights and
+#                    AdamW moments, ~1.4 GiB) blocks training, synchronous and --async-save
 #   quickstart       the quickstart's data and a 20-iteration run on cuda (fp32), then quickstart_bf16: the
 #                    same model for 20 iterations with --bf16 --timing-log-level 1, printing its metrics
 #                    record (time_*_ms, tflops_per_gpu, mfu, max_memory_allocated)
@@ -179,6 +181,7 @@ step gpt2_step_torch 90 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset 
     --thresholds sketch sketch-exact exact --steps 10 --recompute
 step llama_step 150 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto --steps 6
 step llama_memory 90 "torch megatron_eslm" "$PY" tools/bench_memory.py --preset llama-1b --bf16 --device cuda
+step save_bench 120 "torch megatron_eslm" "$PY" tools/fault_drill.py --save-bench --vocab-size 32768
 step quickstart 120 "torch sentencepiece megatron_eslm" "$PY" -m megatron_eslm.quickstart --output-dir "$WORK/quickstart" \
     --train-iters 20 --log-interval 5 --corpus-mb 1 --eval-iters 1 --generate-tokens 20
 step quickstart_bf16 120 "torch sentencepiece megatron_eslm" bash -c quickstart_bf16

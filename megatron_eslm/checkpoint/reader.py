@@ -8,6 +8,7 @@ import os
 import torch
 from torch import Tensor
 
+from megatron_eslm.checkpoint import integrity
 from megatron_eslm.checkpoint.full_state import MOMENTS, FullCheckpoint, config_from_dict
 from megatron_eslm.checkpoint.shards import TIED_COPY, shard_spec
 from megatron_eslm.errors import UserError
@@ -47,6 +48,7 @@ def checkpoint_dir(root: str, iteration: int | None) -> tuple[str, int]:
 def read_checkpoint(root: str, iteration: int | None = None, optimizer: bool = True) -> FullCheckpoint:
     """The whole model (and with `optimizer`, AdamW's moments) of a checkpoint of any layout."""
     directory, iteration = checkpoint_dir(root, iteration)
+    integrity.verify(directory)  # every file against the manifest, when the directory has one
     if glob.glob(os.path.join(directory, "*mp_rank_*_model_states.pt")):
         from megatron_eslm.checkpoint.deepspeed_reader import read_deepspeed_shards
         shards = read_deepspeed_shards(directory, optimizer)

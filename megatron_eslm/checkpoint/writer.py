@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from megatron_eslm import parallel_state
+from megatron_eslm.checkpoint import integrity
 from megatron_eslm.checkpoint.full_state import MOMENTS, VOCAB_ROWS, FullCheckpoint
 from megatron_eslm.checkpoint.shards import miniature, shard_spec
 from megatron_eslm.config.validation import validate_model_split
@@ -35,6 +36,7 @@ def write_checkpoint(full: FullCheckpoint, root: str, tensor_model_parallel_size
     tmp = f"{final}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    entries: dict[str, dict] = {}  # the manifest's (`checkpoint/integrity.py`)
     if with_optimizer:
         moments = {key: {name: value[key] for name, value in full.moments.items()} for key in MOMENTS}
     for pp_rank in range(pp):
@@ -62,7 +64,9 @@ def write_checkpoint(full: FullCheckpoint, root: str, tensor_model_parallel_size
             with parallel_state.offline_layout(Layout(tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank)):
                 path = os.path.join(tmp, shard_dir())
             os.makedirs(path)
-            torch.save(state, os.path.join(path, FILENAME))
+            entries[os.path.join(os.path.basename(path), FILENAME)] = integrity.save_file(
+                state, os.path.join(path, FILENAME))
+    integrity.write_manifest(tmp, entries)
     publish(root, tmp, final, full.iteration)
     return final
 

@@ -19,6 +19,8 @@ class CheckpointConfig:
     no_load_optim: bool = False
     no_load_rng: bool = False
     override_opt_param_scheduler: bool = False
+    async_save: bool = False
+    ckpt_fallback: bool = False
 
 
 HELP = {
@@ -33,6 +35,10 @@ HELP = {
     "override_opt_param_scheduler": "take the learning-rate schedule from this run's flags where the "
                                     "checkpoint's differ (otherwise a difference is an error), e.g. to branch "
                                     "a WSD decay off a stable-phase checkpoint",
+    "async_save": "copy the state to CPU memory at the save point and write it in a background thread while "
+                  "training goes on; the checkpoint is published once every rank's files are on disk",
+    "ckpt_fallback": "when the --load checkpoint is damaged or partial (its files do not match their "
+                     "checksums), load the newest older one that does",
 }
 
 
@@ -41,7 +47,9 @@ def validate_checkpoint(ck: CheckpointConfig) -> None:
         raise UserError(f"--save-interval must be positive, got {ck.save_interval}")
     if ck.save_interval is not None and ck.save is None:
         raise UserError("--save-interval needs --save")
-    for used, flag in ((ck.finetune, "--finetune"), (ck.no_load_optim, "--no-load-optim"),
+    if ck.async_save and ck.save is None:
+        raise UserError("--async-save needs --save")
+    for used, flag in ((ck.ckpt_fallback, "--ckpt-fallback"), (ck.finetune, "--finetune"), (ck.no_load_optim, "--no-load-optim"),
                        (ck.no_load_rng, "--no-load-rng"),
                        (ck.override_opt_param_scheduler, "--override-opt_param-scheduler")):
         if used and ck.load is None:

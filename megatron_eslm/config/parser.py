@@ -23,6 +23,9 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+_TYPES = {"int": int, "float": float, "str": str}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -36,12 +39,11 @@ def _add_section(parser: argparse.ArgumentParser, title: str, section: type, hel
         names = FLAG_NAMES.get(f.name, (_flag(f.name),))
         if kind == "bool":
             group.add_argument(*names, action="store_true", help=help_text)
-        elif kind.startswith("list"):
-            group.add_argument(*names, nargs="+", default=default, help=help_text)
+        elif kind.startswith("list"):  # list[int] -> int
+            group.add_argument(*names, nargs="+", type=_TYPES[kind[len("list["):-1]], default=default,
+                               help=help_text)
         else:
-            base = kind.split("|")[0].strip()
-            typ = {"int": int, "float": float, "str": str}[base]
-            group.add_argument(*names, type=typ, default=default, help=help_text)
+            group.add_argument(*names, type=_TYPES[kind.split("|")[0].strip()], default=default, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

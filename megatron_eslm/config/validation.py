@@ -5,7 +5,7 @@ from __future__ import annotations
 from megatron_eslm.config.checkpoint import validate_checkpoint
 from megatron_eslm.config.data import validate_data
 from megatron_eslm.config.deepspeed import validate_deepspeed
-from megatron_eslm.config.faults import validate_faults
+from megatron_eslm.config.faults import refuse_under_deepspeed, validate_faults
 from megatron_eslm.config.logging import validate_logging
 from megatron_eslm.config.model import ModelConfig, finalize_model, validate_model
 from megatron_eslm.config.optimizer import validate_optimizer
@@ -40,8 +40,10 @@ def validate(cfg: Config) -> None:
     validate_data(cfg.data)
     validate_parallel(cfg.parallel)
     validate_checkpoint(cfg.checkpoint)
-    validate_faults(cfg.faults)
+    validate_faults(cfg.faults, cfg.logging.log_interval)
     validate_deepspeed(cfg.deepspeed)
+    if cfg.deepspeed.deepspeed:
+        refuse_under_deepspeed(cfg.faults, cfg.checkpoint.async_save)
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:

@@ -14,6 +14,12 @@ writers (rank 0 alone, for the directory and the rename) on the host, in a gloo 
 --distributed-timeout-minutes rather than in an NCCL barrier under NCCL's watchdog, and a failure on any
 rank (a full disk, a permission) is raised on every rank instead of leaving the others hanging.
 
+Before the rename every rank's files are fsynced and listed with their CRC-32 in the directory's
+`manifest.json` (`checkpoint/integrity.py`); `--load` checks them (each rank a share of the files) and
+names a damaged or missing file in one line, or with --ckpt-fallback goes back to the newest older
+checkpoint that checks out. --async-save (`training/async_save.py`) writes the files in the background
+with the same phases around it.
+
 Under --deepspeed the same directory holds DeepSpeed's own files instead (`mp_rank_XX_model_states.pt`
 with our state as client state, `zero_pp_rank_D_mp_rank_XX_optim_states.pt` per ZeRO partition), and
 DeepSpeed's `latest` file names it too, so DeepSpeed's tools (zero_to_fp32.py) read it.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from typing import Callable
 
@@ -30,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_eslm import parallel_state
+from megatron_eslm.checkpoint import integrity
 from megatron_eslm.distributed import launch
 from megatron_eslm.errors import UserError
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
@@ -37,8 +45,11 @@ from megatron_eslm.tensor_parallel.random import get_rng_tracker
 TRACKER = "latest_checkpointed_iteration.txt"
 DEEPSPEED_TRACKER = "latest"  # DeepSpeed's: the tag (directory name) of the newest checkpoint
 FILENAME = "model_optim_rng.pt"
-Writer = Callable[[str, dict], None]
+# write(directory, state) -> the manifest entries of the files it wrote (relative paths), or None when it
+# cannot tell (DeepSpeed's engine): then every rank checksums a share of the directory's files
+Writer = Callable[[str, dict], "dict[str, dict] | None"]
 Reader = Callable[[str], dict]
+Log = Callable[[str], None]
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -102,38 +113,87 @@ def _write_text_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as fh:
         fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    integrity.fsync_path(os.path.dirname(path) or ".")
 
 
-def _write_shard(directory: str, state: dict) -> None:
-    """Our format: data-parallel replica 0 of each shard writes it."""
-    if parallel_state.data_parallel_rank() == 0:
-        os.makedirs(os.path.join(directory, shard_dir()))
-        torch.save(state, os.path.join(directory, shard_dir(), FILENAME))
+def write_shard(directory: str, state: dict) -> dict[str, dict]:
+    """Our format: data-parallel replica 0 of each shard writes it (fsynced); returns its manifest entry."""
+    if parallel_state.data_parallel_rank() != 0:
+        return {}
+    os.makedirs(os.path.join(directory, shard_dir()))
+    name = os.path.join(shard_dir(), FILENAME)
+    return {name: integrity.save_file(state, os.path.join(directory, name))}
 
 
-def save_checkpoint(root: str, iteration: int, state: dict, write: Writer = _write_shard,
+def save_checkpoint(root: str, iteration: int, state: dict, write: Writer = write_shard,
                     deepspeed_tag: bool = False) -> str:
     """Write this rank's `state` (plus RNG states) for `iteration`, collectively; returns the final directory.
     `write(directory, state)` writes the files (DeepSpeed's engine writes its own format); with
     `deepspeed_tag` the directory's name also goes to DeepSpeed's `latest` file, for its tools."""
-    final = iteration_dir(root, iteration)
-    tmp = f"{final}.tmp"
+    tmp, full_state = begin_save(root, iteration, state)
+    with launch.shared_outcome():
+        entries = write(tmp, full_state)
+    return finish_save(root, tmp, iteration, entries, deepspeed_tag)
+
+
+def begin_save(root: str, iteration: int, state: dict) -> tuple[str, dict]:
+    """The collective start of a save: a fresh temporary directory (rank 0; earlier saves' leftovers, e.g.
+    of a run killed while writing, removed) and the RNG states of every replica. Returns the directory and
+    the state to write."""
+    tmp = f"{iteration_dir(root, iteration)}.tmp"
     with launch.shared_outcome():
         if _is_rank_zero():
-            shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in glob_leftovers(root):
+                shutil.rmtree(leftover, ignore_errors=True)
             os.makedirs(tmp)
     rng = _replica_rng_states()  # a collective of its own: outside the phases that may fail on one rank
+    return tmp, {**state, "iteration": iteration, "rng": rng, "layout": _layout_sizes()}
+
+
+def glob_leftovers(root: str) -> list[str]:
+    """Temporary directories of saves that never finished."""
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, name) for name in os.listdir(root) if re.fullmatch(r"iter_\d{7}\.(tmp|old)", name)]
+
+
+def finish_save(root: str, tmp: str, iteration: int, entries: dict[str, dict] | None,
+                deepspeed_tag: bool = False) -> str:
+    """The collective end of a save, once this rank's files are written (`entries`: their manifest entries,
+    None to checksum a share of the directory instead): the manifest, then the rename and the tracker(s)."""
     with launch.shared_outcome():
-        write(tmp, {**state, "iteration": iteration, "rng": rng, "layout": _layout_sizes()})
+        if entries is None:
+            names = integrity.files_under(tmp)
+            entries = {}
+            for name in names[_rank()::_world()]:  # DeepSpeed wrote them: fsync and checksum
+                integrity.fsync_path(os.path.join(tmp, name))
+                entries[name] = integrity.checksum_file(os.path.join(tmp, name))
+    gathered = [entries]
+    if _distributed() and _world() > 1:
+        gathered = [None] * _world()
+        dist.all_gather_object(gathered, entries, group=launch.host_group())
+    final = iteration_dir(root, iteration)
     with launch.shared_outcome():
         if _is_rank_zero():
+            integrity.write_manifest(tmp, {name: e for part in gathered for name, e in part.items()})
             publish(root, tmp, final, iteration, deepspeed_tag)
     return final
 
 
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
 def publish(root: str, tmp: str, final: str, iteration: int, deepspeed_tag: bool = False) -> None:
     """Rank 0 (or the offline writer): move the complete `tmp` into place, then point the tracker(s) at it."""
+    integrity.fsync_path(tmp)
     if os.path.exists(final):  # re-saving an iteration: keep the old copy until the new one is in place
         old = f"{final}.old"
         os.replace(final, old)
@@ -141,6 +201,7 @@ def publish(root: str, tmp: str, final: str, iteration: int, deepspeed_tag: bool
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    integrity.fsync_path(root)
     _write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
     if deepspeed_tag:
         _write_text_atomic(os.path.join(root, DEEPSPEED_TRACKER), os.path.basename(final))
@@ -167,16 +228,31 @@ def _read_shard(directory: str) -> dict:
         raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
 
 
-def load_checkpoint(root: str, read: Reader = _read_shard, load_rng: bool = True) -> dict | None:
-    """This rank's state of the latest checkpoint under `root`, or None if there is none. `read(directory)`
-    reads it (DeepSpeed's engine reads its own format), raising FileNotFoundError(path) when this rank's
-    file is not there. The tensor and pipeline sizes must be the ones it was saved with
+def load_checkpoint(root: str, read: Reader = _read_shard, load_rng: bool = True, fallback: bool = False,
+                    log: Log = print) -> dict | None:
+    """This rank's state of the latest checkpoint under `root`, or None if there is none. Its files are first
+    checked against its manifest (collectively, each rank a share); a damaged one is one line naming the
+    file, or with `fallback` (--ckpt-fallback) the newest older checkpoint that checks out is loaded instead.
+    `read(directory)` reads it (DeepSpeed's engine reads its own format), raising FileNotFoundError(path)
+    when this rank's file is not there. The tensor and pipeline sizes must be the ones it was saved with
     (`tools/reshape_checkpoint.py` changes them). The RNG states are restored with `load_rng` (then the
     data-parallel size must match too: one state per replica); a checkpoint without them (written by the
     offline tools) leaves the RNG as seeded, like a fresh run."""
-    iteration = latest_iteration(root)
-    if iteration is None:
+    candidates = _candidates(root, fallback)
+    for position, iteration in enumerate(candidates):
+        try:
+            with launch.shared_outcome():  # every rank takes the same branch below
+                verified = _verify_share(iteration_dir(root, iteration))
+            break
+        except UserError as err:
+            if position + 1 == len(candidates):
+                raise
+            log(f"--ckpt-fallback: {err}; trying iteration {candidates[position + 1]}")
+    else:
         return None
+    if not verified:
+        log(f"{iteration_dir(root, iteration)}: no {integrity.MANIFEST} (written by an older version or "
+            "another tool): loaded without checking its files")
     try:
         state = read(iteration_dir(root, iteration))
     except FileNotFoundError as err:  # the reader names the file this rank's shard should be in
@@ -194,3 +270,31 @@ def load_checkpoint(root: str, read: Reader = _read_shard, load_rng: bool = True
     if restore_rng:
         set_rng_state(state["rng"][parallel_state.data_parallel_rank()])
     return state
+
+
+def _candidates(root: str, fallback: bool) -> list[int]:
+    """The iterations `load_checkpoint` tries, in order: the tracked one, then (with `fallback`) the older
+    published ones, newest first; with `fallback` a damaged tracker falls back to the newest published one."""
+    try:
+        tracked = latest_iteration(root)
+    except UserError:
+        if not fallback:
+            raise
+        tracked = -1  # damaged: every published iteration is a candidate
+    if tracked is None:
+        return []
+    if not fallback:
+        return [tracked]
+    published = sorted((int(m[1]) for name in os.listdir(root) if (m := re.fullmatch(r"iter_(\d{7})", name))),
+                       reverse=True)
+    return ([tracked] if tracked >= 0 else []) + [i for i in published if tracked < 0 or i < tracked]
+
+
+def _verify_share(directory: str) -> bool:
+    """Check this rank's share of `directory`'s files against its manifest (False: it has none)."""
+    if not os.path.isdir(directory):
+        raise UserError(f"{directory}: missing, although the tracker names it")
+    manifest = integrity.read_manifest(directory)
+    if manifest is None:
+        return False
+    return integrity.verify(directory, sorted(manifest)[_rank()::_world()])

@@ -13,6 +13,7 @@ class MetricsWriter:
         self._file = None
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            _drop_torn_line(metrics_file)
             self._file = open(metrics_file, "a")
         self._tb = None
         if tensorboard_dir:
@@ -35,3 +36,14 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_torn_line(path: str) -> None:
+    """Cut a last line without its newline (a run killed while writing it), so the resumed run's first record
+    does not glue onto it."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)

@@ -33,7 +33,7 @@ from typing import Callable, ContextManager, Iterator
 
 import torch
 
-from megatron_eslm import parallel_state
+from megatron_eslm import host_syncs, parallel_state
 from megatron_eslm.config import ModelConfig
 from megatron_eslm.distributed import collectives
 from megatron_eslm.distributed.grad_overlap import OverlappedGradReducer
@@ -54,9 +54,12 @@ DEVICE_SUMS = ("loss_sum", "valid", "kept_loss_sum", "kept", "threshold_sum", "t
                "nonfinite")
 # Known on the host from shapes and the policy's own accounting:
 HOST_SUMS = ("tokens", "threshold_bytes", "policy_flops")
-SUMMED = DEVICE_SUMS + HOST_SUMS  # what `reduce_step_stats` all-reduces, in this order
-# Equal on every rank of the selection group (group totals, equal payloads): not added up over it.
-_SHARED = ("threshold_bound", "threshold_bytes", "nonfinite")
+# Per optimizer step, on every rank (`StepStats.add_step`):
+STEP_VALUES = ("skipped", "skip_run")
+SUMMED = DEVICE_SUMS + HOST_SUMS + STEP_VALUES  # what `reduce_step_stats` all-reduces, in this order
+# Equal on every rank of the selection group (group totals, equal payloads, step outcomes): not added up
+# over it.
+_SHARED = ("threshold_bound", "threshold_bytes", "nonfinite") + STEP_VALUES
 
 
 @dataclass
@@ -76,6 +79,10 @@ class StepStats:
     steps: int = 0  # optimizer steps summed
     lr: float = 0.0  # of the last step
     grad_norm: torch.Tensor | float = 0.0  # of the last step (a device tensor until reduced)
+    # Per optimizer step, equal on every rank (decided by the global gradient norm), device tensors until
+    # reduced: steps skipped as non-finite, and the run of consecutive skips at the last step.
+    skipped: torch.Tensor | int = 0
+    skip_run: torch.Tensor | int = 0
     # filled by reduce_step_stats:
     loss_sum: float = 0.0
     valid: int = 0
@@ -85,6 +92,11 @@ class StepStats:
     thresholds: int = 0  # micro-batches with a threshold
     threshold_bound: int = 0  # rank-error bounds B of the thresholds, in tokens (0 for the exact modes)
     nonfinite: int = 0  # valid tokens of the group whose score was NaN or +-inf (left out of the quantile)
+
+    def add_step(self, skipped: torch.Tensor, skip_run: torch.Tensor) -> None:
+        """One optimizer step's outcome (`optimizer_step`), on the device."""
+        self.skipped = skipped + self.skipped
+        self.skip_run = skip_run
 
     def add(self, num_tokens: int, out: LMHeadOutput) -> None:
         """One micro-batch's sums, on the device (no host read)."""
@@ -126,7 +138,9 @@ def reduce_step_stats(stats: StepStats) -> StepStats:
     local = stats.sums.to(device) if stats.sums is not None else torch.zeros(len(DEVICE_SUMS), dtype=torch.float64,
                                                                                 device=device)
     values = torch.cat([local, torch.tensor([float(getattr(stats, name)) for name in HOST_SUMS],
-                                            dtype=torch.float64, device=device)])
+                                            dtype=torch.float64, device=device),
+                        torch.stack([torch.as_tensor(getattr(stats, name), dtype=torch.float64).to(device)
+                                     for name in STEP_VALUES])])
     group = parallel_state.selection_group()
     if parallel_state.is_pipeline_last_stage() and group is not None:
         collectives.all_reduce(values, group, collectives.METRICS)
@@ -136,7 +150,7 @@ def reduce_step_stats(stats: StepStats) -> StepStats:
         collectives.broadcast(values, parallel_state.pipeline_last_rank(),
                               parallel_state.pipeline_model_parallel_group(), collectives.METRICS)
     for name, value in zip(SUMMED, values.tolist()):
-        setattr(stats, name, type(getattr(stats, name))(value))
+        setattr(stats, name, round(value) if name in STEP_VALUES else type(getattr(stats, name))(value))
     stats.grad_norm = float(stats.grad_norm)
     return stats
 
@@ -223,11 +237,26 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float,
-                   clip_grad: float) -> torch.Tensor:
-    """Clip (clip_grad 0: only measure) the global gradient norm, set the rate, step; returns the norm, a
-    0-dim device tensor (read at the log interval)."""
+                   clip_grad: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip (clip_grad 0: only measure) the global gradient norm, set the rate, step, unless the norm is
+    NaN or inf: then parameters and optimizer state stay untouched. Returns the norm (a 0-dim device
+    tensor, read at the log interval) and whether the step was skipped (0/1 float32 on the device).
+
+    The norm is the whole model's (summed over tensor and pipeline shards, of gradients already summed over
+    data-parallel replicas), so every rank takes the same decision without another collective; a NaN loss
+    on any rank reaches it through the gradient sums. The fused AdamW skips on the device (`found_inf`, as
+    torch's GradScaler uses it): no host read. The foreach and loop kernels cannot, so the host reads the
+    flag: one sync per step, marked inherent (CUDA's default is fused, `training/optimizer.py`)."""
     grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], clip_grad)
+    found_inf = torch.logical_not(torch.isfinite(grad_norm)).to(torch.float32)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
-    return grad_norm
+    if optimizer.param_groups[0].get("fused"):
+        optimizer.found_inf = found_inf
+        optimizer.step()
+    else:
+        with host_syncs.inherent("the foreach/loop AdamW has no on-device skip of a non-finite step"):
+            skip = bool(found_inf)
+        if not skip:
+            optimizer.step()
+    return grad_norm, found_inf

@@ -24,12 +24,14 @@ from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import checkpointing, throughput
+from megatron_eslm.training.async_save import AsyncCheckpointer
 from megatron_eslm.training.faults import ExitConditions
 from megatron_eslm.training.lr_schedule import check_schedule, learning_rate, schedule_flags
 from megatron_eslm.training.metrics import MetricsWriter
 from megatron_eslm.training.optimizer import build_optimizer, load_optimizer_state
 from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
 from megatron_eslm.training.progress import progress_bar
+from megatron_eslm.training.rollback import Recovery
 from megatron_eslm.training.timers import get_timers, install_timers, uninstall_timers
 
 
@@ -86,6 +88,9 @@ class Trainer:
         if self.iteration < cfg.optimizer.lr_schedule_start_iter:  # its warmup would start in the past
             raise UserError(f"--lr-schedule-start-iter {cfg.optimizer.lr_schedule_start_iter} is after the iteration "
                             f"this run starts from, {self.iteration} (set it to the loaded iteration to re-warm there)")
+        self.skip_run = torch.zeros((), device=self.device)  # consecutive non-finite steps, on the device
+        self.recovery = Recovery(cfg.faults, cfg.checkpoint.save)
+        self.async_saver = AsyncCheckpointer(self.log) if cfg.checkpoint.async_save else None
         self.metrics = MetricsWriter(cfg.logging.metrics_file if self.is_logging_rank else None,
                                      cfg.logging.tensorboard_dir if self.is_logging_rank else None)
 
@@ -117,8 +122,11 @@ class Trainer:
         lr = learning_rate(self.cfg.optimizer, self.iteration + 1)
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
+            # --inject-nan-at-iterations: a NaN loss on every rank's last stage, hence NaN gradients
+            injected = self.iteration + 1 in self.cfg.faults.inject_nan_at_iterations
             stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
-                                     self.lm_head_impl, self._autocast, stats=stats, grad_reducer=self.grad_reducer)
+                                     self.lm_head_impl, self._autocast, grad_scale=math.nan if injected else 1.0,
+                                     stats=stats, grad_reducer=self.grad_reducer)
             timers.stop("forward_backward")
             timers.start("grads_reduce")
             if self.grad_reducer is not None:
@@ -127,7 +135,9 @@ class Trainer:
                                  data_parallel=self.grad_reducer is None)
             timers.stop("grads_reduce")
             timers.start("optimizer")
-            stats.grad_norm = optimizer_step(self.model, self.optimizer, lr, self.cfg.optimizer.clip_grad)
+            stats.grad_norm, skipped = optimizer_step(self.model, self.optimizer, lr, self.cfg.optimizer.clip_grad)
+            self.skip_run = (self.skip_run + 1) * skipped
+            stats.add_step(skipped, self.skip_run)
         else:
             self.engine.start_step()
             stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
@@ -180,6 +190,8 @@ class Trainer:
             while self.iteration < t.train_iters and stop is None:
                 interval = self.train_step(batches, interval)
                 self.iteration += 1
+                if self.async_saver is not None:
+                    self.async_saver.poll()
                 self.consumed_samples += t.global_batch_size
                 stop = exits.reason(self.iteration)
                 if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters or stop:
@@ -188,6 +200,7 @@ class Trainer:
                     records.append(record)
                     self.metrics.write(record)
                     self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
+                    self._recover(record)
                     interval, tic, self._outside_steps = None, time.perf_counter(), 0.0
                 save = cfg.checkpoint
                 evaluate = self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters
@@ -202,6 +215,8 @@ class Trainer:
                         with timers.phase("checkpoint"):
                             self.save(save.save)
                     self._outside_steps += time.perf_counter() - outside
+            if self.async_saver is not None:
+                self.async_saver.wait()  # the last checkpoint is on disk when train() returns
         finally:
             exits.close()  # the signal's previous handler back, also when a step raised
         if stop is not None:
@@ -237,6 +252,8 @@ class Trainer:
             "threshold_bound": stats.threshold_bound if stats.thresholds else None,
             "threshold_bytes": stats.threshold_bytes,
             "nonfinite": stats.nonfinite,
+            "skipped_iterations": stats.skipped,
+            "consecutive_skips": stats.skip_run,
             "tflops_per_gpu": tflops,
             "mfu": throughput.mfu(tflops, throughput.peak_tflops(self.device, self.cfg.logging.peak_tflops)),
             "max_memory_allocated": throughput.max_memory_allocated(self.device),
@@ -254,7 +271,18 @@ class Trainer:
                 f"{r['tflops_per_gpu']:.3g} TFLOP/s per GPU"
                 + ("" if r["mfu"] is None else f" (MFU {100 * r['mfu']:.1f}% of bf16 peak)")
                 + f" | flops {r['executed_flops'] / r['dense_flops']:.3f}x dense"
-                + (f" | {r['nonfinite']} non-finite scores left out" if r["nonfinite"] else ""))
+                + (f" | {r['nonfinite']} non-finite scores left out" if r["nonfinite"] else "")
+                + (f" | {r['skipped_iterations']} non-finite steps skipped" if r["skipped_iterations"] else ""))
+
+    def _recover(self, record: dict) -> None:
+        """Snapshots and rollbacks at a log interval (`training/rollback.py`)."""
+        event = self.recovery.check(record, self)
+        if event is not None:
+            self.skip_run.zero_()
+            self.metrics.write(event)
+            self.log(f"rolled back at iteration {self.iteration} to the {event['source']} of iteration "
+                     f"{event['restored_iteration']}: {event['reason']}; going on past "
+                     f"{event['skipped_batches']} samples")
 
     def _log_eval(self) -> None:
         record = self.evaluate()
@@ -273,8 +301,11 @@ class Trainer:
             "vocab_size": self.tokenizer.vocab_size,  # the offline tools cut the padding rows with it
         }
         if self.engine is None:
-            path = checkpointing.save_checkpoint(root, self.iteration, {
-                **state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+            state = {**state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            if self.async_saver is not None:
+                self.async_saver.save(root, self.iteration, state)
+                return checkpointing.iteration_dir(root, self.iteration)
+            path = checkpointing.save_checkpoint(root, self.iteration, state)
         else:  # DeepSpeed writes the model and its ZeRO partitions, our state goes along as client state
             path = checkpointing.save_checkpoint(root, self.iteration, state, write=self.engine.save,
                                                  deepspeed_tag=True)
@@ -288,7 +319,7 @@ class Trainer:
         load_rng, load_optim = not (ck.finetune or ck.no_load_rng), not (ck.finetune or ck.no_load_optim)
         try:
             if self.engine is None:
-                state = checkpointing.load_checkpoint(root, load_rng=load_rng)
+                state = checkpointing.load_checkpoint(root, load_rng=load_rng, fallback=ck.ckpt_fallback, log=self.log)
                 if state is not None:
                     self.model.load_state_dict(state["model"])
                     if load_optim:
@@ -298,7 +329,8 @@ class Trainer:
                         load_optimizer_state(self.optimizer, state["optimizer"])
             else:
                 state = checkpointing.load_checkpoint(
-                    root, read=lambda directory: self._read_deepspeed(directory, load_optim), load_rng=load_rng)
+                    root, read=lambda directory: self._read_deepspeed(directory, load_optim), load_rng=load_rng,
+                    fallback=ck.ckpt_fallback, log=self.log)
         except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise UserError(f"--load {root}: checkpoint does not fit this model ({first})") from None

@@ -1,0 +1,115 @@
+"""In-memory snapshots and rollback: what a run does when its steps keep going non-finite or its loss spikes
+(what PaLM and OPT did by hand: restore an earlier state and go on past the batches that led there).
+
+Decisions are taken at log intervals, where `reduce_step_stats` has read the interval's numbers to the host
+anyway, so none of this adds a host sync; `--log-interval 1` checks every iteration. The numbers are the
+same on every rank (global loss sums, and skip flags decided by the global gradient norm), so every rank
+takes the same decision without a collective.
+
+  skip      a step whose gradient norm is NaN/inf leaves parameters and optimizer state untouched
+            (`step.optimizer_step`); counted as skipped_iterations in the records
+  rollback  when the last --max-consecutive-skips steps were all skipped, or the interval's loss exceeds
+            --rollback-on-spike x its running average (an exponential average over intervals, weight 0.1
+            for the newest): restore model, optimizer and selection state from the last vetted snapshot
+            (else the last checkpoint under --save; else stop with one line). Iteration, data position and
+            random streams go on: the iterations since the snapshot become skipped iterations, exactly as
+            if each had been non-finite (tests/test_rollback.py checks that equality).
+  snapshot  every --snapshot-interval iterations, after its interval passed the checks: a copy of this
+            rank's model, optimizer and selection state in CPU memory (pinned buffers reused across
+            snapshots, copied with non_blocking on the compute stream: the host does not wait, and the next
+            step's kernels run after the copy). A snapshot holds its last update, whose effect on the loss
+            shows only in the next interval, so it becomes the rollback target ("vetted") only after the
+            next interval passes without a skip or a spike; until then the previous one stays the target.
+            Two copies of the state in CPU memory, at most.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_eslm.config.faults import FaultsConfig
+from megatron_eslm.errors import UserError
+from megatron_eslm.training import checkpointing
+from megatron_eslm.training.host_copy import copy_to_host
+from megatron_eslm.training.optimizer import load_optimizer_state
+
+LOSS_AVERAGE_WEIGHT = 0.1  # of the newest interval in the running loss average
+
+
+class Snapshot:
+    """One rank's model, optimizer and selection state at `iteration`, in CPU memory."""
+
+    def __init__(self) -> None:
+        self.iteration: int | None = None
+        self._state: dict | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def take(self, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, policy) -> None:
+        self.iteration = iteration
+        self._state = copy_to_host({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "policy": policy.state_dict() if policy is not None else {}}, self._state)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def state(self) -> dict:
+        """The copied state, once the copies have landed."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._state
+
+
+class Recovery:
+    """Skip accounting, snapshots and rollbacks of one run (see the module docstring)."""
+
+    def __init__(self, cfg: FaultsConfig, save_dir: str | None):
+        self.cfg = cfg
+        self.save_dir = save_dir
+        self.vetted, self.pending = Snapshot(), Snapshot()
+        self.loss_average: float | None = None
+
+    def _reason(self, record: dict) -> str | None:
+        cfg, loss = self.cfg, record["lm_loss"]
+        if cfg.max_consecutive_skips and record["consecutive_skips"] >= cfg.max_consecutive_skips:
+            return f"{record['consecutive_skips']} consecutive non-finite steps (--max-consecutive-skips " \
+                   f"{cfg.max_consecutive_skips})"
+        if cfg.rollback_on_spike and self.loss_average is not None and loss > cfg.rollback_on_spike * self.loss_average:
+            return f"training loss {loss:.4f} above {cfg.rollback_on_spike} x its running average " \
+                   f"{self.loss_average:.4f} (--rollback-on-spike)"
+        return None
+
+    def check(self, record: dict, trainer) -> dict | None:
+        """At a log interval: roll back if `record` (the interval's) says so, returning the event's record;
+        else vet the pending snapshot, update the loss average and take a snapshot when one is due."""
+        reason = self._reason(record)
+        if reason is None:
+            if record["skipped_iterations"] == 0 and self.pending.iteration is not None:
+                self.vetted, self.pending = self.pending, self.vetted
+                self.pending.iteration = None
+            loss = record["lm_loss"]
+            if loss == loss and abs(loss) != float("inf"):
+                self.loss_average = loss if self.loss_average is None else \
+                    (1 - LOSS_AVERAGE_WEIGHT) * self.loss_average + LOSS_AVERAGE_WEIGHT * loss
+            every = self.cfg.snapshot_interval
+            if every and trainer.iteration % every == 0:
+                self.pending.take(trainer.iteration, trainer.model, trainer.optimizer, trainer.policy)
+            return None
+        restored, source = self._restore(trainer, reason)
+        self.pending.iteration = None  # taken after the restored state: no longer a descendant of it
+        return {"iteration": trainer.iteration, "event": "rollback", "reason": reason,
+                "restored_iteration": restored, "source": source,
+                "skipped_batches": (trainer.iteration - restored) * trainer.cfg.training.global_batch_size}
+
+    def _restore(self, trainer, reason: str) -> tuple[int, str]:
+        if self.vetted.iteration is not None:
+            state, restored, source = self.vetted.state(), self.vetted.iteration, "snapshot"
+        else:
+            loaded = checkpointing.load_checkpoint(self.save_dir, load_rng=False) if self.save_dir else None
+            if loaded is None:
+                raise UserError(f"iteration {trainer.iteration}: {reason}, and no snapshot (--snapshot-interval) "
+                                "or checkpoint (--save) to roll back to")
+            state, restored, source = loaded, loaded["iteration"], f"checkpoint {self.save_dir}"
+        trainer.model.load_state_dict(state["model"])
+        load_optimizer_state(trainer.optimizer, state["optimizer"])
+        if trainer.policy is not None and state.get("policy"):
+            trainer.policy.load_state_dict(state["policy"])
+        return restored, source

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Fault drills: kill -9 at random moments and resume, with and without --async-save; and the time a save
+blocks training, with and without --async-save.
+
+    python tools/fault_drill.py --trials 20                 # the kill -9 table
+    python tools/fault_drill.py --save-bench --num-layers 12 --hidden-size 768 --vocab-size 32768
+
+Kill drill: a reference run (`python -m megatron_eslm.pretrain`, a small GPT on random tokens, ESLM, a
+checkpoint every iteration) gives the final weights and records. Each trial starts the same run, sends it
+SIGKILL after a delay drawn uniformly over the reference's wall time, then runs it again with --load to the
+end. A trial resumed exactly when the final checkpoint's weights equal the reference's bit for bit and the
+resumed run's records equal the reference's (wall-clock fields aside). "during a write" counts the kills
+that found a temporary checkpoint directory (a save in flight, the background thread's with --async-save).
+
+Save bench: one process builds the model of the size flags, takes two training steps (so AdamW's moments
+exist), then times `Trainer.save` three times each way: synchronous (the whole write, fsync, manifest and
+publish block training), and --async-save (training blocks for the copy to CPU buffers, pinned on a GPU,
+and the collective setup; the write follows in a background thread, timed until it is published).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from megatron_eslm.config import parse_args
+from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+from megatron_eslm.errors import exit_on_user_error
+from megatron_eslm.training.checkpointing import checkpoint_file, latest_iteration
+from megatron_eslm.training.trainer import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = ("tokens_per_sec", "iteration_time_ms", "tflops_per_gpu", "mfu", "max_memory_allocated")
+
+
+def random_corpus(prefix: str, vocab_size: int, documents: int = 400, seed: int = 0) -> str:
+    """Random-token documents as an indexed dataset (no tokenizer to train): `prefix`."""
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetBuilder(get_bin_path(prefix), np.uint16) as builder:
+        for _ in range(documents):
+            builder.add_item(rng.integers(1, vocab_size, size=int(rng.integers(20, 200))))
+            builder.end_document()
+        builder.finalize(get_idx_path(prefix))
+    return prefix
+
+
+def run_flags(prefix: str, vocab_size: int, iters: int, save: str, metrics: str, extra: list[str]) -> list[str]:
+    return ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+            "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", str(iters), "--lr", "3e-3",
+            "--lr-warmup-iters", "2", "--data-path", prefix, "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", str(vocab_size), "--split", "100,0,0", "--eval-iters", "0", "--log-interval", "1",
+            "--num-workers", "0", "--seed", "3", "--save", save, "--save-interval", "1", "--load", save,
+            "--metrics-file", metrics, *extra]
+
+
+def _command(argv: list[str]) -> tuple[list[str], dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [sys.executable, "-m", "megatron_eslm.pretrain", *argv], env
+
+
+def records(metrics: str) -> dict[int, dict]:
+    """The training records by iteration (a resumed run's rewrite of an iteration replaces the first)."""
+    out = {}
+    if os.path.exists(metrics):
+        for line in open(metrics):
+            if line.strip() and '"lm_loss"' in line:
+                record = json.loads(line)
+                out[record["iteration"]] = {k: v for k, v in record.items() if k not in TIMING}
+    return out
+
+
+def final_weights(save: str) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint_file(save, latest_iteration(save)), weights_only=False)["model"]
+
+
+def _count_records(metrics: str) -> int:
+    if not os.path.exists(metrics):
+        return 0
+    with open(metrics) as fh:
+        return sum('"lm_loss"' in line for line in fh)
+
+
+def trial(workdir: str, argv_for, after: int | None = None, delay: float = 0.0) -> dict:
+    """One run killed with SIGKILL `delay` seconds after its `after`-th record (None: not killed), then
+    resumed to the end; what happened."""
+    save, metrics = os.path.join(workdir, "ckpt"), os.path.join(workdir, "metrics.jsonl")
+    command, env = _command(argv_for(save, metrics))
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = writing = False
+    if after is not None:
+        while proc.poll() is None and _count_records(metrics) < after:
+            time.sleep(0.005)
+        time.sleep(delay)
+        if proc.poll() is None:
+            writing = bool(glob.glob(os.path.join(save, "iter_*.tmp")))
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+    proc.wait()
+    before = latest_iteration(save) if os.path.isdir(save) else None
+    # the resumed run appends its records; a record of an iteration after the kill point is replaced
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"killed": killed, "writing": writing, "resumed_from": before, "exact": False,
+                "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "exit code"}
+    return {"killed": killed, "writing": writing, "resumed_from": before, "save": save, "metrics": metrics}
+
+
+def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, workdir: str | None = None,
+          log=print) -> list[dict]:
+    """Run the kill drill; one summary row per mode: trials, killed mid-run, killed during a write, exact."""
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="fault_drill_")
+    vocab = 512
+    prefix = random_corpus(os.path.join(workdir, "corpus"), vocab)
+    rows = []
+    try:
+        for async_save in async_modes:
+            extra = ["--async-save"] if async_save else []
+            argv_for = lambda save, metrics: run_flags(prefix, vocab, iters, save, metrics, extra)  # noqa: E731
+            ref_dir = os.path.join(workdir, f"reference-{async_save}")
+            os.makedirs(ref_dir)
+            reference = trial(ref_dir, argv_for)
+            if "error" in reference:
+                raise RuntimeError(f"the reference run failed: {reference['error']}")
+            ref_records, ref_weights = records(reference["metrics"]), final_weights(reference["save"])
+            iteration_s = statistics.mean(r["iteration_time_ms"] for r in
+                                          map(json.loads, open(reference["metrics"])) if "lm_loss" in r) / 1000
+            rng = random.Random(seed)
+            outcome = {"mode": "async" if async_save else "sync", "trials": trials, "killed": 0, "writing": 0,
+                       "exact": 0}
+            for t in range(trials):
+                trial_dir = os.path.join(workdir, f"trial-{async_save}-{t}")
+                os.makedirs(trial_dir)
+                # after a random record, at a random moment of the next iteration (its save included)
+                result = trial(trial_dir, argv_for, after=rng.randrange(iters), delay=rng.uniform(0, iteration_s))
+                exact = "error" not in result and records(result["metrics"]) == ref_records and all(
+                    torch.equal(a, b) for a, b in zip(final_weights(result["save"]).values(), ref_weights.values()))
+                outcome["killed"] += result["killed"]
+                outcome["writing"] += result["writing"]
+                outcome["exact"] += exact
+                log(f"{outcome['mode']} trial {t}: killed={result['killed']} during_write={result['writing']} "
+                    f"resumed_from={result['resumed_from']} exact={exact}" + (f" ({result['error']})"
+                                                                                if "error" in result else ""))
+                shutil.rmtree(trial_dir)
+            rows.append(outcome)
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def save_bench(args: argparse.Namespace) -> list[dict]:
+    """Median time `Trainer.save` blocks training, sync and async, and the async write's total time."""
+    workdir = tempfile.mkdtemp(prefix="save_bench_")
+    try:
+        prefix = random_corpus(os.path.join(workdir, "corpus"), args.vocab_size, documents=200)
+        rows = []
+        for async_save in (False, True):
+            save = os.path.join(workdir, "async" if async_save else "sync")
+            argv = ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
+                    "--num-attention-heads", str(args.num_attention_heads), "--seq-length", "128",
+                    "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "2",
+                    "--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", str(args.vocab_size),
+                    "--split", "100,0,0", "--eval-iters", "0", "--num-workers", "0", "--selection", "none",
+                    "--save", save, *(["--async-save"] if async_save else [])]
+            trainer = Trainer(parse_args(argv), log=lambda *a: None)
+            trainer.train()
+            if trainer.async_saver is not None:
+                trainer.async_saver.wait()
+            blocked, total = [], []
+            for _ in range(args.repeats):
+                trainer.iteration += 1  # a new iteration directory each time
+                start = time.perf_counter()
+                trainer.save(save)
+                blocked.append(time.perf_counter() - start)
+                if trainer.async_saver is not None:
+                    trainer.async_saver.wait()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                total.append(time.perf_counter() - start)
+            size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(save, f"iter_{trainer.iteration:07d}", "**"),
+                                                             recursive=True) if os.path.isfile(f))
+            params = sum(p.numel() for p in trainer.model.parameters())
+            trainer.close()
+            rows.append({"mode": "async" if async_save else "sync", "params": params, "bytes": size,
+                         "blocked_s": statistics.median(blocked), "total_s": statistics.median(total)})
+        return rows
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=10, help="kill -9 trials per mode")
+    parser.add_argument("--iters", type=int, default=12, help="iterations of the drilled run")
+    parser.add_argument("--seed", type=int, default=0, help="draws the kill delays")
+    parser.add_argument("--save-bench", action="store_true", help="time the saves instead of the kill drill")
+    parser.add_argument("--num-layers", type=int, default=12)
+    parser.add_argument("--hidden-size", type=int, default=768)
+    parser.add_argument("--num-attention-heads", type=int, default=12)
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.save_bench:
+        rows = save_bench(args)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        print(f"save bench on {device}: {rows[0]['params'] / 1e6:.1f} M parameters, checkpoint "
+              f"{rows[0]['bytes'] / 2**20:.0f} MiB (weights, AdamW moments, RNG), median of {args.repeats}")
+        print(f"{'mode':<6} {'blocks training (s)':>20} {'vs sync':>8} {'written and published (s)':>26}")
+        for row in rows:
+            print(f"{row['mode']:<6} {row['blocked_s']:>20.3f} {row['blocked_s'] / rows[0]['blocked_s']:>8.3f} "
+                  f"{row['total_s']:>26.3f}")
+        return
+    rows = drill(args.trials, [False, True], args.iters, args.seed)
+    print(f"{'mode':<6} {'trials':>6} {'killed mid-run':>15} {'during a write':>15} {'resumed exactly':>16}")
+    for row in rows:
+        print(f"{row['mode']:<6} {row['trials']:>6} {row['killed']:>15} {row['writing']:>15} {row['exact']:>16}")
+
+
+if __name__ == "__main__":
+    main()
