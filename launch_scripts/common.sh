@@ -115,6 +115,12 @@ slurm_setup() {
     MASTER_ADDR="${MASTER_ADDR:-${NODES[0]}}"  # scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
     GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
     positive_int GPUS_PER_NODE
+    # The sbatch scripts ask for SIGTERM 180 s before the time limit (#SBATCH --signal=TERM@180): every
+    # rank finishes its iteration, saves and exits 0 (docs/fault_tolerance.md). torchrun's agent forwards
+    # the signal and kills the ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (its default, 30 s, is
+    # short for a large checkpoint); DeepSpeed's launcher waits 30 s (hard-coded).
+    PRETRAIN_ARGS+=(--exit-signal-handler)
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}"
 }
 
 # launch CMD ARGS...: with DRY_RUN set (and not 0) print the command as one shell-quoted line and exit 0;

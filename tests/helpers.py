@@ -85,7 +85,7 @@ def launch_pretrain(corpus, tmp, ranks: int, layout: tuple[int, int], model: str
             "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--lr-warmup-iters", "1",
             "--data-path", prefix, "--tokenizer-model", tokenizer, "--split", "90,10,0",
             "--eval-interval", "1000", "--eval-iters", "0", "--log-interval", "1", "--num-workers", "0",
-            "--seed", "7", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--seed", "7", "--hidden-dropout", "0", "--attention-dropout", "0", "--selection", "none",
             "--make-vocab-size-divisible-by", "32",  # 320 tokens: 320 rows at TP1 and at TP2 alike
             "--tensor-model-parallel-size", str(layout[0]), "--pipeline-model-parallel-size", str(layout[1]),
             "--metrics-file", metrics, *MODELS[model], *extra]

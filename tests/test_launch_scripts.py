@@ -258,6 +258,10 @@ def test_dry_run_launcher_flags(env, tmp_path):
     rest = cmd[inner + 4:cmd.index("--module")]
     assert rest == ["--hostfile", "runs/gpt2_1.3b/hostfile-1", "--num_nodes", "2", "--num_gpus", "4",
                     "--master_addr", "node01", "--master_port", "29500"]
+    # Slurm signals the job steps 180 s before the time limit, and the ranks save and exit on it
+    assert "--exit-signal-handler" in cmd
+    for script in ("slurm_torchrun.sbatch", "slurm_deepspeed.sbatch"):
+        assert "#SBATCH --signal=TERM@180\n" in open(os.path.join(REPO, "launch_scripts", script)).read()
 
 
 def test_slurm_deepspeed_expands_the_node_rank_per_node(env, tmp_path):

@@ -4,12 +4,14 @@ snapshot and equals a run in which every iteration since that snapshot was skipp
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import pytest
 import torch
 from torch.utils import _pytree as pytree
 
-from helpers import flags, without_timing
+from helpers import flags, launch_pretrain, without_timing
 from megatron_eslm.config import parse_args
 from megatron_eslm.errors import UserError
 from megatron_eslm.training.checkpointing import checkpoint_file
@@ -102,7 +104,10 @@ def test_without_a_snapshot_it_rolls_back_to_the_checkpoint(tiny_corpus, tmp_pat
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--snapshot-interval", "3", "--log-interval", "2"], "--snapshot-interval 3 is not a multiple of --log-interval 2"),
+    (["--snapshot-interval", "3", "--log-interval", "2"], "--snapshot-interval 3 is not a multiple of "
+                                                          "--log-interval 2"),
+    (["--snapshot-replicas", "1"], "--snapshot-replicas needs --snapshot-interval"),
+    (["--snapshot-replicas", "2", "--snapshot-interval", "1"], "--snapshot-replicas must be 0 or 1"),
     (["--rollback-on-spike", "2"], "--rollback-on-spike needs --snapshot-interval"),
     (["--rollback-on-spike", "0.5", "--snapshot-interval", "1"], "--rollback-on-spike must be above 1"),
     (["--max-consecutive-skips", "-1"], "--max-consecutive-skips must be >= 0"),
@@ -142,3 +147,18 @@ def test_cuda_skip_without_host_sync_and_snapshot_round_trip(tiny_corpus):
     trainer.model.load_state_dict(snapshot.state()["model"])
     assert_equal_trees(before, trainer.model.state_dict())
     trainer.close()
+
+
+def test_rollback_on_two_data_parallel_ranks_equals_one_process(tiny_corpus, tmp_path):
+    """DP2 takes the same skips and the same rollback as one process (their records agree to float
+    round-off: the data-parallel sums)."""
+    extra = ("--train-iters", "10", "--snapshot-interval", "2", "--inject-nan-at-iterations", "6", "7", "8")
+    one = launch_pretrain(tiny_corpus, str(tmp_path), 1, (1, 1), "gpt2", *extra)
+    two = launch_pretrain(tiny_corpus, str(tmp_path), 2, (1, 1), "gpt2", *extra)
+    assert [r["skipped_iterations"] for r in one] == [r["skipped_iterations"] for r in two] == \
+        [0, 0, 0, 0, 0, 1, 1, 1, 0, 0]
+    for a, b in zip(one, two):
+        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-5), a["iteration"]
+    rollbacks = [json.loads(line) for name in os.listdir(tmp_path) if name.startswith("metrics-")
+                 for line in open(tmp_path / name) if '"rollback"' in line]
+    assert [(r["iteration"], r["restored_iteration"]) for r in rollbacks] == [(8, 4), (8, 4)]

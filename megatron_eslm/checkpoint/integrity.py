@@ -57,11 +57,14 @@ def files_under(directory: str) -> list[str]:
 
 
 def write_manifest(directory: str, entries: dict[str, dict[str, int]]) -> None:
+    """Write (atomically: survivors may race to write the same one) and fsync the manifest."""
     path = os.path.join(directory, MANIFEST)
-    with open(path, "w") as fh:
+    tmp = f"{path}.{os.getpid()}.part"
+    with open(tmp, "w") as fh:
         json.dump({"files": dict(sorted(entries.items()))}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def read_manifest(directory: str) -> dict[str, dict[str, int]] | None:

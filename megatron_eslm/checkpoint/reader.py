@@ -12,13 +12,12 @@ from megatron_eslm.checkpoint import integrity
 from megatron_eslm.checkpoint.full_state import MOMENTS, FullCheckpoint, config_from_dict
 from megatron_eslm.checkpoint.shards import TIED_COPY, shard_spec
 from megatron_eslm.errors import UserError
-from megatron_eslm.training.checkpointing import FILENAME, TRACKER, iteration_dir, latest_iteration
+from megatron_eslm.training.checkpointing import FILENAME, TRACKER, iteration_dir, latest_iteration, shard_dir_name
 
 
 def shard_path(directory: str, tp_rank: int, pp_rank: int, pp: int) -> str:
-    """Our file of one shard (`checkpointing.shard_dir`'s naming: the stage only under pipelining)."""
-    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return os.path.join(directory, name, FILENAME)
+    """Our file of one shard."""
+    return os.path.join(directory, shard_dir_name(tp_rank, pp_rank, pp), FILENAME)
 
 
 def load_file(path: str) -> dict:

@@ -19,6 +19,7 @@ class FaultsConfig:
     exit_signal_handler: bool = False
     exit_signal: str = "SIGTERM"
     snapshot_interval: int | None = None
+    snapshot_replicas: int = 0
     max_consecutive_skips: int = 3
     rollback_on_spike: float | None = None
     inject_nan_at_iterations: list[int] = field(default_factory=list)
@@ -34,6 +35,9 @@ HELP = {
     "snapshot_interval": "keep a copy of the model, optimizer and selection state in CPU memory every N "
                          "iterations (a multiple of --log-interval), the target of rollbacks "
                          "(docs/fault_tolerance.md)",
+    "snapshot_replicas": "1: mirror each vetted snapshot to the rank one node ahead (LOCAL_WORLD_SIZE ranks "
+                         "per node), so that when ranks die the survivors write it under --save as a "
+                         "checkpoint to resume from (docs/fault_tolerance.md)",
     "max_consecutive_skips": "a step whose gradient norm is NaN/inf is skipped on every rank; when the last N "
                              "steps at a log interval were all skipped, roll back to the last snapshot (or the "
                              "last checkpoint under --save) and go on past their batches (0: never roll back)",
@@ -56,6 +60,10 @@ def validate_faults(f: FaultsConfig, log_interval: int) -> None:
         if f.snapshot_interval % log_interval:
             raise UserError(f"--snapshot-interval {f.snapshot_interval} is not a multiple of --log-interval "
                             f"{log_interval} (a snapshot is taken where the loss is checked)")
+    if f.snapshot_replicas not in (0, 1):
+        raise UserError(f"--snapshot-replicas must be 0 or 1, got {f.snapshot_replicas}")
+    if f.snapshot_replicas and f.snapshot_interval is None:
+        raise UserError("--snapshot-replicas needs --snapshot-interval (the snapshots it mirrors)")
     if f.max_consecutive_skips < 0:
         raise UserError(f"--max-consecutive-skips must be >= 0, got {f.max_consecutive_skips}")
     if f.rollback_on_spike is not None and f.rollback_on_spike <= 1.0:

@@ -16,7 +16,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     ddp_bucket_size: int = 25_000_000  # gradient elements per data-parallel all-reduce
     overlap_grad_reduce: bool = False
-    distributed_timeout_minutes: int = 10  # Megatron's default
+    distributed_timeout_minutes: float = 10  # Megatron's default
 
 
 HELP = {
@@ -28,7 +28,9 @@ HELP = {
                            "as soon as its gradients are final, instead of after the backward (nothing to "
                            "do without data parallelism; under --deepspeed: ZeRO-2/3's overlap_comm)",
     "distributed_timeout_minutes": "how long a collective, or a rank waiting while rank 0 alone writes a "
-                                   "checkpoint or builds the index cache, may wait before the job fails",
+                                   "checkpoint or builds the index cache, may wait before the job fails; "
+                                   "also how long a rank may make no progress before it exits naming the "
+                                   "dead or stuck rank (distributed/watchdog.py)",
 }
 
 

@@ -51,7 +51,7 @@ def default_device() -> torch.device:
 
 
 def init_process_group(device: torch.device, single_process: bool = False,
-                       timeout_minutes: int = ParallelConfig.distributed_timeout_minutes) -> bool:
+                       timeout_minutes: float = ParallelConfig.distributed_timeout_minutes) -> bool:
     """Bind `device` and join the default group when launched with several processes (or, with
     `single_process`, make a one-process group: DeepSpeed needs one even alone); True if this call created
     it. `timeout_minutes` (--distributed-timeout-minutes) bounds every wait of the group and of

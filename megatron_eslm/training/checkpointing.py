@@ -56,12 +56,15 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def shard_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    """A shard's directory name: mp_rank_{tp:02d}, with _{pp:03d} under pipeline parallelism."""
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
 def shard_dir() -> str:
-    """This rank's shard directory name: mp_rank_{tp:02d}, with _{pp:03d} under pipeline parallelism."""
+    """This rank's shard directory name."""
     layout = parallel_state.layout()
-    if layout.pp == 1:
-        return f"mp_rank_{layout.tp_rank:02d}"
-    return f"mp_rank_{layout.tp_rank:02d}_{layout.pp_rank:03d}"
+    return shard_dir_name(layout.tp_rank, layout.pp_rank, layout.pp)
 
 
 def checkpoint_file(root: str, iteration: int) -> str:
@@ -99,7 +102,7 @@ def _is_rank_zero() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
 
-def _replica_rng_states() -> list[dict]:
+def replica_rng_states() -> list[dict]:
     """Every data-parallel replica's RNG state, in replica order."""
     state = rng_state()
     if parallel_state.data_parallel_size() == 1:
@@ -149,15 +152,21 @@ def begin_save(root: str, iteration: int, state: dict) -> tuple[str, dict]:
             for leftover in glob_leftovers(root):
                 shutil.rmtree(leftover, ignore_errors=True)
             os.makedirs(tmp)
-    rng = _replica_rng_states()  # a collective of its own: outside the phases that may fail on one rank
-    return tmp, {**state, "iteration": iteration, "rng": rng, "layout": _layout_sizes()}
+    return tmp, full_state(iteration, state)  # a collective of its own: outside the phases that may fail
+
+
+def full_state(iteration: int, state: dict) -> dict:
+    """What this rank's checkpoint file holds: `state` with the iteration, every data-parallel replica's RNG
+    states (gathered: collective over the data-parallel group) and the layout's sizes."""
+    return {**state, "iteration": iteration, "rng": replica_rng_states(), "layout": _layout_sizes()}
 
 
 def glob_leftovers(root: str) -> list[str]:
-    """Temporary directories of saves that never finished."""
+    """Temporary directories of saves that never finished (an emergency save's too: `snapshot_replicas.py`)."""
     if not os.path.isdir(root):
         return []
-    return [os.path.join(root, name) for name in os.listdir(root) if re.fullmatch(r"iter_\d{7}\.(tmp|old)", name)]
+    return [os.path.join(root, name) for name in os.listdir(root)
+            if re.fullmatch(r"iter_\d{7}\.(tmp|old|emergency)", name)]
 
 
 def finish_save(root: str, tmp: str, iteration: int, entries: dict[str, dict] | None,

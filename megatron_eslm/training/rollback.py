@@ -28,7 +28,7 @@ import torch
 
 from megatron_eslm.config.faults import FaultsConfig
 from megatron_eslm.errors import UserError
-from megatron_eslm.training import checkpointing
+from megatron_eslm.training import checkpointing, snapshot_replicas
 from megatron_eslm.training.host_copy import copy_to_host
 from megatron_eslm.training.optimizer import load_optimizer_state
 
@@ -36,17 +36,17 @@ LOSS_AVERAGE_WEIGHT = 0.1  # of the newest interval in the running loss average
 
 
 class Snapshot:
-    """One rank's model, optimizer and selection state at `iteration`, in CPU memory."""
+    """One rank's checkpoint state (`checkpointing.full_state`, plus its shard directory's name) at
+    `iteration`, in CPU memory."""
 
     def __init__(self) -> None:
         self.iteration: int | None = None
         self._state: dict | None = None
         self._copied: torch.cuda.Event | None = None
 
-    def take(self, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, policy) -> None:
+    def take(self, iteration: int, state: dict) -> None:
         self.iteration = iteration
-        self._state = copy_to_host({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "policy": policy.state_dict() if policy is not None else {}}, self._state)
+        self._state = copy_to_host(state, self._state)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self._copied = torch.cuda.Event()
             self._copied.record()
@@ -65,7 +65,10 @@ class Recovery:
         self.cfg = cfg
         self.save_dir = save_dir
         self.vetted, self.pending = Snapshot(), Snapshot()
+        self.peer: dict | None = None  # the vetted snapshot of the rank one node behind (--snapshot-replicas)
         self.loss_average: float | None = None
+        if cfg.snapshot_replicas:
+            snapshot_replicas.check_peers(cfg.snapshot_replicas)
 
     def _reason(self, record: dict) -> str | None:
         cfg, loss = self.cfg, record["lm_loss"]
@@ -83,6 +86,9 @@ class Recovery:
         reason = self._reason(record)
         if reason is None:
             if record["skipped_iterations"] == 0 and self.pending.iteration is not None:
+                if self.cfg.snapshot_replicas:  # collective: every rank vets at the same iteration; before the
+                    # swap, so that a peer dying in the exchange leaves the previous pair (own, peer's) intact
+                    self.peer = snapshot_replicas.exchange_with_peer(self.pending.state())
                 self.vetted, self.pending = self.pending, self.vetted
                 self.pending.iteration = None
             loss = record["lm_loss"]
@@ -91,7 +97,8 @@ class Recovery:
                     (1 - LOSS_AVERAGE_WEIGHT) * self.loss_average + LOSS_AVERAGE_WEIGHT * loss
             every = self.cfg.snapshot_interval
             if every and trainer.iteration % every == 0:
-                self.pending.take(trainer.iteration, trainer.model, trainer.optimizer, trainer.policy)
+                state = checkpointing.full_state(trainer.iteration, trainer.checkpoint_state())
+                self.pending.take(trainer.iteration, {**state, "shard": checkpointing.shard_dir()})
             return None
         restored, source = self._restore(trainer, reason)
         self.pending.iteration = None  # taken after the restored state: no longer a descendant of it
@@ -113,3 +120,11 @@ class Recovery:
         if trainer.policy is not None and state.get("policy"):
             trainer.policy.load_state_dict(state["policy"])
         return restored, source
+
+    def emergency_save(self) -> str | None:
+        """Ranks died: write the vetted snapshots this rank holds as a checkpoint under --save
+        (`snapshot_replicas.py`); returns what happened, None without a snapshot or --save."""
+        if self.save_dir is None or self.vetted.iteration is None:
+            return None
+        held = [self.vetted.state()] + ([self.peer] if self.peer is not None else [])
+        return snapshot_replicas.write_emergency_checkpoint(self.save_dir, held)

@@ -17,6 +17,7 @@ from megatron_eslm.distributed import collectives, deepspeed_config, launch
 from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine, partitioned_construction
 from megatron_eslm.distributed.grad_overlap import OverlappedGradReducer
 from megatron_eslm.distributed.grads import finalize_model_grads
+from megatron_eslm.distributed.watchdog import Watchdog
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
@@ -186,12 +187,17 @@ class Trainer:
         self._outside_steps = 0.0  # seconds of the interval spent on evaluations and checkpoints
         exits = ExitConditions(cfg.faults)
         stop = None  # why the run stops before --train-iters (training/faults.py)
+        # a dead or stalled rank named in one line (distributed/watchdog.py)
+        watchdog = Watchdog(60 * cfg.parallel.distributed_timeout_minutes, self.recovery.emergency_save) \
+            if launch.world_size() > 1 else None
         try:
             while self.iteration < t.train_iters and stop is None:
                 interval = self.train_step(batches, interval)
                 self.iteration += 1
                 if self.async_saver is not None:
                     self.async_saver.poll()
+                if watchdog is not None:
+                    watchdog.progress(self.iteration)
                 self.consumed_samples += t.global_batch_size
                 stop = exits.reason(self.iteration)
                 if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters or stop:
@@ -215,10 +221,21 @@ class Trainer:
                         with timers.phase("checkpoint"):
                             self.save(save.save)
                     self._outside_steps += time.perf_counter() - outside
+                    if watchdog is not None:
+                        watchdog.progress(self.iteration)
             if self.async_saver is not None:
                 self.async_saver.wait()  # the last checkpoint is on disk when train() returns
+        except RuntimeError as err:  # torch.distributed's errors among them: a peer gone?
+            culprits = watchdog.culprits() if watchdog is not None else None
+            if culprits is None:
+                raise
+            saved = self.recovery.emergency_save()
+            raise UserError(f"rank {launch.rank()} at iteration {self.iteration}: {type(err).__name__} in a "
+                            f"collective; {culprits}{f'; {saved}' if saved else ''}") from None
         finally:
             exits.close()  # the signal's previous handler back, also when a step raised
+            if watchdog is not None:
+                watchdog.close()
         if stop is not None:
             self.log(f"stopped after iteration {self.iteration}: {stop}")
         return records
@@ -292,7 +309,9 @@ class Trainer:
                      f"ppl {record['val_ppl']:.2f}")
 
     # ----------------------------------------------------------------- checkpoints
-    def save(self, root: str) -> str:
+    def checkpoint_state(self, with_model: bool = True) -> dict:
+        """What a checkpoint (and a snapshot) of this rank holds, RNG and layout aside: `with_model` adds the
+        model and optimizer state (DeepSpeed writes those itself)."""
         state = {
             "scheduler": {"num_steps": self.iteration, **schedule_flags(self.cfg.optimizer)},
             "consumed_samples": self.consumed_samples,
@@ -300,8 +319,13 @@ class Trainer:
             "policy": self.policy.state_dict() if self.policy is not None else {},
             "vocab_size": self.tokenizer.vocab_size,  # the offline tools cut the padding rows with it
         }
+        if with_model:
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+        return state
+
+    def save(self, root: str) -> str:
+        state = self.checkpoint_state(with_model=self.engine is None)
         if self.engine is None:
-            state = {**state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
             if self.async_saver is not None:
                 self.async_saver.save(root, self.iteration, state)
                 return checkpointing.iteration_dir(root, self.iteration)

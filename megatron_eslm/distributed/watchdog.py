@@ -1,0 +1,108 @@
+"""A dead or stalled rank named in one line, instead of every other rank hanging until the scheduler kills it.
+
+Each rank runs a daemon thread that writes a heartbeat into the job's rendezvous store (the TCPStore that
+torch.distributed already runs on rank 0's host) every few seconds (a sixth of the timeout, 0.5 to 10 s):
+the time and the iteration it had finished then. The training loop reports progress (`progress`) after
+every iteration, evaluation and checkpoint. Two ways a run ends through it:
+
+  watchdog    this rank has made no progress for --distributed-timeout-minutes (stuck in a collective that
+              NCCL may not time out for a long while, or in a hung peer's p2p): the thread reads every
+              rank's heartbeat, prints one line naming the ranks that stopped beating (dead, or stopped:
+              SIGSTOP, a hung node) or, when all beat, the ones furthest behind (alive but stuck), and
+              exits the process with status 1.
+  diagnose    a collective raised (gloo reports a closed connection at once): the trainer asks which rank
+              stopped beating (`culprits`, waiting up to four heartbeats for it: a heartbeat is stale after
+              three), and raises that as the one-line error.
+
+Either way the rank first writes the snapshots it holds (`on_failure`, `training/snapshot_replicas.py`).
+If rank 0 dies, the store dies with it: the line then says that rank 0 is gone.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+import torch.distributed as dist
+
+KEY = "eslm/heartbeat/{rank}"
+
+
+def _beat_interval(timeout_s: float) -> float:
+    return max(0.5, min(10.0, timeout_s / 6))
+
+
+class Watchdog:
+    """`on_failure()`, called before this rank exits for a stalled or dead peer, may save what it can and
+    returns what it did, for the line (the trainer writes its snapshots: `training/snapshot_replicas.py`)."""
+
+    def __init__(self, timeout_s: float, on_failure: Callable[[], str | None] = lambda: None):
+        self.timeout_s = timeout_s
+        self.on_failure = on_failure
+        self.interval = _beat_interval(timeout_s)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.store = dist.distributed_c10d._get_default_store()
+        self.iteration = 0
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="eslm-watchdog", daemon=True)
+        self._thread.start()
+
+    def progress(self, iteration: int) -> None:
+        """The training loop finished something (an iteration, an evaluation, a save)."""
+        self.iteration, self.last_progress = iteration, time.monotonic()
+
+    def _beat(self) -> None:
+        self.store.set(KEY.format(rank=self.rank), f"{time.time():.3f} {self.iteration}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 -- the store's host (rank 0) is gone
+                if self.rank != 0:
+                    self._exit("cannot reach the rendezvous store on rank 0's host: rank 0 is gone")
+                return
+            idle = time.monotonic() - self.last_progress
+            if idle > self.timeout_s:
+                self._exit(f"no progress for {idle:.0f} s (--distributed-timeout-minutes "
+                           f"{self.timeout_s / 60:g}): {self.culprits(wait_s=0) or 'every rank is beating'}")
+
+    def _exit(self, why: str) -> None:
+        try:
+            saved = self.on_failure()
+        except Exception as err:  # noqa: BLE001 -- the line must still be printed
+            saved = f"saving the snapshot failed ({type(err).__name__}: {err})"
+        print(f"error: rank {self.rank} at iteration {self.iteration}: {why}{f'; {saved}' if saved else ''}; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def culprits(self, wait_s: float | None = None) -> str | None:
+        """Which ranks stopped beating (waiting up to `wait_s`, default four heartbeats, for one to go stale), or
+        else which are furthest behind; None when every rank is beating at this rank's iteration."""
+        deadline = time.monotonic() + (4 * self.interval if wait_s is None else wait_s)
+        while True:
+            try:
+                beats = {r: self.store.get(KEY.format(rank=r)).decode().split() for r in range(self.world)}
+            except Exception:  # noqa: BLE001
+                return "cannot reach the rendezvous store on rank 0's host: rank 0 is gone"
+            now = time.time()
+            stale = {r: now - float(t) for r, (t, _) in beats.items() if now - float(t) > 3 * self.interval}
+            if stale:
+                return "; ".join(f"rank {r} stopped answering (its last heartbeat {age:.0f} s ago)"
+                                 for r, age in sorted(stale.items()))
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.interval / 2)
+        lowest = min(int(i) for _, i in beats.values())
+        behind = sorted(r for r, (_, i) in beats.items() if int(i) == lowest)
+        if lowest >= self.iteration:
+            return None
+        return f"rank(s) {', '.join(map(str, behind))} alive but stuck after iteration {lowest}"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

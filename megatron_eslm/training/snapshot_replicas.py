@@ -1,0 +1,88 @@
+"""Snapshots that outlive a node: each vetted snapshot (`rollback.py`) mirrored to the rank one node ahead
+(--snapshot-replicas 1), and written as a checkpoint by the survivors when ranks die.
+
+A snapshot is exactly what the rank's checkpoint file would hold (`checkpointing.full_state`: model, AdamW
+state, selection state, data position, every data-parallel replica's RNG states), plus the name of its
+shard directory. When the watchdog (`distributed/watchdog.py`) finds dead or stopped ranks, every surviving
+rank writes the vetted snapshots it holds, its own and its peer's, into `iter_S.emergency/` under --save
+(any holder of a shard may write it: data-parallel replicas hold the same model and optimizer state, and
+the files are equal). The survivor that finds every shard of the layout there writes the manifest and
+publishes the directory as iteration S (rename, tracker), unless --save already holds a newer checkpoint.
+`--load` then resumes from S, so a lost node costs the iterations since the last snapshot, not since the
+last disk checkpoint. A shard is lost only when every rank holding it (its replicas and their peers) died.
+
+The mirror is a point-to-point exchange on the host's gloo group at each vetting, ring-wise: even nodes
+send first, odd ones receive first. It pickles the CPU copy and blocks training for its transfer (a copy
+of the rank's state over the network per vetted snapshot: choose --snapshot-interval accordingly).
+"""
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+from megatron_eslm.checkpoint import integrity
+from megatron_eslm.distributed import launch
+from megatron_eslm.errors import UserError
+from megatron_eslm.training import checkpointing
+
+SUFFIX = ".emergency"  # iter_S.emergency: written by the survivors, renamed once complete
+
+
+def ranks_per_node() -> int:
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; one node for the whole job without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size()))
+
+
+def check_peers(replicas: int) -> None:
+    """--snapshot-replicas needs a rank on another node to mirror to."""
+    if replicas and launch.world_size() <= ranks_per_node():
+        raise UserError(f"--snapshot-replicas {replicas}: every rank is on one node (LOCAL_WORLD_SIZE "
+                        f"{ranks_per_node()} of {launch.world_size()} ranks): there is no other node to mirror to")
+
+
+def exchange_with_peer(state: dict) -> dict:
+    """Send `state` to the rank one node ahead, and return the state of the rank one node behind."""
+    rank, world, per_node = dist.get_rank(), dist.get_world_size(), ranks_per_node()
+    to, source = (rank + per_node) % world, (rank - per_node) % world
+    group, box = launch.host_group(), [None]
+    if (rank // per_node) % 2 == 0:
+        dist.send_object_list([state], dst=to, group=group)
+        dist.recv_object_list(box, src=source, group=group)
+    else:
+        dist.recv_object_list(box, src=source, group=group)
+        dist.send_object_list([state], dst=to, group=group)
+    return box[0]
+
+
+def write_emergency_checkpoint(root: str, states: list[dict]) -> str:
+    """Write the snapshots this rank holds (`states`, one iteration, each with its "shard") into
+    iter_S.emergency under `root`; publish it when every shard is there. Returns what happened, for the
+    rank's last line."""
+    iteration = states[0]["iteration"]
+    try:
+        latest = checkpointing.latest_iteration(root)
+    except UserError:
+        latest = None
+    if latest is not None and latest >= iteration:
+        return f"snapshot of iteration {iteration} not written: {root} holds iteration {latest}"
+    final = checkpointing.iteration_dir(root, iteration)
+    tmp = final + SUFFIX
+    for state in states:
+        directory = os.path.join(tmp, state["shard"])
+        os.makedirs(directory, exist_ok=True)
+        part = os.path.join(directory, f"{checkpointing.FILENAME}.{os.getpid()}.part")
+        integrity.save_file({key: value for key, value in state.items() if key != "shard"}, part)
+        os.replace(part, os.path.join(directory, checkpointing.FILENAME))  # a replica's equal file may be there
+    sizes = states[0]["layout"]
+    tp, pp = sizes["tensor_model_parallel_size"], sizes["pipeline_model_parallel_size"]
+    expected = [os.path.join(checkpointing.shard_dir_name(t, p, pp), checkpointing.FILENAME)
+                for p in range(pp) for t in range(tp)]
+    if not all(os.path.exists(os.path.join(tmp, name)) for name in expected):  # the last writer publishes
+        return f"snapshot of iteration {iteration} written to {tmp}, not complete yet (shards of other ranks)"
+    integrity.write_manifest(tmp, {name: integrity.checksum_file(os.path.join(tmp, name)) for name in expected})
+    try:
+        checkpointing.publish(root, tmp, final, iteration)
+    except OSError:  # another survivor published it first
+        pass
+    return f"snapshot of iteration {iteration} saved as {final}"

@@ -1,0 +1,90 @@
+"""--snapshot-replicas (training/snapshot_replicas.py): a TP2 run on two "nodes" (one rank each) loses rank 1
+with SIGKILL; rank 0 holds rank 1's vetted snapshot, writes both shards as a checkpoint and exits naming
+rank 1; resuming from that checkpoint equals the run that was never interrupted."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import REPO, flags, without_timing
+from megatron_eslm.checkpoint import integrity
+from megatron_eslm.training.checkpointing import latest_iteration
+from test_watchdog import free_port
+
+
+def launch(corpus, tmp_path, name: str, *extra: str) -> tuple[list[subprocess.Popen], str]:
+    """Two plain processes, TP2, each its own node (LOCAL_WORLD_SIZE=1)."""
+    metrics = str(tmp_path / f"{name}.jsonl")
+    argv = flags(corpus, "--train-iters", "40", "--tensor-model-parallel-size", "2", "--snapshot-interval", "2",
+                 "--snapshot-replicas", "1", "--distributed-timeout-minutes", "0.1", "--metrics-file", metrics,
+                 "--hidden-dropout", "0", "--attention-dropout", "0", *extra)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, text=True,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                   "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for rank in range(2)]
+    return procs, metrics
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
+    errs = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), errs[0][-2000:] + errs[1][-2000:]
+    return errs
+
+
+def records(metrics: str) -> dict[int, dict]:
+    return {r["iteration"]: r for r in without_timing(map(json.loads, open(metrics))) if "lm_loss" in r}
+
+
+def test_survivor_saves_both_shards_and_the_resumed_run_is_exact(tiny_corpus, tmp_path):
+    save = str(tmp_path / "ckpt")
+    procs, metrics = launch(tiny_corpus, tmp_path, "killed", "--save", save)
+    try:
+        deadline = time.monotonic() + 120
+        while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 7):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+            time.sleep(0.02)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        _, err = procs[0].communicate(timeout=60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    line = [line for line in err.splitlines() if line.startswith("error: ")][-1]
+    assert "rank 1 stopped answering" in line and "saved as" in line, err[-2000:]
+    print(line)
+    snapshot = int(re.search(r"snapshot of iteration (\d+) saved", line)[1])
+    assert snapshot >= 4 and latest_iteration(save) == snapshot
+    assert integrity.verify(os.path.join(save, f"iter_{snapshot:07d}"))
+    stop = str(snapshot + 2)
+    finish(launch(tiny_corpus, tmp_path, "resumed", "--save", save, "--load", save, "--exit-interval", stop)[0])
+    reference = str(tmp_path / "reference")
+    procs, reference_metrics = launch(tiny_corpus, tmp_path, "reference", "--save", reference, "--exit-interval",
+                                      stop)
+    finish(procs)
+    resumed, straight = records(str(tmp_path / "resumed.jsonl")), records(reference_metrics)
+    assert sorted(resumed) == [snapshot + 1, snapshot + 2]
+    assert all(resumed[i] == straight[i] for i in resumed)
+    for tp_rank in range(2):
+        files = [os.path.join(root, f"iter_{snapshot + 2:07d}", f"mp_rank_{tp_rank:02d}", "model_optim_rng.pt")
+                 for root in (save, reference)]
+        a, b = (torch.load(path, weights_only=False)["model"] for path in files)
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_one_node_has_no_peer_to_mirror_to(tiny_corpus):
+    from megatron_eslm.config import parse_args
+    from megatron_eslm.errors import UserError
+    from megatron_eslm.training.trainer import Trainer
+    with pytest.raises(UserError, match="--snapshot-replicas 1: every rank is on one node"):
+        Trainer(parse_args(flags(tiny_corpus, "--snapshot-interval", "1", "--snapshot-replicas", "1")))
