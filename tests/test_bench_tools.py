@@ -76,7 +76,7 @@ def test_device_check_dry_run(tmp_path):
     report = (tmp_path / "report.md").read_text()
     steps = re.findall(r"^\| (\w+) \| dry run \(timeout (\d+) s\)", report, re.M)
     assert [name for name, _ in steps] == ["env", "install", "cuda_tests", "triton_tests", "lm_head_bench", "gpt2_step_triton",
-                                           "gpt2_step_torch", "llama_step", "llama_memory", "quickstart",
-                                           "quickstart_bf16"]
+                                           "gpt2_step_torch", "llama_step", "llama_memory", "save_bench",
+                                           "quickstart", "quickstart_bf16"]
     assert "tests/test_lm_head_triton.py" in report and "tests/test_host_syncs.py" in report
     assert (tmp_path / "logs.tar.gz").exists()

@@ -17,7 +17,7 @@ import torch
 from helpers import REPO, flags, without_timing
 from megatron_eslm.checkpoint import integrity
 from megatron_eslm.training.checkpointing import latest_iteration
-from test_watchdog import free_port
+from test_watchdog import free_port, hit
 
 
 def launch(corpus, tmp_path, name: str, *extra: str) -> tuple[list[subprocess.Popen], str]:
@@ -48,19 +48,12 @@ def records(metrics: str) -> dict[int, dict]:
 def test_survivor_saves_both_shards_and_the_resumed_run_is_exact(tiny_corpus, tmp_path):
     save = str(tmp_path / "ckpt")
     procs, metrics = launch(tiny_corpus, tmp_path, "killed", "--save", save)
-    try:
-        deadline = time.monotonic() + 120
-        while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 7):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
-            time.sleep(0.02)
-        os.kill(procs[1].pid, signal.SIGKILL)
-        _, err = procs[0].communicate(timeout=60)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    line = [line for line in err.splitlines() if line.startswith("error: ")][-1]
+    deadline = time.monotonic() + 120
+    while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 7):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+        time.sleep(0.02)
+    lines, err, _ = hit(procs, 1, signal.SIGKILL, 0)
+    line = lines[-1]
     assert "rank 1 stopped answering" in line and "saved as" in line, err[-2000:]
     print(line)
     snapshot = int(re.search(r"snapshot of iteration (\d+) saved", line)[1])

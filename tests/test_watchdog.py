@@ -41,35 +41,31 @@ def start_ranks(corpus, tmp_path) -> tuple[list[subprocess.Popen], str]:
     return procs, metrics
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
-def test_survivor_exits_naming_the_rank(tiny_corpus, tmp_path, how):
-    procs, _ = start_ranks(tiny_corpus, tmp_path)
+def hit(procs: list[subprocess.Popen], victim: int, how: signal.Signals, survivor: int) -> tuple[list[str], str, float]:
+    """Send `how` to rank `victim`, wait for rank `survivor` to exit, kill what is left: the survivor's
+    "error: " lines, its stderr and the seconds it took."""
     try:
-        os.kill(procs[1].pid, how)
+        os.kill(procs[victim].pid, how)
         start = time.monotonic()
-        _, err = procs[0].communicate(timeout=60)
+        _, err = procs[survivor].communicate(timeout=60)
         waited = time.monotonic() - start
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
-    assert procs[0].returncode != 0 and lines, err[-2000:]
-    assert "rank 1 stopped answering" in lines[-1], err[-2000:]
+    assert procs[survivor].returncode != 0, err[-2000:]
+    return [line for line in err.strip().splitlines() if line.startswith("error: ")], err, waited
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_survivor_exits_naming_the_rank(tiny_corpus, tmp_path, how):
+    lines, err, waited = hit(start_ranks(tiny_corpus, tmp_path)[0], 1, how, 0)
+    assert lines and "rank 1 stopped answering" in lines[-1], err[-2000:]
     print(lines[-1], f"({waited:.1f} s)")
     assert waited < 60 * TIMEOUT_MINUTES + 15, waited
 
 
 def test_rank_zero_killed_is_named_by_the_others(tiny_corpus, tmp_path):
-    procs, _ = start_ranks(tiny_corpus, tmp_path)
-    try:
-        os.kill(procs[0].pid, signal.SIGKILL)
-        _, err = procs[1].communicate(timeout=60)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
-    assert procs[1].returncode != 0 and lines and "rank 0 is gone" in lines[-1], err[-2000:]
+    lines, err, _ = hit(start_ranks(tiny_corpus, tmp_path)[0], 0, signal.SIGKILL, 1)
+    assert lines and "rank 0 is gone" in lines[-1], err[-2000:]
