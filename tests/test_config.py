@@ -1,9 +1,11 @@
 """Flags -> Config, the --config file, derived defaults and one-line validation errors."""
 import json
+import math
 import re
 
 import pytest
 
+from helpers import flags, run
 from megatron_eslm.config import OptimizerConfig, parse_args, validate_layout
 from megatron_eslm.errors import UserError
 from megatron_eslm.training.lr_schedule import learning_rate
@@ -108,6 +110,40 @@ def test_lr_schedules(style):
         assert learning_rate(cfg, 100) == pytest.approx(0.1 + 0.9 * 10 / 20)
     rates = [learning_rate(cfg, s) for s in range(10, 120)]
     assert all(a >= b - 1e-12 for a, b in zip(rates, rates[1:]))
+
+
+def megatron_get_lr(num_steps: int, max_lr: float, min_lr: float, warmup: int, decay: int, style: str,
+                    init_lr: float = 0.0, wsd_decay: int | None = None) -> float:
+    """Megatron-LM's OptimizerParamScheduler.get_lr, written out (steps counted in iterations)."""
+    if warmup > 0 and num_steps <= warmup:
+        return init_lr + (max_lr - init_lr) * float(num_steps) / float(warmup)
+    if style == "constant":
+        return max_lr
+    if num_steps > decay:
+        return min_lr
+    num_steps_, decay_steps_ = num_steps - warmup, decay - warmup
+    ratio = float(num_steps_) / float(decay_steps_)
+    if style == "linear":
+        coeff = 1.0 - ratio
+    elif style == "cosine":
+        coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
+    else:  # WSD, linear decay phase
+        if num_steps <= decay - wsd_decay:
+            coeff = 1.0
+        else:
+            coeff = 1.0 - float(num_steps_ - (decay_steps_ - wsd_decay)) / float(wsd_decay)
+    return min_lr + coeff * (max_lr - min_lr)
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "WSD"])
+def test_training_runs_megatrons_rates(tiny_corpus, style):
+    """Megatron steps its scheduler after the update: update k runs at get_lr(k - 1), the first at the
+    initial rate. The trainer's records against get_lr written out."""
+    records = run(flags(tiny_corpus, "--train-iters", "6", "--lr-warmup-iters", "2", "--lr", "1e-3", "--min-lr",
+                        "1e-4", "--lr-decay-style", style, "--lr-wsd-decay-iters", "2", "--lr-warmup-init", "1e-5"))[1]
+    expected = [megatron_get_lr(k - 1, 1e-3, 1e-4, 2, 6, style, init_lr=1e-5, wsd_decay=2) for k in range(1, 7)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12, abs=0)
+    assert records[0]["lr"] == 1e-5
 
 
 def test_llama_flags(base, tmp_path):

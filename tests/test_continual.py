@@ -37,7 +37,8 @@ def test_finetune_takes_the_weights_and_restarts_the_schedule(tiny_corpus, stabl
     records = [r for r in trainer.train() if "lm_loss" in r]
     trainer.close()
     assert [r["iteration"] for r in records] == [1, 2]
-    assert [r["lr"] for r in records] == [learning_rate(trainer.cfg.optimizer, step) for step in (1, 2)] == [5e-4, 1e-3]
+    # Megatron's schedule: update k runs at the rate after k - 1 updates
+    assert [r["lr"] for r in records] == [learning_rate(trainer.cfg.optimizer, step) for step in (0, 1)] == [0.0, 5e-4]
 
 
 def test_no_load_optim_keeps_the_counters_with_fresh_moments(tiny_corpus, stable):
@@ -55,12 +56,12 @@ def test_changed_schedule_needs_override(tiny_corpus, stable):
     trainer = loaded(tiny_corpus, save, "--train-iters", "6", "--lr", "1e-3", "--override-opt_param-scheduler")
     records = [r for r in trainer.train() if "lm_loss" in r]
     trainer.close()
-    assert [r["lr"] for r in records] == [learning_rate(trainer.cfg.optimizer, step) for step in (4, 5, 6)]
+    assert [r["lr"] for r in records] == [learning_rate(trainer.cfg.optimizer, step) for step in (3, 4, 5)]
 
 
 def test_rewarm_at_the_loaded_iteration_follows_the_formula(tiny_corpus, stable):
-    """Loaded at iteration 3 with its moments: warm up from 3e-4 to 1e-3 over iterations 4-5, then cosine
-    to 1e-4 at iteration 7, the rates written out by hand."""
+    """Loaded at iteration 3 with its moments: warm up from 3e-4 to 1e-3 over two steps, then cosine to 1e-4
+    at step 7; updates 4-7 run at the rates after steps 3-6 (Megatron's), written out by hand."""
     save, _ = stable
     rewarm = ["--train-iters", "7", "--override-opt_param-scheduler", "--lr-schedule-start-iter", "3",
               "--lr-warmup-init", "3e-4", "--lr-warmup-iters", "2", "--lr", "1e-3", "--min-lr", "1e-4"]
@@ -69,8 +70,8 @@ def test_rewarm_at_the_loaded_iteration_follows_the_formula(tiny_corpus, stable)
     lrs = [r["lr"] for r in trainer.train() if "lm_loss" in r]
     trainer.close()
     cosine = 1e-4 + 9e-4 * 0.5 * (math.cos(math.pi * 0.5) + 1.0)
-    assert lrs == pytest.approx([3e-4 + 7e-4 / 2, 1e-3, cosine, 1e-4], rel=1e-12, abs=0)
-    assert lrs == [learning_rate(trainer.cfg.optimizer, step) for step in (4, 5, 6, 7)]
+    assert lrs == pytest.approx([3e-4, 3e-4 + 7e-4 / 2, 1e-3, cosine], rel=1e-12, abs=0)
+    assert lrs == [learning_rate(trainer.cfg.optimizer, step) for step in (3, 4, 5, 6)]
     with pytest.raises(UserError, match="--lr-schedule-start-iter 4 is after the iteration this run starts from, 3"):
         loaded(tiny_corpus, save, "--train-iters", "7", "--override-opt_param-scheduler",
                "--lr-schedule-start-iter", "4")
@@ -88,7 +89,8 @@ def test_wsd_decay_branch_equals_the_uninterrupted_run(tiny_corpus, tmp_path):
     (tmp_path / "stable" / "latest_checkpointed_iteration.txt").write_text("4\n")  # branch off iteration 4
     branch, branched = run(flags(tiny_corpus, *wsd, "--load", save, "--override-opt_param-scheduler"))
     assert without_timing(branched) == without_timing([r for r in records if r["iteration"] > 4])
-    assert [r["lr"] for r in branched if "lm_loss" in r][-1] == 3e-4
+    # the last update runs at the rate after 7 updates: a third of the way above --min-lr (Megatron's)
+    assert [r["lr"] for r in branched if "lm_loss" in r][-1] == pytest.approx(3e-4 + (3e-3 - 3e-4) / 3)
     for k, v in straight.model.state_dict().items():
         assert torch.equal(branch.model.state_dict()[k], v), k
 

@@ -1,4 +1,9 @@
-"""Learning-rate schedules (Megatron's OptimizerParamScheduler semantics), as a pure function of the step.
+"""Learning-rate schedules (Megatron's OptimizerParamScheduler), as a pure function of the steps taken.
+
+As in Megatron, optimizer update k (1-based) runs at the rate of `learning_rate(cfg, k - 1)`: the scheduler
+is stepped after the update, so the first update runs at the initial rate (--lr-warmup-init, 0 by default,
+when warming up) and the last one just above --min-lr (tests/test_config.py checks the first rates
+against Megatron's get_lr written out).
 
 Linear warmup from --lr-warmup-init (default 0) to --lr over --lr-warmup-iters, then up to iteration
 --lr-decay-iters: cosine or linear decay to --min-lr, constant, or warmup-stable-decay (WSD: hold --lr,
@@ -16,7 +21,7 @@ from megatron_eslm.errors import UserError
 
 
 def learning_rate(cfg: OptimizerConfig, step: int) -> float:
-    """Rate used by optimizer step number `step` (1-based)."""
+    """Megatron's rate after `step` optimizer updates: the rate update `step` + 1 runs at."""
     max_lr, min_lr, warmup, decay = cfg.lr, cfg.min_lr, cfg.lr_warmup_iters, cfg.lr_decay_iters
     origin, init = cfg.lr_schedule_start_iter, cfg.lr_warmup_init
     if warmup > 0 and step - origin <= warmup:

@@ -120,7 +120,7 @@ class Trainer:
         self.model.train()
         if self.policy is not None:
             self.policy.start_step(self.iteration + 1)
-        lr = learning_rate(self.cfg.optimizer, self.iteration + 1)
+        lr = learning_rate(self.cfg.optimizer, self.iteration)  # Megatron's: the rate after the updates so far
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
             # --inject-nan-at-iterations: a NaN loss on every rank's last stage, hence NaN gradients
