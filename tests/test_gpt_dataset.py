@@ -103,7 +103,8 @@ def test_build_train_valid_test_datasets(tmp_path):
     data = DataConfig(data_path=[prefix], split="18,2,0")
     train, valid, test = build_train_valid_test_datasets(data, 4, 1234, (30, 3, 5), vocab_size=2000)
     assert test is None
-    assert len(train) == 30 and len(valid) == 3
+    # 30 training samples take epochs; validation holds one pass: 10 tokens give two windows of 4 (+1), not 3
+    assert len(train) == 30 and len(valid) == 2
     assert set(train.document_index) == set(range(18)) and set(valid.document_index) == {18, 19}
     assert build_train_valid_test_datasets(data, 4, 1234, (30, 0, 5), vocab_size=2000)[1] is None
 

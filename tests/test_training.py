@@ -9,6 +9,7 @@ import torch
 
 from helpers import flags, run, straight_and_resumed, without_timing
 from megatron_eslm.config import parse_args
+from megatron_eslm.data.builder import distinct_windows
 from megatron_eslm.training.trainer import Trainer
 
 
@@ -49,7 +50,7 @@ def test_eslm_keeps_high_loss_tokens_and_logs_the_contract(tiny_corpus, tmp_path
                              "consumed_samples", "kept", "threshold_bound", "threshold_bytes", "nonfinite", "iterations",
                              "skipped_iterations", "consecutive_skips",
                              "tflops_per_gpu", "mfu", "max_memory_allocated"}
-    assert set(valid[0]) == {"iteration", "split", "val_loss", "val_ppl"}
+    assert set(valid[0]) == {"iteration", "split", "val_loss", "val_ppl", "samples"}
     for r in train:
         assert 0.35 <= r["kept_fraction"] <= 0.6
         assert r["kept"] == round(r["kept_fraction"] * 8 * 32)  # every token of a GPT sample is valid
@@ -93,3 +94,24 @@ def test_cli_bad_input_is_one_line(tiny_corpus, tmp_path):
     proc = cli(*flags(tiny_corpus, "--eslm-alpha", "1.5"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --eslm-alpha must be in [0, 1), got 1.5"]
+
+
+@pytest.mark.parametrize("blend", [False, True], ids=["one dataset", "blend"])
+def test_validation_scores_each_window_once(tiny_corpus, blend):
+    """--eval-iters x global batch far beyond the split: the validation set holds one pass over its
+    documents (no window twice; a blend: none of its datasets twice), and the evaluation says how many."""
+    prefix, _ = tiny_corpus
+    data = ["--data-path", "0.3", prefix, "0.7", prefix] if blend else []
+    lines = []
+    trainer = Trainer(parse_args(flags(tiny_corpus, "--eval-iters", "1000", *data)), log=lines.append)
+    valid = trainer.valid_ds
+    parts = valid.datasets if blend else [valid]
+    for part in parts:
+        assert part.num_epochs == 1 and len(set(part.shuffle_index.tolist())) == len(part)
+    if not blend:  # every window of the split's stream: the next one would wrap into a second pass
+        assert len(part) == distinct_windows(
+            part.indexed_dataset, (int(part.document_index.min()), int(part.document_index.max()) + 1), 32)
+    assert any(f"validation: {len(valid)} distinct samples" in line for line in lines)
+    record = trainer.evaluate()
+    assert record["samples"] == len(valid) // 4 * 4  # whole micro-batches of 4
+    trainer.close()

@@ -88,6 +88,32 @@ class _Datasets:
         return self.opened[prefix]
 
 
+def distinct_windows(dataset: IndexedDataset, document_range: tuple[int, int], seq_length: int) -> int:
+    """Samples of `seq_length + 1` tokens that one pass over the documents holds (at least one)."""
+    start, end = document_range
+    tokens = int(dataset.document_offsets[end] - dataset.document_offsets[start])
+    return max(1, (tokens - 1) // seq_length)
+
+
+def _once(parts: Sequence[tuple[Fraction, IndexedDataset, tuple[int, int]]], seq_length: int, num_samples: int,
+          cache_dir: str | None) -> int:
+    """The most samples, up to `num_samples`, that the blend of `parts` draws without reading any of its
+    datasets twice: evaluation scores distinct text (a second epoch would score windows again)."""
+    capacity = [distinct_windows(dataset, document_range, seq_length) for _, dataset, document_range in parts]
+    if len(parts) == 1:
+        return min(num_samples, capacity[0])
+    total = sum(weight for weight, _, _ in parts)
+    size = min(num_samples, *(math.floor(cap * total / weight) for (weight, _, _), cap in zip(parts, capacity)
+                              if weight > 0))
+    while size > 1:  # the blend's rounding may give one dataset a sample more than its share
+        counts = np.bincount(cached_blending_indices([w for w, _, _ in parts], size, cache_dir)["dataset_index"],
+                             minlength=len(parts))
+        if all(count <= cap for count, cap in zip(counts, capacity)):
+            break
+        size -= 1
+    return size
+
+
 def _blend(
     parts: Sequence[tuple[Fraction, IndexedDataset, tuple[int, int]]],
     name: str,
@@ -112,7 +138,8 @@ def _blend(
 def build_train_valid_test_datasets(
     data: DataConfig, seq_length: int, seed: int, num_samples: Sequence[int], vocab_size: int
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
-    """(train, valid, test) datasets with ``num_samples`` samples each; None where a split has no data or
+    """(train, valid, test) datasets with ``num_samples`` samples each (valid and test: at most as many as
+    one pass over their documents holds, so no window is scored twice); None where a split has no data or
     no samples are asked. Each sample is ``{"tokens", "labels", "index"}``."""
     open_dataset = _Datasets(vocab_size)
     split_paths = (data.train_data_path, data.valid_data_path, data.test_data_path)
@@ -140,6 +167,8 @@ def build_train_valid_test_datasets(
                 continue
             parts = [(weight, (dataset := open_dataset(prefix)), (0, dataset.num_documents))
                      for weight, prefix in parse_blend(split_paths[s], flag)]
+        if name != "train":  # evaluation splits: each window once, at most
+            samples = _once(parts, seq_length, samples, data.data_cache_path)
         datasets.append(_blend(parts, name, seq_length, seed, samples, data.data_cache_path))
     if datasets[0] is None and num_samples[0] > 0:
         source = f"--split {data.split}: the train split" if data.data_path else "--train-data-path"

@@ -84,6 +84,9 @@ class Trainer:
         self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
             cfg.data, cfg.model.seq_length, t.seed, (t.train_iters * t.global_batch_size, eval_samples, 0),
             self.tokenizer.vocab_size)
+        if self.valid_ds is not None and len(self.valid_ds) < eval_samples:
+            self.log(f"validation: {len(self.valid_ds)} distinct samples, fewer than --eval-iters x --global-batch-size "
+                     f"= {eval_samples}: each is scored once")
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
         if self.iteration < cfg.optimizer.lr_schedule_start_iter:  # its warmup would start in the past
@@ -157,7 +160,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict | None:
         """Loss over ALL valid tokens of the same first --eval-iters validation batches each time, so
-        evaluations are comparable across the run (and before/after training)."""
+        evaluations are comparable across the run (and before/after training); each sample once (a small
+        validation split gives fewer batches, `data/builder.py`)."""
         if self.valid_ds is None or self.cfg.training.eval_iters == 0:
             return None
         self.model.eval()
@@ -170,8 +174,9 @@ class Trainer:
         loss_sum, count = stats.loss_sum, stats.valid
         self.model.train()
         val_loss = loss_sum / max(count, 1)
+        samples = len(loader) * t.micro_batch_size * parallel_state.data_parallel_size()
         return {"iteration": self.iteration, "split": "valid", "val_loss": val_loss,
-                "val_ppl": math.exp(min(val_loss, 50.0))}
+                "val_ppl": math.exp(min(val_loss, 50.0)), "samples": samples}
 
     # ----------------------------------------------------------------- loop
     def train(self) -> list[dict]:
@@ -306,7 +311,7 @@ class Trainer:
         if record is not None:
             self.metrics.write(record)
             self.log(f"validation at iter {record['iteration']} | loss {record['val_loss']:.4f} | "
-                     f"ppl {record['val_ppl']:.2f}")
+                     f"ppl {record['val_ppl']:.2f} | {record['samples']} samples")
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_state(self, with_model: bool = True) -> dict:
