@@ -39,6 +39,7 @@ class SelectionConfig:
     lfr_review_iters: int = 25
     lfr_drop_fraction: float = 0.3
     lm_head_impl: str = "auto"  # auto | torch | triton
+    selection_warmup_iters: int = 0
 
 
 HELP = {
@@ -67,6 +68,9 @@ HELP = {
     "lfr_drop_fraction": "lfr: fraction in [0, 1) of the recent samples' perplexities below which a sample "
                          "is dropped in focus phases",
     "lm_head_impl": "LM-head kernels: " + ", ".join(LM_HEAD_IMPLS) + " (auto: triton on CUDA, else torch)",
+    "selection_warmup_iters": "train dense for the first N iterations, then with --selection (the policy is "
+                              "not consulted before: Ada-ESLM's alpha, LFR's table and Rho-1's reference pass "
+                              "start after them)",
 }
 
 
@@ -111,3 +115,7 @@ def validate_selection(s: SelectionConfig) -> None:
     one_of(s.eslm_threshold_scope, THRESHOLD_SCOPES, "--eslm-threshold-scope")
     _validate_selection_family(s)
     one_of(s.lm_head_impl, LM_HEAD_IMPLS, "--lm-head-impl")
+    if s.selection_warmup_iters < 0:
+        raise UserError(f"--selection-warmup-iters must be >= 0, got {s.selection_warmup_iters}")
+    if s.selection_warmup_iters and s.selection == "none":
+        raise UserError("--selection-warmup-iters needs a --selection other than none")

@@ -121,14 +121,16 @@ class Trainer:
         timers = get_timers()  # phases (`training/timers.py`); data and threshold nest in forward_backward
         timers.start("forward_backward")
         self.model.train()
-        if self.policy is not None:
-            self.policy.start_step(self.iteration + 1)
+        # --selection-warmup-iters: dense until then, the policy not consulted
+        policy = self.policy if self.iteration >= self.cfg.selection.selection_warmup_iters else None
+        if policy is not None:
+            policy.start_step(self.iteration + 1)
         lr = learning_rate(self.cfg.optimizer, self.iteration)  # Megatron's: the rate after the updates so far
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
             # --inject-nan-at-iterations: a NaN loss on every rank's last stage, hence NaN gradients
             injected = self.iteration + 1 in self.cfg.faults.inject_nan_at_iterations
-            stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
+            stats = forward_backward(self.model, policy, batches, self.num_micro_batches, self.device,
                                      self.lm_head_impl, self._autocast, grad_scale=math.nan if injected else 1.0,
                                      stats=stats, grad_reducer=self.grad_reducer)
             timers.stop("forward_backward")
@@ -144,7 +146,7 @@ class Trainer:
             stats.add_step(skipped, self.skip_run)
         else:
             self.engine.start_step()
-            stats = forward_backward(self.model, self.policy, batches, self.num_micro_batches, self.device,
+            stats = forward_backward(self.model, policy, batches, self.num_micro_batches, self.device,
                                      self.lm_head_impl, self._autocast, grad_scale=self.engine.grad_scale,
                                      backward=self.engine.backward, forward=self.engine.forward, stats=stats,
                                      accumulate_into_grad=False)
