@@ -50,7 +50,8 @@ def test_eslm_keeps_high_loss_tokens_and_logs_the_contract(tiny_corpus, tmp_path
                              "consumed_samples", "kept", "threshold_bound", "threshold_bytes", "nonfinite", "iterations",
                              "skipped_iterations", "consecutive_skips",
                              "tflops_per_gpu", "mfu", "max_memory_allocated"}
-    assert set(valid[0]) == {"iteration", "split", "val_loss", "val_ppl", "samples"}
+    assert set(valid[0]) == {"iteration", "split", "val_loss", "val_ppl", "samples", "val_cvar50", "val_cvar90",
+                             "val_above_threshold"}
     for r in train:
         assert 0.35 <= r["kept_fraction"] <= 0.6
         assert r["kept"] == round(r["kept_fraction"] * 8 * 32)  # every token of a GPT sample is valid

@@ -40,7 +40,7 @@ from megatron_eslm.distributed.grad_overlap import OverlappedGradReducer
 from megatron_eslm.distributed.grads import clip_grad_norm
 from megatron_eslm.eslm.policies import Policy
 from megatron_eslm.model.gpt import GPTModel
-from megatron_eslm.model.lm_head import LMHeadOutput, fuses_dense, weight_cast_cache
+from megatron_eslm.model.lm_head import LMHeadOutput, TokenScores, fuses_dense, weight_cast_cache
 from megatron_eslm.pipeline_parallel.p2p_communication import TensorSpec
 from megatron_eslm.pipeline_parallel.schedules import Backward, autograd_backward, get_forward_backward_func
 from megatron_eslm.training.flops import StepFlops, micro_batch_flops
@@ -134,7 +134,7 @@ def reduce_step_stats(stats: StepStats) -> StepStats:
     the other stages, so every rank logs what one process would. Thresholds are the same on every replica;
     their mean is unchanged by the sum. The `_SHARED` sums, equal on every rank of the group, are divided
     back by the group's size (exact: integers below 2^53)."""
-    device = _device()
+    device = stats_device()
     local = stats.sums.to(device) if stats.sums is not None else torch.zeros(len(DEVICE_SUMS), dtype=torch.float64,
                                                                                 device=device)
     values = torch.cat([local, torch.tensor([float(getattr(stats, name)) for name in HOST_SUMS],
@@ -155,7 +155,7 @@ def reduce_step_stats(stats: StepStats) -> StepStats:
     return stats
 
 
-def _device() -> torch.device:
+def stats_device() -> torch.device:
     """Where collectives of small host values live: NCCL needs CUDA tensors, gloo takes CPU ones."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.is_initialized() and \
         torch.distributed.get_backend() == "nccl" else torch.device("cpu")
@@ -177,7 +177,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
                      forward_only: bool = False, grad_scale: float = 1.0,
                      backward: Backward = autograd_backward, forward: Callable | None = None,
                      stats: StepStats | None = None, accumulate_into_grad: bool = True,
-                     grad_reducer: OverlappedGradReducer | None = None) -> StepStats:
+                     grad_reducer: OverlappedGradReducer | None = None,
+                     on_scores: Callable[[TokenScores], None] | None = None) -> StepStats:
     """Accumulate the gradients of this rank's micro-batches (`forward_only`: just score them);
     `policy=None` is dense training. `autocast` wraps the forward only (bf16); backward runs outside it,
     as PyTorch recommends. Each micro-batch loss is multiplied by grad_scale / num_micro_batches and
@@ -187,7 +188,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
     accumulation; `model/lm_head.py`). The head's bf16 weight copy is made once for all the micro-batches
     (`weight_cast_cache`: the weights do not change until the optimizer step). `grad_reducer`
     (--overlap-grad-reduce): the last micro-batch's backward launches its data-parallel sums, which the
-    caller waits for (`grad_reducer.finish()`). Returns this rank's sums
+    caller waits for (`grad_reducer.finish()`). `on_scores` sees each micro-batch's per-token scores (on the
+    last stage). Returns this rank's sums
     (nonzero on the last pipeline stage only), added to `stats` when given (the trainer sums a log
     interval's steps)."""
     if stats is None:
@@ -225,6 +227,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
                 return forward(tokens, input_tensor)
             loss, out = forward(tokens, input_tensor, head=head)
         stats.add(tokens.numel(), out)
+        if on_scores is not None:  # the evaluation's tail metrics
+            on_scores(out.scores)
         if policy is not None:
             stats.policy_flops += policy.extra_flops()
         return loss * grad_scale / num_micro_batches
