@@ -42,6 +42,8 @@ POLICIES = {
     "eslm-entropy": ["--selection", "eslm", "--eslm-score", "entropy"],
     "eslm-previous-step": ["--selection", "eslm", "--eslm-threshold-scope", "previous-step"],
     "random": ["--selection", "random"],
+    # two row groups (weight 1, weight 1/p): two kept counts, with the exact threshold within the budget
+    "eslm-is": ["--selection", "eslm-is", "--eslm-threshold", "exact"],
     "ada-eslm-grad-mass": ["--selection", "ada-eslm", "--ada-eslm-rule", "grad-mass"],
     "ada-eslm-linear": ["--selection", "ada-eslm", "--ada-eslm-rule", "linear"],
     "lfr-focus": ["--selection", "lfr", "--lfr-learn-iters", "0", "--lfr-focus-iters", "5"],

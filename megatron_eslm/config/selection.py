@@ -7,7 +7,7 @@ from megatron_eslm.config.checks import one_of, positive
 from megatron_eslm.errors import UserError
 
 TITLE = "token selection (ESLM)"
-SELECTIONS = ("none", "eslm", "random", "ada-eslm", "eslm-kd", "rho1", "lfr")
+SELECTIONS = ("none", "eslm", "eslm-is", "random", "ada-eslm", "eslm-kd", "rho1", "lfr")
 ADA_ESLM_RULES = ("grad-mass", "linear", "cosine")
 KD_SCORES = ("student", "teacher")
 SCORES = ("loss", "entropy")
@@ -18,12 +18,13 @@ LM_HEAD_IMPLS = ("auto", "torch", "triton")
 
 @dataclass
 class SelectionConfig:
-    selection: str = "eslm"  # none | eslm | random | ada-eslm | eslm-kd | rho1 | lfr
+    selection: str = "eslm"  # none | eslm | eslm-is | random | ada-eslm | eslm-kd | rho1 | lfr
     eslm_score: str = "loss"  # loss | entropy
     eslm_alpha: float = 0.5  # confidence level: the alpha-quantile of scores is the VaR threshold
     eslm_threshold: str = "sketch-exact"  # sketch | sketch-exact | exact
     eslm_sketch_size: int = 2048
     eslm_threshold_scope: str = "micro-batch"  # micro-batch | previous-step: whose scores set the threshold
+    eslm_is_prob: float = 0.1  # eslm-is: keep probability of a token below the threshold (weight 1/p)
     eslm_alpha_min: float = 0.0  # ada-eslm: alpha's bounds; the schedules run from min to max
     eslm_alpha_max: float = 0.8
     ada_eslm_rule: str = "grad-mass"  # grad-mass | linear | cosine
@@ -52,6 +53,8 @@ HELP = {
     "eslm_threshold_scope": "whose scores set a micro-batch's VaR threshold: " + ", ".join(THRESHOLD_SCOPES)
                             + " (the merged sketch of every micro-batch of the previous step; see "
                             "docs/threshold.md)",
+    "eslm_is_prob": "eslm-is: probability p in (0, 1] with which a token below the threshold is kept, with "
+                    "weight 1/p (an unbiased estimate of the dense loss; p = 1 is dense; docs/selection.md)",
     "eslm_alpha_min": "ada-eslm: lowest alpha (where the linear/cosine schedules start)",
     "eslm_alpha_max": "ada-eslm: highest alpha (where the linear/cosine schedules end)",
     "ada_eslm_rule": "ada-eslm: how alpha moves: " + ", ".join(ADA_ESLM_RULES) + " (see docs/selection.md)",
@@ -113,6 +116,8 @@ def validate_selection(s: SelectionConfig) -> None:
     if s.eslm_sketch_size < 2:
         raise UserError(f"--eslm-sketch-size must be at least 2, got {s.eslm_sketch_size}")
     one_of(s.eslm_threshold_scope, THRESHOLD_SCOPES, "--eslm-threshold-scope")
+    if not 0.0 < s.eslm_is_prob <= 1.0:
+        raise UserError(f"--eslm-is-prob must be in (0, 1], got {s.eslm_is_prob}")
     _validate_selection_family(s)
     one_of(s.lm_head_impl, LM_HEAD_IMPLS, "--lm-head-impl")
     if s.selection_warmup_iters < 0:

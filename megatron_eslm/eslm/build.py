@@ -7,6 +7,7 @@ from megatron_eslm import parallel_state
 from megatron_eslm.config import Config
 from megatron_eslm.eslm.ada import AdaESLMPolicy, AlphaRule
 from megatron_eslm.eslm.frozen_model import load_frozen_model
+from megatron_eslm.eslm.importance import ESLMISPolicy
 from megatron_eslm.eslm.kd import ESLMKDPolicy
 from megatron_eslm.eslm.lfr import LFRPolicy, Phases
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, RandomPolicy
@@ -23,6 +24,8 @@ def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = Non
                       s.eslm_threshold_scope)
     if s.selection == "eslm":
         return eslm
+    if s.selection == "eslm-is":
+        return ESLMISPolicy(eslm, s.eslm_is_prob, cfg.training.seed)
     if s.selection == "random":
         return RandomPolicy(eslm, cfg.training.seed, parallel_state.data_parallel_rank())
     if s.selection == "ada-eslm":

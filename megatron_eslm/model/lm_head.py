@@ -66,6 +66,9 @@ class Selection:
     bytes_sent: int = 0  # payload this rank handed to the threshold collectives
     nonfinite: Tensor | int = 0  # valid tokens of the group whose score was NaN or +-inf (excluded)
     rows: Tensor | None = None  # kept.nonzero(), set by the head when it runs its row backward (reused by eslm-kd)
+    # Importance weights (eslm-is): the kept tokens in `upweighted` count `upweight` times in the loss
+    upweighted: Tensor | None = None  # [N] bool, a subset of kept
+    upweight: float = 1.0
 
 
 Selector = Callable[[TokenScores], Selection]
@@ -156,6 +159,9 @@ def _check_selection(selection: Selection, scores: TokenScores) -> None:
                          f"got {kept.dtype} {tuple(kept.shape)}")
     torch._assert_async((kept & ~scores.valid).any().logical_not(),
                         "Selection.kept contains tokens whose label is ignore_index")
+    if selection.upweighted is not None:
+        torch._assert_async((selection.upweighted & ~kept).any().logical_not(),
+                            "Selection.upweighted contains tokens that are not kept")
 
 
 def _inverse(normalizer: Tensor | float, dtype: torch.dtype) -> Tensor | float:
@@ -175,7 +181,10 @@ def select_and_reduce(token_loss: Tensor, entropy: Tensor, valid: Tensor, select
     selection = Selection(kept=valid, normalizer=dense_normalizer) if select is None else select(scores)
     _check_selection(selection, scores)
     inv_normalizer = _inverse(selection.normalizer, token_loss.dtype)
-    return torch.where(selection.kept, token_loss, 0.0).sum() * inv_normalizer, scores, selection, inv_normalizer
+    kept_loss = torch.where(selection.kept, token_loss, 0.0)
+    if selection.upweighted is not None:
+        kept_loss = torch.where(selection.upweighted, kept_loss * selection.upweight, kept_loss)
+    return kept_loss.sum() * inv_normalizer, scores, selection, inv_normalizer
 
 
 def save_for_row_backward(ctx, hidden: Tensor, compute_weight: Tensor, labels: Tensor, selection: Selection,
@@ -185,12 +194,19 @@ def save_for_row_backward(ctx, hidden: Tensor, compute_weight: Tensor, labels: T
     sync (the count sizes pass 2), also handed to the policy as ``selection.rows``. Dense: every row, with
     the log-sum-exp of the ignored ones set to +inf, so that their softmax, and with no label in range their
     whole gradient, is 0: no sync, at the cost of recomputing the (few) ignored rows."""
+    ctx.upweighted = None  # (rows of weight 1 first, then this many upweighted ones, their weight)
     if dense:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         lse = lse.masked_fill(~selection.kept, float("inf"))
-    else:
+    elif selection.upweighted is None:
         with host_syncs.inherent("the kept count sizes the LM head's row backward"):
             rows = selection.rows = selection.kept.nonzero().squeeze(1)
+    else:  # two row groups, each one scalar scale: any kernel, two launches
+        with host_syncs.inherent("the kept counts of the two weights size the LM head's row backward"):
+            plain = (selection.kept & ~selection.upweighted).nonzero().squeeze(1)
+            heavy = selection.upweighted.nonzero().squeeze(1)
+        rows = selection.rows = torch.cat([plain, heavy])
+        ctx.upweighted = (heavy.numel(), selection.upweight)
     ctx.save_for_backward(hidden, compute_weight, labels, rows, lse)
     ctx.kernels, ctx.inv_normalizer, ctx.weight_grad = kernels, inv_normalizer, weight_grad
 
@@ -200,9 +216,18 @@ def row_backward(ctx, grad_loss: Tensor, reduce_rows: Callable[[Tensor], Tensor]
     """(grad_hidden, what to return for the weight) from pass 2 over the kept rows; ``reduce_rows`` sums
     the kept rows' hidden gradients over vocabulary shards."""
     hidden, compute_weight, labels, rows, lse = ctx.saved_tensors
-    grad_rows, grad_weight = ctx.kernels.lm_head_backward_rows(
-        hidden, compute_weight, labels, rows, lse, grad_loss * ctx.inv_normalizer,
-        grad_weight_out=ctx.weight_grad.accumulator())
+    scale = grad_loss * ctx.inv_normalizer
+    if ctx.upweighted is None:
+        grad_rows, grad_weight = ctx.kernels.lm_head_backward_rows(
+            hidden, compute_weight, labels, rows, lse, scale, grad_weight_out=ctx.weight_grad.accumulator())
+    else:
+        heavy, upweight = ctx.upweighted
+        split = rows.numel() - heavy
+        grad_plain, grad_weight = ctx.kernels.lm_head_backward_rows(
+            hidden, compute_weight, labels, rows[:split], lse, scale, grad_weight_out=ctx.weight_grad.accumulator())
+        grad_heavy, grad_weight = ctx.kernels.lm_head_backward_rows(
+            hidden, compute_weight, labels, rows[split:], lse, scale * upweight, grad_weight_out=grad_weight)
+        grad_rows = torch.cat([grad_plain, grad_heavy])
     if reduce_rows is not None:
         grad_rows = reduce_rows(grad_rows)
     grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_rows)

@@ -195,7 +195,7 @@ class Trainer:
         device = stats_device()
         values = torch.full((3,), math.nan, dtype=torch.float64, device=device)
         sel = self.cfg.selection
-        threshold = self._train_threshold if sel.selection in ("eslm", "ada-eslm") or \
+        threshold = self._train_threshold if sel.selection in ("eslm", "eslm-is", "ada-eslm") or \
             (sel.selection == "eslm-kd" and sel.kd_score == "student") else None
         if parallel_state.is_pipeline_last_stage() and scores:
             comm = group_collectives(parallel_state.selection_group())

@@ -1,0 +1,89 @@
+"""eslm-is: importance-sampled ESLM, selection that cannot starve the easy tokens.
+
+ESLM keeps the tokens at or above the VaR threshold t of the batch. eslm-is keeps those with weight 1 and,
+of the others, each at random with probability p (--eslm-is-prob) and weight 1/p; the loss is divided by
+the number n of finite valid tokens of the selection group (dense training's divisor):
+
+    L_IS = (1/n) [ sum_{s_i >= t} L_i + (1/p) sum_{s_i < t} u_i L_i ],   u_i ~ Bernoulli(p)
+
+so E[L_IS] = (1/n) sum_i L_i, the dense loss, and likewise its gradient: an unbiased estimate of the dense
+gradient whose LM-head backward runs over the kept rows only, about (1 - alpha) + alpha p of them. p = 1
+is dense training. The threshold and its modes are ESLM's (`ESLMPolicy`); the loss score is the one
+thresholded, as in ESLM.
+
+The draws are keyed, not streamed: u_i compares a hash of (seed, iteration, the sample's dataset index,
+the token's position) with p, computed on the device (splitmix64 in int64), so a token draws the same
+whatever rank or micro-batch it lands on: data parallelism equals one process, and a resumed run draws
+what the uninterrupted one would, with no generator state.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron_eslm.errors import UserError
+from megatron_eslm.eslm.distributed_threshold import group_collectives
+from megatron_eslm.eslm.policies import ESLMPolicy, Policy, token_score
+from megatron_eslm.model.lm_head import Selection, TokenScores
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as torch's int64 holds it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shift(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    """splitmix64's finaliser: int64 arithmetic wraps modulo 2^64 as the uint64 original does."""
+    z = z + _GOLDEN
+    z = (z ^ _shift(z, 30)) * _MIX1
+    z = (z ^ _shift(z, 27)) * _MIX2
+    return z ^ _shift(z, 31)
+
+
+def token_uniforms(seed: int, iteration: int, index: Tensor, seq_length: int) -> Tensor:
+    """[len(index) * seq_length] float64 in [0, 1): one per (sample index, position), batch-major."""
+    key = _mix(_mix(torch.full_like(index, seed)) ^ iteration)
+    key = _mix(key ^ index).unsqueeze(1)
+    positions = torch.arange(seq_length, device=index.device, dtype=torch.int64).unsqueeze(0)
+    return _shift(_mix(key ^ positions), 11).double().mul_(2.0 ** -53).reshape(-1)
+
+
+class ESLMISPolicy(Policy):
+    def __init__(self, eslm: ESLMPolicy, prob: float, seed: int):
+        self.eslm, self.prob, self.seed = eslm, prob, seed
+        self.iteration = 0
+        self._index: Tensor | None = None
+
+    def start_step(self, iteration: int) -> None:
+        self.eslm.start_step(iteration)
+        self.iteration = iteration
+
+    def prepare(self, tokens: Tensor, labels: Tensor, index: Tensor | None) -> None:
+        if index is None:
+            raise UserError("--selection eslm-is needs the dataset's sample indices (an 'index' field per sample)")
+        self._index = index.to(tokens.device, dtype=torch.int64, non_blocking=True)
+
+    def __call__(self, scores: TokenScores) -> Selection:
+        above = self.eslm(scores)  # the VaR rule: its kept tokens have weight 1
+        score = token_score(scores, self.eslm.score)
+        finite = scores.valid & torch.isfinite(score)
+        uniforms = token_uniforms(self.seed, self.iteration, self._index, score.numel() // self._index.numel())
+        sampled = finite & ~above.kept & (uniforms < self.prob)
+        count = group_collectives(self.eslm.group).all_reduce(finite.sum())  # n: dense training's divisor
+        return Selection(kept=above.kept | sampled, normalizer=count, threshold=above.threshold,
+                         rank_error_bound=above.rank_error_bound, bytes_sent=above.bytes_sent,
+                         nonfinite=above.nonfinite, upweighted=sampled, upweight=1.0 / self.prob)
+
+    def state_dict(self) -> dict:
+        return self.eslm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eslm.load_state_dict(state)
