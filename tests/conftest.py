@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -41,3 +42,16 @@ def tiny_corpus(tmp_path_factory):
     preprocess(str(jsonl), str(root / "corpus"), tokenizer_type="SentencePieceTokenizer",
                tokenizer_model=model, append_eod=True, workers=1)
     return str(root / "corpus_text_document"), model
+
+
+@pytest.fixture(scope="session")
+def two_corpora(tiny_corpus, tmp_path_factory):
+    """The tiny corpus twice under two names (a blend of two validation datasets)."""
+    prefix, tokenizer = tiny_corpus
+    root = tmp_path_factory.mktemp("two")
+    copies = []
+    for name in ("alpha", "beta"):
+        for ext in (".bin", ".idx"):
+            shutil.copy(prefix + ext, root / (name + ext))
+        copies.append(str(root / name))
+    return copies, tokenizer

@@ -456,17 +456,22 @@ def cached_blending_indices(weights: Sequence[Fraction], size: int, cache_dir: s
 
 
 class BlendedDataset(torch.utils.data.Dataset):
-    """Sample i is sample ``dataset_sample_index[i]`` of dataset ``dataset_index[i]`` (None: weight 0)."""
+    """Sample i is sample ``dataset_sample_index[i]`` of dataset ``dataset_index[i]`` (None: weight 0); it
+    carries ``dataset``, that position in the blend, for per-dataset evaluation under ``names``."""
 
-    def __init__(self, datasets: Sequence[torch.utils.data.Dataset | None], indices: Arrays) -> None:
+    def __init__(self, datasets: Sequence[torch.utils.data.Dataset | None], indices: Arrays,
+                 names: Sequence[str] | None = None) -> None:
         self.datasets = list(datasets)
         self.dataset_index = indices["dataset_index"]
         self.dataset_sample_index = indices["dataset_sample_index"]
+        self.names = list(names) if names is not None else [f"dataset{k}" for k in range(len(self.datasets))]
 
     def __len__(self) -> int:
         return len(self.dataset_index)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        sample = self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
+        dataset = int(self.dataset_index[i])
+        sample = self.datasets[dataset][int(self.dataset_sample_index[i])]
         sample["index"] = torch.tensor(i)  # the blended stream's sample id, not the source dataset's
+        sample["dataset"] = torch.tensor(dataset)
         return sample

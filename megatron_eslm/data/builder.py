@@ -8,6 +8,7 @@ Each dataset is opened and checked once (token ids against the tokenizer's vocab
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from fractions import Fraction
@@ -132,7 +133,13 @@ def _blend(
         GPTDataset(dataset, document_range, seq_length, int(count), seed, name, cache_dir) if count else None
         for (_, dataset, document_range), count in zip(parts, counts)
     ]
-    return BlendedDataset(datasets, indices)
+    return BlendedDataset(datasets, indices, dataset_names([dataset.path_prefix for _, dataset, _ in parts]))
+
+
+def dataset_names(prefixes: Sequence[str]) -> list[str]:
+    """Each blend member's name for the metrics: its prefix's base name, numbered when it repeats."""
+    names = [os.path.basename(prefix) for prefix in prefixes]
+    return [name if names.count(name) == 1 else f"{name}#{names[:k].count(name) + 1}" for k, name in enumerate(names)]
 
 
 def build_train_valid_test_datasets(

@@ -7,7 +7,8 @@ import os
 
 class MetricsWriter:
     """Appends one JSON object per record and mirrors numeric fields to TensorBoard as
-    `<split>/<field>` at step `iteration`. Appending lets a resumed run continue the same file."""
+    `<split>/<field>` at step `iteration` (nested ones as `<split>/<field>/<key>/...`, e.g. the per-dataset
+    evaluation's `valid/datasets/<name>/val_loss`). Appending lets a resumed run continue the same file."""
 
     def __init__(self, metrics_file: str | None, tensorboard_dir: str | None):
         self._file = None
@@ -27,8 +28,9 @@ class MetricsWriter:
         if self._tb is not None:
             split = record.get("split", "train")
             for key, value in record.items():
-                if key not in ("iteration", "split") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{split}/{key}", value, record["iteration"])
+                if key not in ("iteration", "split"):
+                    for tag, number in _scalars(f"{split}/{key}", value):
+                        self._tb.add_scalar(tag, number, record["iteration"])
             self._tb.flush()
 
     def close(self) -> None:
@@ -47,3 +49,12 @@ def _drop_torn_line(path: str) -> None:
         data = fh.read()
         if data and not data.endswith(b"\n"):
             fh.truncate(data.rfind(b"\n") + 1)
+
+
+def _scalars(tag: str, value) -> list[tuple[str, float]]:
+    """The numbers of a record field, nested dicts flattened into tags (bools and None left out)."""
+    if isinstance(value, dict):
+        return [item for key, sub in value.items() for item in _scalars(f"{tag}/{key}", sub)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [(tag, value)]
+    return []

@@ -178,7 +178,7 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
                      backward: Backward = autograd_backward, forward: Callable | None = None,
                      stats: StepStats | None = None, accumulate_into_grad: bool = True,
                      grad_reducer: OverlappedGradReducer | None = None,
-                     on_scores: Callable[[TokenScores], None] | None = None) -> StepStats:
+                     on_scores: Callable[[TokenScores, dict], None] | None = None) -> StepStats:
     """Accumulate the gradients of this rank's micro-batches (`forward_only`: just score them);
     `policy=None` is dense training. `autocast` wraps the forward only (bf16); backward runs outside it,
     as PyTorch recommends. Each micro-batch loss is multiplied by grad_scale / num_micro_batches and
@@ -188,8 +188,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
     accumulation; `model/lm_head.py`). The head's bf16 weight copy is made once for all the micro-batches
     (`weight_cast_cache`: the weights do not change until the optimizer step). `grad_reducer`
     (--overlap-grad-reduce): the last micro-batch's backward launches its data-parallel sums, which the
-    caller waits for (`grad_reducer.finish()`). `on_scores` sees each micro-batch's per-token scores (on the
-    last stage). Returns this rank's sums
+    caller waits for (`grad_reducer.finish()`). `on_scores` sees each micro-batch's per-token scores and its batch
+    (on the last stage). Returns this rank's sums
     (nonzero on the last pipeline stage only), added to `stats` when given (the trainer sums a log
     interval's steps)."""
     if stats is None:
@@ -228,7 +228,7 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
             loss, out = forward(tokens, input_tensor, head=head)
         stats.add(tokens.numel(), out)
         if on_scores is not None:  # the evaluation's tail metrics
-            on_scores(out.scores)
+            on_scores(out.scores, batch)
         if policy is not None:
             stats.policy_flops += policy.extra_flops()
         return loss * grad_scale / num_micro_batches

@@ -20,21 +20,17 @@ from megatron_eslm.distributed.grads import finalize_model_grads
 from megatron_eslm.distributed.watchdog import Watchdog
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
-from megatron_eslm.eslm.distributed_threshold import group_collectives
-from megatron_eslm.eslm.policies import token_score
-from megatron_eslm.eslm.tail_metrics import above_threshold_fraction, cvar_over
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
-from megatron_eslm.model.lm_head import TokenScores, resolve_impl
+from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
-from megatron_eslm.training import checkpointing, throughput
+from megatron_eslm.training import checkpointing, evaluation, throughput
 from megatron_eslm.training.async_save import AsyncCheckpointer
 from megatron_eslm.training.faults import ExitConditions
 from megatron_eslm.training.lr_schedule import check_schedule, learning_rate, schedule_flags
 from megatron_eslm.training.metrics import MetricsWriter
 from megatron_eslm.training.optimizer import build_optimizer, load_optimizer_state
-from megatron_eslm.training.step import (StepStats, forward_backward, optimizer_step, reduce_step_stats,
-                                         stats_device)
+from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
 from megatron_eslm.training.progress import progress_bar
 from megatron_eslm.training.rollback import Recovery
 from megatron_eslm.training.timers import get_timers, install_timers, uninstall_timers
@@ -164,54 +160,18 @@ class Trainer:
         return stats
 
     # ----------------------------------------------------------------- eval
-    @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Loss over ALL valid tokens of the same first --eval-iters validation batches each time, so
-        evaluations are comparable across the run (and before/after training); each sample once (a small
-        validation split gives fewer batches, `data/builder.py`)."""
+        """The same first --eval-iters validation batches each time (each sample once), so evaluations are
+        comparable across the run and before/after training (`training/evaluation.py`)."""
         if self.valid_ds is None or self.cfg.training.eval_iters == 0:
             return None
-        self.model.eval()
         t = self.cfg.training
-        total = min(len(self.valid_ds), t.eval_iters * t.global_batch_size)
-        loader = self._loader(self.valid_ds, total, 0)
-        scores: list[TokenScores] = []
-        stats = reduce_step_stats(forward_backward(self.model, None, iter(loader), len(loader), self.device,
-                                                   self.lm_head_impl, self._autocast, forward_only=True,
-                                                   forward=self.engine and self.engine.forward,
-                                                   on_scores=scores.append))
-        loss_sum, count = stats.loss_sum, stats.valid
-        self.model.train()
-        val_loss = loss_sum / max(count, 1)
+        loader = self._loader(self.valid_ds, min(len(self.valid_ds), t.eval_iters * t.global_batch_size), 0)
         samples = len(loader) * t.micro_batch_size * parallel_state.data_parallel_size()
-        return {"iteration": self.iteration, "split": "valid", "val_loss": val_loss,
-                "val_ppl": math.exp(min(val_loss, 50.0)), "samples": samples, **self._tail_metrics(scores)}
-
-    def _tail_metrics(self, scores: list[TokenScores]) -> dict:
-        """val_cvar50 / val_cvar90: the mean of the worst half / tenth of the validation token losses, over
-        the selection group (`eslm/tail_metrics.py`); val_above_threshold: the share of validation tokens
-        whose score is at or above the last logged training threshold (for the policies that threshold the
-        loss or entropy score; None before one is logged). Computed on the last stage, sent to the others."""
-        device = stats_device()
-        values = torch.full((3,), math.nan, dtype=torch.float64, device=device)
-        sel = self.cfg.selection
-        threshold = self._train_threshold if sel.selection in ("eslm", "eslm-is", "ada-eslm") or \
-            (sel.selection == "eslm-kd" and sel.kd_score == "student") else None
-        if parallel_state.is_pipeline_last_stage() and scores:
-            comm = group_collectives(parallel_state.selection_group())
-            loss, valid = torch.cat([s.loss for s in scores]), torch.cat([s.valid for s in scores])
-            above = math.nan
-            if threshold is not None:
-                score = torch.cat([token_score(s, sel.eslm_score) for s in scores])
-                above = above_threshold_fraction(comm, score, valid, threshold)
-            values = torch.stack([cvar_over(comm, loss, valid, 0.5), cvar_over(comm, loss, valid, 0.9),
-                                  torch.as_tensor(above, dtype=torch.float64, device=loss.device)]).to(device)
-        if parallel_state.pipeline_model_parallel_size() > 1:
-            collectives.broadcast(values, parallel_state.pipeline_last_rank(),
-                                  parallel_state.pipeline_model_parallel_group(), collectives.METRICS)
-        cvar50, cvar90, above = values.tolist()
-        return {"val_cvar50": cvar50, "val_cvar90": cvar90,
-                "val_above_threshold": None if math.isnan(above) else above}
+        record = evaluation.evaluate(self.model, self.valid_ds, loader, self.device, self.lm_head_impl,
+                                     self._autocast, self.cfg.selection, self._train_threshold, samples,
+                                     forward=self.engine and self.engine.forward)
+        return {"iteration": self.iteration, **record}
 
     # ----------------------------------------------------------------- loop
     def train(self) -> list[dict]:
