@@ -175,7 +175,8 @@ def test_counter_sees_each_kind_of_sync():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
-@pytest.mark.parametrize("name", ["dense", "eslm-sketch", "eslm-sketch-exact", "eslm-exact", "ada-eslm-grad-mass"])
+@pytest.mark.parametrize("name", ["dense", "eslm-sketch", "eslm-sketch-exact", "eslm-exact", "ada-eslm-grad-mass",
+                                  "eslm-is"])
 @pytest.mark.parametrize("extra", [[], ["--recompute-granularity", "full", "--recompute-method", "uniform",
                                         "--recompute-num-layers", "1", "--bf16"]],
                          ids=["plain", "recompute-bf16"])
