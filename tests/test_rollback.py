@@ -132,7 +132,7 @@ def test_cuda_skip_without_host_sync_and_snapshot_round_trip(tiny_corpus):
     stats = trainer.train_step(batches)
     trainer.iteration = 1
     snapshot = Snapshot()
-    snapshot.take(1, trainer.model, trainer.optimizer, trainer.policy)
+    snapshot.take(1, trainer.checkpoint_state())
     before = copy.deepcopy(trainer.model.state_dict())
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
