@@ -4,6 +4,14 @@ budget (or an equal number of tokens), with validation perplexity against execut
 
     python tools/selection_study.py --text ../shared/data/tinyshakespeare.txt --work-dir /tmp/study \
         --out-dir docs --seeds 1 2 3
+    python tools/selection_study.py --text stdlib ../shared/data/tinyshakespeare.txt ...   # two domains
+
+Several --text corpora (a file, or `stdlib`: the Python standard library's sources, which need no download)
+make a multi-domain study: one tokenizer over all of them, one dataset each, blended with equal weights;
+every evaluation then reports each domain's loss (`datasets` in the eval records) and the tables gain a
+column per domain. Every table has the tail (val_cvar90, the mean of the worst tenth of the validation
+token losses) next to the perplexity, and the plot marks the unigram-entropy level (the perplexity of
+predicting every token by its corpus frequency), the plateau a collapsed run sits on.
 
 Steps: plain text -> JSONL documents (blank-line paragraphs, grouped) -> SentencePiece tokenizer ->
 indexed dataset; a dense reference model, trained once and longer, serves as rho1's reference and
@@ -25,8 +33,12 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from megatron_eslm.config import parse_args
+from megatron_eslm.data.indexed_dataset import IndexedDataset
 from megatron_eslm.data.preprocess import preprocess
+from megatron_eslm.quickstart import write_stdlib_corpus
 from megatron_eslm.tokenizer.train import train_sentencepiece
 from megatron_eslm.training.flops import forward_flops, micro_batch_flops
 from megatron_eslm.training.trainer import Trainer
@@ -52,6 +64,10 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         Variant(f"eslm-entropy-{a}", ["--selection", "eslm", "--eslm-score", "entropy", "--eslm-alpha", str(a)],
                 1 - a),
         Variant(f"random-{a}", ["--selection", "random", "--eslm-alpha", str(a)], 1 - a),
+        Variant(f"eslm-is-{a}", ["--selection", "eslm-is", "--eslm-alpha", str(a), "--eslm-is-prob",
+                                 str(args.is_prob)], 1 - a + a * args.is_prob),
+        Variant(f"eslm-loss-{a}-warmup", ["--selection", "eslm", "--eslm-alpha", str(a), "--selection-warmup-iters",
+                                          str(args.dense_iters // 5)], 1 - a),
         Variant("ada-eslm-grad-mass", ["--selection", "ada-eslm", "--ada-eslm-rule", "grad-mass", "--eslm-alpha",
                                        "0", "--eslm-alpha-min", "0", "--eslm-alpha-max", str(args.alpha_max),
                                        "--ada-eslm-budget", str(args.ada_budget)], 1 - args.alpha_max),
@@ -69,38 +85,73 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 
 
 # ----------------------------------------------------------------------------------------- data
-def prepare_data(text_path: str, work: str, vocab_size: int) -> tuple[str, str]:
-    """(dataset prefix, tokenizer model) for `text_path`, built once under `work`."""
-    jsonl = os.path.join(work, "corpus.jsonl")
-    prefix = os.path.join(work, "corpus")
-    tokenizer = os.path.join(work, f"tok{vocab_size}")
-    if not os.path.exists(prefix + "_text_document.idx"):
-        with open(text_path, encoding="utf-8") as fh:
-            paragraphs = [p.strip() for p in fh.read().split("\n\n") if p.strip()]
-        with open(jsonl, "w") as out:  # ~2 KB documents of whole paragraphs, in the play's order
-            document: list[str] = []
-            for paragraph in paragraphs:
-                document.append(paragraph)
-                if sum(map(len, document)) >= 2000:
-                    out.write(json.dumps({"text": "\n\n".join(document)}) + "\n")
-                    document = []
-            if document:
+def domain_name(text: str) -> str:
+    return "stdlib" if text == "stdlib" else os.path.splitext(os.path.basename(text))[0]
+
+
+def _write_documents(text: str, jsonl: str, stdlib_bytes: int) -> None:
+    """A corpus as JSONL documents: the standard library's files, or ~2 KB groups of a text's paragraphs."""
+    if text == "stdlib":
+        write_stdlib_corpus(jsonl, stdlib_bytes)
+        return
+    with open(text, encoding="utf-8") as fh:
+        paragraphs = [p.strip() for p in fh.read().split("\n\n") if p.strip()]
+    with open(jsonl, "w") as out:  # whole paragraphs, in the text's order
+        document: list[str] = []
+        for paragraph in paragraphs:
+            document.append(paragraph)
+            if sum(map(len, document)) >= 2000:
                 out.write(json.dumps({"text": "\n\n".join(document)}) + "\n")
-        train_sentencepiece([jsonl], vocab_size, tokenizer)
-        preprocess(jsonl, prefix, tokenizer_type="SentencePieceTokenizer", tokenizer_model=tokenizer + ".model",
-                   append_eod=True, workers=1)
-    return prefix + "_text_document", tokenizer + ".model"
+                document = []
+        if document:
+            out.write(json.dumps({"text": "\n\n".join(document)}) + "\n")
 
 
-def common_flags(args: argparse.Namespace, data: tuple[str, str], iters: int, seed: int) -> list[str]:
-    prefix, tokenizer = data
+def prepare_data(texts: list[str], work: str, vocab_size: int, stdlib_bytes: int) -> tuple[list[str], str]:
+    """(--data-path values, tokenizer model) for the corpora `texts`, built once under `work`: one dataset
+    per corpus, one tokenizer over all of them; several corpora are blended with equal weights."""
+    names = [domain_name(text) for text in texts]
+    jsonls = [os.path.join(work, f"{name}.jsonl") for name in names]
+    prefixes = [os.path.join(work, name) for name in names]
+    tokenizer = os.path.join(work, f"tok{vocab_size}")
+    if not all(os.path.exists(prefix + "_text_document.idx") for prefix in prefixes):
+        for text, jsonl in zip(texts, jsonls):
+            _write_documents(text, jsonl, stdlib_bytes)
+        train_sentencepiece(jsonls, vocab_size, tokenizer)
+        for jsonl, prefix in zip(jsonls, prefixes):
+            preprocess(jsonl, prefix, tokenizer_type="SentencePieceTokenizer", tokenizer_model=tokenizer + ".model",
+                       append_eod=True, workers=1)
+    datasets = [prefix + "_text_document" for prefix in prefixes]
+    return (datasets if len(datasets) == 1 else [x for d in datasets for x in ("1", d)]), tokenizer + ".model"
+
+
+def unigram_ppl(data_path: list[str]) -> float:
+    """exp of the entropy of the blend's token frequencies: the perplexity of a model that predicts every
+    token by its frequency alone (equal-weight blends: each corpus's frequencies, averaged)."""
+    prefixes = data_path if len(data_path) == 1 else data_path[1::2]
+    mix = None
+    for prefix in prefixes:
+        dataset = IndexedDataset(prefix)
+        counts = np.bincount(dataset.tokens(0, dataset.num_tokens).astype(np.int64))
+        freq = counts / counts.sum()
+        if mix is not None and len(freq) != len(mix):
+            size = max(len(freq), len(mix))
+            freq, mix = np.pad(freq, (0, size - len(freq))), np.pad(mix, (0, size - len(mix)))
+        mix = freq if mix is None else mix + freq
+    mix = mix / len(prefixes)
+    mix = mix[mix > 0]
+    return float(np.exp(-(mix * np.log(mix)).sum()))
+
+
+def common_flags(args: argparse.Namespace, data: tuple[list[str], str], iters: int, seed: int) -> list[str]:
+    data_path, tokenizer = data
     return ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
             "--num-attention-heads", str(args.num_attention_heads), "--seq-length", str(args.seq_length),
             "--make-vocab-size-divisible-by", "128", "--micro-batch-size", str(args.micro_batch_size),
             "--global-batch-size", str(args.global_batch_size), "--train-iters", str(iters),
             "--lr", str(args.lr), "--lr-decay-style", "constant", "--lr-warmup-iters", str(args.dense_iters // 10),
             "--weight-decay", "0.1", "--adam-beta2", "0.95", "--clip-grad", "1.0",
-            "--hidden-dropout", "0", "--attention-dropout", "0", "--data-path", prefix, "--tokenizer-model",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--data-path", *data_path, "--tokenizer-model",
             tokenizer, "--split", "90,10,0", "--eval-interval", str(args.eval_interval),
             "--eval-iters", str(args.eval_iters), "--log-interval", "1", "--num-workers", "0", "--seed", str(seed)]
 
@@ -112,7 +163,7 @@ class Run:
     seed: int
     iters: int
     seconds: float  # training steps only (evaluations excluded), from the logged step times
-    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (iteration, cum. executed, val loss)
+    curve: list[tuple[int, float, dict]] = field(default_factory=list)  # (iteration, cum. executed, eval record)
     executed: list[float] = field(default_factory=list)  # per step
     dense: list[float] = field(default_factory=list)
     kept_fraction: list[float] = field(default_factory=list)
@@ -141,7 +192,7 @@ def read_run(variant: str, seed: int, iters: int, metrics: str) -> Run:
         for line in fh:
             r = json.loads(line)
             if r.get("split") == "valid":
-                run.curve.append((r["iteration"], cumulative[r["iteration"]], r["val_loss"]))
+                run.curve.append((r["iteration"], cumulative[r["iteration"]], r))
             else:
                 run.executed.append(r["executed_flops"])
                 run.dense.append(r["dense_flops"])
@@ -151,9 +202,17 @@ def read_run(variant: str, seed: int, iters: int, metrics: str) -> Run:
     return run
 
 
-def loss_at(run: Run, budget: float) -> float:
-    """Validation loss at exactly `budget` executed FLOPs, linear between the evaluations around it."""
-    points = [(0.0, math.nan)] + [(flops, loss) for _, flops, loss in run.curve]
+def measures(record: dict) -> dict[str, float]:
+    """What the study reads of an evaluation: the validation loss, each domain's, and the tail."""
+    out = {"val_loss": record["val_loss"], "val_cvar90": record["val_cvar90"]}
+    out.update({f"loss {name.removesuffix('_text_document')}": d["val_loss"]
+                for name, d in record.get("datasets", {}).items()})
+    return out
+
+
+def value_at(run: Run, budget: float, key: str) -> float:
+    """`key` of `measures` at exactly `budget` executed FLOPs, linear between the evaluations around it."""
+    points = [(0.0, math.nan)] + [(flops, measures(record)[key]) for _, flops, record in run.curve]
     for (f0, l0), (f1, l1) in zip(points, points[1:]):
         if f0 <= budget <= f1:
             return l1 if math.isnan(l0) or f1 == f0 else l0 + (l1 - l0) * (budget - f0) / (f1 - f0)
@@ -182,21 +241,24 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(runs: list[Run], budget: float, equal: str) -> list[dict]:
     """Per variant; `paired` is its perplexity over dense's for the same seed (same initial weights, data
-    order and validation batches), the comparison with the least noise."""
-    def final_ppl(run: Run) -> float:
-        return math.exp(loss_at(run, budget) if equal == "flops" else run.curve[-1][2])
+    order and validation batches), the comparison with the least noise. `extra`: the tail and each
+    domain's loss, as perplexities (exp of the loss / of the CVaR), mean over seeds."""
+    def final(run: Run, key: str) -> float:
+        return math.exp(value_at(run, budget, key) if equal == "flops" else measures(run.curve[-1][2])[key])
 
-    dense = {r.seed: final_ppl(r) for r in runs if r.variant == "dense"}
+    dense = {r.seed: final(r, "val_loss") for r in runs if r.variant == "dense"}
+    keys = [k for k in measures(runs[0].curve[-1][2]) if k != "val_loss"]
     rows = []
     for name in dict.fromkeys(r.variant for r in runs):
         group = [r for r in runs if r.variant == name]
-        ppl = [final_ppl(r) for r in group]
+        ppl = [final(r, "val_loss") for r in group]
         paired = [p / dense[r.seed] for p, r in zip(ppl, group)]
         steps = [_steps_within(r, budget) if equal == "flops" else r.iters for r in group]
         rows.append({
             "variant": name, "seeds": len(group),
             "val_ppl": mean_std(ppl), "ppl_range": (min(ppl), max(ppl)),
             "paired": (statistics.mean(paired), min(paired), max(paired)),
+            "extra": {key: statistics.mean(final(r, key) for r in group) for key in keys},
             "steps": statistics.mean(steps),
             "flops_per_step_vs_dense": statistics.mean(sum(r.executed) / sum(r.dense) for r in group),
             "kept_fraction": statistics.mean(statistics.mean(r.kept_fraction) for r in group),
@@ -217,12 +279,15 @@ def _steps_within(run: Run, budget: float) -> float:
 
 
 def write_csv(runs: list[Run], path: str) -> None:
+    keys = list(measures(runs[0].curve[-1][2]))
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["variant", "seed", "iteration", "executed_flops", "val_loss", "val_ppl"])
+        w.writerow(["variant", "seed", "iteration", "executed_flops", *keys, "val_ppl"])
         for r in runs:
-            for iteration, flops, loss in r.curve:
-                w.writerow([r.variant, r.seed, iteration, f"{flops:.6e}", f"{loss:.5f}", f"{math.exp(loss):.4f}"])
+            for iteration, flops, record in r.curve:
+                values = measures(record)
+                w.writerow([r.variant, r.seed, iteration, f"{flops:.6e}", *(f"{values[k]:.5f}" for k in keys),
+                            f"{math.exp(values['val_loss']):.4f}"])
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -244,15 +309,19 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def write_markdown(rows: list[dict], path: str, header: str, command: str) -> None:
+    extra = list(rows[0]["extra"])  # exp(val_cvar90) and each domain's perplexity
+    titles = ["exp(CVaR 0.9)" if key == "val_cvar90" else f"ppl {key[len('loss '):]}" for key in extra]
     lines = ["# Selection study (generated by tools/selection_study.py)", "", header, "", "```", command, "```", "",
              "| variant | val ppl (mean ± std) | min–max over seeds | ppl / dense, same seed: mean (min–max) | "
-             "steps in budget | executed FLOPs/step vs dense | kept fraction | train min (all seeds) |",
-             "|---|---|---|---|---|---|---|---|"]
+             + "".join(f"{title} | " for title in titles)
+             + "steps in budget | executed FLOPs/step vs dense | kept fraction | train min (all seeds) |",
+             "|---|---|---|---|" + "---|" * len(titles) + "---|---|---|---|"]
     for r in rows:
         mean, std = r["val_ppl"]
         paired = "{:.3f} ({:.3f}–{:.3f})".format(*r["paired"])
         lines.append(f"| {r['variant']} | {mean:.2f} ± {std:.2f} | {r['ppl_range'][0]:.2f}–{r['ppl_range'][1]:.2f} "
-                     f"| {paired} | {r['steps']:.1f} | {r['flops_per_step_vs_dense']:.3f} | "
+                     f"| {paired} | " + "".join(f"{r['extra'][key]:.2f} | " for key in extra)
+                     + f"{r['steps']:.1f} | {r['flops_per_step_vs_dense']:.3f} | "
                      f"{r['kept_fraction']:.2f} | {r['minutes']:.1f} |")
     lines += ["", "Against dense with the same seed:", "", *verdicts(rows), "",
               "Curves: `selection_study.png` (validation perplexity against cumulative executed FLOPs); "
@@ -261,7 +330,7 @@ def write_markdown(rows: list[dict], path: str, header: str, command: str) -> No
         fh.write("\n".join(lines) + "\n")
 
 
-def plot(runs: list[Run], budget: float | None, path: str) -> None:
+def plot(runs: list[Run], budget: float | None, unigram: float, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -271,12 +340,13 @@ def plot(runs: list[Run], budget: float | None, path: str) -> None:
         group = [r for r in runs if r.variant == name]
         n = min(len(r.curve) for r in group)
         x = [statistics.mean(r.curve[i][1] for r in group) for i in range(n)]
-        ppl = [[math.exp(r.curve[i][2]) for r in group] for i in range(n)]
+        ppl = [[math.exp(r.curve[i][2]["val_loss"]) for r in group] for i in range(n)]
         line, = ax.plot(x, [statistics.mean(p) for p in ppl], marker=".", label=name,
                         linestyle="--" if name == "dense" else "-")
         ax.fill_between(x, [min(p) for p in ppl], [max(p) for p in ppl], color=line.get_color(), alpha=0.15)
     if budget:
         ax.axvline(budget, color="grey", linewidth=0.8, linestyle=":")
+    ax.axhline(unigram, color="black", linewidth=0.8, linestyle="-.", label=f"unigram entropy level ({unigram:.0f})")
     ax.set_xlabel("executed FLOPs (cumulative)")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -290,7 +360,11 @@ def plot(runs: list[Run], budget: float | None, path: str) -> None:
 # ----------------------------------------------------------------------------------------- main
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--text", required=True, help="plain-text corpus, e.g. ../shared/data/tinyshakespeare.txt")
+    p.add_argument("--text", required=True, nargs="+",
+                   help="plain-text corpora (or `stdlib`), e.g. ../shared/data/tinyshakespeare.txt; several: a "
+                        "multi-domain study")
+    p.add_argument("--stdlib-mb", type=int, default=1, help="megabytes of the standard library's sources for `stdlib`")
+    p.add_argument("--is-prob", type=float, default=0.1, help="eslm-is: --eslm-is-prob")
     p.add_argument("--work-dir", required=True, help="tokenizer, dataset, checkpoints and metrics go here")
     p.add_argument("--out-dir", default="docs", help="where selection_study.{csv,md,png} are written")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -325,7 +399,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.out_dir, exist_ok=True)
-    data = prepare_data(args.text, args.work_dir, args.vocab_size)
+    data = prepare_data(args.text, args.work_dir, args.vocab_size, args.stdlib_mb << 20)
+    unigram = unigram_ppl(data[0])
 
     chosen = variants(args)
     reference_dir = os.path.join(args.work_dir, "reference")
@@ -337,7 +412,8 @@ def main() -> None:
         ref = read_run("reference", 0, args.reference_iters, metrics)
         reference_note = (f"The rho1 reference and eslm-kd teacher is one dense model of the same size trained "
                           f"for {args.reference_iters} steps (seed 0): {sum(ref.executed):.3g} FLOPs, "
-                          f"{ref.seconds / 60:.1f} min, final val ppl {math.exp(ref.curve[-1][2]):.2f}; that cost is "
+                          f"{ref.seconds / 60:.1f} min, final val ppl "
+                          f"{math.exp(ref.curve[-1][2]['val_loss']):.2f}; that cost is "
                           "NOT charged to the runs (their budget counts only the reference's forward passes).")
     model_cfg = parse_args(common_flags(args, data, args.dense_iters, 0)).model
     vocab = -(-_tokenizer_vocab(data[1]) // 128) * 128  # as the trainer pads it
@@ -359,16 +435,20 @@ def main() -> None:
             if budget is None and variant.name == "dense":
                 budget = sum(run.executed[: args.dense_iters])
             print(f"{variant.name} seed {seed}: {iters} steps, {run.seconds:.0f} s, "
-                  f"final val ppl {math.exp(run.curve[-1][2]):.2f}", flush=True)
+                  f"final val ppl {math.exp(run.curve[-1][2]['val_loss']):.2f}", flush=True)
     if budget is None:
         raise SystemExit("the dense variant defines the budget: include it")
     rows = summarize(runs, budget, args.equal)
-    header = (f"Budget: {budget:.3g} executed FLOPs (dense, {args.dense_iters} steps) per run; equal {args.equal}; "
-              f"seeds {args.seeds}. {reference_note}")
+    domains = ", ".join(domain_name(text) for text in args.text)
+    header = (f"Corpora: {domains}" + (" (blended with equal weights; per-domain columns)" if len(args.text) > 1
+                                       else "") + f". Budget: {budget:.3g} executed FLOPs (dense, {args.dense_iters} "
+              f"steps) per run; equal {args.equal}; seeds {args.seeds}. Unigram-entropy level (the perplexity of "
+              f"predicting each token by its frequency): {unigram:.1f}. exp(CVaR 0.9): exp of the mean of the "
+              f"worst tenth of the validation token losses. {reference_note}")
     write_csv(runs, os.path.join(args.out_dir, "selection_study.csv"))
     command = "python tools/selection_study.py " + " ".join(sys.argv[1:])
     write_markdown(rows, os.path.join(args.out_dir, "selection_study.md"), header, command)
-    plot(runs, budget if args.equal == "flops" else None, os.path.join(args.out_dir, "selection_study.png"))
+    plot(runs, budget if args.equal == "flops" else None, unigram, os.path.join(args.out_dir, "selection_study.png"))
     print(open(os.path.join(args.out_dir, "selection_study.md")).read())
 
 
