@@ -30,12 +30,14 @@ def test_warmup_is_dense_then_the_policy(tiny_corpus, dense, policy):
     assert any(r["kept_fraction"] < 1.0 for r in records[WARMUP:])
 
 
-def test_warmup_on_two_data_parallel_ranks_equals_one_process(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "tp2", "pp2"])
+def test_warmup_on_two_ranks_equals_one_process(tiny_corpus, tmp_path, layout):
     extra = ("--selection", "eslm", "--eslm-threshold", "exact", "--selection-warmup-iters", "2",
              "--train-iters", "4")
     # one threshold per micro-batch index over the replicas: one process sees DP x the micro-batch
-    one = launch_pretrain(tiny_corpus, str(tmp_path), 1, (1, 1), "gpt2", *extra, "--micro-batch-size", "4")
-    two = launch_pretrain(tiny_corpus, str(tmp_path), 2, (1, 1), "gpt2", *extra)
+    micro = ["--micro-batch-size", "4"] if layout == (1, 1) else []
+    one = launch_pretrain(tiny_corpus, str(tmp_path), 1, (1, 1), "gpt2", *extra, *micro)
+    two = launch_pretrain(tiny_corpus, str(tmp_path), 2, layout, "gpt2", *extra)
     assert [r["kept"] for r in one] == [r["kept"] for r in two]
     assert [r["kept_fraction"] for r in one][:2] == [1.0, 1.0]
     for a, b in zip(one, two):
