@@ -32,9 +32,11 @@ def policies(checkpoint: str) -> dict[str, list[str]]:
         # droppable count (25 of 128 tokens at the start) is not the sum of the replicas' (12 + 12 of 64)
         "ada-eslm": ["--selection", "ada-eslm", "--eslm-alpha", "0.1", "--ada-eslm-budget", "0.2",
                      "--ada-eslm-momentum", "0.5"],
-        # step 1 learn, steps 2-3 focus over a window that holds the previous step's samples too
+        # step 1 learn, steps 2-3 focus over a window that holds the previous step's samples too. No warmup:
+        # the first update runs at the initial rate (Megatron's timing), 0 under a warmup, and then a focus
+        # step scored with the untrained model dropped nothing here
         "lfr": ["--selection", "lfr", "--lfr-learn-iters", "1", "--lfr-focus-iters", "2",
-                "--lfr-review-iters", "2", "--lfr-drop-fraction", "0.3"],
+                "--lfr-review-iters", "2", "--lfr-drop-fraction", "0.3", "--lr-warmup-iters", "0"],
         "rho1": ["--selection", "rho1", "--eslm-alpha", "0.5", "--reference-load", checkpoint],
         # KD scored by the student's loss, and by the teacher's entropy. Not by the student's entropy: after
         # step 1 the DP2 and one-process students differ by float32 round-off, and at alpha 0.5 one token's
