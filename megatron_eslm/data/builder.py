@@ -18,7 +18,7 @@ import torch
 
 from megatron_eslm.config import DataConfig
 from megatron_eslm.data.blend_spec import parse_blend
-from megatron_eslm.data.blended_dataset import BlendedDataset, cached_blending_indices
+from megatron_eslm.data.blended_dataset import BlendedDataset, blending_indices, cached_blending_indices
 from megatron_eslm.data.gpt_dataset import GPTDataset
 from megatron_eslm.data.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 from megatron_eslm.errors import UserError
@@ -96,8 +96,8 @@ def distinct_windows(dataset: IndexedDataset, document_range: tuple[int, int], s
     return max(1, (tokens - 1) // seq_length)
 
 
-def _once(parts: Sequence[tuple[Fraction, IndexedDataset, tuple[int, int]]], seq_length: int, num_samples: int,
-          cache_dir: str | None) -> int:
+def _once(parts: Sequence[tuple[Fraction, IndexedDataset, tuple[int, int]]], seq_length: int, num_samples: int
+          ) -> int:
     """The most samples, up to `num_samples`, that the blend of `parts` draws without reading any of its
     datasets twice: evaluation scores distinct text (a second epoch would score windows again)."""
     capacity = [distinct_windows(dataset, document_range, seq_length) for _, dataset, document_range in parts]
@@ -107,8 +107,7 @@ def _once(parts: Sequence[tuple[Fraction, IndexedDataset, tuple[int, int]]], seq
     size = min(num_samples, *(math.floor(cap * total / weight) for (weight, _, _), cap in zip(parts, capacity)
                               if weight > 0))
     while size > 1:  # the blend's rounding may give one dataset a sample more than its share
-        counts = np.bincount(cached_blending_indices([w for w, _, _ in parts], size, cache_dir)["dataset_index"],
-                             minlength=len(parts))
+        counts = np.bincount(blending_indices([w for w, _, _ in parts], size)["dataset_index"], minlength=len(parts))
         if all(count <= cap for count, cap in zip(counts, capacity)):
             break
         size -= 1
@@ -175,7 +174,7 @@ def build_train_valid_test_datasets(
             parts = [(weight, (dataset := open_dataset(prefix)), (0, dataset.num_documents))
                      for weight, prefix in parse_blend(split_paths[s], flag)]
         if name != "train":  # evaluation splits: each window once, at most
-            samples = _once(parts, seq_length, samples, data.data_cache_path)
+            samples = _once(parts, seq_length, samples)
         datasets.append(_blend(parts, name, seq_length, seed, samples, data.data_cache_path))
     if datasets[0] is None and num_samples[0] > 0:
         source = f"--split {data.split}: the train split" if data.data_path else "--train-data-path"

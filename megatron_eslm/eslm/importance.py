@@ -8,8 +8,7 @@ the number n of finite valid tokens of the selection group (dense training's div
 
 so E[L_IS] = (1/n) sum_i L_i, the dense loss, and likewise its gradient: an unbiased estimate of the dense
 gradient whose LM-head backward runs over the kept rows only, about (1 - alpha) + alpha p of them. p = 1
-is dense training. The threshold and its modes are ESLM's (`ESLMPolicy`); the loss score is the one
-thresholded, as in ESLM.
+is dense training. The threshold, its modes and its score (--eslm-score) are ESLM's (`ESLMPolicy`).
 
 The draws are keyed, not streamed: u_i compares a hash of (seed, iteration, the sample's dataset index,
 the token's position) with p, computed on the device (splitmix64 in int64), so a token draws the same

@@ -22,13 +22,13 @@ import torch.distributed as dist
 
 from megatron_eslm.distributed import launch
 from megatron_eslm.training import checkpointing
-from megatron_eslm.training.host_copy import copy_to_host
+from megatron_eslm.training.host_copy import HostCopy
 
 
 class AsyncCheckpointer:
     def __init__(self, log: Callable[[str], None]):
         self.log = log
-        self._buffers = None  # CPU copies of the state, reused by the next save
+        self._copy = HostCopy()  # CPU buffers of the state, reused by the next save
         self._pending: tuple[str, str, int] | None = None  # root, tmp, iteration
         self._thread: threading.Thread | None = None
         self._entries: dict | None = None
@@ -38,21 +38,15 @@ class AsyncCheckpointer:
         """Start writing `state` (this rank's) for `iteration` under `root`; a pending save is finished first."""
         self.wait()
         tmp, full_state = checkpointing.begin_save(root, iteration, state)
-        self._buffers = copy_to_host(full_state, self._buffers)
-        copied = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            copied = torch.cuda.Event()
-            copied.record()
+        self._copy.take(full_state)
         self._pending, self._entries, self._error = (root, tmp, iteration), None, None
-        self._thread = threading.Thread(target=self._write, args=(tmp, self._buffers, copied),
-                                        name=f"async-save-{iteration}", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(tmp,), name=f"async-save-{iteration}",
+                                        daemon=True)
         self._thread.start()
 
-    def _write(self, tmp: str, state: dict, copied: torch.cuda.Event | None) -> None:
+    def _write(self, tmp: str) -> None:
         try:
-            if copied is not None:
-                copied.synchronize()
-            self._entries = checkpointing.write_shard(tmp, state)
+            self._entries = checkpointing.write_shard(tmp, self._copy.result())
         except BaseException as err:  # noqa: BLE001 -- raised on every rank by finish_save's shared outcome
             self._error = err
 

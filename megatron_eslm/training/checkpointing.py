@@ -177,12 +177,12 @@ def finish_save(root: str, tmp: str, iteration: int, entries: dict[str, dict] | 
         if entries is None:
             names = integrity.files_under(tmp)
             entries = {}
-            for name in names[_rank()::_world()]:  # DeepSpeed wrote them: fsync and checksum
+            for name in names[launch.rank()::launch.world_size()]:  # DeepSpeed wrote them: fsync and checksum
                 integrity.fsync_path(os.path.join(tmp, name))
                 entries[name] = integrity.checksum_file(os.path.join(tmp, name))
     gathered = [entries]
-    if _distributed() and _world() > 1:
-        gathered = [None] * _world()
+    if _distributed() and launch.world_size() > 1:
+        gathered = [None] * launch.world_size()
         dist.all_gather_object(gathered, entries, group=launch.host_group())
     final = iteration_dir(root, iteration)
     with launch.shared_outcome():
@@ -190,14 +190,6 @@ def finish_save(root: str, tmp: str, iteration: int, entries: dict[str, dict] | 
             integrity.write_manifest(tmp, {name: e for part in gathered for name, e in part.items()})
             publish(root, tmp, final, iteration, deepspeed_tag)
     return final
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _distributed() else 1
 
 
 def publish(root: str, tmp: str, final: str, iteration: int, deepspeed_tag: bool = False) -> None:
@@ -306,4 +298,4 @@ def _verify_share(directory: str) -> bool:
     manifest = integrity.read_manifest(directory)
     if manifest is None:
         return False
-    return integrity.verify(directory, sorted(manifest)[_rank()::_world()])
+    return integrity.verify(directory, sorted(manifest)[launch.rank()::launch.world_size()])

@@ -25,3 +25,24 @@ def copy_to_host(tree: Any, buffers: Any | None) -> Any:
             buf = torch.empty(leaf.shape, dtype=leaf.dtype, pin_memory=leaf.is_cuda)
         copies.append(buf.copy_(leaf.detach(), non_blocking=True))
     return pytree.tree_unflatten(copies, spec)
+
+
+class HostCopy:
+    """A state tree copied into reused CPU buffers without stopping the host: `take` queues the copies (and,
+    on a GPU, records an event after them), `result` waits for them to land."""
+
+    def __init__(self) -> None:
+        self._buffers = None
+        self._copied: torch.cuda.Event | None = None
+
+    def take(self, tree: Any) -> None:
+        self._buffers = copy_to_host(tree, self._buffers)
+        self._copied = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def result(self) -> Any:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._buffers

@@ -15,21 +15,21 @@ takes the same decision without a collective.
             random streams go on: the iterations since the snapshot become skipped iterations, exactly as
             if each had been non-finite (tests/test_rollback.py checks that equality).
   snapshot  every --snapshot-interval iterations, after its interval passed the checks: a copy of this
-            rank's model, optimizer and selection state in CPU memory (pinned buffers reused across
-            snapshots, copied with non_blocking on the compute stream: the host does not wait, and the next
-            step's kernels run after the copy). A snapshot holds its last update, whose effect on the loss
-            shows only in the next interval, so it becomes the rollback target ("vetted") only after the
-            next interval passes without a skip or a spike; until then the previous one stays the target.
-            Two copies of the state in CPU memory, at most.
+            rank's whole checkpoint state in CPU memory (model, optimizer, selection state, data position,
+            RNG; `host_copy.HostCopy`: pinned buffers reused across snapshots, copied with non_blocking on
+            the compute stream, so the host does not wait and the next step's kernels run after the copy);
+            a rollback restores its model, optimizer and selection state, and `snapshot_replicas.py` writes
+            it whole. A snapshot holds its last update, whose effect on the loss shows only in the next
+            interval, so it becomes the rollback target ("vetted") only after the next interval passes
+            without a skip or a spike; until then the previous one stays the target. Two copies of the state
+            in CPU memory, at most (three with --snapshot-replicas: the peer's).
 """
 from __future__ import annotations
-
-import torch
 
 from megatron_eslm.config.faults import FaultsConfig
 from megatron_eslm.errors import UserError
 from megatron_eslm.training import checkpointing, snapshot_replicas
-from megatron_eslm.training.host_copy import copy_to_host
+from megatron_eslm.training.host_copy import HostCopy
 from megatron_eslm.training.optimizer import load_optimizer_state
 
 LOSS_AVERAGE_WEIGHT = 0.1  # of the newest interval in the running loss average
@@ -41,21 +41,15 @@ class Snapshot:
 
     def __init__(self) -> None:
         self.iteration: int | None = None
-        self._state: dict | None = None
-        self._copied: torch.cuda.Event | None = None
+        self._copy = HostCopy()
 
     def take(self, iteration: int, state: dict) -> None:
         self.iteration = iteration
-        self._state = copy_to_host(state, self._state)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+        self._copy.take(state)
 
     def state(self) -> dict:
         """The copied state, once the copies have landed."""
-        if self._copied is not None:
-            self._copied.synchronize()
-        return self._state
+        return self._copy.result()
 
 
 class Recovery:
