@@ -1,18 +1,24 @@
-"""Process groups of a tensor x data x pipeline layout, in Megatron's rank order.
+"""Process groups of a tensor x context x data x pipeline layout, in Megatron's rank order (tp-cp-dp-pp).
 
-Global rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank: tensor-parallel ranks are adjacent (they talk
-every layer, so they should share a node), then data-parallel, then pipeline stages.
+Global rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank: tensor-parallel ranks are adjacent
+(they talk every layer, so they should share a node), then context-parallel ranks (they exchange keys and
+values every layer), then data-parallel, then pipeline stages.
 
 Groups this rank belongs to:
-  tensor     the tp ranks that split each layer of one stage
-  data       the dp replicas of one (tp rank, stage) shard; gradients are summed over it
-  pipeline   the pp stages holding one model replica (same tp and dp rank)
-  model      tensor x pipeline: every shard of one replica (the gradient norm is summed over it)
-  embedding  first and last stage of this pipeline, which both hold the tied word embedding (unused when
-             the output layer is untied: the last stage then holds no copy)
-  selection  the ranks holding distinct tokens of a micro-batch: the data group of the last stage. TP
-             ranks of the last stage compute identical scores, so each runs the threshold over its own
-             data group and all get the same threshold, kept rows and counts.
+  tensor        the tp ranks that split each layer of one stage
+  context       the cp ranks that hold the sequence shards of the same samples (same tp, dp and pp rank):
+                attention all-gathers their keys and values (`context_parallel/attention.py`)
+  data          the dp replicas of one (tp rank, cp rank, stage) shard: they read different samples
+  data-context  data x context: every rank holding a replica of this shard's parameters; gradients are
+                summed over it (Megatron's data group "with context parallel")
+  pipeline      the pp stages holding one model replica (same tp, cp and dp rank)
+  model         tensor x pipeline: every shard of one replica (the gradient norm is summed over it)
+  embedding     first and last stage of this pipeline, which both hold the tied word embedding (unused
+                when the output layer is untied: the last stage then holds no copy)
+  selection     the ranks holding distinct tokens of a micro-batch: the data-context group of the last
+                stage (whole samples over dp, sequence shards of them over cp). TP ranks of the last stage
+                compute identical scores, so each runs the threshold over its own data-context group and
+                all get the same threshold, kept rows and counts.
 
 Without `initialize_model_parallel` (one process) every size is 1, every rank 0 and every group None, so
 the single-process code path never touches torch.distributed.
@@ -34,15 +40,19 @@ class Layout:
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
+    cp: int = 1
+    cp_rank: int = 0
 
-    def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
-        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+    def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int, cp_rank: int = 0) -> int:
+        return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
 
 @dataclass
 class _Groups:
     tensor: dist.ProcessGroup | None = None
+    context: dist.ProcessGroup | None = None
     data: dist.ProcessGroup | None = None
+    data_context: dist.ProcessGroup | None = None
     pipeline: dist.ProcessGroup | None = None
     model: dist.ProcessGroup | None = None
     embedding: dist.ProcessGroup | None = None
@@ -53,17 +63,18 @@ _layout = Layout()
 _groups = _Groups()
 
 
-def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> None:
+def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                              context_parallel_size: int = 1) -> None:
     """Create every group of the layout (collectively: every rank must call this with the same sizes).
 
     The sizes must already be validated (`config.validate_layout`)."""
     global _layout, _groups
     destroy_model_parallel()
     world, rank = dist.get_world_size(), dist.get_rank()
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    dp = world // (tp * pp)
-    tp_rank, dp_rank, pp_rank = rank % tp, rank // tp % dp, rank // (tp * dp)
-    layout = Layout(tp, pp, dp, tp_rank, pp_rank, dp_rank)
+    tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+    dp = world // (tp * pp * cp)
+    tp_rank, cp_rank, dp_rank, pp_rank = rank % tp, rank // tp % cp, rank // (tp * cp) % dp, rank // (tp * cp * dp)
+    layout = Layout(tp, pp, dp, tp_rank, pp_rank, dp_rank, cp, cp_rank)
     groups = _Groups()
 
     def make(members: list[list[int]]) -> dist.ProcessGroup | None:
@@ -75,11 +86,17 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
                 mine = group
         return mine
 
-    groups.tensor = make([[layout.global_rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)])
-    groups.data = make([[layout.global_rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)])
-    pipelines = [[layout.global_rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    g = layout.global_rank
+    everywhere = [(t, c, d, p) for p in range(pp) for d in range(dp) for c in range(cp) for t in range(tp)]
+    groups.tensor = make([[g(t, d, p, c) for t in range(tp)] for t0, c, d, p in everywhere if t0 == 0])
+    groups.context = make([[g(t, d, p, c) for c in range(cp)] for t, c0, d, p in everywhere if c0 == 0])
+    groups.data = make([[g(t, d, p, c) for d in range(dp)] for t, c, d0, p in everywhere if d0 == 0])
+    groups.data_context = make([[g(t, d, p, c) for d in range(dp) for c in range(cp)]
+                                for t, c0, d0, p in everywhere if c0 == 0 and d0 == 0])
+    pipelines = [[g(t, d, p, c) for p in range(pp)] for t, c, d, p0 in everywhere if p0 == 0]
     groups.pipeline = make(pipelines)
-    groups.model = make([[layout.global_rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)])
+    groups.model = make([[g(t, d, p, c) for p in range(pp) for t in range(tp)]
+                         for t0, c, d, p0 in everywhere if t0 == 0 and p0 == 0])
     if pp > 1:
         groups.embedding = make([[ranks[0], ranks[-1]] for ranks in pipelines])
     groups.pipeline_ranks = tuple(next(ranks for ranks in pipelines if rank in ranks))
@@ -146,6 +163,31 @@ def data_parallel_group() -> dist.ProcessGroup | None:
     return _groups.data
 
 
+def context_parallel_size() -> int:
+    return _layout.cp
+
+
+def context_parallel_rank() -> int:
+    return _layout.cp_rank
+
+
+def context_parallel_group() -> dist.ProcessGroup | None:
+    return _groups.context
+
+
+def data_context_parallel_size() -> int:
+    """Ranks holding a replica of this rank's parameters: data x context."""
+    return _layout.dp * _layout.cp
+
+
+def data_context_parallel_rank() -> int:
+    return _layout.dp_rank * _layout.cp + _layout.cp_rank
+
+
+def data_context_parallel_group() -> dist.ProcessGroup | None:
+    return _groups.data_context
+
+
 def model_parallel_group() -> dist.ProcessGroup | None:
     return _groups.model
 
@@ -161,7 +203,7 @@ def embedding_group() -> dist.ProcessGroup | None:
 
 def selection_group() -> dist.ProcessGroup | None:
     """The ranks whose tokens one ESLM threshold covers; None when this rank's tokens are all of them."""
-    return _groups.data if _layout.dp > 1 else None
+    return _groups.data_context if _layout.dp * _layout.cp > 1 else None
 
 
 def is_pipeline_first_stage() -> bool:

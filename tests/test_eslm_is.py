@@ -13,14 +13,14 @@ from megatron_eslm.model.lm_head import selective_lm_head_loss
 
 
 def test_uniforms_are_uniform_and_keyed():
-    u = token_uniforms(7, 3, torch.arange(64), 256)
+    u = token_uniforms(7, 3, torch.arange(64), torch.arange(256))
     assert u.shape == (64 * 256,) and float(u.min()) >= 0.0 and float(u.max()) < 1.0
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float((u < 0.1).double().mean()) - 0.1) < 0.005
     # a sample draws the same wherever it lands; another iteration or sample draws anew
-    again = token_uniforms(7, 3, torch.tensor([5, 9]), 256).view(2, 256)
+    again = token_uniforms(7, 3, torch.tensor([5, 9]), torch.arange(256)).view(2, 256)
     assert torch.equal(again[0], u.view(64, 256)[5]) and torch.equal(again[1], u.view(64, 256)[9])
-    assert not torch.equal(token_uniforms(7, 4, torch.tensor([5]), 256), again[0])
-    assert not torch.equal(token_uniforms(8, 3, torch.tensor([5]), 256), again[0])
+    assert not torch.equal(token_uniforms(7, 4, torch.tensor([5]), torch.arange(256)), again[0])
+    assert not torch.equal(token_uniforms(8, 3, torch.tensor([5]), torch.arange(256)), again[0])
 
 
 def _head(policy, hidden, weight, labels):

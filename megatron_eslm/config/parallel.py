@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from megatron_eslm.config.checks import positive
 
-TITLE = "distributed (TP x DP x PP = world size)"
+TITLE = "distributed (TP x CP x DP x PP = world size)"
 
 
 @dataclass
@@ -14,6 +14,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    context_parallel_size: int = 1
     ddp_bucket_size: int = 25_000_000  # gradient elements per data-parallel all-reduce
     overlap_grad_reduce: bool = False
     distributed_timeout_minutes: float = 10  # Megatron's default
@@ -23,6 +24,9 @@ HELP = {
     "tensor_model_parallel_size": "ranks that split each layer's weights (Megatron's TP)",
     "pipeline_model_parallel_size": "pipeline stages; the layers are split evenly over them",
     "sequence_parallel": "with TP: shard norms and dropout along the sequence (all-gather/reduce-scatter)",
+    "context_parallel_size": "ranks that split every sequence (Megatron's CP): each holds 2 of its 2 x CP "
+                             "chunks, chunks r and 2CP-1-r, and attention all-gathers the keys and values "
+                             "(docs/parallelism.md); needs --seq-length divisible by 2 x CP and no dropout",
     "ddp_bucket_size": "gradient elements per data-parallel all-reduce bucket",
     "overlap_grad_reduce": "launch each bucket's data-parallel all-reduce from the last micro-batch's backward, "
                            "as soon as its gradients are final, instead of after the backward (nothing to "
@@ -37,6 +41,7 @@ HELP = {
 def validate_parallel(p: ParallelConfig) -> None:
     for value, flag in ((p.tensor_model_parallel_size, "--tensor-model-parallel-size"),
                         (p.pipeline_model_parallel_size, "--pipeline-model-parallel-size"),
+                        (p.context_parallel_size, "--context-parallel-size"),
                         (p.ddp_bucket_size, "--ddp-bucket-size"),
                         (p.distributed_timeout_minutes, "--distributed-timeout-minutes")):
         positive(value, flag)

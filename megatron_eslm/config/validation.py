@@ -51,11 +51,12 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     data-parallel size. Called before the process group exists, so a bad layout costs one line on every
     rank instead of a hang in the first collective."""
     m, t, p = cfg.model, cfg.training, cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world_size % (tp * pp):
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    if world_size % (tp * pp * cp):
+        context = f" x --context-parallel-size {cp}" if cp > 1 else ""
         raise UserError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                        f"--pipeline-model-parallel-size {pp}")
-    dp = world_size // (tp * pp)
+                        f"--pipeline-model-parallel-size {pp}{context}")
+    dp = world_size // (tp * pp * cp)
     validate_model_split(m, tp, pp)
     if m.recompute_num_layers is not None and m.recompute_num_layers > m.num_layers // pp:
         raise UserError(f"--recompute-num-layers {m.recompute_num_layers} exceeds the {m.num_layers // pp} layers "
@@ -68,12 +69,34 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if p.sequence_parallel and m.seq_length % tp:
         raise UserError(f"--sequence-parallel: --seq-length {m.seq_length} is not divisible by "
                         f"--tensor-model-parallel-size {tp}")
+    if cp > 1:
+        validate_context_parallel(cfg, cp)
     if cfg.selection.selection in ("eslm-kd", "rho1") and tp * pp > 1:
         raise UserError(f"--selection {cfg.selection.selection} runs a whole frozen model on every rank: it needs "
                         "--tensor-model-parallel-size 1 and --pipeline-model-parallel-size 1")
     if cfg.deepspeed.deepspeed:
         deepspeed_config.resolve(cfg, dp)  # a JSON that disagrees with the flags fails here, in one line
     return dp
+
+
+def validate_context_parallel(cfg: Config, cp: int) -> None:
+    """What --context-parallel-size cannot split, each in one line with the reason."""
+    m, p = cfg.model, cfg.parallel
+    if m.seq_length % (2 * cp):
+        raise UserError(f"--context-parallel-size {cp}: --seq-length {m.seq_length} is not divisible by 2 x {cp} "
+                        "(each sequence is cut into 2 x CP equal chunks)")
+    if p.sequence_parallel and m.seq_length // cp % p.tensor_model_parallel_size:
+        raise UserError(f"--sequence-parallel with --context-parallel-size {cp}: a rank's {m.seq_length // cp} "
+                        f"tokens of --seq-length {m.seq_length} are not divisible by --tensor-model-parallel-size "
+                        f"{p.tensor_model_parallel_size}")
+    if m.hidden_dropout or m.attention_dropout:
+        raise UserError(f"--context-parallel-size {cp} needs --hidden-dropout 0 and --attention-dropout 0 (got "
+                        f"{m.hidden_dropout} and {m.attention_dropout}): the masks of sequence shards would come "
+                        "from per-rank streams, so neither one process's numbers nor a checkpoint independent "
+                        "of CP")
+    if cfg.selection.selection == "lfr":
+        raise UserError(f"--selection lfr does not run with --context-parallel-size {cp}: it ranks whole samples "
+                        "by perplexity, and context parallelism splits every sample over ranks")
 
 
 def validate_model_split(m: ModelConfig, tp: int, pp: int) -> None:

@@ -16,6 +16,8 @@ from torch import Tensor
 TP_ALL_REDUCE = "tp all-reduce"
 TP_ALL_GATHER = "tp all-gather"
 TP_REDUCE_SCATTER = "tp reduce-scatter"
+CP_ALL_GATHER = "cp all-gather"
+CP_REDUCE_SCATTER = "cp reduce-scatter"
 PP_SEND = "pp send"
 PP_RECV = "pp recv"
 DP_ALL_REDUCE = "dp all-reduce"
@@ -24,7 +26,7 @@ ESLM_THRESHOLD = "eslm threshold"
 DENSE_NORMALIZER = "dense normalizer"
 GRAD_NORM = "grad norm"
 METRICS = "metrics"
-KINDS = (TP_ALL_REDUCE, TP_ALL_GATHER, TP_REDUCE_SCATTER, PP_SEND, PP_RECV, DP_ALL_REDUCE,
+KINDS = (TP_ALL_REDUCE, TP_ALL_GATHER, TP_REDUCE_SCATTER, CP_ALL_GATHER, CP_REDUCE_SCATTER, PP_SEND, PP_RECV, DP_ALL_REDUCE,
          EMBEDDING_ALL_REDUCE, ESLM_THRESHOLD, DENSE_NORMALIZER, GRAD_NORM, METRICS)
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn); torch >= 2.3 has the old ones.

@@ -9,9 +9,10 @@ schedule, the ESLM selection and the LR schedule. How one step maps onto DeepSpe
   every backward        engine.backward(scalar, scale_wrt_gas=False); a pipeline stage's
                         backward(output, grad) becomes the scalar sum(output * grad), whose gradient is
                         the same vector-Jacobian product. The loss is already divided by the number of
-                        micro-batches; DeepSpeed AVERAGES over the data-parallel group where the ESLM /
-                        dense normalisation (by the selection group's token count) needs a SUM, so the
-                        loss is multiplied by the data-parallel size (`grad_scale`).
+                        micro-batches; DeepSpeed AVERAGES over the data-parallel group (data x context
+                        ranks under context parallelism) where the ESLM / dense normalisation (by the
+                        selection group's token count) needs a SUM, so the loss is multiplied by that
+                        group's size (`grad_scale`).
   accumulation boundary set explicitly: the schedule's order of backwards (1F1B) is not DeepSpeed's.
                         Stage 1 holds every boundary until the step's backwards are done, sums what
                         tensor/pipeline parallelism share (sequence-parallel norms, the tied embedding's
@@ -73,7 +74,7 @@ class ModelParallelUnit:
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         layout = parallel_state.layout()
-        return layout.global_rank(0, layout.dp_rank, layout.pp_rank)
+        return layout.global_rank(0, layout.dp_rank, layout.pp_rank, layout.cp_rank)
 
     def get_pipeline_model_parallel_rank(self) -> int:
         return parallel_state.pipeline_model_parallel_rank()
@@ -93,6 +94,18 @@ class ModelParallelUnit:
     def get_data_parallel_group(self):
         return parallel_state.data_parallel_group()
 
+    # DeepSpeed partitions ZeRO state over, and reduces gradients across, the "sequence data parallel" group
+    # when the mpu names one: our data x context group (the data-parallel size above stays the one that
+    # divides the batch).
+    def get_sequence_data_parallel_rank(self) -> int:
+        return parallel_state.data_context_parallel_rank()
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return parallel_state.data_context_parallel_size()
+
+    def get_sequence_data_parallel_group(self):
+        return parallel_state.data_context_parallel_group()
+
 
 def partitioned_construction(ds_config: dict | None) -> contextlib.AbstractContextManager:
     """Where the model is built. Under ZeRO-3 with data parallelism: deepspeed.zero.Init over our
@@ -102,14 +115,14 @@ def partitioned_construction(ds_config: dict | None) -> contextlib.AbstractConte
     bf16 under --bf16, as `deepspeed.initialize` would cast them). Otherwise nothing: ZeRO 1-2 keep whole
     parameters, and one replica has nothing to partition."""
     stage = ds_config["zero_optimization"]["stage"] if ds_config is not None else 0
-    if stage != 3 or parallel_state.data_parallel_size() == 1:
+    if stage != 3 or parallel_state.data_context_parallel_size() == 1:
         return contextlib.nullcontext()
     import deepspeed
 
     # DeepSpeed's comm over our process group; without it zero.Init's config sees a world of 1 and refuses
     # the batch sizes.
     deepspeed.init_distributed(dist_backend=dist.get_backend())
-    return deepspeed.zero.Init(data_parallel_group=parallel_state.data_parallel_group(),
+    return deepspeed.zero.Init(data_parallel_group=parallel_state.data_context_parallel_group(),
                                config_dict_or_path=ds_config, mpu=ModelParallelUnit())
 
 
@@ -140,7 +153,7 @@ class DeepSpeedEngine:
         """Factor on each micro-batch loss: DeepSpeed averages gradients over data parallelism where the
         ESLM/dense normalisation, by the whole selection group's token count, needs a sum. Our own
         reduction of BF16_Optimizer's buffers sums."""
-        return 1.0 if self._fp32_buffers is not None else float(parallel_state.data_parallel_size())
+        return 1.0 if self._fp32_buffers is not None else float(parallel_state.data_context_parallel_size())
 
     def _defers_reduction(self) -> bool:
         """Stage 1 reduces once, after our own tensor/pipeline sums (see the module docstring)."""

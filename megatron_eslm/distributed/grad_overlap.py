@@ -1,4 +1,4 @@
-"""--overlap-grad-reduce: the data-parallel SUM of each gradient bucket is launched from the backward of the
+"""--overlap-grad-reduce: the data-parallel SUM (over data x context ranks) of each gradient bucket is launched from the backward of the
 step's last micro-batch, as soon as every gradient in the bucket is final, so that it runs under the rest
 of the backward (Megatron's overlap_grad_reduce, torch DDP's reducer); `finish` waits for the sums before
 the gradient norm and the clipping. The earlier micro-batches only accumulate.
@@ -120,4 +120,5 @@ class OverlappedGradReducer:
         for param, view in zip(params, flat.split([p.numel() for p in params])):
             param.grad = view.view_as(param)
         collectives.record(collectives.DP_ALL_REDUCE, collectives.nbytes(flat))
-        self._works.append(dist.all_reduce(flat, group=parallel_state.data_parallel_group(), async_op=True))
+        self._works.append(dist.all_reduce(flat, group=parallel_state.data_context_parallel_group(),
+                                          async_op=True))

@@ -1,10 +1,11 @@
 """After a step's backward: turn every rank's gradients into the full-batch gradients of its parameters,
 then measure (and clip) the norm of the whole model's gradient.
 
-  data parallel      SUM over the replicas, in flat buckets of --ddp-bucket-size elements. Each rank's
-                     loss is already divided by the token count of the whole selection group (the kept
-                     count for ESLM, the valid count for dense), so the sum is the full-batch gradient;
-                     averaging would divide by the data-parallel size a second time.
+  data parallel      SUM over the replicas, in flat buckets of --ddp-bucket-size elements: the data x
+                     context ranks (context-parallel ranks hold the same parameters and other tokens of
+                     the same samples). Each rank's loss is already divided by the token count of the
+                     whole selection group (the kept count for ESLM, the valid count for dense), so the
+                     sum is the full-batch gradient; averaging would divide by their number a second time.
   sequence parallel  SUM over the TP ranks for replicated parameters applied to sequence shards (norms,
                      row-parallel biases): each rank saw only its share of the tokens.
   pipeline           SUM the tied word embedding's gradient over the first and last stage, which both use
@@ -45,10 +46,10 @@ def _all_reduce_flat(grads: list[Tensor], group, kind: str) -> None:
 
 
 def allreduce_data_parallel_grads(params: list[nn.Parameter], bucket_elements: int) -> None:
-    """SUM every gradient over the data-parallel group, bucket by bucket (last layers first, as DDP)."""
+    """SUM every gradient over the data x context group, bucket by bucket (last layers first, as DDP)."""
     grads = [p.grad for p in reversed(params) if p.grad is not None]
     for bucket in split_into_buckets(grads, bucket_elements):
-        _all_reduce_flat(bucket, parallel_state.data_parallel_group(), collectives.DP_ALL_REDUCE)
+        _all_reduce_flat(bucket, parallel_state.data_context_parallel_group(), collectives.DP_ALL_REDUCE)
 
 
 def finalize_model_grads(model: nn.Module, bucket_elements: int, data_parallel: bool = True) -> None:
@@ -63,7 +64,7 @@ def finalize_model_grads(model: nn.Module, bucket_elements: int, data_parallel: 
     if parallel_state.embedding_group() is not None and model.tied:
         collectives.all_reduce(model.word_embeddings.weight.grad, parallel_state.embedding_group(),
                                collectives.EMBEDDING_ALL_REDUCE)
-    if data_parallel and parallel_state.data_parallel_size() > 1:
+    if data_parallel and parallel_state.data_context_parallel_size() > 1:
         allreduce_data_parallel_grads(params, bucket_elements)
 
 

@@ -27,7 +27,7 @@ def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = Non
     if s.selection == "eslm-is":
         return ESLMISPolicy(eslm, s.eslm_is_prob, cfg.training.seed)
     if s.selection == "random":
-        return RandomPolicy(eslm, cfg.training.seed, parallel_state.data_parallel_rank())
+        return RandomPolicy(eslm, cfg.training.seed, parallel_state.data_context_parallel_rank())
     if s.selection == "ada-eslm":
         return AdaESLMPolicy(eslm, AlphaRule(s.ada_eslm_rule, s.eslm_alpha_min, s.eslm_alpha_max, s.ada_eslm_budget,
                                              s.ada_eslm_momentum, cfg.training.train_iters))

@@ -11,8 +11,9 @@ gradient whose LM-head backward runs over the kept rows only, about (1 - alpha) 
 is dense training. The threshold, its modes and its score (--eslm-score) are ESLM's (`ESLMPolicy`).
 
 The draws are keyed, not streamed: u_i compares a hash of (seed, iteration, the sample's dataset index,
-the token's position) with p, computed on the device (splitmix64 in int64), so a token draws the same
-whatever rank or micro-batch it lands on: data parallelism equals one process, and a resumed run draws
+the token's global position in its sequence) with p, computed on the device (splitmix64 in int64), so a
+token draws the same whatever rank or micro-batch it lands on: data and context parallelism equal one
+process, and a resumed run draws
 what the uninterrupted one would, with no generator state.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from megatron_eslm.context_parallel.sharding import positions as sequence_positions
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.distributed_threshold import group_collectives
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, token_score
@@ -47,12 +49,11 @@ def _mix(z: Tensor) -> Tensor:
     return z ^ _shift(z, 31)
 
 
-def token_uniforms(seed: int, iteration: int, index: Tensor, seq_length: int) -> Tensor:
-    """[len(index) * seq_length] float64 in [0, 1): one per (sample index, position), batch-major."""
+def token_uniforms(seed: int, iteration: int, index: Tensor, positions: Tensor) -> Tensor:
+    """[len(index) * len(positions)] float64 in [0, 1): one per (sample index, position), batch-major."""
     key = _mix(_mix(torch.full_like(index, seed)) ^ iteration)
     key = _mix(key ^ index).unsqueeze(1)
-    positions = torch.arange(seq_length, device=index.device, dtype=torch.int64).unsqueeze(0)
-    return _shift(_mix(key ^ positions), 11).double().mul_(2.0 ** -53).reshape(-1)
+    return _shift(_mix(key ^ positions.to(torch.int64).unsqueeze(0)), 11).double().mul_(2.0 ** -53).reshape(-1)
 
 
 class ESLMISPolicy(Policy):
@@ -74,7 +75,8 @@ class ESLMISPolicy(Policy):
         above = self.eslm(scores)  # the VaR rule: its kept tokens have weight 1
         score = token_score(scores, self.eslm.score)
         finite = scores.valid & torch.isfinite(score)
-        uniforms = token_uniforms(self.seed, self.iteration, self._index, score.numel() // self._index.numel())
+        positions = sequence_positions(score.numel() // self._index.numel(), score.device)  # this rank's tokens'
+        uniforms = token_uniforms(self.seed, self.iteration, self._index, positions)
         sampled = finite & ~above.kept & (uniforms < self.prob)
         count = group_collectives(self.eslm.group).all_reduce(finite.sum())  # n: dense training's divisor
         return Selection(kept=above.kept | sampled, normalizer=count, threshold=above.threshold,

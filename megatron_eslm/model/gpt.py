@@ -1,11 +1,15 @@
 """GPT language model: embeddings, transformer blocks, final norm, and an LM head whose loss goes through
 the selective head (only kept tokens get LM-head gradients). The head is tied to the input embedding (GPT-2,
 Megatron's default) or, with --untie-embeddings-and-output-weights, a separate output layer (Llama).
-Positions are a learned table added to the embeddings, or rotary embeddings inside attention (rope).
+Positions are a learned table added to the embeddings, or rotary embeddings inside attention (rope); both
+use the tokens' global positions.
 
 Parallel layouts hold a part of this model (`parallel_state` says which):
   tensor     the word embedding and output layer split by vocabulary rows, attention by key/value groups,
              the MLP by width;
+  context    every rank holds all of its stage's weights and two chunks of each sequence
+             (`context_parallel/`): positions are those chunks' global positions, attention gathers
+             the whole sequence's keys and values;
   pipeline   stage p holds layers [p * L/pp, (p+1) * L/pp); the first stage also the embeddings, the last
              the final norm and the LM head: the output layer, or its own copy of the tied word embedding
              (first and last stage sum their gradients of it, so the copies stay equal).
@@ -27,6 +31,7 @@ from torch import nn
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig, finalize_model
+from megatron_eslm.context_parallel.sharding import positions as sequence_positions
 from megatron_eslm.model.lm_head import LMHeadOutput, Selector, selective_lm_head_loss
 from megatron_eslm.model.norms import build_norm
 from megatron_eslm.model.rotary import rotary_tables
@@ -114,17 +119,17 @@ class GPTModel(nn.Module):
         if self.pre_process:
             x = self.word_embeddings(tokens)
             if self.position_embeddings is not None:
-                positions = torch.arange(tokens.shape[1], device=tokens.device)
-                x = x + to_activation_dtype(self.position_embeddings(positions))
+                x = x + to_activation_dtype(self.position_embeddings(sequence_positions(tokens.shape[1], x.device)))
             if self.sequence_parallel:
                 x = mappings.scatter_to_sequence_parallel_region(x)
             x = self.embedding_dropout(x)
         else:
             x = input_tensor
         rotary = None
-        if self.cfg.position_embedding_type == "rope":  # global positions: the whole sequence, not this shard
+        if self.cfg.position_embedding_type == "rope":  # global positions: attention's tokens, not this SP shard
             seq_length = x.shape[1] * (parallel_state.tensor_model_parallel_size() if self.sequence_parallel else 1)
-            rotary = rotary_tables(seq_length, self.cfg.kv_channels, self.cfg.rotary_base, x.device)
+            rotary = rotary_tables(sequence_positions(seq_length, x.device), self.cfg.kv_channels,
+                                   self.cfg.rotary_base)
         x = recompute.forward_layers(self.layers, self.layer_groups, x, rotary)
         if not self.post_process:
             return x

@@ -2,9 +2,10 @@
 transformers' LlamaForCausalLM: head dimension i is paired with i + d/2 and rotated by position x
 base^(-2i/d).
 
-The positions are the tokens' global positions 0..s-1: attention sees whole sequences (under sequence
-parallelism the column-parallel QKV projection has gathered them, and every pipeline stage receives
-whole sequences), so the tables cover the full sequence length, never one shard of it.
+The positions are the tokens' global positions: 0..s-1 when attention sees whole sequences (under
+sequence parallelism the column-parallel QKV projection has gathered them, and every pipeline stage
+receives whole sequences), and those of its two chunks on a context-parallel rank
+(`context_parallel/sharding.py: positions`), never positions within a shard.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from torch import Tensor
 RotaryTables = tuple[Tensor, Tensor]  # (cos, sin), each [seq, head_dim], fp32
 
 
-def rotary_tables(seq_length: int, head_dim: int, base: int, device: torch.device) -> RotaryTables:
+def rotary_tables(positions: Tensor, head_dim: int, base: int) -> RotaryTables:
     """cos and sin of every (position, dimension) angle, in fp32 (computed once per forward of a stage)."""
+    device = positions.device
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 

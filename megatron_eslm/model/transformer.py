@@ -18,6 +18,7 @@ from torch import nn
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig
+from megatron_eslm.context_parallel.attention import context_parallel_attention
 from megatron_eslm.model.norms import build_norm
 from megatron_eslm.model.rotary import RotaryTables, apply_rotary
 from megatron_eslm.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, ShardedDropout,
@@ -36,7 +37,11 @@ class CoreAttention(nn.Module):
         self.sdpa_options = {"enable_gqa": True} if grouped else {}  # torch >= 2.5, only for GQA
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [b, s, heads, d], k and v [b, s, groups, d] -> [b, s, heads, d]."""
+        """q [b, s, heads, d], k and v [b, s, groups, d] -> [b, s, heads, d]. Under context parallelism s is
+        this rank's two chunks, and the keys and values of the whole sequence are gathered (no dropout:
+        refused with CP)."""
+        if parallel_state.context_parallel_size() > 1:
+            return context_parallel_attention(q, k, v, **self.sdpa_options)
         dropout = self.dropout if self.training else 0.0
         # Each TP rank holds different heads: their dropout masks come from the model-parallel stream.
         with get_rng_tracker().fork() if dropout else contextlib.nullcontext():

@@ -103,7 +103,9 @@ def _is_rank_zero() -> bool:
 
 
 def replica_rng_states() -> list[dict]:
-    """Every data-parallel replica's RNG state, in replica order."""
+    """Every data-parallel replica's RNG state, in replica order (context-parallel ranks draw alike: their
+    streams are seeded alike and nothing random runs per sequence shard, since CP refuses dropout, so a
+    checkpoint does not depend on CP)."""
     state = rng_state()
     if parallel_state.data_parallel_size() == 1:
         return [state]
@@ -123,8 +125,9 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 
 def write_shard(directory: str, state: dict) -> dict[str, dict]:
-    """Our format: data-parallel replica 0 of each shard writes it (fsynced); returns its manifest entry."""
-    if parallel_state.data_parallel_rank() != 0:
+    """Our format: replica 0 of each shard (data and context rank 0) writes it (fsynced); returns its manifest
+    entry."""
+    if parallel_state.data_context_parallel_rank() != 0:
         return {}
     os.makedirs(os.path.join(directory, shard_dir()))
     name = os.path.join(shard_dir(), FILENAME)

@@ -19,7 +19,8 @@
 
 One ESLM threshold covers one micro-batch index across the selection group: the same micro-batch of
 every data-parallel replica, i.e. the micro-batch one process would see with DP times the micro-batch
-size. A micro-batch's backward cannot wait for the scores of micro-batches that have not run yet (nor can
+size, and under context parallelism every sequence shard of it (each rank of the context group holds two
+chunks of every sequence: the batch is cut here, `context_parallel/sharding.py`). A micro-batch's backward cannot wait for the scores of micro-batches that have not run yet (nor can
 a pipeline's). Each rank divides its kept losses by the group's kept count, so the replicas' losses add
 up to the one-process micro-batch loss and the gradients are summed, not averaged; dense training
 divides by the group's valid-token count for the same reason. See docs/parallelism.md.
@@ -35,6 +36,7 @@ import torch
 
 from megatron_eslm import host_syncs, parallel_state
 from megatron_eslm.config import ModelConfig
+from megatron_eslm.context_parallel.sharding import shard_batch
 from megatron_eslm.distributed import collectives
 from megatron_eslm.distributed.grad_overlap import OverlappedGradReducer
 from megatron_eslm.distributed.grads import clip_grad_norm
@@ -197,6 +199,7 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
                           fused_dense=fuses_dense(lm_head_impl, parallel_state.tensor_model_parallel_size()))
     if num_micro_batches == 0:  # e.g. a validation split smaller than one micro-batch per replica
         return stats
+    batches = map(shard_batch, batches)  # this context-parallel rank's chunks of every sequence
     first = next(batches)
     batches = itertools.chain([first], batches)
     micro_batch, seq_length = first["tokens"].shape

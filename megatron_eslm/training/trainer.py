@@ -54,7 +54,8 @@ class Trainer:
                                                              timeout_minutes=cfg.parallel.distributed_timeout_minutes)
         p = cfg.parallel
         if world > 1:
-            parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+            parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                                     p.context_parallel_size)
         # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
         self.is_logging_rank = launch.rank() == 0
         self.log = log if self.is_logging_rank else (lambda *args: None)
@@ -78,7 +79,7 @@ class Trainer:
                                           p.ddp_bucket_size)
         # --overlap-grad-reduce: the data-parallel sums launched from the backward (under --deepspeed, ZeRO's)
         self.grad_reducer = None
-        if p.overlap_grad_reduce and self.engine is None and dp > 1:
+        if p.overlap_grad_reduce and self.engine is None and parallel_state.data_context_parallel_size() > 1:
             self.grad_reducer = OverlappedGradReducer(self.model, p.ddp_bucket_size)
         eval_samples = t.eval_iters * t.global_batch_size
         self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(

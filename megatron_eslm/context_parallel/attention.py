@@ -1,0 +1,63 @@
+"""Causal attention of this rank's queries (chunks r and 2C-1-r of each sequence) over the keys and values
+of the whole sequence: one all-gather of the keys and values over the context-parallel group per layer,
+their gradients reduce-scattered back in the backward (the "all-gather" form of context parallelism, as
+Transformer Engine's cp_comm_type="all_gather"; docs/parallelism.md says why this form and not the ring).
+
+Chunk c of length L attends to the keys of chunks 0..c: a query at local offset i (global position cL + i)
+sees keys 0..cL + i, i.e. the causal mask aligned to the lower right of its [L, (c+1)L] score block
+(`torch.nn.attention.bias.causal_lower_right`, which flash and memory-efficient SDPA run without
+materialising a mask; chunk 0 is the plain causal case). The two local chunks are two SDPA calls.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
+
+from megatron_eslm import parallel_state
+from megatron_eslm.context_parallel.sharding import chunk_ids
+from megatron_eslm.distributed import collectives
+
+
+def _to_global_order(gathered: Tensor, cp: int) -> Tensor:
+    """[C, 2, b, 2L, g, d] in rank order (rank r: chunks r, 2C-1-r) -> [2, b, 2C L, g, d] in sequence order."""
+    halves = gathered.unflatten(3, (2, -1))  # [C, 2, b, 2, L, g, d]
+    chunks = torch.cat([halves[:, :, :, 0], halves[:, :, :, 1].flip(0)])  # [2C, 2, b, L, g, d]
+    return chunks.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)
+
+
+def _to_rank_order(full: Tensor, cp: int) -> Tensor:
+    """The inverse of `_to_global_order`: [2, b, 2C L, g, d] -> [C, 2, b, 2L, g, d]."""
+    chunks = full.unflatten(2, (2 * cp, -1)).permute(2, 0, 1, 3, 4, 5)  # [2C, 2, b, L, g, d]
+    return torch.stack([chunks[:cp], chunks[cp:].flip(0)], dim=3).flatten(3, 4)
+
+
+class _GatherKeysValues(torch.autograd.Function):
+    """Forward: all-gather [2, b, 2L, g, d] (keys and values stacked: one collective) over the context
+    group into the whole sequence. Backward: every rank's gradient of the whole sequence, summed and
+    scattered back to the chunks' owners (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, kv: Tensor) -> Tensor:
+        group, cp = parallel_state.context_parallel_group(), parallel_state.context_parallel_size()
+        return _to_global_order(collectives.all_gather_into_tensor(kv, group, collectives.CP_ALL_GATHER), cp)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        group, cp = parallel_state.context_parallel_group(), parallel_state.context_parallel_size()
+        return collectives.reduce_scatter_tensor(_to_rank_order(grad, cp), group, collectives.CP_REDUCE_SCATTER)
+
+
+def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, **sdpa_options) -> Tensor:
+    """q [b, 2L, heads, d], k and v [b, 2L, groups, d] of this rank's two chunks -> [b, 2L, heads, d]."""
+    cp = parallel_state.context_parallel_size()
+    keys, values = _GatherKeysValues.apply(torch.stack([k, v])).transpose(2, 3).unbind(0)  # [b, g, 2C L, d]
+    length = q.shape[1] // 2
+    outputs = []
+    for half, chunk in enumerate(chunk_ids(cp, parallel_state.context_parallel_rank())):
+        query = q[:, half * length:(half + 1) * length].transpose(1, 2)
+        seen = (chunk + 1) * length
+        outputs.append(F.scaled_dot_product_attention(query, keys[:, :, :seen], values[:, :, :seen],
+                                                      attn_mask=causal_lower_right(length, seen), **sdpa_options))
+    return torch.cat(outputs, dim=2).transpose(1, 2)

@@ -1,0 +1,42 @@
+"""Which part of every sequence a context-parallel rank holds: chunks r and 2C-1-r of 2C equal chunks
+(Megatron's load-balanced split). Everything here is a no-op at C = 1."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron_eslm import parallel_state
+
+SEQUENCE_KEYS = ("tokens", "labels")  # the batch entries with a sequence dimension (dim 1)
+
+
+def chunk_ids(cp: int, cp_rank: int) -> tuple[int, int]:
+    """The two global chunks a rank holds, in the order its local sequence holds them."""
+    return cp_rank, 2 * cp - 1 - cp_rank
+
+
+def shard_sequence(x: Tensor, cp: int, cp_rank: int) -> Tensor:
+    """[b, s, ...] -> [b, s / C, ...]: chunks r and 2C-1-r, concatenated."""
+    chunks = x.unflatten(1, (2 * cp, -1))
+    return chunks[:, list(chunk_ids(cp, cp_rank))].flatten(1, 2)
+
+
+def shard_batch(batch: dict) -> dict:
+    """This rank's share of a batch of whole sequences (per-sample entries, e.g. the sample index, as they
+    are); the batch itself when C = 1."""
+    cp = parallel_state.context_parallel_size()
+    if cp == 1:
+        return batch
+    rank = parallel_state.context_parallel_rank()
+    return {key: shard_sequence(value, cp, rank) if key in SEQUENCE_KEYS else value for key, value in batch.items()}
+
+
+def positions(local_length: int, device: torch.device) -> Tensor:
+    """The global positions [local_length] of this rank's tokens (int64): 0..s-1 at C = 1."""
+    cp = parallel_state.context_parallel_size()
+    if cp == 1:
+        return torch.arange(local_length, device=device)
+    chunk = local_length // 2
+    first, second = chunk_ids(cp, parallel_state.context_parallel_rank())
+    return torch.cat([torch.arange(first * chunk, (first + 1) * chunk, device=device),
+                      torch.arange(second * chunk, (second + 1) * chunk, device=device)])
