@@ -8,7 +8,7 @@ ZeRO-1 (PP2 with the tied embedding's two copies), likewise; a DeepSpeed checkpo
 (ZeRO-3's partitioned parameters, the per-stage files of PP2, and ZeRO-1 under --bf16); `deepspeed
 --module megatron_eslm.pretrain` itself trains and logs. Under --bf16, ZeRO 1, 2 and 3 accumulate the
 micro-batches' gradients in fp32 and train close to the float32 run. ZeRO-3 with full activation recompute
-trains like ZeRO-3 without. Besides: the config that goes to DeepSpeed, and the one line each bad
+trains like ZeRO-3 without. Context parallelism (CP2) under ZeRO-1 and ZeRO-3 equals one process. Besides: the config that goes to DeepSpeed, and the one line each bad
 combination stops with.
 """
 from __future__ import annotations
@@ -55,6 +55,8 @@ INITS = {"gpt": [], "gpt bf16": ["--bf16"], "llama": LLAMA_FLAGS}
 # The Llama model trained under these ZeRO stages (None: our own data parallelism), ESLM, on DP2
 LLAMA_STAGES = (None, 1, 3)
 # Full activation recompute under ZeRO-3, whose module hooks must gather the parameters again for it
+# Context parallelism under ZeRO: CP2 (DP 1: ZeRO partitions over the data x context ranks) at these stages
+CONTEXT_STAGES = (1, 3)
 # Checkpoints for the offline reader (megatron_eslm/checkpoint/deepspeed_reader.py): name -> ZeRO stage
 CHECKPOINTS = {"dp2": None, "zero1": 1, "zero2": 2, "zero3": 3}
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
@@ -90,6 +92,9 @@ def launched(tiny_corpus, tmp_path_factory):
              for name, extra in INITS.items()]
     jobs += [[f"llama zero{stage}", "train", [*run_flags(tiny_corpus, 1, 1, stage, "eslm-loss"), *LLAMA_FLAGS]]
              for stage in LLAMA_STAGES]
+    jobs += [[f"cp2 zero{stage} {selection}", "train", [*flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS[selection]),
+                                                         "--context-parallel-size", "2", "--zero-stage", str(stage)]]
+             for stage in CONTEXT_STAGES for selection in COMPARED_SELECTIONS]
     jobs.append(["dp2 zero3 recompute", "train", [*run_flags(tiny_corpus, 1, 1, 3, "eslm-loss"), *RECOMPUTE]])
     jobs += [[f"ckpt {name}", "save", run_flags(tiny_corpus, 1, 1, stage, "dense")] for name, stage in CHECKPOINTS.items()]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
@@ -126,6 +131,16 @@ def test_zero_stages_equal_plain_data_parallel_and_one_process(launched, referen
             table[label] = (against_dp, against_one)
             assert against_dp <= TOLERANCE and against_one <= TOLERANCE, f"{label}: {against_dp:.1e} {against_one:.1e}"
     print("\n" + "\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
+
+
+def test_context_parallel_under_zero_equals_one_process(launched, references):
+    """CP2 under ZeRO-1 and ZeRO-3: DeepSpeed reduces and partitions over the data x context ranks (its
+    "sequence data parallel" group), the batch stays divided over data parallelism alone."""
+    _, (results, _) = launched
+    for stage in CONTEXT_STAGES:
+        for selection in COMPARED_SELECTIONS:
+            worst = difference(results[f"cp2 zero{stage} {selection}"], references[selection])
+            assert worst <= TOLERANCE, f"cp2 zero{stage} {selection}: {worst:.1e}"
 
 
 def test_llama_under_zero_equals_plain_data_parallel(launched):

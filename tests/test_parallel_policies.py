@@ -3,12 +3,14 @@ global batch (the harness of test_parallel_training.py: one spawn runs every job
 one-process runs with DP x the micro-batch):
 
   DP2       ada-eslm (grad-mass), lfr, rho1 and eslm-kd (rho1 and eslm-kd need a whole frozen model on
-            every rank, so they take data parallelism only)
+            every rank, so they take data and context parallelism only)
   TP2, PP2  ada-eslm and lfr
+  CP2       rho1 and eslm-kd (the frozen model runs under context parallelism too); lfr is refused
+            under CP (tests/test_context_parallel.py), ada-eslm is in that file's table
 
 float32 logged numbers to 1e-5 relative and the kept fraction exactly; float64 parameters to 1e-9.
-Random selection draws other tokens on each replica than one process would, so under DP2 it is checked
-for what it promises instead: ESLM's kept fraction on the same batch, finite losses, equal replicas.
+Random selection draws other tokens on each replica than one process would, so under DP2 and CP2 it is
+checked for what it promises instead: ESLM's kept fraction on the same batch, finite losses, equal replicas.
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import pytest
 import torch
 
 from test_parallel_training import (REFERENCE_MICRO_BATCH, SELECTIONS, STEPS, assemble, flags, layout_flags,
-                                    micro_batch, parameter_difference, record_difference, spawn, train, untimed)
+                                    parameter_difference, record_difference, spawn, train, untimed)
 
 WORLD = 2
-LAYOUTS = {"dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+LAYOUTS = {"dp2": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "cp2": (1, 1, 2)}  # (tp, pp, cp)
 MODEL_PARALLEL = ("ada-eslm", "lfr")  # the policies that also run under TP and PP
+CONTEXT_PARALLEL = ("rho1", "eslm-kd", "eslm-kd-teacher")  # run under CP here
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -51,7 +54,14 @@ def policies(checkpoint: str) -> dict[str, list[str]]:
 
 def cases() -> list[tuple[str, str]]:
     return [(layout, policy) for layout in LAYOUTS for policy in policies("")
-            if layout == "dp2" or policy in MODEL_PARALLEL]
+            if layout == "dp2" or policy in (CONTEXT_PARALLEL if layout == "cp2" else MODEL_PARALLEL)]
+
+
+def layout_argv(corpus, layout: str, *extra: str) -> list[str]:
+    """A run of `layout` on WORLD ranks whose data-parallel replicas together take the reference's micro-batch."""
+    tp, pp, cp = LAYOUTS[layout]
+    return flags(corpus, REFERENCE_MICRO_BATCH // (WORLD // (tp * pp * cp)), *extra, *layout_flags(tp, pp, False),
+                 "--context-parallel-size", str(cp))
 
 
 RANDOM = ["--selection", "random", *SELECTIONS["eslm-loss"][2:]]  # eslm-loss's alpha and score
@@ -74,11 +84,10 @@ def test_policies_on_two_ranks(tiny_corpus, frozen_checkpoint, tmp_path):
                   for policy in argv for dtype in DTYPES}
     eslm = train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS["eslm-loss"]), torch.float32)
 
-    jobs = [((layout, policy, dtype), "train",
-             flags(tiny_corpus, micro_batch(WORLD, *LAYOUTS[layout]), *argv[policy],
-                   *layout_flags(*LAYOUTS[layout], False)), dtype)
+    jobs = [((layout, policy, dtype), "train", layout_argv(tiny_corpus, layout, *argv[policy]), dtype)
             for layout, policy in cases() for dtype in DTYPES]
-    jobs.append(("random", "train", flags(tiny_corpus, micro_batch(WORLD, 1, 1), *RANDOM), torch.float32))
+    jobs += [((layout, "random"), "train", layout_argv(tiny_corpus, layout, *RANDOM), torch.float32)
+             for layout in ("dp2", "cp2")]
     per_rank = spawn(WORLD, tmp_path, jobs)
 
     table, failures = {}, []
@@ -109,10 +118,11 @@ def test_policies_on_two_ranks(tiny_corpus, frozen_checkpoint, tmp_path):
     assert all(0.0 < f < 1.0 for policy in ("rho1", "eslm-kd", "eslm-kd-teacher") for f in kept[policy])
 
     # random: ESLM's kept count on the same batch, trained on, the replicas kept equal
-    random = [r["random"] for r in per_rank]
-    assert [r["kept_fraction"] for r in random[0]["records"]] == [r["kept_fraction"] for r in eslm["records"]]
-    assert all(math.isfinite(r[key]) for r in random[0]["records"] for key in ("lm_loss", "kept_loss", "grad_norm"))
-    assert math.isfinite(random[0]["val_loss"])
-    assert random[0]["records"][-1]["lm_loss"] < random[0]["records"][0]["lm_loss"]
-    assert untimed(random[0]["records"]) == untimed(random[1]["records"])
-    assemble(random)  # DP replicas bitwise equal
+    for layout in ("dp2", "cp2"):
+        random = [r[(layout, "random")] for r in per_rank]
+        assert [r["kept_fraction"] for r in random[0]["records"]] == [r["kept_fraction"] for r in eslm["records"]]
+        assert all(math.isfinite(r[key]) for r in random[0]["records"] for key in ("lm_loss", "kept_loss", "grad_norm"))
+        assert math.isfinite(random[0]["val_loss"])
+        assert random[0]["records"][-1]["lm_loss"] < random[0]["records"][0]["lm_loss"]
+        assert untimed(random[0]["records"]) == untimed(random[1]["records"])
+        assemble(random)  # replicas bitwise equal

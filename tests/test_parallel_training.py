@@ -248,7 +248,7 @@ def assemble(results: list[dict]) -> dict[str, torch.Tensor]:
     for result in results:
         layout = result["layout"]
         for name, (tensor, split, tied_copy) in result["params"].items():
-            key = (layout.tp_rank, layout.dp_rank)
+            key = (layout.tp_rank, layout.dp_rank * layout.cp + layout.cp_rank)  # replicas: data x context
             if tied_copy:  # the last stage's copy of the tied embedding equals the first stage's
                 pieces.setdefault(name + "@last", {})[key] = (tensor, split)
                 continue
@@ -256,8 +256,8 @@ def assemble(results: list[dict]) -> dict[str, torch.Tensor]:
     full = {}
     for name, by_rank in pieces.items():
         tp = 1 + max(t for t, _ in by_rank)
-        for (t, d), (tensor, _) in by_rank.items():  # data-parallel replicas are identical
-            assert torch.equal(tensor, by_rank[(t, 0)][0]), f"{name}: DP replica {d} differs"
+        for (t, d), (tensor, _) in by_rank.items():  # data (and context) parallel replicas are identical
+            assert torch.equal(tensor, by_rank[(t, 0)][0]), f"{name}: replica {d} differs"
         split = by_rank[(0, 0)][1]
         if split is None:  # replicated over TP: identical on every TP rank
             for t in range(tp):

@@ -16,6 +16,11 @@ reduce-scatter's and (n-1) times an all-gather's.
         --data-parallel-size 2 --num-layers 24 --hidden-size 2048 --seq-length 2048 --vocab-size 50304
     python tools/bench_comm.py --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \\
         --data-parallel-size 2 --sequence-parallel --check
+    python tools/bench_comm.py --context-parallel-size 4 --data-parallel-size 2 --tensor-model-parallel-size 1 \\
+        --pipeline-model-parallel-size 1 --seq-length 32768 --micro-batch-size 1 --global-batch-size 64
+
+Not modelled: activation recompute, which repeats each recomputed layer's forward collectives in the
+backward (tensor-parallel ones and context parallelism's key/value all-gather).
 """
 from __future__ import annotations
 
@@ -56,6 +61,9 @@ class Setup:
     alpha: float = 0.5
     threshold_mode: str = "sketch-exact"
     sketch_size: int = 2048
+    cp: int = 1
+    heads: int = 16
+    query_groups: int = 16  # key/value heads (= heads without grouped-query attention)
 
     @property
     def micro_batches(self) -> int:
@@ -63,8 +71,13 @@ class Setup:
 
     @property
     def tokens(self) -> int:
-        """Tokens (LM-head rows) of one micro-batch on one rank."""
-        return self.micro_batch * self.seq
+        """Tokens (LM-head rows) of one micro-batch on one rank: its 2 of 2 CP chunks of every sequence."""
+        return self.micro_batch * self.seq // self.cp
+
+    @property
+    def selection_ranks(self) -> int:
+        """The selection group and the gradients' data-parallel sum: data x context ranks."""
+        return self.dp * self.cp
 
     @property
     def kept_rows(self) -> int:
@@ -116,14 +129,18 @@ def predict(s: Setup, stage: int) -> Counter[str]:
             per_micro[c.TP_ALL_REDUCE] += 4 * t * FLOAT + s.kept_rows * h  # partials (max; 3 sums), kept rows
             if s.sp:
                 per_micro[c.TP_ALL_GATHER] += (t // s.tp) * h  # final norm output to the head
+    if s.cp > 1:  # per layer: keys and values all-gathered (forward), their gradients reduce-scattered
+        kv = 2 * t * (s.hidden * s.query_groups // s.heads // s.tp) * FLOAT
+        per_micro[c.CP_ALL_GATHER] += layers * kv
+        per_micro[c.CP_REDUCE_SCATTER] += layers * s.cp * kv
     if s.pp > 1:
-        activation = s.micro_batch * (s.seq // s.tp if s.sp else s.seq) * h
+        activation = (t // s.tp if s.sp else t) * h
         for kind in (c.PP_SEND, c.PP_RECV):
             per_micro[kind] += activation * ((not first) + (not last))
         if first or last:
             per_step[c.EMBEDDING_ALL_REDUCE] += s.vocab // s.tp * h
         per_step[c.METRICS] += len(SUMMED) * INDEX  # sums from the last stage to the others, per log interval
-    if s.dp > 1:
+    if s.selection_ranks > 1:
         per_step[c.DP_ALL_REDUCE] += s.local_parameters(stage) * FLOAT
         if last:
             per_micro[c.ESLM_THRESHOLD if s.selection == "eslm" else c.DENSE_NORMALIZER] += (
@@ -150,10 +167,11 @@ def ring_factors(s: Setup) -> dict[str, float]:
     def all_reduce(n: int) -> float:
         return 2 * (n - 1) / n
 
+    n = s.selection_ranks
     return {c.TP_ALL_REDUCE: all_reduce(s.tp), c.TP_ALL_GATHER: s.tp - 1, c.TP_REDUCE_SCATTER: (s.tp - 1) / s.tp,
-            c.PP_SEND: 1.0, c.PP_RECV: 0.0, c.DP_ALL_REDUCE: all_reduce(s.dp), c.EMBEDDING_ALL_REDUCE: all_reduce(2),
-            c.ESLM_THRESHOLD: s.dp - 1, c.DENSE_NORMALIZER: all_reduce(s.dp), c.GRAD_NORM: all_reduce(s.tp * s.pp),
-            c.METRICS: 1.0}
+            c.CP_ALL_GATHER: s.cp - 1, c.CP_REDUCE_SCATTER: (s.cp - 1) / s.cp, c.PP_SEND: 1.0, c.PP_RECV: 0.0,
+            c.DP_ALL_REDUCE: all_reduce(n), c.EMBEDDING_ALL_REDUCE: all_reduce(2), c.ESLM_THRESHOLD: n - 1,
+            c.DENSE_NORMALIZER: all_reduce(n), c.GRAD_NORM: all_reduce(s.tp * s.pp), c.METRICS: 1.0}
 
 
 def print_table(s: Setup) -> None:
@@ -161,8 +179,8 @@ def print_table(s: Setup) -> None:
     names = ["every stage"] if s.pp == 1 else [("first" if i == 0 else "last" if i == s.pp - 1 else "middle")
                                                + " stage" for i in stages]
     volumes = [predict(s, stage) for stage in stages]
-    print(f"TP {s.tp} x PP {s.pp} x DP {s.dp}{' + SP' if s.sp else ''}; {s.layers} layers, hidden {s.hidden}, "
-          f"ffn {s.ffn}, seq {s.seq}, vocab {s.vocab}; micro-batch {s.micro_batch}, global batch "
+    print(f"TP {s.tp} x CP {s.cp} x PP {s.pp} x DP {s.dp}{' + SP' if s.sp else ''}; {s.layers} layers, hidden "
+          f"{s.hidden}, {s.heads} heads ({s.query_groups} key/value), ffn {s.ffn}, seq {s.seq}, vocab {s.vocab}; micro-batch {s.micro_batch}, global batch "
           f"{s.global_batch} ({s.micro_batches} micro-batches per rank); selection {s.selection}"
           + (f" alpha {s.alpha} ({s.threshold_mode})" if s.selection == "eslm" else "") + "\n")
     print("| bytes per step per rank | " + " | ".join(names) + " |")
@@ -174,8 +192,8 @@ def print_table(s: Setup) -> None:
     factors = ring_factors(s)
     print("| sent on the wire (ring estimate) | "
           + " | ".join(human(sum(factors[k] * n for k, n in v.items())) for v in volumes) + " |")
-    if s.selection == "eslm" and s.dp > 1 and s.threshold_mode == "sketch-exact":
-        slack = s.dp * ((s.tokens - 1) // s.sketch_size)
+    if s.selection == "eslm" and s.selection_ranks > 1 and s.threshold_mode == "sketch-exact":
+        slack = s.selection_ranks * ((s.tokens - 1) // s.sketch_size)
         if slack:
             print(f"\nsketch-exact may add a third round per micro-batch of at most {human(max(2 * slack - 1, 0) * 4)} "
                   "(scores inside the sketch's bracket), not counted above.")
@@ -197,20 +215,22 @@ def write_dataset(prefix: str, vocab: int, documents: int = 200) -> None:
 
 def tiny(s: Setup) -> list[Setup]:
     """The layout of `s` on a tiny model, dense and ESLM (alpha 0: every row kept, known in advance)."""
-    small = replace(s, layers=2 * s.pp, hidden=32, ffn=64, seq=8 * s.tp, vocab=128, micro_batch=2,
-                    global_batch=2 * s.dp * 3, alpha=0.0, sketch_size=64)
+    small = replace(s, layers=2 * s.pp, hidden=32, ffn=64, seq=8 * s.tp * s.cp, vocab=128, micro_batch=2,
+                    global_batch=2 * s.dp * 3, alpha=0.0, sketch_size=64, heads=4, query_groups=4)
     return [replace(small, selection="none"), replace(small, selection="eslm")]
 
 
 def check_flags(s: Setup, prefix: str) -> list[str]:
     return ["--num-layers", str(s.layers), "--hidden-size", str(s.hidden), "--ffn-hidden-size", str(s.ffn),
-            "--num-attention-heads", "4", "--seq-length", str(s.seq), "--micro-batch-size", str(s.micro_batch),
+            "--num-attention-heads", str(s.heads), *(["--group-query-attention", "--num-query-groups",
+                                                      str(s.query_groups)] if s.query_groups != s.heads else []),
+            "--seq-length", str(s.seq), "--micro-batch-size", str(s.micro_batch),
             "--global-batch-size", str(s.global_batch), "--train-iters", "2", "--lr", "1e-3",
             "--data-path", prefix, "--split", "100,0,0", "--tokenizer-type", "NullTokenizer", "--vocab-size",
             str(s.vocab - 1), "--make-vocab-size-divisible-by", str(s.vocab // s.tp), "--eval-iters", "0",
             "--log-interval", "1", "--num-workers", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--tensor-model-parallel-size", str(s.tp), "--pipeline-model-parallel-size", str(s.pp),
-            *(["--sequence-parallel"] if s.sp else []), "--selection", s.selection,
+            "--context-parallel-size", str(s.cp), *(["--sequence-parallel"] if s.sp else []), "--selection", s.selection,
             "--eslm-alpha", str(s.alpha), "--eslm-threshold", s.threshold_mode,
             "--eslm-sketch-size", str(s.sketch_size)]
 
@@ -256,7 +276,7 @@ def _check_rank(rank: int, world: int, tmp: str, setups: list[Setup]) -> None:
 def check(s: Setup) -> bool:
     """Train a tiny model with this layout on gloo; compare every rank's counted bytes with `predict`."""
     setups = tiny(s)
-    world = s.tp * s.pp * s.dp
+    world = s.tp * s.pp * s.dp * s.cp
     with tempfile.TemporaryDirectory() as tmp:
         write_dataset(os.path.join(tmp, "tokens"), setups[0].vocab - 1)
         mp.spawn(_check_rank, args=(world, tmp, setups), nprocs=world, join=True)
@@ -274,9 +294,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tensor-model-parallel-size", type=int, default=d.tp)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=d.pp)
     p.add_argument("--data-parallel-size", type=int, default=d.dp)
+    p.add_argument("--context-parallel-size", type=int, default=d.cp)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--num-layers", type=int, default=d.layers)
     p.add_argument("--hidden-size", type=int, default=d.hidden)
+    p.add_argument("--num-attention-heads", type=int, default=d.heads)
+    p.add_argument("--num-query-groups", type=int, default=None, help="key/value heads; default: the heads")
     p.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden")
     p.add_argument("--seq-length", type=int, default=d.seq)
     p.add_argument("--vocab-size", type=int, default=d.vocab, help="padded vocabulary")
@@ -296,7 +319,8 @@ def main() -> None:
                   args.sequence_parallel, args.num_layers, args.hidden_size,
                   args.ffn_hidden_size or 4 * args.hidden_size, args.seq_length, args.vocab_size,
                   args.micro_batch_size, args.global_batch_size, args.selection, args.eslm_alpha,
-                  args.eslm_threshold, args.eslm_sketch_size)
+                  args.eslm_threshold, args.eslm_sketch_size, args.context_parallel_size, args.num_attention_heads,
+                  args.num_query_groups or args.num_attention_heads)
     print_table(setup)
     if args.check:
         print()
