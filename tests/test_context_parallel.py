@@ -2,7 +2,7 @@
 runs and checks: logged numbers to 1e-5 relative in float32 (the kept fraction exactly), every parameter
 to 1e-9 relative in float64.
 
-Layouts: CP2 (2 ranks); CP2xDP2, CP2xTP2 (with sequence parallelism for Llama) and CP2xPP2 (4 ranks).
+Layouts: CP2, and CP2 with selective recompute (2 ranks); CP2xDP2, CP2xTP2 (with sequence parallelism for Llama) and CP2xPP2 (4 ranks).
 Selections: dense, ESLM by loss (sketch-exact threshold) and by entropy (exact threshold), eslm-is (its
 draws are keyed by the token's global position) and Ada-ESLM; GPT-2 and Llama shapes. Besides: the
 sharding and attention against their one-process forms, a checkpoint saved under CP2 resumes under CP1
@@ -39,12 +39,15 @@ SELECTIONS = {
 }
 MODELS = {"gpt2": [], "llama": tpt.LLAMA_FLAGS}
 # name -> (world, tp, pp, cp, sequence parallel)
-LAYOUTS = {"cp2": (2, 1, 1, 2, False), "cp2dp2": (4, 1, 1, 2, False), "cp2tp2": (4, 2, 1, 2, False),
-           "cp2tp2-sp": (4, 2, 1, 2, True), "cp2pp2": (4, 1, 2, 2, False)}
+LAYOUTS = {"cp2": (2, 1, 1, 2, False), "cp2-recompute": (2, 1, 1, 2, False), "cp2dp2": (4, 1, 1, 2, False),
+           "cp2tp2": (4, 2, 1, 2, False), "cp2tp2-sp": (4, 2, 1, 2, True), "cp2pp2": (4, 1, 2, 2, False)}
+# more flags of a layout: the attention core (and its gathered keys and values) recomputed in the backward
+LAYOUT_EXTRA = {"cp2-recompute": ["--recompute-granularity", "selective"]}
 # (model, layout, selection) per world size
 CASES = {
     2: [(model, "cp2", selection) for model in MODELS for selection in
-        ("dense", "eslm-loss", "eslm-entropy-exact", "eslm-is" if model == "gpt2" else "ada-eslm")],
+        ("dense", "eslm-loss", "eslm-entropy-exact", "eslm-is" if model == "gpt2" else "ada-eslm")]
+    + [("llama", "cp2-recompute", "eslm-loss")],
     4: [*((model, "cp2dp2", selection) for model in MODELS for selection in ("dense", "eslm-loss", "eslm-entropy-exact")),
         ("gpt2", "cp2tp2", "eslm-loss"), ("gpt2", "cp2tp2", "eslm-is"),
         ("llama", "cp2tp2-sp", "eslm-entropy-exact"), ("llama", "cp2tp2-sp", "ada-eslm"),
@@ -60,7 +63,8 @@ def layout_flags(layout: str) -> tuple[int, list[str]]:
     """(micro-batch size, flags) of a layout: DP x micro-batch = the reference's micro-batch."""
     world, tp, pp, cp, sp = LAYOUTS[layout]
     dp = world // (tp * pp * cp)
-    return tpt.REFERENCE_MICRO_BATCH // dp, [*tpt.layout_flags(tp, pp, sp), "--context-parallel-size", str(cp)]
+    return tpt.REFERENCE_MICRO_BATCH // dp, [*tpt.layout_flags(tp, pp, sp), "--context-parallel-size", str(cp),
+                                             *LAYOUT_EXTRA.get(layout, [])]
 
 
 def jobs_for(world: int, corpus) -> list[tuple]:

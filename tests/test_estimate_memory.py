@@ -321,8 +321,10 @@ LLAMA3_8B = ["--config", "examples/llama3_8b/pretrain.json", "--vocab-size", "12
       "--recompute-method", "block", "--recompute-num-layers", "17"], "error: --recompute-num-layers 17 exceeds"),
     ([*LLAMA3_8B, "--world-size", "16", "--recompute-granularity", "full"],
      "error: --recompute-granularity full needs --recompute-method"),
+    ([*LLAMA3_8B, "--world-size", "16", "--context-parallel-size", "2", "--hidden-dropout", "0",
+      "--attention-dropout", "0"], "error: --context-parallel-size 2: the estimate does not model context parallelism"),
 ], ids=["world", "tp", "world-0", "unknown-flag", "no-world", "deepspeed-fp32", "recompute-layers",
-        "recompute-method"])
+        "recompute-method", "context-parallel"])
 def test_bad_input_is_one_line(args, message, monkeypatch):
     monkeypatch.chdir(REPO)
     code, out, err = run_tool(args)

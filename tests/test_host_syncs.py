@@ -123,7 +123,11 @@ LAYOUTS = {"dp2": [], "dp2-overlap": ["--overlap-grad-reduce"], "tp2": ["--tenso
            "pp2": ["--pipeline-model-parallel-size", "2"],
            # the Llama-shaped model: grouped-query attention, rotary tables, RMSNorm, the untied vocab-parallel head
            "llama-tp2-sp": [*LLAMA_FLAGS, "--tensor-model-parallel-size", "2", "--sequence-parallel"],
-           "llama-pp2": [*LLAMA_FLAGS, "--pipeline-model-parallel-size", "2"]}
+           "llama-pp2": [*LLAMA_FLAGS, "--pipeline-model-parallel-size", "2"],
+           # context parallelism: the keys' and values' all-gather and reduce-scatter, global positions, the
+           # data x context sums launched from the backward, the attention core recomputed
+           "llama-cp2": [*LLAMA_FLAGS, "--context-parallel-size", "2", "--hidden-dropout", "0", "--attention-dropout",
+                         "0", "--overlap-grad-reduce", "--recompute-granularity", "selective"]}
 MULTI = ["dense", "eslm-sketch-exact", "eslm-exact", "ada-eslm-grad-mass"]
 
 
@@ -147,7 +151,7 @@ def test_two_ranks_within_budget(tiny_corpus, tmp_path):
     """Real collectives (the selection group's all-gathers and all-reduces, TP's vocab-parallel head, the
     pipeline's sends, the data-parallel sums launched from the backward) add no sync: the budget holds on
     every rank of DP2 (with and without --overlap-grad-reduce), TP2 and PP2, and for the
-    Llama-shaped model on TP2 with sequence parallelism and PP2."""
+    Llama-shaped model on TP2 with sequence parallelism, PP2 and CP2."""
     mp.spawn(_rank_main, args=(2, str(tmp_path), tiny_corpus), nprocs=2, join=True)
     for rank in range(2):
         for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines():

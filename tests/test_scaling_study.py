@@ -71,7 +71,7 @@ def test_outputs_and_columns(study):
     invalid = [r for r in rows if r["status"] == "invalid"]
     assert len(invalid) == 4 and all("--micro-batch-size 3" in r["message"] for r in invalid)
     columns, projected = read_csv(out / "projection.csv")
-    assert {"world_size", "tp", "pp", "dp", "selection", "network", "step_ms", "tokens_per_sec",
+    assert {"world_size", "tp", "cp", "pp", "dp", "selection", "network", "step_ms", "tokens_per_sec",
             *scaling_study.BREAKDOWN} <= set(columns)
     assert {(r["world_size"], r["dp"], r["global_batch_size"], r["selection"]) for r in projected} == {
         ("8", "8", "64", "none"), ("8", "8", "64", "eslm:0.5")}
@@ -101,3 +101,37 @@ def test_schedule_makes_the_timed_iterations_the_last_record():
     assert scaling_study.schedule(0, 3) == (0, 3)
     assert scaling_study.schedule(1, 3) == (3, 3)  # warmup rounded up to one interval
     assert scaling_study.schedule(4, 2) == (4, 4)
+
+
+def test_context_parallel_sizes_cross_the_layouts(tmp_path):
+    """--context-parallel-sizes: every layout at every C, DP = world / (TP x C x PP), named layouts that C
+    does not fit kept as invalid rows, auto ones at C from world / C; the points' flags, names and model
+    points carry C (nothing runs)."""
+    recipe = tmp_path / "pretrain.json"
+    recipe.write_text(json.dumps({"num-layers": 2, "hidden-size": 32, "num-attention-heads": 4, "seq-length": 32,
+                                  "micro-batch-size": 2, "global-batch-size": 8, "hidden-dropout": 0,
+                                  "attention-dropout": 0}))
+    extra = ["--", "--data-path", "x", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128"]
+
+    def sweep(*flags: str) -> tuple:
+        args = scaling_study.parse(["--config", str(recipe), "--out-dir", str(tmp_path / "out"), *flags, *extra])
+        return args, scaling_study.sweep(args, scaling_study.parse_args(["--config", str(recipe), *extra[1:]]))
+
+    args, points = sweep("--world-sizes", "2", "4", "--layouts", "tp1pp1", "tp2pp1",
+                         "--context-parallel-sizes", "1", "2")
+    assert [(p.name, reason is None) for p, reason in points] == [
+        ("w2-tp1pp1dp2-z0-mbs2-gbs8-none", True), ("w2-tp2pp1dp1-z0-mbs2-gbs8-none", True),
+        ("w2-tp1cp2pp1dp1-z0-mbs2-gbs8-none", True), ("w2-tp2cp2pp1dp1-z0-mbs2-gbs8-none", False),
+        ("w4-tp1pp1dp4-z0-mbs2-gbs8-none", True), ("w4-tp2pp1dp2-z0-mbs2-gbs8-none", True),
+        ("w4-tp1cp2pp1dp2-z0-mbs2-gbs8-none", True), ("w4-tp2cp2pp1dp1-z0-mbs2-gbs8-none", True)]
+    p = points[6][0]
+    argv = scaling_study.point_argv(args, p, "metrics.jsonl", None)
+    assert argv[argv.index("--context-parallel-size") + 1] == "2"
+    model = scaling_study.model_point(args, p)
+    assert (model.cp, model.dp) == (2, 2)
+    assert scaling_study.model_point(args, p, 16, 32).dp == 8  # projected: DP grows, CP stays
+    invalid = scaling_study.row(points[3][0], {"status": "invalid", "message": points[3][1]})
+    assert invalid["cp"] == 2
+    assert "- 2 ranks tp2cp2pp1 z0 none: invalid: world size 2" in scaling_study.markdown([invalid], [])
+    _, auto = sweep("--world-sizes", "4", "--layouts", "auto", "--context-parallel-sizes", "2")
+    assert sorted((p.tp, p.cp, p.pp, p.dp) for p, _ in auto) == [(1, 2, 1, 2), (1, 2, 2, 1), (2, 2, 1, 1)]

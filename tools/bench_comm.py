@@ -71,7 +71,7 @@ class Setup:
 
     @property
     def tokens(self) -> int:
-        """Tokens (LM-head rows) of one micro-batch on one rank: its 2 of 2 CP chunks of every sequence."""
+        """Tokens (LM-head rows) of one micro-batch on one rank: its 2 of the 2C chunks of every sequence."""
         return self.micro_batch * self.seq // self.cp
 
     @property

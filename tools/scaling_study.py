@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Throughput scaling study: sweep world sizes, TP x PP x DP layouts, ZeRO stages, micro-batch sizes and
+"""Throughput scaling study: sweep world sizes, TP x CP x PP x DP layouts, ZeRO stages, micro-batch sizes and
 selection settings over one recipe, measure each point through the real launchers, tabulate, plot, and
 project past the hardware at hand with tools/scaling_model.py (checked against the measured points).
 
     python tools/scaling_study.py --config examples/gpt2_124m/pretrain.json --world-sizes 1 2 4 8 \
         --layouts auto --selections none eslm:0.5 --scaling weak --out-dir runs/scaling \
         --project-to 64 512 1024 -- --data-path DATA --tokenizer-model TOK.model
+
+--context-parallel-sizes 1 2 crosses every layout with CP 1 and 2 (DP = world / (TP x CP x PP)).
 
 Everything after `--` goes to every point's pretrain command (data, tokenizer, a smaller model ...). Each
 point is one subprocess: `python -m torch.distributed.run --nproc_per_node N -m megatron_eslm.pretrain`
@@ -55,17 +57,17 @@ from megatron_eslm.errors import UserError, exit_on_user_error  # noqa: E402
 from megatron_eslm.tokenizer import build_tokenizer  # noqa: E402
 from megatron_eslm.training.progress import progress_bar  # noqa: E402
 from megatron_eslm.training.timers import PHASES  # noqa: E402
-from scaling_model import NETWORKS, Layout, Point, fit, fit_latency, predict  # noqa: E402
+from scaling_model import NETWORKS, Layout, Point, fit, fit_latency, predict, split_name  # noqa: E402
 
 FINAL = ("ok", "oom")  # statuses a rerun of the same command keeps; "failed" points run again
 PHASE_FIELDS = [f"time_{name}_ms" for name in PHASES if name not in ("eval", "checkpoint")]
 COMM_FIELDS = [field_name(kind) for kind in KINDS]
-COLUMNS = ["world_size", "tp", "pp", "dp", "zero_stage", "micro_batch_size", "global_batch_size", "selection",
+COLUMNS = ["world_size", "tp", "cp", "pp", "dp", "zero_stage", "micro_batch_size", "global_batch_size", "selection",
            "status", "tokens_per_sec", "tokens_per_sec_per_gpu", "tflops_per_gpu", "mfu", "step_ms", *PHASE_FIELDS,
            "max_memory_allocated", *COMM_FIELDS, "kept_fraction", "scaling_efficiency", "predicted_step_ms",
            "projection_error", "heldout_error", "message"]
-BREAKDOWN = ["compute_ms", "tp_comm_ms", "pp_comm_ms", "dp_comm_ms", "bubble_ms", "embedding_comm_ms", "normalizer_ms",
-             "threshold_ms", "optimizer_ms", "data_ms"]  # tools/scaling_model.predict's terms
+BREAKDOWN = ["compute_ms", "tp_comm_ms", "cp_comm_ms", "pp_comm_ms", "dp_comm_ms", "bubble_ms", "embedding_comm_ms",
+             "normalizer_ms", "threshold_ms", "optimizer_ms", "data_ms"]  # tools/scaling_model.predict's terms
 OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|MemoryError")
 
 
@@ -75,16 +77,16 @@ class StudyPoint(Layout):
 
     @property
     def name(self) -> str:
-        return (f"w{self.world_size}-tp{self.tp}pp{self.pp}dp{self.dp}-z{self.zero_stage}-mbs{self.micro_batch_size}"
+        return (f"w{self.world_size}-{self.split}dp{self.dp}-z{self.zero_stage}-mbs{self.micro_batch_size}"
                 f"-gbs{self.global_batch_size}-{self.selection.replace(':', '')}")
 
     @property
     def shape(self) -> tuple:
         """What stays fixed along a scaling curve: all but the world size (and so DP and the batch)."""
-        return self.tp, self.pp, self.zero_stage, self.micro_batch_size, self.selection
+        return self.tp, self.cp, self.pp, self.zero_stage, self.micro_batch_size, self.selection
 
     def label(self) -> str:
-        return f"tp{self.tp}pp{self.pp} z{self.zero_stage} mbs{self.micro_batch_size} {self.selection}"
+        return f"{self.split} z{self.zero_stage} mbs{self.micro_batch_size} {self.selection}"
 
 
 # ----------------------------------------------------------------------------------------- the sweep
@@ -110,7 +112,8 @@ def point_argv(args: argparse.Namespace, p: StudyPoint, metrics: str, ds_config:
     if zero and ds_config:
         zero += ["--deepspeed", "--deepspeed_config", ds_config]
     return ["--config", args.config, *args.pretrain, "--tensor-model-parallel-size", str(p.tp),
-            "--pipeline-model-parallel-size", str(p.pp), "--micro-batch-size", str(p.micro_batch_size),
+            "--context-parallel-size", str(p.cp), "--pipeline-model-parallel-size", str(p.pp),
+            "--micro-batch-size", str(p.micro_batch_size),
             "--global-batch-size", str(p.global_batch_size), "--train-iters", str(warmup + args.timed_iters),
             "--log-interval", str(interval), "--eval-iters", "0", "--timing-log-level", "2",
             "--metrics-file", metrics, *selection_flags(p.selection), *zero]
@@ -124,27 +127,31 @@ def parse_layout(text: str) -> tuple[int, int]:
 
 
 def sweep(args: argparse.Namespace, recipe: Config) -> list[tuple[StudyPoint, str | None]]:
-    """Every point of the sweep with the reason it cannot run (None: it can). `auto` layouts that do not
-    fit the model are left out; named ones stay, as invalid rows."""
+    """Every point of the sweep with the reason it cannot run (None: it can): each layout at each
+    --context-parallel-sizes C. `auto` layouts that do not fit the model are left out (at C, the TP x PP x
+    DP of world / C); named ones stay, as invalid rows."""
     smallest = min(args.world_sizes)
     points = []
     for world in args.world_sizes:
-        if args.layouts == ["auto"]:
-            layouts = [(tp, world // dp // tp) for dp in range(1, world + 1) if world % dp == 0
-                       for tp in range(1, world // dp + 1) if (world // dp) % tp == 0]
-        else:
-            layouts = [parse_layout(text) for text in args.layouts]
-        for (tp, pp) in layouts:
-            for zero in args.zero_stages:
-                for mbs in args.micro_batch_sizes or [recipe.training.micro_batch_size]:
-                    for selection in args.selections:
-                        gbs = recipe.training.global_batch_size
-                        if args.scaling == "weak":
-                            gbs = gbs * world // smallest
-                        p = StudyPoint(world, tp, pp, max(world // (tp * pp), 1), zero, mbs, gbs, selection)
-                        reason = check(args, p)
-                        if reason is None or args.layouts != ["auto"]:
-                            points.append((p, reason))
+        for cp in args.context_parallel_sizes:
+            if args.layouts == ["auto"]:
+                ranks = world // cp  # a world that C does not divide fails the check
+                layouts = [(tp, ranks // dp // tp) for dp in range(1, ranks + 1) if ranks % dp == 0
+                           for tp in range(1, ranks // dp + 1) if (ranks // dp) % tp == 0]
+            else:
+                layouts = [parse_layout(text) for text in args.layouts]
+            for (tp, pp) in layouts:
+                for zero in args.zero_stages:
+                    for mbs in args.micro_batch_sizes or [recipe.training.micro_batch_size]:
+                        for selection in args.selections:
+                            gbs = recipe.training.global_batch_size
+                            if args.scaling == "weak":
+                                gbs = gbs * world // smallest
+                            p = StudyPoint(world, tp, pp, max(world // (tp * cp * pp), 1), zero, mbs, gbs,
+                                           selection, cp=cp)
+                            reason = check(args, p)
+                            if reason is None or args.layouts != ["auto"]:
+                                points.append((p, reason))
     return points
 
 
@@ -326,7 +333,7 @@ def model_point(args: argparse.Namespace, p: StudyPoint, world: int | None = Non
     point = Point.from_config(cfg, p.world_size, tokenizer.vocab_size, p.zero_stage)
     if world is None:
         return point
-    return dataclasses.replace(point, world_size=world, dp=world // (p.tp * p.pp), global_batch_size=gbs)
+    return dataclasses.replace(point, world_size=world, dp=world // (p.tp * p.cp * p.pp), global_batch_size=gbs)
 
 
 def network(args: argparse.Namespace):
@@ -359,7 +366,7 @@ def heldout(measured: list[tuple[StudyPoint, dict]], model_points: dict, results
 def project(args: argparse.Namespace, points: list[StudyPoint], rows: list[dict]) -> list[dict]:
     """Fit on the measured points, fill their predicted_step_ms / projection_error (predicted on the network
     they ran on: "cpu-gloo" off CUDA, else --network), and return the projected rows: each measured shape at
-    every --project-to size on --network (DP grows; the batch as --scaling says)."""
+    every --project-to size on --network (DP grows, TP, CP and PP stay; the batch as --scaling says)."""
     measured = [(p, r) for p, r in zip(points, rows) if r["status"] == "ok"]
     model_points = {p: model_point(args, p) for p, _ in measured}
     results = {p: json.loads((Path(args.out_dir) / "points" / p.name / "result.json").read_text())["record"]
@@ -369,7 +376,7 @@ def project(args: argparse.Namespace, points: list[StudyPoint], rows: list[dict]
     pairs = [(model_points[p], results[p]) for p, _ in measured]
     try:
         calibration = fit(pairs, here)
-    except ValueError as err:  # no point the model can calibrate on (e.g. every one has TP or PP > 1)
+    except ValueError as err:  # no point the model can calibrate on (e.g. every one has TP, CP or PP > 1)
         print(f"projection skipped: {err}")
         return []
     here = fit_latency(pairs, calibration, here)
@@ -386,8 +393,8 @@ def project(args: argparse.Namespace, points: list[StudyPoint], rows: list[dict]
     for p in first.values():
         for world in args.project_to:
             gbs = p.global_batch_size // p.world_size * world if args.scaling == "weak" else p.global_batch_size
-            dp = world // (p.tp * p.pp)
-            if world % (p.tp * p.pp) or gbs % (p.micro_batch_size * dp):
+            dp = world // (p.tp * p.cp * p.pp)
+            if world % (p.tp * p.cp * p.pp) or gbs % (p.micro_batch_size * dp):
                 continue
             mp = model_point(args, p, world, gbs)
             prediction = predict(mp, calibration, net)
@@ -410,11 +417,11 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict], projected: list[dict]) -> str:
-    key = ["world_size", "tp", "pp", "dp", "zero_stage", "micro_batch_size", "global_batch_size", "selection"]
+    key = ["world_size", "tp", "cp", "pp", "dp", "zero_stage", "micro_batch_size", "global_batch_size", "selection"]
     main = [*key, "status", "tokens_per_sec", "tokens_per_sec_per_gpu", "tflops_per_gpu", "step_ms",
             "scaling_efficiency", "predicted_step_ms", "projection_error", "heldout_error"]
-    phases = [*key[:8], "step_ms", *PHASE_FIELDS]
-    comm = [*key[:8], *COMM_FIELDS]
+    phases = [*key, "step_ms", *PHASE_FIELDS]
+    comm = [*key, *COMM_FIELDS]
 
     def table(columns: list[str], table_rows: list[dict]) -> str:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -428,8 +435,8 @@ def markdown(rows: list[dict], projected: list[dict]) -> str:
     problems = [r for r in rows if r["status"] != "ok"]
     if problems:
         parts += ["\n\n## Points that did not run\n\n",
-                  "\n".join(f"- {r['world_size']} ranks tp{r['tp']}pp{r['pp']} z{r['zero_stage']} {r['selection']}: "
-                            f"{r['status']}: {r['message']}" for r in problems)]
+                  "\n".join(f"- {r['world_size']} ranks {split_name(r['tp'], r['cp'], r['pp'])} "
+                            f"z{r['zero_stage']} {r['selection']}: {r['status']}: {r['message']}" for r in problems)]
     if projected:
         errors = [abs(r["projection_error"]) for r in ok if r.get("projection_error") is not None]
         heldout = [abs(r["heldout_error"]) for r in ok if r.get("heldout_error") is not None]
@@ -461,8 +468,8 @@ def plots(out: Path, points: list[StudyPoint], rows: list[dict], projected: list
         x = [w for w, _ in curve]
         ax_t.plot(x, [r["tokens_per_sec"] for _, r in curve], "o-", color=colors[shape], label=labels[shape])
         ax_e.plot(x, [r["scaling_efficiency"] for _, r in curve], "o-", color=colors[shape], label=labels[shape])
-        ahead = sorted((r["world_size"], r["tokens_per_sec"]) for r in projected
-                       if (r["tp"], r["pp"], r["zero_stage"], r["micro_batch_size"], r["selection"]) == shape)
+        ahead = sorted((r["world_size"], r["tokens_per_sec"]) for r in projected if (
+            r["tp"], r["cp"], r["pp"], r["zero_stage"], r["micro_batch_size"], r["selection"]) == shape)
         if ahead:
             ax_t.plot([w for w, _ in ahead], [t for _, t in ahead], "o--", color=colors[shape], mfc="none")
     if projected:
@@ -495,11 +502,11 @@ def plots(out: Path, points: list[StudyPoint], rows: list[dict], projected: list
     fig.savefig(out / "breakdown.png", dpi=110)
     plt.close(fig)
 
-    dense = {(p.world_size, p.tp, p.pp, p.zero_stage, p.micro_batch_size): r for p, r in ok if p.selection == "none"}
+    dense = {(p.world_size, p.split, p.zero_stage, p.micro_batch_size): r for p, r in ok if p.selection == "none"}
     pairs = [(p, r, dense[k]) for p, r in ok if p.selection != "none"
-             and (k := (p.world_size, p.tp, p.pp, p.zero_stage, p.micro_batch_size)) in dense]
+             and (k := (p.world_size, p.split, p.zero_stage, p.micro_batch_size)) in dense]
     fig, (ax_s, ax_h) = plt.subplots(1, 2, figsize=(12, 5))
-    names = [f"{p.world_size}r tp{p.tp}pp{p.pp} z{p.zero_stage} {p.selection}" for p, _, _ in pairs]
+    names = [f"{p.world_size}r {p.split} z{p.zero_stage} {p.selection}" for p, _, _ in pairs]
     ax_s.bar(range(len(pairs)), [r["tokens_per_sec"] / d["tokens_per_sec"] for _, r, d in pairs])
     ax_s.axhline(1.0, color="black", lw=0.8)
     ax_s.set_title("selection tokens/s relative to dense")
@@ -524,8 +531,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deepspeed-config", help="the recipe's ds_config.json, for the ZeRO points (its batch entries "
                                               "are left to the point)")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--layouts", nargs="+", default=["tp1pp1"], help="tp<N>pp<M> ... (DP = world / (N M)), or auto: "
-                                                                    "every TP x PP x DP that fits the model")
+    p.add_argument("--layouts", nargs="+", default=["tp1pp1"],
+                   help="tp<N>pp<M> ... (DP = world / (N x C x M)), or auto: every TP x PP x DP of world / C that "
+                        "fits the model")
+    p.add_argument("--context-parallel-sizes", type=int, nargs="+", default=[1], metavar="C",
+                   help="--context-parallel-size of the points, each C crossed with every layout")
     p.add_argument("--zero-stages", type=int, nargs="+", default=[0], choices=[0, 1, 2, 3],
                    help="0: our data parallelism; 1-3: DeepSpeed ZeRO through the deepspeed launcher")
     p.add_argument("--micro-batch-sizes", type=int, nargs="+", help="default: the recipe's")
@@ -549,6 +559,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.timed_iters < 1 or args.warmup_iters < 0:
         raise UserError(f"--timed-iters must be >= 1 and --warmup-iters >= 0, got {args.timed_iters}, "
                         f"{args.warmup_iters}")
+    if min(args.context_parallel_sizes) < 1:
+        raise UserError(f"--context-parallel-sizes must be >= 1, got {args.context_parallel_sizes}")
     return args
 
 

@@ -10,10 +10,12 @@ materialising a mask; chunk 0 is the plain causal case). The two local chunks ar
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from megatron_eslm import parallel_state
 from megatron_eslm.context_parallel.sharding import chunk_ids
@@ -31,6 +33,14 @@ def _to_rank_order(full: Tensor, cp: int) -> Tensor:
     """The inverse of `_to_global_order`: [2, b, 2C L, g, d] -> [C, 2, b, 2L, g, d]."""
     chunks = full.unflatten(2, (2 * cp, -1)).permute(2, 0, 1, 3, 4, 5)  # [2C, 2, b, L, g, d]
     return torch.stack([chunks[:cp], chunks[cp:].flip(0)], dim=3).flatten(3, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _lower_right(queries: int, keys: int) -> CausalBias:
+    """The mask object of a [queries, keys] block, made once per shape: it holds only the two lengths, and
+    it is a tensor subclass, which cannot be created under a TorchDispatchMode (such as the host-sync
+    counter of `host_syncs.py`) while the model runs."""
+    return causal_lower_right(queries, keys)
 
 
 class _GatherKeysValues(torch.autograd.Function):
@@ -59,5 +69,5 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, **sdpa_options) 
         query = q[:, half * length:(half + 1) * length].transpose(1, 2)
         seen = (chunk + 1) * length
         outputs.append(F.scaled_dot_product_attention(query, keys[:, :, :seen], values[:, :, :seen],
-                                                      attn_mask=causal_lower_right(length, seen), **sdpa_options))
+                                                      attn_mask=_lower_right(length, seen), **sdpa_options))
     return torch.cat(outputs, dim=2).transpose(1, 2)

@@ -442,6 +442,9 @@ def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: K
     checks every rank runs first) or the run is one this model does not cover."""
     dp = validate_layout(cfg, world_size)
     p, t, m = cfg.parallel, cfg.training, cfg.model
+    if p.context_parallel_size > 1:
+        raise UserError(f"--context-parallel-size {p.context_parallel_size}: the estimate does not model context "
+                        "parallelism yet (its sequence shards and gathered keys and values; docs/parallelism.md)")
     layout = Layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, dp, p.sequence_parallel)
     zero: dict = {}
     if cfg.deepspeed.deepspeed:
