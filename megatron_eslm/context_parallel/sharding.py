@@ -23,12 +23,18 @@ def shard_sequence(x: Tensor, cp: int, cp_rank: int) -> Tensor:
 
 def shard_batch(batch: dict) -> dict:
     """This rank's share of a batch of whole sequences (per-sample entries, e.g. the sample index, as they
-    are); the batch itself when C = 1."""
+    are); the batch itself when C = 1. A pinned batch (the CUDA data loader's) gives pinned shards, so that
+    their copy to the device stays asynchronous (from pageable memory it would make the host wait)."""
     cp = parallel_state.context_parallel_size()
     if cp == 1:
         return batch
     rank = parallel_state.context_parallel_rank()
-    return {key: shard_sequence(value, cp, rank) if key in SEQUENCE_KEYS else value for key, value in batch.items()}
+
+    def shard(value: Tensor) -> Tensor:
+        out = shard_sequence(value, cp, rank)
+        return out.pin_memory() if value.is_pinned() else out
+
+    return {key: shard(value) if key in SEQUENCE_KEYS else value for key, value in batch.items()}
 
 
 def positions(local_length: int, device: torch.device) -> Tensor:
