@@ -2,7 +2,8 @@
 runs and checks: logged numbers to 1e-5 relative in float32 (the kept fraction exactly), every parameter
 to 1e-9 relative in float64.
 
-Layouts: CP2, and CP2 with selective recompute (2 ranks); CP2xDP2, CP2xTP2 (with sequence parallelism for Llama) and CP2xPP2 (4 ranks).
+Layouts: CP2, and CP2 with selective recompute (2 ranks); CP2xDP2, CP2xTP2 (with sequence parallelism for
+Llama) and CP2xPP2 (4 ranks).
 Selections: dense, ESLM by loss (sketch-exact threshold) and by entropy (exact threshold), eslm-is (its
 draws are keyed by the token's global position) and Ada-ESLM; GPT-2 and Llama shapes. Besides: the
 sharding and attention against their one-process forms, a checkpoint saved under CP2 resumes under CP1
@@ -48,7 +49,8 @@ CASES = {
     2: [(model, "cp2", selection) for model in MODELS for selection in
         ("dense", "eslm-loss", "eslm-entropy-exact", "eslm-is" if model == "gpt2" else "ada-eslm")]
     + [("llama", "cp2-recompute", "eslm-loss")],
-    4: [*((model, "cp2dp2", selection) for model in MODELS for selection in ("dense", "eslm-loss", "eslm-entropy-exact")),
+    4: [*((model, "cp2dp2", selection) for model in MODELS
+          for selection in ("dense", "eslm-loss", "eslm-entropy-exact")),
         ("gpt2", "cp2tp2", "eslm-loss"), ("gpt2", "cp2tp2", "eslm-is"),
         ("llama", "cp2tp2-sp", "eslm-entropy-exact"), ("llama", "cp2tp2-sp", "ada-eslm"),
         ("gpt2", "cp2pp2", "dense"), ("llama", "cp2pp2", "eslm-loss")],

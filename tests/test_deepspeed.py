@@ -8,8 +8,8 @@ ZeRO-1 (PP2 with the tied embedding's two copies), likewise; a DeepSpeed checkpo
 (ZeRO-3's partitioned parameters, the per-stage files of PP2, and ZeRO-1 under --bf16); `deepspeed
 --module megatron_eslm.pretrain` itself trains and logs. Under --bf16, ZeRO 1, 2 and 3 accumulate the
 micro-batches' gradients in fp32 and train close to the float32 run. ZeRO-3 with full activation recompute
-trains like ZeRO-3 without. Context parallelism (CP2) under ZeRO-1 and ZeRO-3 equals one process. Besides: the config that goes to DeepSpeed, and the one line each bad
-combination stops with.
+trains like ZeRO-3 without. Context parallelism (CP2) under ZeRO-1 and ZeRO-3 equals one process.
+Besides: the config that goes to DeepSpeed, and the one line each bad combination stops with.
 """
 from __future__ import annotations
 
@@ -92,8 +92,9 @@ def launched(tiny_corpus, tmp_path_factory):
              for name, extra in INITS.items()]
     jobs += [[f"llama zero{stage}", "train", [*run_flags(tiny_corpus, 1, 1, stage, "eslm-loss"), *LLAMA_FLAGS]]
              for stage in LLAMA_STAGES]
-    jobs += [[f"cp2 zero{stage} {selection}", "train", [*flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS[selection]),
-                                                         "--context-parallel-size", "2", "--zero-stage", str(stage)]]
+    jobs += [[f"cp2 zero{stage} {selection}", "train",
+              [*flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS[selection]), "--context-parallel-size", "2",
+               "--zero-stage", str(stage)]]
              for stage in CONTEXT_STAGES for selection in COMPARED_SELECTIONS]
     jobs.append(["dp2 zero3 recompute", "train", [*run_flags(tiny_corpus, 1, 1, 3, "eslm-loss"), *RECOMPUTE]])
     jobs += [[f"ckpt {name}", "save", run_flags(tiny_corpus, 1, 1, stage, "dense")] for name, stage in CHECKPOINTS.items()]

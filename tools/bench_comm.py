@@ -63,7 +63,7 @@ class Setup:
     sketch_size: int = 2048
     cp: int = 1
     heads: int = 16
-    query_groups: int = 16  # key/value heads (= heads without grouped-query attention)
+    query_groups: int = 16  # key/value heads (= heads without grouped-query attention), of hidden / heads each
 
     @property
     def micro_batches(self) -> int:
@@ -180,7 +180,8 @@ def print_table(s: Setup) -> None:
                                                + " stage" for i in stages]
     volumes = [predict(s, stage) for stage in stages]
     print(f"TP {s.tp} x CP {s.cp} x PP {s.pp} x DP {s.dp}{' + SP' if s.sp else ''}; {s.layers} layers, hidden "
-          f"{s.hidden}, {s.heads} heads ({s.query_groups} key/value), ffn {s.ffn}, seq {s.seq}, vocab {s.vocab}; micro-batch {s.micro_batch}, global batch "
+          f"{s.hidden}, {s.heads} heads ({s.query_groups} key/value), ffn {s.ffn}, seq {s.seq}, vocab {s.vocab}; "
+          f"micro-batch {s.micro_batch}, global batch "
           f"{s.global_batch} ({s.micro_batches} micro-batches per rank); selection {s.selection}"
           + (f" alpha {s.alpha} ({s.threshold_mode})" if s.selection == "eslm" else "") + "\n")
     print("| bytes per step per rank | " + " | ".join(names) + " |")
@@ -230,7 +231,8 @@ def check_flags(s: Setup, prefix: str) -> list[str]:
             str(s.vocab - 1), "--make-vocab-size-divisible-by", str(s.vocab // s.tp), "--eval-iters", "0",
             "--log-interval", "1", "--num-workers", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
             "--tensor-model-parallel-size", str(s.tp), "--pipeline-model-parallel-size", str(s.pp),
-            "--context-parallel-size", str(s.cp), *(["--sequence-parallel"] if s.sp else []), "--selection", s.selection,
+            "--context-parallel-size", str(s.cp), *(["--sequence-parallel"] if s.sp else []),
+            "--selection", s.selection,
             "--eslm-alpha", str(s.alpha), "--eslm-threshold", s.threshold_mode,
             "--eslm-sketch-size", str(s.sketch_size)]
 

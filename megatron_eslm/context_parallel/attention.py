@@ -18,21 +18,22 @@ from torch import Tensor
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from megatron_eslm import parallel_state
-from megatron_eslm.context_parallel.sharding import chunk_ids
+from megatron_eslm.context_parallel.sharding import chunk_ids, shard_sequence
 from megatron_eslm.distributed import collectives
 
 
 def _to_global_order(gathered: Tensor, cp: int) -> Tensor:
-    """[C, 2, b, 2L, g, d] in rank order (rank r: chunks r, 2C-1-r) -> [2, b, 2C L, g, d] in sequence order."""
+    """[C, 2, b, 2L, g, d] in rank order (rank r: chunks r, 2C-1-r) -> [2, b, 2C L, g, d] in sequence order,
+    in one copy: chunk j < C is the first half of rank j's, chunk j >= C the second half of rank 2C-1-j's."""
     halves = gathered.unflatten(3, (2, -1))  # [C, 2, b, 2, L, g, d]
-    chunks = torch.cat([halves[:, :, :, 0], halves[:, :, :, 1].flip(0)])  # [2C, 2, b, L, g, d]
-    return chunks.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)
+    return torch.cat([halves[r, :, :, 0] for r in range(cp)] + [halves[r, :, :, 1] for r in reversed(range(cp))],
+                     dim=2)
 
 
 def _to_rank_order(full: Tensor, cp: int) -> Tensor:
-    """The inverse of `_to_global_order`: [2, b, 2C L, g, d] -> [C, 2, b, 2L, g, d]."""
-    chunks = full.unflatten(2, (2 * cp, -1)).permute(2, 0, 1, 3, 4, 5)  # [2C, 2, b, L, g, d]
-    return torch.stack([chunks[:cp], chunks[cp:].flip(0)], dim=3).flatten(3, 4)
+    """The inverse of `_to_global_order`: [2, b, 2C L, g, d] -> [C, 2, b, 2L, g, d], each rank's shard."""
+    flat = full.flatten(0, 1)  # [2b, 2C L, g, d]: the sequence on dim 1, as `shard_sequence` takes it
+    return torch.stack([shard_sequence(flat, cp, r) for r in range(cp)]).unflatten(1, full.shape[:2])
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,9 +40,5 @@ def shard_batch(batch: dict) -> dict:
 def positions(local_length: int, device: torch.device) -> Tensor:
     """The global positions [local_length] of this rank's tokens (int64): 0..s-1 at C = 1."""
     cp = parallel_state.context_parallel_size()
-    if cp == 1:
-        return torch.arange(local_length, device=device)
-    chunk = local_length // 2
-    first, second = chunk_ids(cp, parallel_state.context_parallel_rank())
-    return torch.cat([torch.arange(first * chunk, (first + 1) * chunk, device=device),
-                      torch.arange(second * chunk, (second + 1) * chunk, device=device)])
+    every = torch.arange(local_length * cp, device=device)
+    return every if cp == 1 else shard_sequence(every.unsqueeze(0), cp, parallel_state.context_parallel_rank())[0]

@@ -1,7 +1,8 @@
-"""--overlap-grad-reduce: the data-parallel SUM (over data x context ranks) of each gradient bucket is launched from the backward of the
-step's last micro-batch, as soon as every gradient in the bucket is final, so that it runs under the rest
-of the backward (Megatron's overlap_grad_reduce, torch DDP's reducer); `finish` waits for the sums before
-the gradient norm and the clipping. The earlier micro-batches only accumulate.
+"""--overlap-grad-reduce: the data-parallel SUM (over the data x context ranks) of each gradient bucket is
+launched from the backward of the step's last micro-batch, as soon as every gradient in the bucket is
+final, so that it runs under the rest of the backward (Megatron's overlap_grad_reduce, torch DDP's
+reducer); `finish` waits for the sums before the gradient norm and the clipping. The earlier micro-batches
+only accumulate.
 
 Buckets are `grads.py`'s: --ddp-bucket-size elements of one dtype in reverse parameter order, so the last
 layers' buckets, whose gradients are final first, launch first; they launch strictly in that order (a

@@ -13,8 +13,7 @@ is dense training. The threshold, its modes and its score (--eslm-score) are ESL
 The draws are keyed, not streamed: u_i compares a hash of (seed, iteration, the sample's dataset index,
 the token's global position in its sequence) with p, computed on the device (splitmix64 in int64), so a
 token draws the same whatever rank or micro-batch it lands on: data and context parallelism equal one
-process, and a resumed run draws
-what the uninterrupted one would, with no generator state.
+process, and a resumed run draws what the uninterrupted one would, with no generator state.
 """
 from __future__ import annotations
 

@@ -142,8 +142,9 @@ class RandomPolicy(Policy):
     every valid token draws a uniform key and the `count` smallest keys are kept (a random subset of that
     size, chosen on the device without reading the count). Each draw has its own generator, seeded by
     (seed, stream, iteration, micro-batch): `stream` is the data x context rank, so replicas (and sequence
-    shards) drop different positions of their micro-batches (one shared stream would drop the same ones on every replica), and a
-    resumed run draws exactly what the uninterrupted one would, with no generator state to checkpoint."""
+    shards) drop different positions of their micro-batches (one shared stream would drop the same ones on
+    every replica), and a resumed run draws exactly what the uninterrupted one would, with no generator
+    state to checkpoint."""
 
     def __init__(self, eslm: ESLMPolicy, seed: int = 0, stream: int = 0):
         self.eslm = eslm

@@ -20,10 +20,11 @@
 One ESLM threshold covers one micro-batch index across the selection group: the same micro-batch of
 every data-parallel replica, i.e. the micro-batch one process would see with DP times the micro-batch
 size, and under context parallelism every sequence shard of it (each rank of the context group holds two
-chunks of every sequence: the batch is cut here, `context_parallel/sharding.py`). A micro-batch's backward cannot wait for the scores of micro-batches that have not run yet (nor can
-a pipeline's). Each rank divides its kept losses by the group's kept count, so the replicas' losses add
-up to the one-process micro-batch loss and the gradients are summed, not averaged; dense training
-divides by the group's valid-token count for the same reason. See docs/parallelism.md.
+chunks of every sequence: the batch is cut here, `context_parallel/sharding.py`). A micro-batch's
+backward cannot wait for the scores of micro-batches that have not run yet (nor can a pipeline's). Each
+rank divides its kept losses by the group's kept count, so the replicas' losses add up to the one-process
+micro-batch loss and the gradients are summed, not averaged; dense training divides by the group's
+valid-token count for the same reason. See docs/parallelism.md.
 """
 from __future__ import annotations
 
