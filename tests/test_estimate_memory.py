@@ -3,15 +3,16 @@ runs really hold, GPT-2 and Llama shaped:
 
   parameters   the parameter list of every stage equals GPTModel's, tensor for tensor;
   model states the bytes of parameters, `.grad` and optimizer state after a real step equal the estimate
-               exactly: one process (fp32 and --bf16), TP2, PP2 (the tied copy, the untied head), DP2 and
-               TP2+SP on two gloo ranks, and what the DeepSpeed engine holds at ZeRO 1, 2 and 3 under --bf16
+               exactly: one process (fp32 and --bf16), TP2, PP2 (the tied copy, the untied head), DP2,
+               TP2+SP and CP2 on two gloo ranks, and what the DeepSpeed engine holds at ZeRO 1, 2 and 3 under --bf16
                (the real launcher, tests/deepspeed_memory_jobs.py);
   activations  the bytes autograd saves over one micro-batch's forward and LM head (distinct storages,
                parameters left out, saved-tensor hooks: tools/bench_memory.py's) are within 10% of the
                estimate at the end of the forward: fp32, --bf16 with fp32 parameters (autocast's weight
                copies) and with bf16 parameters (DeepSpeed's), with and without dropout, under each
                activation recompute (none, selective, full uniform 1 and 2, full block 1), on one process
-               and per rank under TP2+SP (with and without full recompute). A checkpoint saves only its
+               and per rank under TP2+SP (with and without full recompute) and CP2 (GPT-2; Llama in bf16 with
+               and without selective recompute: the gathered keys and values). A checkpoint saves only its
                inputs in the forward, so what one recompute adds in the backward is not measured here;
   the tool     the recipes' READMEs quote its current output; --json; one-line errors.
 """
@@ -74,18 +75,20 @@ def estimated(cfg, trainer: Trainer, world: int) -> memory.StageEstimate:
 
 def saved_bytes(model: GPTModel, micro_batch: int, autocast: Callable[[], ContextManager]) -> int:
     """Bytes of the distinct storages autograd saves in one micro-batch's forward through `model` and the
-    LM head (ESLM, alpha 0.5), the parameters left out. The same tokens on every rank. When every layer
-    is checkpointed, no saved tensor holds the rope tables (fp32 cos and sin [s, d]): the checkpoints hold
-    them as an argument, unseen by the hooks; they are added here, as the estimate counts them."""
+    LM head (ESLM, alpha 0.5), the parameters left out. The same tokens on every rank (a context-parallel
+    rank's s / CP of them). When every layer is checkpointed, no saved tensor holds the rope tables (fp32
+    cos and sin [s, d]): the checkpoints hold them as an argument, unseen by the hooks; they are added
+    here, as the estimate counts them."""
     generator = torch.Generator().manual_seed(0)
-    tokens, labels = (torch.randint(0, model.vocab_size, (micro_batch, model.cfg.seq_length), generator=generator)
+    sequence = model.cfg.seq_length // parallel_state.context_parallel_size()
+    tokens, labels = (torch.randint(0, model.vocab_size, (micro_batch, sequence), generator=generator)
                       for _ in range(2))
     with weight_cast_cache(), autocast(), bench_memory.SavedActivations(model) as saved:
         loss = model(tokens, head=lambda hidden: model.loss(hidden, labels, ESLMPolicy(0.5, "loss")))
     assert loss is not None
     m = model.cfg
     rope_held = m.position_embedding_type == "rope" and all(group.recomputed for group in model.layer_groups)
-    return saved.nbytes + (2 * m.seq_length * m.kv_channels * memory.FP32 if rope_held else 0)
+    return saved.nbytes + (2 * sequence * m.kv_channels * memory.FP32 if rope_held else 0)
 
 
 def bf16_autocast() -> ContextManager:
@@ -151,19 +154,26 @@ def test_saved_activations_within_ten_percent(shape, precision, dropout, recompu
 
 
 # ---------------------------------------------------------------------------------------- two gloo ranks
-TWO_RANKS = {  # name -> model, tensor, pipeline, sequence parallel, extra flags
+TWO_RANKS = {  # name -> model, tensor, pipeline, sequence parallel, extra flags (CP2: no dropout)
     "gpt2 tp2": ("gpt2", 2, 1, False, []), "gpt2 pp2": ("gpt2", 1, 2, False, []),
     "gpt2 dp2 bf16": ("gpt2", 1, 1, False, ["--bf16"]), "llama tp2-sp bf16": ("llama", 2, 1, True, ["--bf16"]),
     "llama pp2": ("llama", 1, 2, False, []),
     "llama tp2-sp bf16 full-uniform-1": ("llama", 2, 1, True, ["--bf16", "--recompute-granularity", "full",
                                                                 "--recompute-method", "uniform",
                                                                 "--recompute-num-layers", "1"]),
+    "gpt2 cp2": ("gpt2", 1, 1, False, ["--context-parallel-size", "2", "--hidden-dropout", "0",
+                                       "--attention-dropout", "0"]),
+    "llama cp2 bf16 selective": ("llama", 1, 1, False, ["--context-parallel-size", "2", "--hidden-dropout", "0",
+                                                        "--attention-dropout", "0", "--bf16",
+                                                        "--recompute-granularity", "selective"]),
+    "llama cp2 bf16": ("llama", 1, 1, False, ["--context-parallel-size", "2", "--hidden-dropout", "0",
+                                              "--attention-dropout", "0", "--bf16"]),
 }
 
 
 def two_rank_argv(corpus, name: str) -> list[str]:
     model, tp, pp, sp, extra = TWO_RANKS[name]
-    micro_batch = tp * pp  # DP x micro-batch = 2 sequences
+    micro_batch = 2 if "--context-parallel-size" in extra else tp * pp  # DP x micro-batch = 2 sequences
     return flags(corpus, micro_batch, *MODELS[model], *layout_flags(tp, pp, sp), *ONE_STEP, *extra)
 
 
@@ -321,10 +331,8 @@ LLAMA3_8B = ["--config", "examples/llama3_8b/pretrain.json", "--vocab-size", "12
       "--recompute-method", "block", "--recompute-num-layers", "17"], "error: --recompute-num-layers 17 exceeds"),
     ([*LLAMA3_8B, "--world-size", "16", "--recompute-granularity", "full"],
      "error: --recompute-granularity full needs --recompute-method"),
-    ([*LLAMA3_8B, "--world-size", "16", "--context-parallel-size", "2", "--hidden-dropout", "0",
-      "--attention-dropout", "0"], "error: --context-parallel-size 2: the estimate does not model context parallelism"),
 ], ids=["world", "tp", "world-0", "unknown-flag", "no-world", "deepspeed-fp32", "recompute-layers",
-        "recompute-method", "context-parallel"])
+        "recompute-method"])
 def test_bad_input_is_one_line(args, message, monkeypatch):
     monkeypatch.chdir(REPO)
     code, out, err = run_tool(args)

@@ -71,4 +71,4 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, **sdpa_options) 
         seen = (chunk + 1) * length
         outputs.append(F.scaled_dot_product_attention(query, keys[:, :, :seen], values[:, :, :seen],
                                                       attn_mask=_lower_right(length, seen), **sdpa_options))
-    return torch.cat(outputs, dim=2).transpose(1, 2)
+    return torch.cat([out.transpose(1, 2) for out in outputs], dim=1)  # [b, 2L, heads, d], contiguous

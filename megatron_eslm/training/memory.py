@@ -4,7 +4,8 @@ and the activations autograd saves. `tools/estimate_memory.py` prints it; tests/
 checks the model states against what tiny CPU runs allocate and the activations against what autograd
 saves, so the arithmetic here follows the code, tensor by tensor.
 
-Model states, per rank of each pipeline stage:
+Model states, per rank of each pipeline stage (context-parallel ranks are replicas, like data-parallel ones:
+DP below is DP x CP):
   ours (no ZeRO)  fp32 parameters, fp32 `.grad` (also under --bf16: autocast), AdamW's fp32 moments and a
                   4-byte `step` per tensor; data parallelism sums the gradients in fp32 buckets.
   DeepSpeed       --bf16 only (docs/deepspeed.md's table): bf16 parameters; fp32 master weights and Adam
@@ -16,7 +17,8 @@ Model states, per rank of each pipeline stage:
                   ZeRO-3  parameters, gradients and master weights split per tensor (ceil(n / DP) each), the
                           parameters of at most stage3_param_persistence_threshold elements also whole
                           (padded to DP x ceil(n / DP)); a bf16 reduce bucket held for the whole run.
-Activations, per micro-batch, with the layout's shards (TP heads and MLP width, SP rows): each layer's
+Activations, per micro-batch, with the layout's shards (TP heads and MLP width, SP rows, CP's s / CP tokens
+of each sequence, with the whole sequence's keys and values gathered in each layer): each layer's
 norm inputs and statistics, the QKV input and output, the rotated queries and keys, flash attention's
 output and log-sum-exp, the MLP's intermediates, dropout masks; the embedding's indices, the final norm,
 and the LM head's hidden, log-sum-exp, labels and rows (all tokens: an upper bound on the kept ones).
@@ -55,6 +57,7 @@ class Layout:
     pp: int = 1
     dp: int = 1
     sequence_parallel: bool = False
+    cp: int = 1  # context parallel: a rank holds s / cp tokens of each sequence
 
 
 class ParamTensor(NamedTuple):
@@ -241,7 +244,12 @@ class Shapes:
 
     @property
     def tokens(self) -> int:
-        return self.micro_batch * self.m.seq_length
+        return self.micro_batch * self.sequence
+
+    @property
+    def sequence(self) -> int:
+        """This rank's tokens of one sequence: its 2 of 2 x CP chunks under context parallelism."""
+        return self.m.seq_length // self.layout.cp
 
     @property
     def rows(self) -> int:
@@ -260,17 +268,37 @@ class Shapes:
         return self.rows * self.m.hidden_size * (self.kernels.dropout_mask_bytes or self.act) if p else 0
 
 
-def _attention_saved(s: Shapes) -> int:
-    """The QKV input and output, the rotated queries and keys (rope), flash attention's output (also the
-    output projection's input) and fp32 log-sum-exp. Without rope the queries are views of the QKV output
-    unless grouped-query attention regroups them into a copy."""
+def _attention_kept_by_selective(s: Shapes) -> int:
+    """The QKV input and output, the rotated queries and keys (rope), the output projection's input: what a
+    layer's attention saves outside its core, the core's inputs (q, k, v) and output included. Without rope
+    the queries are views of the QKV output unless grouped-query attention regroups them into a copy."""
     m, t, n = s.m, s.tokens, s.m.num_attention_heads // s.layout.tp
     g = m.num_query_groups // s.layout.tp
     d = m.kv_channels
-    saved = t * m.hidden_size * s.act + t * (n + 2 * g) * d * s.act + t * n * d * s.act + t * n * FP32
+    saved = t * m.hidden_size * s.act + t * (n + 2 * g) * d * s.act + t * n * d * s.act
     if m.position_embedding_type == "rope":
         return saved + t * (n + g) * d * s.act
     return saved + (t * n * d * s.act if n != g else 0)
+
+
+def _attention_saved(s: Shapes) -> int:
+    """Everything a layer's attention saves, nothing recomputed. One sequence on one rank: the above, and
+    flash attention's fp32 log-sum-exp (its output is the projection's input).
+
+    Under context parallelism (`context_parallel/attention.py`) the core's keys and values are the whole
+    sequence's, gathered ([2, b, s, groups, d], one storage, saved by both chunks' SDPA calls), and its
+    output is the two chunks' SDPA outputs, saved by them, plus their concatenation, the projection's
+    input. Its local keys and values go into the all-gather, which saves nothing: the rotated keys are not
+    saved, nor the QKV output, unless the queries are views of it (no rope, no grouped-query copy)."""
+    m, t, n = s.m, s.tokens, s.m.num_attention_heads // s.layout.tp
+    lse = t * n * FP32
+    if s.layout.cp == 1:
+        return _attention_kept_by_selective(s) + lse
+    g, d = m.num_query_groups // s.layout.tp, m.kv_channels
+    rope = m.position_embedding_type == "rope"
+    queries = t * n * d * s.act if rope or n != g else t * (n + 2 * g) * d * s.act  # a copy, or the QKV output
+    gathered = 2 * s.micro_batch * m.seq_length * g * d * s.act
+    return t * m.hidden_size * s.act + queries + gathered + 2 * t * n * d * s.act + lse
 
 
 def _mlp_saved(s: Shapes) -> int:
@@ -303,8 +331,10 @@ def _attention_core_saved(s: Shapes) -> int:
     applies) saves instead contiguous copies of the scaled q, of k^T and of v (its bmm operands), the
     [b, heads, s, s] softmax output, the dropout mask and the dropped probabilities; under selective
     recompute the checkpoint keeps q, k, v themselves (the QKV output's storage, whole, without rope) and
-    none of those. The estimate assumes flash throughout, so it counts none of them."""
-    return s.tokens * (s.m.num_attention_heads // s.layout.tp) * FP32
+    none of those. The estimate assumes flash throughout, so it counts none of them.
+    Under context parallelism it also drops the gathered keys and values and the chunks' SDPA outputs,
+    and keeps the rotated keys and the QKV output as its inputs: what stays is what it keeps without CP."""
+    return _attention_saved(s) - _attention_kept_by_selective(s)
 
 
 class LayerUnits(NamedTuple):
@@ -350,7 +380,7 @@ def _embedding_saved(s: Shapes) -> int:
     the learned positions' indices, the embedding dropout's mask."""
     m = s.m
     saved = s.tokens * (INT64 + (1 if s.layout.tp > 1 else 0)) + s.dropout(m.hidden_dropout)
-    return saved + (m.seq_length * INT64 if m.position_embedding_type == "learned_absolute" else 0)
+    return saved + (s.sequence * INT64 if m.position_embedding_type == "learned_absolute" else 0)
 
 
 def _head_saved(s: Shapes) -> int:
@@ -399,7 +429,7 @@ def activations(m: ModelConfig, vocab_size: int, layout: Layout, stage: int, mic
     units = layer_units(s, m.num_layers // layout.pp)
     saved = units.saved
     if m.position_embedding_type == "rope":
-        saved += 2 * m.seq_length * m.kv_channels * FP32  # the stage's cos and sin tables
+        saved += 2 * s.sequence * m.kv_channels * FP32  # the stage's cos and sin tables, this rank's positions
     saved += (_embedding_saved(s) if first else 0) + (_head_saved(s) if last else 0)
     if deepspeed and layout.pp > 1 and not last:
         saved += s.rows * m.hidden_size * s.act
@@ -442,10 +472,9 @@ def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: K
     checks every rank runs first) or the run is one this model does not cover."""
     dp = validate_layout(cfg, world_size)
     p, t, m = cfg.parallel, cfg.training, cfg.model
-    if p.context_parallel_size > 1:
-        raise UserError(f"--context-parallel-size {p.context_parallel_size}: the estimate does not model context "
-                        "parallelism yet (its sequence shards and gathered keys and values; docs/parallelism.md)")
-    layout = Layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, dp, p.sequence_parallel)
+    layout = Layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, dp, p.sequence_parallel,
+                    p.context_parallel_size)
+    replicas = dp * layout.cp  # the data x context ranks: ZeRO partitions, and our reduction sums, over them
     zero: dict = {}
     if cfg.deepspeed.deepspeed:
         if not t.bf16:
@@ -457,12 +486,12 @@ def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: K
     micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
     params = [stage_parameters(m, vocab, layout, stage) for stage in range(layout.pp)]
     stages = [StageEstimate(stage, sum(q.numel for q in params[stage]),
-                            model_states(params[stage], zero_stage, dp, zero, p.ddp_bucket_size),
+                            model_states(params[stage], zero_stage, replicas, zero, p.ddp_bucket_size),
                             activations(m, vocab, layout, stage, t.micro_batch_size, micro_batches, t.bf16,
                                         cfg.deepspeed.deepspeed, kernels))
               for stage in range(layout.pp)]
     largest = max(stages, key=lambda stage: stage.total)
-    by_zero_stage = {stage: model_states(params[largest.stage], stage, dp, zero, p.ddp_bucket_size)
+    by_zero_stage = {stage: model_states(params[largest.stage], stage, replicas, zero, p.ddp_bucket_size)
                      for stage in ZERO_STAGES if stage == 0 or t.bf16}
     return Estimate(layout, vocab, zero_stage, t.bf16, micro_batches, recompute_name(m), stages, largest,
                     by_zero_stage)
