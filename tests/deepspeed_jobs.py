@@ -74,8 +74,13 @@ def built(argv: list[str]) -> dict:
     plain = build_model(trainer.cfg, trainer.vocab_size, torch.device("cpu"), None)
     result = {"decayed": decayed(trainer.model), "plain_decayed": decayed(plain),
               "plain": {name: param.detach() for name, param in plain.named_parameters()}}
-    with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
-        result["built"] = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+    # One parameter at a time: DeepSpeed 0.19 gathers several at once with one async all-gather each and
+    # waits for the last only (`_allgather_params_coalesced`), which orders them on a CUDA stream but not on
+    # gloo, whose threads run them concurrently: now and then a parameter was read before its gather ended.
+    result["built"] = {}
+    for name, param in trainer.model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            result["built"][name] = param.detach().clone()
     trainer.close()
     return result
 
