@@ -252,7 +252,7 @@ def test_deepspeed_engine_holds_the_estimate(tiny_corpus, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- tool
-LLAMA_RECIPES = ("llama_1b", "llama3_8b")
+LLAMA_RECIPES = ("llama_1b", "llama3_8b", "llama3_8b_32k")
 
 
 def run_tool(args: list[str]) -> tuple[int, str, str]:

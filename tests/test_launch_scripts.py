@@ -18,8 +18,7 @@ LAUNCH = REPO / "launch_scripts"
 RECIPES = sorted(p for p in (REPO / "examples").iterdir() if (p / "pretrain.json").exists())
 RECIPE_IDS = [p.name for p in RECIPES]
 WORLD = 8  # the recipes are sized for one node of 8 GPUs ...
-RECIPE_WORLD = {"llama3_8b": 16}  # ... but for these, sized for two
-TWO_NODES = sorted(RECIPE_WORLD)
+RECIPE_WORLD = {"llama3_8b": 16, "llama3_8b_32k": 16}  # ... but for these, sized for two
 
 # script -> (launcher it runs, environment it needs on top of the common one)
 SCRIPTS = {
@@ -92,7 +91,7 @@ def load_recipe(recipe, tmp_path):
 
 # ------------------------------------------------------------------------------------------- recipes
 def test_recipes_exist():
-    assert RECIPE_IDS == ["gpt2_1.3b", "gpt2_124m", "gpt2_350m", "llama3_8b", "llama_1b"]
+    assert RECIPE_IDS == ["gpt2_1.3b", "gpt2_124m", "gpt2_350m", "llama3_8b", "llama3_8b_32k", "llama_1b"]
     for recipe in RECIPES:
         assert (recipe / "ds_config.json").is_file() and (recipe / "README.md").is_file()
     assert (REPO / "examples" / "README.md").is_file()
@@ -109,7 +108,8 @@ def test_recipe_parses_and_fits_its_gpus(recipe, tmp_path, tokenizer_model):
     assert cfg.optimizer.lr_decay_style == "cosine" and cfg.optimizer.clip_grad == 1.0
     assert (cfg.optimizer.weight_decay, cfg.optimizer.adam_beta2) == (0.1, 0.95)
     dp = validate_layout(cfg, world(recipe))
-    assert dp == world(recipe) // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    assert dp == world(recipe) // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                                   * p.context_parallel_size)
 
     assert ds["train_batch_size"] == t.global_batch_size
     assert ds["train_micro_batch_size_per_gpu"] == t.micro_batch_size
@@ -143,9 +143,12 @@ def test_recipe_ds_config_resolves_on_its_gpus(recipe, tmp_path, tokenizer_model
                       "--deepspeed_config", str(recipe / "ds_config.json")])
     assert cfg.deepspeed.deepspeed and cfg.deepspeed.deepspeed_config == str(recipe / "ds_config.json")
     validate_layout(cfg, world(recipe))
+    p = cfg.parallel
+    replica = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     for other in (world(recipe) // 2, 2 * world(recipe)):  # the recipes' accumulation is for their count only
-        with pytest.raises(UserError, match="gradient_accumulation_steps"):
-            validate_layout(cfg, other)
+        if other % replica == 0:  # (fewer GPUs than one model replica fail on the world size instead)
+            with pytest.raises(UserError, match="gradient_accumulation_steps"):
+                validate_layout(cfg, other)
 
 
 @pytest.mark.parametrize("recipe,sizes,batch,layout,stage", [
@@ -154,19 +157,23 @@ def test_recipe_ds_config_resolves_on_its_gpus(recipe, tmp_path, tokenizer_model
     ("gpt2_1.3b", (24, 2048, 16), (1024, 512), (2, 2), 1),
     ("llama_1b", (16, 2048, 32), (4096, 256), (1, 1), 1),
     ("llama3_8b", (32, 4096, 32), (8192, 512), (4, 2), 1),
+    ("llama3_8b_32k", (32, 4096, 32), (32768, 128), (4, 2), 1),
 ])
 def test_recipe_sizes_and_layouts(recipe, sizes, batch, layout, stage, tmp_path, tokenizer_model):
-    """Layers, hidden, heads; sequence length and global batch (sequences); TP x PP; ZeRO stage."""
+    """Layers, hidden, heads; sequence length and global batch (sequences); TP x PP; ZeRO stage (and CP 2
+    for the 32k recipe only)."""
     cfg, ds = load_recipe(REPO / "examples" / recipe, tmp_path)
     assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == sizes
     assert (cfg.model.seq_length, cfg.training.global_batch_size) == batch
     assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size) == layout
     assert ds["zero_optimization"]["stage"] == stage
+    assert cfg.parallel.context_parallel_size == (2 if recipe == "llama3_8b_32k" else 1)
 
 
 @pytest.mark.parametrize("recipe,ffn,groups,rotary_base", [
     ("llama_1b", 8192, 8, 10000),
     ("llama3_8b", 14336, 8, 500000),
+    ("llama3_8b_32k", 14336, 8, 500000),
 ])
 def test_llama_recipes_are_llama_shaped(recipe, ffn, groups, rotary_base, tmp_path, tokenizer_model):
     m = load_recipe(REPO / "examples" / recipe, tmp_path)[0].model
@@ -187,7 +194,7 @@ def test_ds_configs_pass_deepspeeds_own_checks(monkeypatch):
     the rank query is patched and the data-parallel size comes from a stub mpu)."""
     ds_config = pytest.importorskip("deepspeed.runtime.config")
     monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
-    dp_sizes = {"gpt2_124m": 8, "gpt2_350m": 4, "gpt2_1.3b": 2, "llama_1b": 8, "llama3_8b": 2}
+    dp_sizes = {"gpt2_124m": 8, "gpt2_350m": 4, "gpt2_1.3b": 2, "llama_1b": 8, "llama3_8b": 2, "llama3_8b_32k": 1}
     for recipe in RECIPES:
         class Mpu:
             def get_data_parallel_world_size(self, dp=dp_sizes[recipe.name]):
@@ -311,12 +318,14 @@ def test_unknown_recipe_folder(env, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: recipe folder examples/nope not found")
 
 
-@pytest.mark.parametrize("recipe", TWO_NODES)
-def test_two_node_recipe_on_one_node_is_one_line(recipe, env, tmp_path):
+@pytest.mark.parametrize("recipe,message", [("llama3_8b", "gradient_accumulation_steps"),
+                                            ("llama3_8b_32k", "world size 8 is not divisible by")])
+def test_two_node_recipe_on_one_node_is_one_line(recipe, message, env, tmp_path):
+    """One node holds a replica of the 8B recipe (but not its accumulation), not one of the 32k recipe."""
     proc = run_script("deepspeed_single_node.sh", env, f"examples/{recipe}", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "gradient_accumulation_steps" in lines[0], lines
+    assert len(lines) == 1 and message in lines[0], lines
 
 
 def test_ds_config_must_fit_the_world_size(env, tmp_path):
