@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -132,26 +133,23 @@ def sweep(args: argparse.Namespace, recipe: Config) -> list[tuple[StudyPoint, st
     DP of world / C); named ones stay, as invalid rows."""
     smallest = min(args.world_sizes)
     points = []
-    for world in args.world_sizes:
-        for cp in args.context_parallel_sizes:
-            if args.layouts == ["auto"]:
-                ranks = world // cp  # a world that C does not divide fails the check
-                layouts = [(tp, ranks // dp // tp) for dp in range(1, ranks + 1) if ranks % dp == 0
-                           for tp in range(1, ranks // dp + 1) if (ranks // dp) % tp == 0]
-            else:
-                layouts = [parse_layout(text) for text in args.layouts]
-            for (tp, pp) in layouts:
-                for zero in args.zero_stages:
-                    for mbs in args.micro_batch_sizes or [recipe.training.micro_batch_size]:
-                        for selection in args.selections:
-                            gbs = recipe.training.global_batch_size
-                            if args.scaling == "weak":
-                                gbs = gbs * world // smallest
-                            p = StudyPoint(world, tp, pp, max(world // (tp * cp * pp), 1), zero, mbs, gbs,
-                                           selection, cp=cp)
-                            reason = check(args, p)
-                            if reason is None or args.layouts != ["auto"]:
-                                points.append((p, reason))
+    for world, cp in itertools.product(args.world_sizes, args.context_parallel_sizes):
+        if args.layouts == ["auto"]:
+            ranks = world // cp  # a world that C does not divide fails the check
+            layouts = [(tp, ranks // dp // tp) for dp in range(1, ranks + 1) if ranks % dp == 0
+                       for tp in range(1, ranks // dp + 1) if (ranks // dp) % tp == 0]
+        else:
+            layouts = [parse_layout(text) for text in args.layouts]
+        gbs = recipe.training.global_batch_size
+        if args.scaling == "weak":
+            gbs = gbs * world // smallest
+        for (tp, pp), zero, mbs, selection in itertools.product(
+                layouts, args.zero_stages, args.micro_batch_sizes or [recipe.training.micro_batch_size],
+                args.selections):
+            p = StudyPoint(world, tp, pp, max(world // (tp * cp * pp), 1), zero, mbs, gbs, selection, cp=cp)
+            reason = check(args, p)
+            if reason is None or args.layouts != ["auto"]:
+                points.append((p, reason))
     return points
 
 
