@@ -42,7 +42,9 @@ LAYOUTS = {
     "tp2 zero1": (2, 1, 1), "pp2 zero1": (1, 2, 1),
 }
 # resumed layouts: (tensor, pipeline, zero stage), extra flags (ZeRO-1 under --bf16 is DeepSpeed's BF16_Optimizer)
-RESUMES = {"zero3": ((1, 1, 3), []), "pp2-zero1": ((1, 2, 1), []), "zero1-bf16": ((1, 1, 1), ["--bf16"])}
+RESUMES = {"zero3": ((1, 1, 3), []), "pp2-zero1": ((1, 2, 1), []), "zero1-bf16": ((1, 1, 1), ["--bf16"]),
+           "cp2-zero1": ((1, 1, 1), ["--context-parallel-size", "2", "--micro-batch-size", "4", "--hidden-dropout",
+                                     "0", "--attention-dropout", "0"])}  # ZeRO-1 partitions over the CP pair
 # --bf16 (DeepSpeed's bf16: bf16 parameters, fp32 master weights): name -> (tensor, pipeline, sequence
 # parallel, zero stage), and the optimizer DeepSpeed picks at each stage. Compared with the float32 run of
 # one process to BF16_TOLERANCE relative: a few bf16 roundings of every activation and gradient.
@@ -98,6 +100,8 @@ def launched(tiny_corpus, tmp_path_factory):
              for stage in CONTEXT_STAGES for selection in COMPARED_SELECTIONS]
     jobs.append(["dp2 zero3 recompute", "train", [*run_flags(tiny_corpus, 1, 1, 3, "eslm-loss"), *RECOMPUTE]])
     jobs += [[f"ckpt {name}", "save", run_flags(tiny_corpus, 1, 1, stage, "dense")] for name, stage in CHECKPOINTS.items()]
+    jobs.append(["ckpt cp2 zero1", "save", [*run_flags(tiny_corpus, 1, 1, 1, "dense"), "--context-parallel-size", "2",
+                                            "--micro-batch-size", "4"]])
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = launch([str(TESTS / "deepspeed_jobs.py"), str(tmp / "jobs.json"), str(tmp)], tmp)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -177,13 +181,14 @@ def test_deepspeed_checkpoints_resume_exactly(launched):
 
 def test_reader_consolidates_zero_checkpoints(launched):
     """The offline reader's whole tensors of a ZeRO 1-3 checkpoint (weights and AdamW moments, from the
-    data-parallel partitions) equal those of the same training under our own data parallelism, whose
-    checkpoint holds them whole; the ZeRO-3 one exports to transformers with the same logits."""
+    data-parallel partitions; for CP2 the partitions of the context pair) equal those of the same training
+    under our own data parallelism, whose checkpoint holds them whole; the ZeRO-3 one exports to
+    transformers with the same logits."""
     from megatron_eslm.checkpoint.reader import read_checkpoint
 
     tmp, _ = launched
     plain = read_checkpoint(str(tmp / "ckpt dp2"))
-    for name in ("zero1", "zero2", "zero3"):
+    for name in ("zero1", "zero2", "zero3", "cp2 zero1"):
         zero = read_checkpoint(str(tmp / f"ckpt {name}"))
         assert zero.model.keys() == plain.model.keys() and zero.optimizer_step == plain.optimizer_step
         for key, value in plain.model.items():
