@@ -4,8 +4,9 @@ to 1e-9 relative in float64.
 
 Layouts: CP2, and CP2 with selective recompute (2 ranks); CP2xDP2, CP2xTP2 (with sequence parallelism for
 Llama) and CP2xPP2 (4 ranks).
-Selections: dense, ESLM by loss (sketch-exact threshold) and by entropy (exact threshold), eslm-is (its
-draws are keyed by the token's global position) and Ada-ESLM; GPT-2 and Llama shapes. Besides: the
+Selections: dense, ESLM by loss (sketch-exact threshold) and by entropy (exact threshold), the previous
+step's threshold (--eslm-threshold-scope previous-step), eslm-is (its draws are keyed by the token's
+global position) and Ada-ESLM; GPT-2 and Llama shapes. Besides: the
 sharding and attention against their one-process forms, a checkpoint saved under CP2 resumes under CP1
 and the other way round, bad sequence lengths fail in one line, and bench_comm's model equals the
 counted collectives of CP2 runs.
@@ -37,6 +38,8 @@ SELECTIONS = {
                            "--eslm-threshold", "exact"],
     "eslm-is": ["--selection", "eslm-is", "--eslm-alpha", "0.6", "--eslm-is-prob", "0.3"],
     "ada-eslm": tpt.LLAMA_SELECTIONS["ada-eslm"],
+    # each step's threshold from the previous step's sketch, merged over the data x context group
+    "eslm-previous-step": ["--selection", "eslm", "--eslm-alpha", "0.6", "--eslm-threshold-scope", "previous-step"],
 }
 MODELS = {"gpt2": [], "llama": tpt.LLAMA_FLAGS}
 # name -> (world, tp, pp, cp, sequence parallel)
@@ -48,7 +51,7 @@ LAYOUT_EXTRA = {"cp2-recompute": ["--recompute-granularity", "selective"]}
 CASES = {
     2: [(model, "cp2", selection) for model in MODELS for selection in
         ("dense", "eslm-loss", "eslm-entropy-exact", "eslm-is" if model == "gpt2" else "ada-eslm")]
-    + [("llama", "cp2-recompute", "eslm-loss")],
+    + [("llama", "cp2-recompute", "eslm-loss"), ("gpt2", "cp2", "eslm-previous-step")],
     4: [*((model, "cp2dp2", selection) for model in MODELS
           for selection in ("dense", "eslm-loss", "eslm-entropy-exact")),
         ("gpt2", "cp2tp2", "eslm-loss"), ("gpt2", "cp2tp2", "eslm-is"),
