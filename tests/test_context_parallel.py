@@ -81,20 +81,6 @@ def jobs_for(world: int, corpus) -> list[tuple]:
     return jobs
 
 
-def check(world: int, per_rank: list[dict], references: dict) -> None:
-    table = {}
-    for model, layout, selection in CASES[world]:
-        label = f"{model} {layout} {selection}"
-        results32 = [r[(model, layout, selection, torch.float32)] for r in per_rank]
-        results64 = [r[(model, layout, selection, torch.float64)] for r in per_rank]
-        logged = tpt.record_difference(results32[0], references[(model, selection, torch.float32)])
-        params = tpt.parameter_difference(results64, references[(model, selection, torch.float64)])
-        table[label] = (logged, params)
-        assert logged <= 1e-5, f"{label}: logged numbers differ by {logged:.2e}"
-        assert params <= 1e-9, f"{label}: float64 parameters differ by {params:.2e}"
-    print("\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
-
-
 @pytest.fixture(scope="module")
 def references(tiny_corpus):
     torch.set_num_threads(1)
@@ -210,7 +196,7 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
     bench_comm.write_dataset(prefix, setups[0].vocab - 1)
     jobs.append(("comm", "comm", setups, prefix))
     per_rank = tpt.spawn(2, tmp_path, jobs)
-    check(2, per_rank, references)
+    tpt.check_equivalence(CASES[2], per_rank, references)
     assert bench_comm.mismatches(setups, [r["comm"] for r in per_rank]) == []
 
     # CP2 -> CP1: the one process resumes CP2's checkpoint of iteration 2
@@ -236,6 +222,6 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
     bench_comm.write_dataset(prefix, bench_comm.tiny(bench_comm.Setup())[0].vocab - 1)
     jobs += [(("comm", name), "comm", setups, prefix) for name, setups in comm.items()]
     per_rank = tpt.spawn(4, tmp_path, jobs)
-    check(4, per_rank, references)
+    tpt.check_equivalence(CASES[4], per_rank, references)
     for name, setups in comm.items():
         assert bench_comm.mismatches(setups, [r[("comm", name)] for r in per_rank]) == [], name

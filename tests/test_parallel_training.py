@@ -313,9 +313,11 @@ def equivalence_jobs(world: int, corpus) -> list[tuple]:
     return jobs
 
 
-def check_equivalence(world: int, per_rank: list[dict], references: dict) -> dict:
+def check_equivalence(checked: list[tuple[str, str, str]], per_rank: list[dict], references: dict) -> dict:
+    """Each (model, layout, selection) of `checked`, run as `equivalence_jobs` names its results, against the
+    one-process reference of its model and selection."""
     table = {}
-    for model, layout, selection in cases(world):
+    for model, layout, selection in checked:
         label = f"{model} {layout} {selection}"
         results32 = [r[(model, layout, selection, torch.float32)] for r in per_rank]
         results64 = [r[(model, layout, selection, torch.float64)] for r in per_rank]
@@ -343,7 +345,7 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
     jobs = [*equivalence_jobs(2, tiny_corpus), ("mappings", "mappings"), ("head", "head"),
             ("dropout a", "train", dropout, torch.float32), ("dropout b", "train", dropout, torch.float32)]
     per_rank = spawn(2, tmp_path, jobs)
-    check_equivalence(2, per_rank, references)
+    check_equivalence(cases(2), per_rank, references)
 
     first, second = ([r[name] for r in per_rank] for name in ("dropout a", "dropout b"))
     assert untimed(first[0]["records"]) == untimed(second[0]["records"])
@@ -404,7 +406,7 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
     jobs.append(("other layout", "load error", [*flags(tiny_corpus, 2, *layout_flags(2, 1, False)),
                                                "--load", str(tmp_path / "ckpt-a")]))
     per_rank = spawn(4, tmp_path, jobs)
-    check_equivalence(4, per_rank, references)
+    check_equivalence(cases(4), per_rank, references)
     for name, setups in comm.items():  # the communication model of tools/bench_comm.py, kind by kind
         assert bench_comm.mismatches(setups, [r[("comm", name)] for r in per_rank]) == [], name
     for name in ("resume tp2pp2", "resume tp2dp2"):
