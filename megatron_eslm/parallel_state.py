@@ -26,7 +26,7 @@ the single-process code path never touches torch.distributed.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch.distributed as dist
@@ -57,6 +57,7 @@ class _Groups:
     model: dist.ProcessGroup | None = None
     embedding: dist.ProcessGroup | None = None
     pipeline_ranks: tuple[int, ...] = (0,)
+    owned: list[dist.ProcessGroup] = field(default_factory=list)  # every group this rank joined, to destroy
 
 
 _layout = Layout()
@@ -84,6 +85,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
             group = dist.new_group(ranks)
             if rank in ranks:
                 mine = group
+                groups.owned.append(group)
         return mine
 
     g = layout.global_rank
@@ -104,8 +106,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
 
 
 def destroy_model_parallel() -> None:
-    """Back to the single-process layout (groups are released with the process group itself)."""
+    """Back to the single-process layout, destroying the layout's groups: a process that builds several
+    trainers (a tool, a test's ranks) would otherwise keep every earlier layout's communicators and their
+    threads until the default group ends."""
     global _layout, _groups
+    for group in _groups.owned:
+        dist.destroy_process_group(group)
     _layout, _groups = Layout(), _Groups()
 
 

@@ -1,25 +1,20 @@
-"""Run by tests/test_deepspeed.py under the real `deepspeed` launcher (CPU accelerator, gloo): every job
-of the equivalence table in one launch, since each launch costs seconds of DeepSpeed start-up.
+"""Run by tests/test_deepspeed.py on the session's 2 gloo ranks (tests/rank_pool.py, with DeepSpeed's CPU
+accelerator): every job of the equivalence table in one call, `run_jobs(jobs, out_dir)`.
 
-    deepspeed --num_gpus 2 tests/deepspeed_jobs.py JOBS.json OUT_DIR
-
-JOBS.json: [[name, kind, argv], ...], kind "train" (records and final validation loss), "bf16" (a train
+jobs: [[name, kind, argv], ...], kind "train" (records and final validation loss), "bf16" (a train
 job that also keeps this rank's parameters and layout, and records what DeepSpeed trains with: its
 optimizer, the parameters' dtypes and, after every backward, the dtypes of the tensors in which the step's
 gradients accumulate), "resume" (the straight and the resumed records of `test_parallel_training.resume`)
 "init" (a ZeRO-3 trainer's parameters before any step, gathered, and the same model built without
-DeepSpeed, each with the names its optimizer decays) or "save" (a train job that saves its checkpoint in
+DeepSpeed, each with the names its optimizer decays), "params64" (a float64 run's parameters after its
+steps, gathered) or "save" (a train job that saves its checkpoint in
 OUT_DIR/NAME, for the checkpoint tools).
-Each rank writes OUT_DIR/rankN.pt. (The launcher adds --local_rank=N, which LOCAL_RANK already says.)
+Each rank returns its results by job name.
 """
 from __future__ import annotations
 
-import json
-import sys
-
 import deepspeed
 import torch
-import torch.distributed as dist
 
 from megatron_eslm.config import parse_args
 from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine
@@ -85,11 +80,26 @@ def built(argv: list[str]) -> dict:
     return result
 
 
-def main(jobs_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo")  # the launcher's environment: RANK, WORLD_SIZE, MASTER_ADDR, ...
-    torch.set_num_threads(1)
+def trained_float64(argv: list[str]) -> dict[str, torch.Tensor]:
+    """The parameters after a float64 run (test_parallel_training says why float64), gathered from ZeRO-3's
+    partitions one at a time (see `built`)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        trainer = Trainer(parse_args(argv), log=lambda *a: None)
+        trainer.train()
+        params = {}
+        for name, param in trainer.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                params[name] = param.detach().clone()
+        trainer.close()
+        return params
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def run_jobs(jobs: list[list], out_dir: str) -> dict:
     results = {}
-    for name, kind, argv in json.load(open(jobs_file)):
+    for name, kind, argv in jobs:
         if kind == "train":
             result = train(argv, torch.float32)
             results[name] = {"records": result["records"], "val_loss": result["val_loss"]}
@@ -97,13 +107,10 @@ def main(jobs_file: str, out_dir: str) -> None:
             results[name] = train_bf16(argv)
         elif kind == "init":
             results[name] = built(argv)
+        elif kind == "params64":
+            results[name] = trained_float64(argv)
         elif kind == "save":
             results[name] = train([*argv, "--save", f"{out_dir}/{name}"], torch.float32)["records"]
         else:
             results[name] = resume(argv, f"{out_dir}/{name}-ckpt")
-    torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(*[arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")])
+    return results

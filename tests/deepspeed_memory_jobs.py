@@ -1,10 +1,8 @@
-"""Run by tests/test_estimate_memory.py under the real `deepspeed` launcher (CPU accelerator, gloo): one
-training step per job, recording the bytes the DeepSpeed engine holds in the estimator's categories.
+"""Run by tests/test_estimate_memory.py on the session's 2 gloo ranks (tests/rank_pool.py, with DeepSpeed's
+CPU accelerator): one training step per job, recording the bytes the DeepSpeed engine holds in the
+estimator's categories.
 
-    deepspeed --num_gpus 2 tests/deepspeed_memory_jobs.py JOBS.json OUT_DIR
-
-JOBS.json: [[name, argv], ...]. Each rank writes OUT_DIR/rankN.pt: name -> {category: bytes}, counting each
-storage once (a flat group's whole storage, padding included):
+`held_bytes(jobs)`, jobs [[name, argv], ...]: on each rank, name -> {category: bytes}, counting each storage once (a flat group's whole storage, padding included):
   parameters  after the step: the model's parameters (ZeRO-1/2: views of the flat bf16 groups) and ZeRO-3's
               partitions
   gradients   after the step's last backward: the parameters' `.grad` and where the step's gradients
@@ -14,12 +12,9 @@ storage once (a flat group's whole storage, padding included):
 """
 from __future__ import annotations
 
-import json
-import sys
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 
 from deepspeed_jobs import accumulators
 from megatron_eslm.config import parse_args
@@ -73,13 +68,5 @@ def run(argv: list[str]) -> dict[str, int]:
     return held
 
 
-def main(jobs_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo")  # the launcher's environment: RANK, WORLD_SIZE, MASTER_ADDR, ...
-    torch.set_num_threads(1)
-    results = {name: run(argv) for name, argv in json.load(open(jobs_file))}
-    torch.save(results, f"{out_dir}/rank{dist.get_rank()}.pt")
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(*[arg for arg in sys.argv[1:] if not arg.startswith("--local_rank")])
+def held_bytes(jobs: list[list]) -> dict[str, dict[str, int]]:
+    return {name: run(argv) for name, argv in jobs}

@@ -4,15 +4,16 @@ Fixtures live in conftest.py; these are plain functions the tests call with thei
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+import torch
 
+from megatron_eslm import pretrain
 from megatron_eslm.config import parse_args
 from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 from megatron_eslm.training.timers import PHASES
 from megatron_eslm.training.trainer import Trainer
+from rank_pool import run_on_ranks
 
 # wall-clock fields, which differ between any two runs (mfu is None on a CPU without --peak-tflops, the
 # memory None off CUDA; the phase times come with --timing-log-level)
@@ -77,8 +78,8 @@ MODELS = {
 
 
 def launch_pretrain(corpus, tmp, ranks: int, layout: tuple[int, int], model: str, *extra: str) -> list[dict]:
-    """A tiny dense run without dropout (no randomness but the data order) on `ranks` gloo processes;
-    returns its training records."""
+    """A tiny dense run without dropout (no randomness but the data order) through pretrain's entry point, in
+    this process or on the session's `ranks` gloo ranks (tests/rank_pool.py); returns its training records."""
     prefix, tokenizer = corpus
     metrics = os.path.join(tmp, f"metrics-{len(os.listdir(tmp))}.jsonl")
     argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
@@ -89,10 +90,19 @@ def launch_pretrain(corpus, tmp, ranks: int, layout: tuple[int, int], model: str
             "--make-vocab-size-divisible-by", "32",  # 320 tokens: 320 rows at TP1 and at TP2 alike
             "--tensor-model-parallel-size", str(layout[0]), "--pipeline-model-parallel-size", str(layout[1]),
             "--metrics-file", metrics, *MODELS[model], *extra]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                "--standalone"] if ranks > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    done = subprocess.run([*launcher, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if ranks == 1:
+        pretrain_in_process(argv)
+    else:
+        run_on_ranks(ranks, pretrain_in_process, argv)
     return [r for r in map(json.loads, open(metrics)) if "lm_loss" in r]
+
+
+def pretrain_in_process(argv: list[str]) -> None:
+    """`python -m megatron_eslm.pretrain ARGV` in this process (one thread, as a launched rank has), on
+    every rank of a pool when called through `run_on_ranks`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain.main(argv)
+    finally:
+        torch.set_num_threads(threads)

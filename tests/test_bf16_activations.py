@@ -12,17 +12,14 @@ has its own tests.
 """
 from __future__ import annotations
 
-import datetime
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig
 from megatron_eslm.model.gpt import GPTModel
 from test_parallel_training import REFERENCE_MICRO_BATCH, flags, layout_flags, micro_batch, train
+from rank_pool import run_on_ranks
 
 BATCH, SEQ, HIDDEN, HEADS, VOCAB = 2, 16, 32, 4, 64
 CFG = ModelConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=4 * HIDDEN,
@@ -73,21 +70,18 @@ def tp2_saved_tensors() -> None:
     parallel_state.destroy_model_parallel()
 
 
-def _rank_main(rank: int, world: int, tmp: str, jobs: dict[tuple, list[str]]) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
+def two_rank_runs(jobs: dict[tuple, list[str]]) -> dict:
+    """On every rank of a 2-rank pool (tests/rank_pool.py): the TP2 saved-tensor check, then each job's
+    records."""
     tp2_saved_tensors()
-    results = {name: train(argv, torch.float32)["records"] for name, argv in jobs.items()}
-    torch.save(results, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return {name: train(argv, torch.float32)["records"] for name, argv in jobs.items()}
 
 
 def bf16_flags(corpus, micro: int, *extra: str) -> list[str]:
     return [*flags(corpus, micro, *extra), "--bf16", "--train-iters", str(STEPS)]
 
 
-def test_bf16_trains_like_one_process(tiny_corpus, tmp_path: Path):
+def test_bf16_trains_like_one_process(tiny_corpus):
     """lm_loss falls over the steps, and TP2-SP / PP2 follow one process to 5e-3 relative, step by step
     (below bf16's 7.8e-3 epsilon; measured: 6e-5 under TP2-SP, 0 under PP2)."""
     torch.set_num_threads(1)
@@ -95,8 +89,7 @@ def test_bf16_trains_like_one_process(tiny_corpus, tmp_path: Path):
                   for selection, extra in SELECTIONS.items()}
     jobs = {(layout, selection): bf16_flags(tiny_corpus, micro_batch(2, tp, pp), *extra, *layout_flags(tp, pp, sp))
             for layout, (tp, pp, sp) in LAYOUTS.items() for selection, extra in SELECTIONS.items()}
-    mp.spawn(_rank_main, args=(2, str(tmp_path), jobs), nprocs=2, join=True)
-    results = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    results = run_on_ranks(2, two_rank_runs, jobs)[0]
     for selection, reference in references.items():
         losses = [r["lm_loss"] for r in reference]
         assert len(losses) == STEPS and losses[-1] < losses[0] - 0.1, losses

@@ -195,7 +195,7 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
     prefix = str(tmp_path / "tokens")
     bench_comm.write_dataset(prefix, setups[0].vocab - 1)
     jobs.append(("comm", "comm", setups, prefix))
-    per_rank = tpt.spawn(2, tmp_path, jobs)
+    per_rank = tpt.spawn(2, jobs)
     tpt.check_equivalence(CASES[2], per_rank, references)
     assert bench_comm.mismatches(setups, [r["comm"] for r in per_rank]) == []
 
@@ -221,7 +221,7 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
     prefix = str(tmp_path / "tokens")
     bench_comm.write_dataset(prefix, bench_comm.tiny(bench_comm.Setup())[0].vocab - 1)
     jobs += [(("comm", name), "comm", setups, prefix) for name, setups in comm.items()]
-    per_rank = tpt.spawn(4, tmp_path, jobs)
+    per_rank = tpt.spawn(4, jobs)
     tpt.check_equivalence(CASES[4], per_rank, references)
     for name, setups in comm.items():
         assert bench_comm.mismatches(setups, [r[("comm", name)] for r in per_rank]) == [], name

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO (`--deepspeed`, `--zero-stage`) against plain data parallelism and one process.
 
-Through the real `deepspeed` launcher with the CPU accelerator and gloo (DeepSpeed compiles its small
-shared-memory op on first start, which needs a C++ compiler and the Python headers): ZeRO 1, 2 and 3 on
+On the session's two gloo ranks (tests/rank_pool.py) with DeepSpeed's CPU accelerator, and once through the
+real `deepspeed --module` launcher (DeepSpeed compiles its small shared-memory op on first start, which
+needs a C++ compiler and the Python headers): ZeRO 1, 2 and 3 on
 DP2, dense and ESLM, give the losses, kept fractions, thresholds and gradient norms of plain DP2 and of
 one process on the same global batch (float32, 1e-5 relative where 1e-4 is asked); TP2 and PP2 with
 ZeRO-1 (PP2 with the tied embedding's two copies), likewise; a DeepSpeed checkpoint resumes exactly
@@ -31,6 +32,8 @@ from test_parallel_training import (COMPARED, GLOBAL_BATCH, LLAMA_FLAGS, REFEREN
                                     flags, layout_flags, micro_batch, relative, train, untimed)
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
+from deepspeed_jobs import run_jobs  # noqa: E402  (it imports deepspeed)
+from rank_pool import run_on_ranks  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 WORLD = 2
@@ -81,10 +84,14 @@ def launch(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.Complet
 
 @pytest.fixture(scope="module")
 def launched(tiny_corpus, tmp_path_factory):
-    """Every job of the table in one launch; returns the output folder and every rank's results."""
+    """Every job of the table in one call on the session's two ranks; returns the output folder and every
+    rank's results."""
     tmp = tmp_path_factory.mktemp("deepspeed")
     jobs = [[f"{layout} {selection}", "train", run_flags(tiny_corpus, tp, pp, stage, selection)]
             for layout, (tp, pp, stage) in LAYOUTS.items() for selection in COMPARED_SELECTIONS]
+    jobs += [[f"{layout} {selection} float64", "params64", run_flags(tiny_corpus, tp, pp, stage, selection)]
+             for layout, (tp, pp, stage) in LAYOUTS.items() if layout.startswith("dp2")
+             for selection in COMPARED_SELECTIONS]
     jobs += [[f"resume {name}", "resume", [*run_flags(tiny_corpus, tp, pp, stage, "eslm-loss"), "--hidden-dropout",
                                             "0.1", "--attention-dropout", "0.1", *extra]]
              for name, ((tp, pp, stage), extra) in RESUMES.items()]
@@ -102,10 +109,7 @@ def launched(tiny_corpus, tmp_path_factory):
     jobs += [[f"ckpt {name}", "save", run_flags(tiny_corpus, 1, 1, stage, "dense")] for name, stage in CHECKPOINTS.items()]
     jobs.append(["ckpt cp2 zero1", "save", [*run_flags(tiny_corpus, 1, 1, 1, "dense"), "--context-parallel-size", "2",
                                             "--micro-batch-size", "4"]])
-    (tmp / "jobs.json").write_text(json.dumps(jobs))
-    proc = launch([str(TESTS / "deepspeed_jobs.py"), str(tmp / "jobs.json"), str(tmp)], tmp)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return tmp, [torch.load(tmp / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return tmp, run_on_ranks(WORLD, run_jobs, jobs, str(tmp))
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +117,16 @@ def references(tiny_corpus):
     """One process, with the layouts' global micro-batch (DP x micro-batch = REFERENCE_MICRO_BATCH)."""
     torch.set_num_threads(1)
     return {selection: train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS[selection]), torch.float32)
+            for selection in COMPARED_SELECTIONS}
+
+
+@pytest.fixture(scope="module")
+def references64(tiny_corpus):
+    """The same runs in float64: their parameters."""
+    torch.set_num_threads(1)
+    return {selection: {name: tensor for name, (tensor, _, _) in
+                        train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS[selection]),
+                              torch.float64)["params"].items()}
             for selection in COMPARED_SELECTIONS}
 
 
@@ -136,6 +150,23 @@ def test_zero_stages_equal_plain_data_parallel_and_one_process(launched, referen
             table[label] = (against_dp, against_one)
             assert against_dp <= TOLERANCE and against_one <= TOLERANCE, f"{label}: {against_dp:.1e} {against_one:.1e}"
     print("\n" + "\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
+
+
+def test_zero_stages_equal_one_process_in_float64_parameters(launched, references64):
+    """Every parameter after the steps, ZeRO 1-3 and our DP2 against one process, in float64 (Adam turns
+    float32 round-off in near-zero gradients into full-size steps: test_parallel_training's reason);
+    both ranks hold the same gathered parameters."""
+    _, (results, other) = launched
+    table = {}
+    for layout in (name for name in LAYOUTS if name.startswith("dp2")):
+        for selection in COMPARED_SELECTIONS:
+            label = f"{layout} {selection} float64"
+            got, want = results[label], references64[selection]
+            assert got.keys() == want.keys(), label
+            assert all(torch.equal(got[name], other[label][name]) for name in got), f"{label}: ranks differ"
+            table[label] = max(float((got[name] - want[name]).abs().max() / want[name].abs().max()) for name in want)
+    print("\n" + "\n".join(f"| {k} | {v:.1e} |" for k, v in table.items()))
+    assert all(v <= 1e-9 for v in table.values()), table
 
 
 def test_context_parallel_under_zero_equals_one_process(launched, references):

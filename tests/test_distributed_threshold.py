@@ -4,17 +4,15 @@ One spawn per world size runs every case, mode, alpha and sketch size; the paren
 """
 from __future__ import annotations
 
-import datetime
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor
 
 from megatron_eslm.eslm.distributed_threshold import MODES, ThresholdResult, global_var_threshold
+from rank_pool import run_on_ranks
 from test_sketch import Group, check_against_sorting, expected_bytes
 
 ALPHAS = (0.0, 0.5, 0.9)
@@ -43,23 +41,17 @@ def calls(world: int):
     return list(itertools.product(range(len(cases(world))), MODES, ALPHAS, SKETCH_SIZES))
 
 
-def _rank_main(rank: int, world: int, tmp: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
-    groups = cases(world)
-    results = [global_var_threshold(groups[case].scores[rank], groups[case].valid[rank], alpha, mode, size,
-                                    group=dist.group.WORLD)
-               for case, mode, alpha, size in calls(world)]
-    torch.save(results, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+def thresholds(world: int) -> list[ThresholdResult]:
+    """On every rank of a pool (tests/rank_pool.py): this rank's threshold of every call."""
+    rank, groups = dist.get_rank(), cases(world)
+    return [global_var_threshold(groups[case].scores[rank], groups[case].valid[rank], alpha, mode, size,
+                                 group=dist.group.WORLD)
+            for case, mode, alpha, size in calls(world)]
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_gloo_group_every_mode_against_sorting(world: int, tmp_path: Path):
-    mp.spawn(_rank_main, args=(world, str(tmp_path)), nprocs=world, join=True)
-    per_rank: list[list[ThresholdResult]] = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
-                                             for r in range(world)]
+def test_gloo_group_every_mode_against_sorting(world: int):
+    per_rank: list[list[ThresholdResult]] = run_on_ranks(world, thresholds, world)
     groups = cases(world)
     for i, (case, mode, alpha, size) in enumerate(calls(world)):
         results = [per_rank[r][i] for r in range(world)]

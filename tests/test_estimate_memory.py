@@ -19,7 +19,6 @@ runs really hold, GPT-2 and Llama shaped:
 from __future__ import annotations
 
 import contextlib
-import datetime
 import io
 import json
 import shlex
@@ -30,7 +29,6 @@ from typing import Callable, ContextManager
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig, finalize_model, parse_args
@@ -41,7 +39,8 @@ from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import memory
 from megatron_eslm.training.trainer import Trainer
-from deepspeed_memory_jobs import storage_bytes
+from deepspeed_memory_jobs import held_bytes, storage_bytes
+from rank_pool import run_on_ranks
 from test_parallel_training import LLAMA_FLAGS, flags, layout_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,11 +176,9 @@ def two_rank_argv(corpus, name: str) -> list[str]:
     return flags(corpus, micro_batch, *MODELS[model], *layout_flags(tp, pp, sp), *ONE_STEP, *extra)
 
 
-def _rank_main(rank: int, world: int, tmp: str, jobs: dict[str, list[str]]) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    results = {}
+def measured(jobs: dict[str, list[str]]) -> dict:
+    """On every rank of a pool (tests/rank_pool.py): each job's held, estimated and saved bytes."""
+    world, results = dist.get_world_size(), {}
     for name, argv in jobs.items():
         cfg = parse_args(argv)
         trainer = Trainer(cfg, log=lambda *a: None)
@@ -192,15 +189,12 @@ def _rank_main(rank: int, world: int, tmp: str, jobs: dict[str, list[str]]) -> N
         if cfg.parallel.pipeline_model_parallel_size == 1:  # a forward on its own: no pipeline messages
             results[name]["saved"] = saved_bytes(trainer.model, cfg.training.micro_batch_size, trainer._autocast)
         trainer.close()
-    torch.save(results, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
-def test_two_rank_layouts_hold_the_estimate(tiny_corpus, tmp_path):
+def test_two_rank_layouts_hold_the_estimate(tiny_corpus):
     jobs = {name: two_rank_argv(tiny_corpus, name) for name in TWO_RANKS}
-    mp.spawn(_rank_main, args=(2, str(tmp_path), jobs), nprocs=2, join=True)
-    for rank in range(2):
-        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for rank, results in enumerate(run_on_ranks(2, measured, jobs)):
         for name, result in results.items():
             states = result["states"]
             assert result["held"] == (states.parameters, states.gradients, states.optimizer), (name, rank)
@@ -234,13 +228,9 @@ def deepspeed_argv(corpus, tmp_path: Path, name: str) -> list[str]:
 def test_deepspeed_engine_holds_the_estimate(tiny_corpus, tmp_path):
     """Parameters, gradient sums and optimizer state on each rank equal the estimate's (the larger of
     the two ranks' at ZeRO-2, whose gradient sums hold whole parameters), ZeRO-3's bucket as well."""
-    launch = pytest.importorskip("test_deepspeed", reason="DeepSpeed is not installed").launch
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
     jobs = [[name, deepspeed_argv(tiny_corpus, tmp_path, name)] for name in DEEPSPEED]
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    proc = launch([str(Path(__file__).parent / "deepspeed_memory_jobs.py"), str(tmp_path / "jobs.json"),
-                   str(tmp_path)], tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    ranks = run_on_ranks(2, held_bytes, jobs)
     for name, argv in jobs:
         cfg = parse_args(argv)
         vocab = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, cfg.data.vocab_size).vocab_size

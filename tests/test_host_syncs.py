@@ -16,15 +16,10 @@ on one process and on 2-rank gloo layouts where the collectives are real.
 """
 from __future__ import annotations
 
-import datetime
 import inspect
-import os
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from helpers import flags, run
 from megatron_eslm.config import parse_args
@@ -32,6 +27,7 @@ from megatron_eslm.host_syncs import HOST_READ, INHERENT, HostSyncCounter, inher
 from megatron_eslm.training.step import optimizer_step
 from megatron_eslm.training.trainer import Trainer
 from test_parallel_training import LLAMA_FLAGS
+from rank_pool import run_on_ranks
 
 STEPS = 2
 POLICIES = {
@@ -131,11 +127,9 @@ LAYOUTS = {"dp2": [], "dp2-overlap": ["--overlap-grad-reduce"], "tp2": ["--tenso
 MULTI = ["dense", "eslm-sketch-exact", "eslm-exact", "ada-eslm-grad-mass"]
 
 
-def _rank_main(rank: int, world: int, tmp: str, corpus: tuple[str, str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
+def two_rank_syncs(corpus: tuple[str, str]) -> list[str]:
+    """On every rank of a 2-rank pool (tests/rank_pool.py): one line per layout and policy, the syncs of a
+    step."""
     lines = []
     for layout, layout_flags in LAYOUTS.items():
         for name in MULTI:
@@ -143,18 +137,16 @@ def _rank_main(rank: int, world: int, tmp: str, corpus: tuple[str, str]) -> None
                                                           *POLICIES[name]))
             lines.append(f"{layout} {name} {avoidable(syncs)} {syncs.by_kind[INHERENT]} {micro_batches} "
                          f"{syncs.report()}")
-    Path(tmp, f"rank{rank}.txt").write_text("\n".join(lines))
-    dist.destroy_process_group()
+    return lines
 
 
-def test_two_ranks_within_budget(tiny_corpus, tmp_path):
+def test_two_ranks_within_budget(tiny_corpus):
     """Real collectives (the selection group's all-gathers and all-reduces, TP's vocab-parallel head, the
     pipeline's sends, the data-parallel sums launched from the backward) add no sync: the budget holds on
     every rank of DP2 (with and without --overlap-grad-reduce), TP2 and PP2, and for the
     Llama-shaped model on TP2 with sequence parallelism, PP2 and CP2."""
-    mp.spawn(_rank_main, args=(2, str(tmp_path), tiny_corpus), nprocs=2, join=True)
-    for rank in range(2):
-        for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines():
+    for rank, lines in enumerate(run_on_ranks(2, two_rank_syncs, tiny_corpus)):
+        for line in lines:
             layout, name, other, inherent, micro_batches, report = (line.split(" ", 5) + [""])[:6]
             label = f"rank {rank} {layout} {name}: {report}"
             assert int(other) == 0 and int(inherent) <= budget(name, int(micro_batches)), label

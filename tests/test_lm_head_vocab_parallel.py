@@ -2,17 +2,15 @@
 micro-batches, with each shard's weight gradient returned to autograd or added in place into its .grad."""
 from __future__ import annotations
 
-import datetime
-import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_eslm import parallel_state
 from megatron_eslm.kernels import lm_head_triton
 from megatron_eslm.model.lm_head import Selection, selective_lm_head_loss, weight_cast_cache
 from megatron_eslm.tensor_parallel.lm_head import vocab_parallel_lm_head_loss
+from rank_pool import run_on_ranks
 
 N, V, H, IGNORE, MICRO_BATCHES = 24, 64, 16, -100, 2
 
@@ -48,12 +46,10 @@ def impls() -> list[str]:
     return ["torch", "triton"] if lm_head_triton.is_available() else ["torch"]
 
 
-def _rank_main(rank: int, tmp: str) -> None:
-    if not torch.cuda.is_available():  # before anything imports triton, which reads it once
-        os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
+def vocab_parallel_runs() -> dict:
+    """On every rank of a 2-rank pool (tests/rank_pool.py): each implementation's head on this rank's
+    vocabulary shard."""
+    rank = dist.get_rank()
     parallel_state.initialize_model_parallel(2, 1)
     shard = full_weight().chunk(2)[rank]
     results = {(impl, selective, in_place): run(vocab_parallel_lm_head_loss, torch.nn.Parameter(shard.clone()),
@@ -61,13 +57,11 @@ def _rank_main(rank: int, tmp: str) -> None:
                                                 accumulate_into_grad=in_place)
                for impl in impls() for selective in (False, True) for in_place in (False, True)}
     parallel_state.destroy_model_parallel()
-    torch.save(results, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
-def test_vocab_parallel_head_accumulates_like_one_process(tmp_path):
-    mp.spawn(_rank_main, args=(str(tmp_path),), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def test_vocab_parallel_head_accumulates_like_one_process():
+    ranks = run_on_ranks(2, vocab_parallel_runs)
     assert {impl for impl, _, _ in ranks[0]} == set(impls())
     for key, first in ranks[0].items():
         second = ranks[1][key]

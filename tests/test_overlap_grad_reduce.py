@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.autograd import Variable
 
 from megatron_eslm.config import parse_args, validate_layout
 from megatron_eslm.distributed import deepspeed_config
 from megatron_eslm.errors import UserError
 from megatron_eslm.training.trainer import Trainer
-from test_parallel_training import (COMPARED, GLOBAL_BATCH, REFERENCE_MICRO_BATCH, STEPS, _rank_main, assemble,
-                                    flags, layout_flags, micro_batch, model_flags, relative)
+from test_parallel_training import (COMPARED, GLOBAL_BATCH, REFERENCE_MICRO_BATCH, STEPS, assemble,
+                                    flags, layout_flags, micro_batch, model_flags, relative, run_jobs)
+from rank_pool import run_on_ranks
 
 ALL = [(model, selection) for model in ("gpt2", "llama") for selection in ("dense", "eslm-loss")]
 # layout -> (TP, PP, sequence parallel), (model, selection) cases; PP2: the last stage's copy of the tied
@@ -38,7 +38,7 @@ LAYOUTS = {2: {"dp2": ((1, 1, False), ALL), "dp2-recompute": ((1, 1, False), [("
 BUCKET = ["--ddp-bucket-size", "3000"]  # several buckets: the embedding alone, layers grouped
 # "-recompute" layouts: the layers' forward runs again inside the backward that launches the sums
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
-EVENTS: list[tuple] = []  # in a rank process: what `_recording_rank_main` saw, in order
+EVENTS: list[tuple] = []  # in a rank process: what `run_recorded` saw, in order
 
 
 class _RecordingEngine:
@@ -57,10 +57,12 @@ class _RecordingEngine:
         return getattr(self.engine, name)
 
 
-def _recording_rank_main(rank: int, world: int, tmp: str, jobs: list[tuple]) -> None:
-    """test_parallel_training's rank process, recording each trainer (with its buckets' sizes when it
-    overlaps), each step, the end of each backward and each asynchronous all-reduce's launch."""
+def run_recorded(jobs: list[tuple]) -> dict:
+    """test_parallel_training's jobs on a pool rank, recording each trainer (with its buckets' sizes when it
+    overlaps), each step, the end of each backward and each asynchronous all-reduce's launch; the
+    recording hooks are removed afterwards (the rank serves other tests)."""
     all_reduce, train_step, init = dist.all_reduce, Trainer.train_step, Trainer.__init__
+    engine = Variable._execution_engine
 
     def recorded_all_reduce(tensor, *args, **kwargs):
         if kwargs.get("async_op"):
@@ -77,9 +79,13 @@ def _recording_rank_main(rank: int, world: int, tmp: str, jobs: list[tuple]) -> 
         EVENTS.append(("trainer", reducer and [sum(p.numel() for p in bucket) for bucket in reducer.buckets]))
 
     dist.all_reduce, Trainer.train_step, Trainer.__init__ = recorded_all_reduce, recorded_step, recorded_init
-    Variable._execution_engine = _RecordingEngine(Variable._execution_engine)
-    _rank_main(rank, world, tmp, jobs)
-    torch.save(EVENTS, f"{tmp}/events{rank}.pt")
+    Variable._execution_engine = _RecordingEngine(engine)
+    EVENTS.clear()
+    try:
+        return {"results": run_jobs(jobs), "events": list(EVENTS)}
+    finally:
+        dist.all_reduce, Trainer.train_step, Trainer.__init__ = all_reduce, train_step, init
+        Variable._execution_engine = engine
 
 
 def jobs(world: int, corpus) -> list[tuple]:
@@ -125,9 +131,9 @@ def _split(events: list[tuple], kind: str) -> list[list[tuple]]:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_overlap_equals_reduction_after_backward(tiny_corpus, tmp_path, world):
-    mp.spawn(_recording_rank_main, args=(world, str(tmp_path), jobs(world, tiny_corpus)), nprocs=world, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+def test_overlap_equals_reduction_after_backward(tiny_corpus, world):
+    recorded = run_on_ranks(world, run_recorded, jobs(world, tiny_corpus))
+    per_rank = [r["results"] for r in recorded]
     table = {}
     for layout, (_, cases) in LAYOUTS[world].items():
         for model, selection in cases:
@@ -146,7 +152,7 @@ def test_overlap_equals_reduction_after_backward(tiny_corpus, tmp_path, world):
     assert all(logged <= 1e-6 for logged, _ in table.values()), table
     assert all(params <= 1e-12 for _, params in table.values()), table
     for rank in range(world):
-        launching = check_launches(torch.load(tmp_path / f"events{rank}.pt", weights_only=False))
+        launching = check_launches(recorded[rank]["events"])
         assert launching == 2 * sum(len(cases) for _, cases in LAYOUTS[world].values())
 
 

@@ -88,7 +88,7 @@ def test_policies_on_two_ranks(tiny_corpus, frozen_checkpoint, tmp_path):
             for layout, policy in cases() for dtype in DTYPES]
     jobs += [((layout, "random"), "train", layout_argv(tiny_corpus, layout, *RANDOM), torch.float32)
              for layout in ("dp2", "cp2")]
-    per_rank = spawn(WORLD, tmp_path, jobs)
+    per_rank = spawn(WORLD, jobs)
 
     table, failures = {}, []
     for layout, policy in cases():

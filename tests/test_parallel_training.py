@@ -20,7 +20,6 @@ bytes every collective moves match the model of tools/bench_comm.py.
 """
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import os
@@ -32,7 +31,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import parse_args, validate_layout
@@ -48,6 +46,7 @@ from megatron_eslm.training.trainer import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_comm  # noqa: E402
 from helpers import TIMING  # noqa: E402  (the wall-clock record fields)
+from rank_pool import run_on_ranks  # noqa: E402
 
 GLOBAL_BATCH = 12
 REFERENCE_MICRO_BATCH = 4  # = DP x micro-batch in every layout
@@ -61,6 +60,7 @@ LAYOUTS = {
     2: {"tp2": (2, 1, False), "pp2": (1, 2, False), "dp2": (1, 1, False), "tp2-sp": (2, 1, True)},
     4: {"tp2pp2": (2, 2, False), "tp2dp2": (2, 1, False), "pp2dp2": (1, 2, False), "tp2pp2-sp": (2, 2, True)},
 }
+TWO_RANK_BASICS = {name: LAYOUTS[2][name] for name in ("dp2", "tp2", "pp2")}  # for the policies' own checks
 # A Llama-shaped model at the tests' hidden 32 and 4 heads (2 key/value groups: one per TP rank).
 LLAMA_FLAGS = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--ffn-hidden-size", "48",
                "--group-query-attention", "--num-query-groups", "2", "--untie-embeddings-and-output-weights",
@@ -220,24 +220,16 @@ def head_checks() -> dict:
     return out
 
 
-def _rank_main(rank: int, world: int, tmp: str, jobs: list[tuple]) -> None:
-    if not torch.cuda.is_available():  # before anything imports triton, which reads it once
-        os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    results = {}
+def run_jobs(jobs: list[tuple]) -> dict:
+    """On every rank of a pool (tests/rank_pool.py): each job's result under its name."""
     kinds = {"train": train, "resume": resume, "mappings": mapping_checks, "head": head_checks,
              "comm": bench_comm.count_bytes, "load error": load_error}
-    for name, kind, *args in jobs:
-        results[name] = kinds[kind](*args)
-    torch.save(results, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return {name: kinds[kind](*args) for name, kind, *args in jobs}
 
 
-def spawn(world: int, tmp: Path, jobs: list[tuple]) -> list[dict]:
-    mp.spawn(_rank_main, args=(world, str(tmp), jobs), nprocs=world, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+def spawn(world: int, jobs: list[tuple]) -> list[dict]:
+    """`jobs` on the session's `world` gloo ranks (tests/rank_pool.py); every rank's results."""
+    return run_on_ranks(world, run_jobs, jobs)
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -331,6 +323,22 @@ def check_equivalence(checked: list[tuple[str, str, str]], per_rank: list[dict],
     return table
 
 
+def equal_to_one_process(corpus, world: int, layouts: dict[str, tuple[int, int, bool]], selection: list[str],
+                         model: str = "gpt2") -> list[dict]:
+    """`selection`'s runs on the `world` ranks of each layout against one process, as `check_equivalence`
+    compares them (float32 logged numbers and kept fractions, float64 parameters); the one-process float32
+    records."""
+    model_extra = MODELS[model][0]
+    jobs = [((model, layout, "policy", dtype), "train",
+             flags(corpus, micro_batch(world, tp, pp), *model_extra, *selection, *layout_flags(tp, pp, sp)), dtype)
+            for layout, (tp, pp, sp) in layouts.items() for dtype in (torch.float32, torch.float64)]
+    references = {(model, "policy", dtype): train(flags(corpus, REFERENCE_MICRO_BATCH, *model_extra, *selection),
+                                                  dtype)
+                  for dtype in (torch.float32, torch.float64)}
+    check_equivalence([(model, layout, "policy") for layout in layouts], spawn(world, jobs), references)
+    return references[(model, "policy", torch.float32)]["records"]
+
+
 def dropout_flags(corpus, *extra: str) -> list[str]:
     return [*flags(corpus, REFERENCE_MICRO_BATCH, *extra), "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 
@@ -344,7 +352,7 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
     dropout = dropout_flags(tiny_corpus, *SELECTIONS["eslm-loss"], *layout_flags(2, 1, True))
     jobs = [*equivalence_jobs(2, tiny_corpus), ("mappings", "mappings"), ("head", "head"),
             ("dropout a", "train", dropout, torch.float32), ("dropout b", "train", dropout, torch.float32)]
-    per_rank = spawn(2, tmp_path, jobs)
+    per_rank = spawn(2, jobs)
     check_equivalence(cases(2), per_rank, references)
 
     first, second = ([r[name] for r in per_rank] for name in ("dropout a", "dropout b"))
@@ -389,6 +397,17 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{impl} {selection}")
 
 
+@pytest.mark.parametrize("selection", ["dense", "eslm-loss"])
+def test_four_deep_layouts(tiny_corpus, selection):
+    """PP4 (4 layers, one a stage; 6 micro-batches: stage 0 warms up with 3 forwards before its first
+    backward, the middle stages receive and send both ways) and TP4 (one attention head a rank, the
+    vocabulary in quarters: divisible by 16 x 4 leaves the 320 rows unpadded) against one process."""
+    deep = ["--num-layers", "4", "--micro-batch-size", "2", "--make-vocab-size-divisible-by", "16"]
+    layouts = {"pp4": (1, 4, False), "tp4": (4, 1, False)}
+    records = equal_to_one_process(tiny_corpus, 4, layouts, [*SELECTIONS[selection], *deep])
+    assert len(records) == STEPS
+
+
 def test_four_ranks(tiny_corpus, references, tmp_path):
     """TP2xPP2, TP2xDP2, PP2xDP2 and TP2xPP2 with sequence parallelism; exact resume with dropout on
     TP2xPP2 (per-stage checkpoint directories, the tracker's streams) and TP2xDP2 with random selection
@@ -405,7 +424,7 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
     jobs += [(("comm", name), "comm", setups, prefix) for name, setups in comm.items()]
     jobs.append(("other layout", "load error", [*flags(tiny_corpus, 2, *layout_flags(2, 1, False)),
                                                "--load", str(tmp_path / "ckpt-a")]))
-    per_rank = spawn(4, tmp_path, jobs)
+    per_rank = spawn(4, jobs)
     check_equivalence(cases(4), per_rank, references)
     for name, setups in comm.items():  # the communication model of tools/bench_comm.py, kind by kind
         assert bench_comm.mismatches(setups, [r[("comm", name)] for r in per_rank]) == [], name

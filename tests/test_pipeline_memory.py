@@ -10,12 +10,8 @@ that run is the reference, and shows the check has teeth.
 from __future__ import annotations
 
 import contextlib
-import datetime
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig
@@ -23,6 +19,7 @@ from megatron_eslm.distributed import collectives
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.pipeline_parallel.schedules import autograd_backward
 from megatron_eslm.training.step import forward_backward
+from rank_pool import run_on_ranks
 
 MICRO_BATCH, SEQ, HIDDEN, VOCAB, MICRO_BATCHES = 2, 16, 32, 64, 4
 CFG = ModelConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=4 * HIDDEN,
@@ -68,21 +65,17 @@ def run(backward, bf16: bool) -> dict:
             "held": held, "sent": len(sent), "messages": messages}
 
 
-def _rank_main(rank: int, world: int, tmp: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
+def stage_runs() -> dict:
+    """On every rank of a 2-rank pool (tests/rank_pool.py): this stage's runs, outputs freed and kept."""
     parallel_state.initialize_model_parallel(1, 2)
     results = {(name, bf16): run(backward, bf16) for bf16 in (False, True)
                for name, backward in (("freed", autograd_backward), ("kept", keep_outputs_backward))}
     parallel_state.destroy_model_parallel()
-    torch.save(results, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
+    return results
 
 
-def test_1f1b_frees_sent_outputs_and_sends_bf16(tmp_path: Path):
-    mp.spawn(_rank_main, args=(2, str(tmp_path)), nprocs=2, join=True)
-    first, last = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+def test_1f1b_frees_sent_outputs_and_sends_bf16():
+    first, last = run_on_ranks(2, stage_runs)
     activation = MICRO_BATCH * SEQ * HIDDEN
     for bf16 in (False, True):
         freed, kept = first[("freed", bf16)], first[("kept", bf16)]

@@ -118,7 +118,7 @@ def test_two_ranks_equal_no_recompute(tiny_corpus, tmp_path):
     and PP2 under 1F1B, in one spawn."""
     jobs = [((layout, *case), "train", run_flags(tiny_corpus, case[0], case[1], *layout_flags(tp, pp, sp)), case[2])
             for layout, (tp, pp, sp) in LAYOUTS.items() for case in cases()]
-    per_rank = spawn(2, tmp_path, jobs)
+    per_rank = spawn(2, jobs)
     for layout in LAYOUTS:
         check_against_none(tiny_corpus, {case: [r[(layout, *case)] for r in per_rank] for case in cases()}, layout,
                            LAYOUTS[layout][1])

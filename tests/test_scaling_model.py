@@ -3,20 +3,17 @@ DP2, dense and ESLM, counted by megatron_eslm.distributed.collectives through be
 projection moves the right way on simple cases, and `fit` recovers the rates records were made from."""
 from __future__ import annotations
 
-import datetime
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_eslm.config import ModelConfig, parse_args
 from megatron_eslm.config.model import finalize_model
 from megatron_eslm.distributed import collectives as c
 from megatron_eslm.training.flops import micro_batch_flops
+from rank_pool import run_on_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_comm  # noqa: E402
@@ -26,14 +23,6 @@ LAYOUTS = {"tp2": dict(tp=2, pp=1, dp=1), "cp2": dict(tp=1, pp=1, dp=1, cp=2), "
            "dp2": dict(tp=1, pp=1, dp=2)}
 
 
-def _count_rank(rank: int, tmp: str, setups: list[bench_comm.Setup]) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    torch.save(bench_comm.count_bytes(setups, f"{tmp}/tokens"), f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
 def test_comm_bytes_equal_counted(tmp_path):
     """The points are built from the parsed flags of the runs (Point.from_config), not from bench_comm's
     Setup, so the layout, model, vocabulary padding and threshold settings are carried over as a study
@@ -41,8 +30,7 @@ def test_comm_bytes_equal_counted(tmp_path):
     setups = [s for layout in LAYOUTS.values() for s in bench_comm.tiny(bench_comm.Setup(**layout))]
     prefix = str(tmp_path / "tokens")
     bench_comm.write_dataset(prefix, setups[0].vocab - 1)
-    mp.spawn(_count_rank, args=(str(tmp_path), setups), nprocs=2, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    per_rank = run_on_ranks(2, bench_comm.count_bytes, setups, prefix)
     for i, setup in enumerate(setups):
         cfg = parse_args(bench_comm.check_flags(setup, prefix))
         point = sm.Point.from_config(cfg, 2, setup.vocab)  # NullTokenizer: --vocab-size + 1 (end of document)

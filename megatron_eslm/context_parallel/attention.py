@@ -11,15 +11,18 @@ materialising a mask; chunk 0 is the plain causal case). The two local chunks ar
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from megatron_eslm import parallel_state
 from megatron_eslm.context_parallel.sharding import chunk_ids, shard_sequence
 from megatron_eslm.distributed import collectives
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 
 def _to_global_order(gathered: Tensor, cp: int) -> Tensor:
@@ -40,7 +43,9 @@ def _to_rank_order(full: Tensor, cp: int) -> Tensor:
 def _lower_right(queries: int, keys: int) -> CausalBias:
     """The mask object of a [queries, keys] block, made once per shape: it holds only the two lengths, and
     it is a tensor subclass, which cannot be created under a TorchDispatchMode (such as the host-sync
-    counter of `host_syncs.py`) while the model runs."""
+    counter of `host_syncs.py`) while the model runs. Imported here: its module imports torch._dynamo,
+    about 2 s of every process's start-up that only context parallelism needs."""
+    from torch.nn.attention.bias import causal_lower_right
     return causal_lower_right(queries, keys)
 
 
