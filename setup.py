@@ -1,7 +1,8 @@
 """Packaging for megatron-eslm.
 
 The top-level ``kernels/`` folder is installed as ``megatron_eslm.kernels`` (see ``package_dir``) so it
-never shadows, or is shadowed by, the unrelated PyPI package called ``kernels``.
+never shadows, or is shadowed by, the unrelated PyPI package called ``kernels``; from the project root, where
+the folder itself is on sys.path, its ``__init__`` hands a top-level ``import kernels`` over to that package.
 """
 from setuptools import find_packages, setup
 

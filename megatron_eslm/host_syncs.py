@@ -5,10 +5,16 @@ read, an output whose size depends on the data, a host tensor copied to the devi
 every queued kernel has finished. On a CPU nothing waits, so the tests count the operations that *would*
 wait instead, with a TorchDispatchMode:
 
-  scalar read       aten._local_scalar_dense: `.item()`, `float(t)`, `int(t)`, `bool(t)`, `if t:`
+  scalar read       aten._local_scalar_dense: `.item()`, `float(t)`, `int(t)`, `bool(t)`, `if t:`; and
+                    aten.equal / aten.allclose: `torch.equal`, `torch.allclose` (a bool on the host)
   host read         Tensor.tolist / Tensor.numpy (they bypass the dispatcher, so they are wrapped)
+  device-to-host    Tensor.cpu, and Tensor.to with the CPU named as a string (`.to("cpu")`,
+                    `.to(device="cpu")`): wrapped, since on a CPU tensor they return it without
+                    dispatching. A `torch.device` argument is not counted: the step's copies of host data
+                    to its compute device pass one, and on a CPU run that device is the CPU too
   data-dependent    nonzero, masked_select, boolean-mask indexing, unique, bincount (its CUDA kernel
-                    reads the largest value to size the output)
+                    reads the largest value to size the output), repeat_interleave with tensor repeats
+                    and no `output_size`
   host-to-device    aten.lift_fresh: a tensor made from Python numbers (`torch.tensor(...)`,
                     `torch.as_tensor(3.0)`), which on a GPU run is a host-to-device copy
 
@@ -36,17 +42,37 @@ from torch.utils._python_dispatch import TorchDispatchMode
 aten = torch.ops.aten
 SCALAR_READ = "scalar read"
 HOST_READ = "host read"
+DEVICE_TO_HOST = "device-to-host"
 DATA_DEPENDENT = "data-dependent shape"
 HOST_TO_DEVICE = "host-to-device"
 INHERENT = "inherent"
 _inherent_depth = 0  # > 0 inside `inherent`
+_SCALAR_READ_OPS = {aten._local_scalar_dense.default, aten.equal.default, aten.allclose.default}
 _DATA_DEPENDENT_OPS = {aten.nonzero.default, aten.masked_select.default, aten.bincount.default,
                        aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default}
 
 
-def _is_bool_mask_index(func, args) -> bool:
-    return func is aten.index.Tensor and any(
-        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+def _has_data_dependent_shape(func, args, kwargs) -> bool:
+    """Boolean-mask indexing, or repeat_interleave sizing its output from the repeats' sum."""
+    if func is aten.index.Tensor:
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+    return func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None
+
+
+def _always(*args, **kwargs) -> bool:
+    return True
+
+
+def _names_cpu(*args, **kwargs) -> bool:
+    """Whether a `Tensor.to` call names the CPU as a string: `.to("cpu")`, `.to("cpu", dtype)`,
+    `.to(device="cpu")`."""
+    device = kwargs.get("device", args[0] if args else None)
+    return isinstance(device, str) and torch.device(device).type == "cpu"
+
+
+# Tensor methods that bypass the dispatcher: name -> (kind, whether a call with these arguments counts)
+_WRAPPED = {"tolist": (HOST_READ, _always), "numpy": (HOST_READ, _always), "cpu": (DEVICE_TO_HOST, _always),
+            "to": (DEVICE_TO_HOST, _names_cpu)}
 
 
 @contextlib.contextmanager
@@ -102,23 +128,25 @@ class HostSyncCounter(TorchDispatchMode):
         self.by_place[f"{kind} at {_where()}"] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is aten._local_scalar_dense.default:
+        kwargs = kwargs or {}
+        if func in _SCALAR_READ_OPS:
             if not _in_optimizer():
                 self.record(SCALAR_READ)
-        elif func in _DATA_DEPENDENT_OPS or _is_bool_mask_index(func, args):
+        elif func in _DATA_DEPENDENT_OPS or _has_data_dependent_shape(func, args, kwargs):
             self.record(DATA_DEPENDENT)
         elif func is aten.lift_fresh.default:
             if not _in_optimizer():
                 self.record(HOST_TO_DEVICE)
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
     def __enter__(self) -> HostSyncCounter:
-        for name in ("tolist", "numpy"):
+        for name, (kind, counts) in _WRAPPED.items():
             original = getattr(torch.Tensor, name)
             self._saved[name] = original
 
-            def counted(tensor, *args, _original=original, **kwargs):
-                self.record(HOST_READ)
+            def counted(tensor, *args, _original=original, _kind=kind, _counts=counts, **kwargs):
+                if _counts(*args, **kwargs):
+                    self.record(_kind)
                 return _original(tensor, *args, **kwargs)
             setattr(torch.Tensor, name, counted)
         return super().__enter__()

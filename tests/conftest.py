@@ -1,11 +1,19 @@
-"""Shared fixtures: a tiny tokenizer and dataset generated on the fly (no downloads, no shared files)."""
+"""Shared fixtures: a tiny tokenizer and dataset generated on the fly (no downloads, no shared files); each
+test's torch thread count and default dtype restored after it; under CI, hypothesis derandomised and any
+skip that does not need CUDA a failure (tests/ci_skips.py)."""
+import contextlib
 import json
 import os
 import random
 import shutil
+from typing import Iterator
 
 import pytest
 import torch
+from hypothesis import settings
+
+pytest.register_assert_rewrite("ci_skips")  # a plugin (pytest_plugins below), imported here first
+from ci_skips import in_ci  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton reads this once, when it is first imported, and DeepSpeed imports it (tests/test_deepspeed.py
@@ -14,6 +22,14 @@ if not torch.cuda.is_available():
 
 from megatron_eslm.data.preprocess import preprocess
 from megatron_eslm.tokenizer.train import train_sentencepiece
+
+pytest_plugins = ["pytester", "ci_skips"]
+
+# Loaded before any test module is imported, so the tests' own @settings (max_examples, deadline) inherit
+# it: under CI every hypothesis test draws the same examples on every run, and prints how to reproduce one.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if in_ci():
+    settings.load_profile("ci")
 
 WORDS = ("the king queen castle river stone bread wine sword horse night morning speaks rides "
          "walks sings holds sees loves fears and with under over near far old young red green").split()
@@ -55,3 +71,21 @@ def two_corpora(tiny_corpus, tmp_path_factory):
             shutil.copy(prefix + ext, root / (name + ext))
         copies.append(str(root / name))
     return copies, tokenizer
+
+
+@contextlib.contextmanager
+def torch_settings_restored() -> Iterator[None]:
+    """torch's thread count and default dtype as they were before (a test's torch.set_num_threads(1) or
+    torch.set_default_dtype would otherwise hold for every later test)."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_settings() -> Iterator[None]:
+    with torch_settings_restored():
+        yield

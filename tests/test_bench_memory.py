@@ -4,7 +4,7 @@
   full (uniform, 1 layer a group)  keeps at least 70% less than none (the issue's bound)
   selective                        drops at least the [b, heads, s, s] fp32 probabilities of every layer,
                                    which the CPU's math kernel (attention dropout > 0) saves
-  both                             within 10% of the estimator's end of the forward: neither leaves a
+  both                             within 1.5% of the estimator's end of the forward: neither leaves a
                                    kernel-dependent tensor saved (the estimate assumes flash)
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_memory  # noqa: E402
 
-TOLERANCE = 0.10  # test_estimate_memory.py's
+TOLERANCE = 0.015  # measured: selective +0.01%, full uniform 1 +0.14%
 
 
 def test_recompute_saves_activations():

@@ -26,6 +26,9 @@ CFG = ModelConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS, f
                   seq_length=SEQ, max_position_embeddings=SEQ, hidden_dropout=0.0, attention_dropout=0.0)
 STEPS = 6
 LAYOUTS = {"tp2-sp": (2, 1, True), "pp2": (1, 2, False)}
+# Relative lm_loss difference to one process, per step. Measured, dense / eslm-loss: TP2-SP 8.6e-6 / 1.9e-4
+# (the sequence-parallel sums round in another order), PP2 0 / 3.2e-6.
+RTOL = {"tp2-sp": 2e-3, "pp2": 3e-5}
 SELECTIONS = {"dense": ["--selection", "none"], "eslm-loss": ["--selection", "eslm", "--eslm-alpha", "0.6"]}
 
 
@@ -82,8 +85,8 @@ def bf16_flags(corpus, micro: int, *extra: str) -> list[str]:
 
 
 def test_bf16_trains_like_one_process(tiny_corpus):
-    """lm_loss falls over the steps, and TP2-SP / PP2 follow one process to 5e-3 relative, step by step
-    (below bf16's 7.8e-3 epsilon; measured: 6e-5 under TP2-SP, 0 under PP2)."""
+    """lm_loss falls over the steps, and TP2-SP / PP2 follow one process step by step, to RTOL (below
+    bf16's 7.8e-3 epsilon)."""
     torch.set_num_threads(1)
     references = {selection: train(bf16_flags(tiny_corpus, REFERENCE_MICRO_BATCH, *extra), torch.float32)["records"]
                   for selection, extra in SELECTIONS.items()}
@@ -97,5 +100,5 @@ def test_bf16_trains_like_one_process(tiny_corpus):
             got = [r["lm_loss"] for r in results[(layout, selection)]]
             print(f"{layout} {selection}: lm_loss {got[0]:.4f} -> {got[-1]:.4f}, largest relative difference "
                   f"{max(abs(a - b) / b for a, b in zip(got, losses)):.1e}")
-            torch.testing.assert_close(torch.tensor(got), torch.tensor(losses), rtol=5e-3, atol=0,
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(losses), rtol=RTOL[layout], atol=0,
                                        msg=f"{layout} {selection}")

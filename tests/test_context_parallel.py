@@ -127,20 +127,20 @@ def test_chunk_attention_equals_causal_attention(length, cp):
         torch.testing.assert_close(got, want[:, :, rows], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash / memory-efficient SDPA)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_chunk_attention_with_grouped_queries(dtype):
-    """On CUDA the lower-right mask runs in the fused kernels, with grouped-query attention (the Llama
-    shape: head dim 128, 4 queries per key/value head): each chunk's rows and the summed key/value
-    gradients equal full causal attention's (bf16 to its rounding)."""
+def chunk_attention_errors(device: str, dtype: torch.dtype, b: int, heads: int, groups: int, length: int, d: int,
+                           cp: int) -> list[float]:
+    """Each chunk's lower-right causal attention with grouped queries (`heads` query heads over `groups`
+    key/value heads) against full causal attention: the largest errors of the output and of the query,
+    key and value gradients (the key/value ones summed over the chunks), each relative to the largest
+    magnitude."""
     from megatron_eslm.context_parallel.attention import _lower_right
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    b, heads, groups, length, d, cp = 2, 8, 2, 1024, 128, 4
-    q = torch.randn(b, heads, length, d, generator=gen, device="cuda", dtype=dtype, requires_grad=True)
-    k, v = (torch.randn(b, groups, length, d, generator=gen, device="cuda", dtype=dtype, requires_grad=True)
+    wide = torch.promote_types(dtype, torch.float32)  # where the losses and errors are summed
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, heads, length, d, generator=gen, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, groups, length, d, generator=gen, device=device, dtype=dtype, requires_grad=True)
             for _ in range(2))
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    grads_want = torch.autograd.grad(want.float().square().sum(), (q, k, v))
+    grads_want = torch.autograd.grad(want.to(wide).square().sum(), (q, k, v))
     chunk = length // (2 * cp)
     rows = []
     for c in range(2 * cp):
@@ -148,10 +148,26 @@ def test_cuda_chunk_attention_with_grouped_queries(dtype):
         rows.append(F.scaled_dot_product_attention(q[:, :, c * chunk:seen], k[:, :, :seen], v[:, :, :seen],
                                                    attn_mask=_lower_right(chunk, seen), enable_gqa=True))
     got = torch.cat(rows, dim=2)
-    grads_got = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    grads_got = torch.autograd.grad(got.to(wide).square().sum(), (q, k, v))
+    return [float((a.to(wide) - b_.to(wide)).abs().max() / b_.to(wide).abs().max())
+            for a, b_ in ((got.detach(), want.detach()), *zip(grads_got, grads_want))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (flash / memory-efficient SDPA)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_chunk_attention_with_grouped_queries(dtype):
+    """On CUDA the lower-right mask runs in the fused kernels, with grouped-query attention (the Llama
+    shape: head dim 128, 4 queries per key/value head): each chunk's rows and the summed key/value
+    gradients equal full causal attention's (bf16 to its rounding)."""
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5  # of the largest magnitude: bf16 rounds each sum
-    for a, b_ in ((got.detach(), want.detach()), *zip(grads_got, grads_want)):
-        assert float((a.float() - b_.float()).abs().max()) <= tolerance * float(b_.float().abs().max())
+    assert max(chunk_attention_errors("cuda", dtype, b=2, heads=8, groups=2, length=1024, d=128, cp=4)) <= tolerance
+
+
+def test_chunk_attention_with_grouped_queries_float64():
+    """The CUDA test's twin on the CPU in float64, small: the same mask and grouping through the CPU's SDPA
+    (an upper-left mask instead errs by 0.9 or more)."""
+    errors = chunk_attention_errors("cpu", torch.float64, b=2, heads=4, groups=2, length=16, d=8, cp=2)
+    assert max(errors) <= 1e-14, errors  # measured 1.0e-15 (the query gradient), of the largest magnitude
 
 
 @pytest.mark.parametrize("world,extra,message", [

@@ -7,7 +7,7 @@ runs really hold, GPT-2 and Llama shaped:
                TP2+SP and CP2 on two gloo ranks, and what the DeepSpeed engine holds at ZeRO 1, 2 and 3 under --bf16
                (the real launcher, tests/deepspeed_memory_jobs.py);
   activations  the bytes autograd saves over one micro-batch's forward and LM head (distinct storages,
-               parameters left out, saved-tensor hooks: tools/bench_memory.py's) are within 10% of the
+               parameters left out, saved-tensor hooks: tools/bench_memory.py's) are within 3% of the
                estimate at the end of the forward: fp32, --bf16 with fp32 parameters (autocast's weight
                copies) and with bf16 parameters (DeepSpeed's), with and without dropout, under each
                activation recompute (none, selective, full uniform 1 and 2, full block 1), on one process
@@ -48,7 +48,10 @@ sys.path.insert(0, str(REPO / "tools"))
 import bench_memory  # noqa: E402
 import estimate_memory  # noqa: E402
 
-TOLERANCE = 0.10  # the issue's bound on the activation estimate
+# The activation estimate's bound. Measured (byte counts, no rounding noise): at most 1.79% over one process
+# (a constant 128 B on the smallest run, 7 KiB under full recompute), 1.31% per rank on two ranks (GPT-2 CP2);
+# ten times that would be looser than the 10% it replaces, so the margin is 1.7x.
+TOLERANCE = 0.03
 # Runs of one step; --make-vocab-size-divisible-by 48 pads the tiny corpus' 320 pieces (to 336, 384 with TP2).
 ONE_STEP = ["--train-iters", "1", "--make-vocab-size-divisible-by", "48"]
 MODELS = {"gpt2": [], "llama": LLAMA_FLAGS}
@@ -136,7 +139,7 @@ RECOMPUTE = {  # name -> ModelConfig's recompute fields
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", [GPT2, LLAMA], ids=["gpt2", "llama"])
-def test_saved_activations_within_ten_percent(shape, precision, dropout, recompute):
+def test_saved_activations_within_tolerance(shape, precision, dropout, recompute):
     """Attention dropout stays 0: on the CPU it leaves the flash kernel for the math kernel, which saves
     the [s, s] probabilities (the estimate assumes flash, as on the GPU)."""
     set_random_seeds(0, torch.device("cpu"))

@@ -23,7 +23,8 @@ import torch
 
 from helpers import flags, run
 from megatron_eslm.config import parse_args
-from megatron_eslm.host_syncs import HOST_READ, INHERENT, HostSyncCounter, inherent
+from megatron_eslm.host_syncs import (DATA_DEPENDENT, DEVICE_TO_HOST, HOST_READ, INHERENT, SCALAR_READ,
+                                      HostSyncCounter, inherent)
 from megatron_eslm.training.step import optimizer_step
 from megatron_eslm.training.trainer import Trainer
 from test_parallel_training import LLAMA_FLAGS
@@ -168,6 +169,34 @@ def test_counter_sees_each_kind_of_sync():
     assert marked.by_kind == {INHERENT: 1} and marked.avoidable == 0
     x.tolist()  # the wrapper is gone after the block
     assert syncs.by_kind[HOST_READ] == 1
+
+
+REPEATS = torch.tensor([1, 2, 0, 1, 1, 1])
+SYNCS = {  # name -> (a call on the tensor x, the kind it counts as; None: not a sync)
+    "equal": (lambda x: torch.equal(x, x), SCALAR_READ),
+    "allclose": (lambda x: torch.allclose(x, x), SCALAR_READ),
+    "cpu": (lambda x: x.cpu(), DEVICE_TO_HOST),
+    "to-cpu": (lambda x: x.to("cpu"), DEVICE_TO_HOST),
+    "to-device-cpu-dtype": (lambda x: x.to(device="cpu", dtype=torch.float64), DEVICE_TO_HOST),
+    "repeat-interleave": (lambda x: torch.repeat_interleave(x, REPEATS), DATA_DEPENDENT),
+    "repeat-interleave-output-size": (lambda x: torch.repeat_interleave(x, REPEATS, output_size=6), None),
+    "repeat-interleave-int": (lambda x: torch.repeat_interleave(x, 2), None),
+    "to-dtype": (lambda x: x.to(torch.float64), None),
+    # the step's copy of host data to its compute device (on a GPU run host-to-device, asynchronous)
+    "to-device-object": (lambda x: x.to(torch.device("cpu"), non_blocking=True), None),
+}
+
+
+@pytest.mark.parametrize("name", SYNCS)
+def test_counter_sees_syncs_outside_the_scalar_reads(name):
+    """torch.equal / torch.allclose return a bool, `.cpu()` / `.to("cpu")` copy to the host, and
+    repeat_interleave with tensor repeats sizes its output from their sum; each is one sync."""
+    call, kind = SYNCS[name]
+    original_to = torch.Tensor.to
+    with HostSyncCounter() as syncs:
+        call(torch.arange(6.0))
+    assert syncs.by_kind == ({kind: 1} if kind else {}), syncs.report()
+    assert torch.Tensor.to is original_to
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")

@@ -141,10 +141,12 @@ def test_bf16_hidden_with_fp32_weight():
     loss, token_loss, _, ref_grad_hidden, ref_grad_weight = reference(hidden_bf16.float(), weight, labels, kept)
     assert out.scores.loss.dtype == torch.float32
     assert grad_hidden.dtype == torch.bfloat16 and grad_weight.dtype == torch.float32
-    loose = dict(rtol=5e-2, atol=5e-2)
-    torch.testing.assert_close(out.loss, loss, **loose)
-    torch.testing.assert_close(grad_hidden.float(), ref_grad_hidden, **loose)
-    torch.testing.assert_close(grad_weight, ref_grad_weight, **loose)
+    # The logits are computed in bf16 (the weight cast to the hidden's dtype). Measured largest absolute
+    # error: loss 3.7e-4 (of 5.4), grad_hidden 3.5e-4 (of 0.12), grad_weight 5.1e-4 (of 0.21).
+    bf16 = dict(rtol=0, atol=5e-3)
+    torch.testing.assert_close(out.loss, loss, **bf16)
+    torch.testing.assert_close(grad_hidden.float(), ref_grad_hidden, **bf16)
+    torch.testing.assert_close(grad_weight, ref_grad_weight, **bf16)
 
 
 def test_batched_hidden_shape_round_trips():
@@ -156,21 +158,27 @@ def test_batched_hidden_shape_round_trips():
     torch.testing.assert_close(grad_hidden, ref_grad_hidden.reshape(4, 9, H))
 
 
+def held_for_backward(loss: torch.Tensor, hooked: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What the head keeps for its backward: the tensors it saved with ``ctx.save_for_backward`` (those the
+    saved-tensor hooks saw, ``hooked``) and those it keeps as ctx attributes, which no hook sees (the fused
+    dense pass's gradients)."""
+    attributes = [value for value in vars(loss.grad_fn).values()
+                  for value in (value if isinstance(value, tuple) else (value,)) if isinstance(value, torch.Tensor)]
+    return hooked + attributes
+
+
 @pytest.mark.parametrize("select", [None, "half"])
 def test_logits_are_not_saved_for_backward(select):
     hidden, weight, labels = make_inputs(torch.float32)
     selector = fixed_selector(random_kept(labels, 0.5)) if select else None
-    saved_numels = []
-
-    def pack(tensor):
-        saved_numels.append(tensor.numel())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    hooked: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: hooked.append(tensor) or tensor, lambda t: t):
         out = selective_lm_head_loss(hidden, weight, labels, selector)
+    held = held_for_backward(out.loss, hooked)
     out.loss.backward()
-    assert select is None or saved_numels, "the hook saw nothing; the test would pass vacuously"
-    assert all(numel < N * V for numel in saved_numels)
+    # selective: hidden, weight, labels, the kept rows, lse; dense: the fused pass's [N, H] and [V, H] gradients
+    assert held, "nothing held: the test would pass vacuously"
+    assert all(tensor.numel() < N * V for tensor in held), [tuple(tensor.shape) for tensor in held]
 
 
 def test_no_grad_runs_scores_only():

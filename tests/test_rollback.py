@@ -3,9 +3,11 @@ optimizer state untouched) and counted; repeated, or on a loss spike, the run ro
 snapshot and equals a run in which every iteration since that snapshot was skipped."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+from typing import Callable, ContextManager, Iterator
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torch.utils import _pytree as pytree
 from helpers import flags, launch_pretrain, without_timing
 from megatron_eslm.config import parse_args
 from megatron_eslm.errors import UserError
+from megatron_eslm.host_syncs import HostSyncCounter
 from megatron_eslm.training.checkpointing import checkpoint_file
 from megatron_eslm.training.rollback import Snapshot
 from megatron_eslm.training.trainer import Trainer
@@ -119,14 +122,13 @@ def test_bad_values_in_one_line(tiny_corpus, argv, message):
         parse_args(flags(tiny_corpus, *argv))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the on-device skip and pinned snapshots need a GPU")
-def test_cuda_skip_without_host_sync_and_snapshot_round_trip(tiny_corpus):
-    """On a GPU the fused AdamW (CUDA's default) skips a NaN step on the device: under
-    torch.cuda.set_sync_debug_mode("error") nothing waits, and the weights are untouched; a snapshot taken
-    before (pinned, non_blocking) gives them back after a real step."""
-    trainer = Trainer(parse_args(flags(tiny_corpus, "--selection", "none", "--log-interval", "100",
-                                       "--inject-nan-at-iterations", "2")))
+def check_skip_and_snapshot_round_trip(corpus, without_sync: Callable[[], ContextManager], *extra: str) -> None:
+    """The fused AdamW skips a NaN step on the device: under `without_sync` (which fails on a host sync) the
+    weights stay untouched, bit for bit; a snapshot taken before gives them back after a real step."""
+    trainer = Trainer(parse_args(flags(corpus, "--selection", "none", "--log-interval", "100",
+                                       "--inject-nan-at-iterations", "2", *extra)))
     assert trainer.optimizer.param_groups[0]["fused"]
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.get_default_dtype()}
     loader = iter(trainer._loader(trainer.train_ds, len(trainer.train_ds), 0))
     batches = iter([next(loader) for _ in range(3 * trainer.num_micro_batches)])
     stats = trainer.train_step(batches)
@@ -134,12 +136,8 @@ def test_cuda_skip_without_host_sync_and_snapshot_round_trip(tiny_corpus):
     snapshot = Snapshot()
     snapshot.take(1, trainer.checkpoint_state())
     before = copy.deepcopy(trainer.model.state_dict())
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with without_sync():
         stats = trainer.train_step(batches, stats)  # iteration 2: NaN gradients
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
     trainer.iteration = 2
     assert_equal_trees(before, trainer.model.state_dict())
     trainer.train_step(batches, stats)
@@ -147,6 +145,40 @@ def test_cuda_skip_without_host_sync_and_snapshot_round_trip(tiny_corpus):
     trainer.model.load_state_dict(snapshot.state()["model"])
     assert_equal_trees(before, trainer.model.state_dict())
     trainer.close()
+
+
+@contextlib.contextmanager
+def cuda_sync_debug_errors() -> Iterator[None]:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@contextlib.contextmanager
+def no_counted_sync() -> Iterator[None]:
+    """The CPU's stand-in for CUDA's sync debug mode: megatron_eslm.host_syncs counts what would wait."""
+    with HostSyncCounter() as syncs:
+        yield
+    assert syncs.total == 0, syncs.report()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the on-device skip and pinned snapshots need a GPU")
+def test_cuda_skip_without_host_sync_and_snapshot_round_trip(tiny_corpus):
+    """On a GPU (the fused AdamW is CUDA's default; pinned, non_blocking snapshots), under
+    torch.cuda.set_sync_debug_mode("error")."""
+    check_skip_and_snapshot_round_trip(tiny_corpus, cuda_sync_debug_errors)
+
+
+def test_cpu_float64_skip_without_host_sync_and_snapshot_round_trip(tiny_corpus):
+    """The CUDA test's twin on the CPU, in float64, with the host-sync counter in place of the debug mode."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        check_skip_and_snapshot_round_trip(tiny_corpus, no_counted_sync, "--optimizer-impl", "fused")
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def test_rollback_on_two_data_parallel_ranks_equals_one_process(tiny_corpus, tmp_path):

@@ -63,17 +63,20 @@ def test_random_policy_keeps_as_many_as_eslm_uniformly_among_valid():
     s = scores_with_ties(400, 3)
     eslm = ESLMPolicy(0.7, "loss")(s)
     policy = RandomPolicy(ESLMPolicy(0.7, "loss"), seed=0)
-    picks = torch.zeros(400)
-    for step in range(1, 201):
+    picks, steps = torch.zeros(400), 200
+    for step in range(1, steps + 1):
         policy.start_step(step)
         sel = policy(s)
         assert int(sel.kept.sum()) == int(eslm.kept.sum()) == sel.normalizer
         assert not sel.kept[~s.valid].any()
         picks += sel.kept.float()
-    # Uniform: each valid token is picked about kept/valid of the time.
-    rate = picks[s.valid] / 200
-    assert abs(rate.mean().item() - eslm.normalizer / float(s.valid.sum())) < 1e-6
-    assert rate.std().item() < 0.1
+    # Uniform: each valid token's pick rate is a binomial proportion around q = kept / valid, sd
+    # sqrt(q (1 - q) / steps) (0.033 here). Measured: every token within 2.6 sd, the rates' spread 0.92 sd.
+    q = float(eslm.normalizer) / float(s.valid.sum())
+    sd = math.sqrt(q * (1 - q) / steps)
+    z = (picks[s.valid] / steps - q) / sd
+    assert z.abs().max().item() < 4.5  # P(any of the 312 tokens beyond 4.5 sd) = 0.2%
+    assert 0.75 < z.std().item() < 1.25  # the spread's own sd is 4%: 6 of those either side
 
 
 def test_random_policy_draws_per_replica_and_replays_on_resume():
