@@ -6,8 +6,8 @@ job that also keeps this rank's parameters and layout, and records what DeepSpee
 optimizer, the parameters' dtypes and, after every backward, the dtypes of the tensors in which the step's
 gradients accumulate), "resume" (the straight and the resumed records of `test_parallel_training.resume`)
 "init" (a ZeRO-3 trainer's parameters before any step, gathered, and the same model built without
-DeepSpeed, each with the names its optimizer decays), "params64" (a float64 run's parameters after its
-steps, gathered) or "save" (a train job that saves its checkpoint in
+DeepSpeed, each with the names its optimizer decays), "params" (a run's parameters after its steps,
+gathered) or "save" (a train job that saves its checkpoint in
 OUT_DIR/NAME, for the checkpoint tools).
 Each rank returns its results by job name.
 """
@@ -80,10 +80,9 @@ def built(argv: list[str]) -> dict:
     return result
 
 
-def trained_float64(argv: list[str]) -> dict[str, torch.Tensor]:
-    """The parameters after a float64 run (test_parallel_training says why float64), gathered from ZeRO-3's
-    partitions one at a time (see `built`)."""
-    torch.set_default_dtype(torch.float64)
+def trained_parameters(argv: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The parameters after a run, gathered from ZeRO-3's partitions one at a time (see `built`)."""
+    torch.set_default_dtype(dtype)
     try:
         trainer = Trainer(parse_args(argv), log=lambda *a: None)
         trainer.train()
@@ -107,8 +106,8 @@ def run_jobs(jobs: list[list], out_dir: str) -> dict:
             results[name] = train_bf16(argv)
         elif kind == "init":
             results[name] = built(argv)
-        elif kind == "params64":
-            results[name] = trained_float64(argv)
+        elif kind == "params":
+            results[name] = trained_parameters(argv)
         elif kind == "save":
             results[name] = train([*argv, "--save", f"{out_dir}/{name}"], torch.float32)["records"]
         else:

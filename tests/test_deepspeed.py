@@ -89,7 +89,7 @@ def launched(tiny_corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deepspeed")
     jobs = [[f"{layout} {selection}", "train", run_flags(tiny_corpus, tp, pp, stage, selection)]
             for layout, (tp, pp, stage) in LAYOUTS.items() for selection in COMPARED_SELECTIONS]
-    jobs += [[f"{layout} {selection} float64", "params64", run_flags(tiny_corpus, tp, pp, stage, selection)]
+    jobs += [[f"{layout} {selection} params", "params", run_flags(tiny_corpus, tp, pp, stage, selection)]
              for layout, (tp, pp, stage) in LAYOUTS.items() if layout.startswith("dp2")
              for selection in COMPARED_SELECTIONS]
     jobs += [[f"resume {name}", "resume", [*run_flags(tiny_corpus, tp, pp, stage, "eslm-loss"), "--hidden-dropout",
@@ -120,16 +120,6 @@ def references(tiny_corpus):
             for selection in COMPARED_SELECTIONS}
 
 
-@pytest.fixture(scope="module")
-def references64(tiny_corpus):
-    """The same runs in float64: their parameters."""
-    torch.set_num_threads(1)
-    return {selection: {name: tensor for name, (tensor, _, _) in
-                        train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS[selection]),
-                              torch.float64)["params"].items()}
-            for selection in COMPARED_SELECTIONS}
-
-
 def difference(result: dict, want: dict) -> float:
     """Largest relative difference of the logged numbers; the kept fractions must be equal."""
     worst = relative(result["val_loss"], want["val_loss"])
@@ -152,21 +142,27 @@ def test_zero_stages_equal_plain_data_parallel_and_one_process(launched, referen
     print("\n" + "\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
 
 
-def test_zero_stages_equal_one_process_in_float64_parameters(launched, references64):
-    """Every parameter after the steps, ZeRO 1-3 and our DP2 against one process, in float64 (Adam turns
-    float32 round-off in near-zero gradients into full-size steps: test_parallel_training's reason);
-    both ranks hold the same gathered parameters."""
+def test_zero_stages_hold_the_parameters_of_one_process(launched, references):
+    """Every parameter after the steps, ZeRO 1-3 (and our DP2) against one process, in float32, both ranks
+    holding the same gathered parameters. Not in float64 as the TP/PP tests: DeepSpeed keeps float32 master
+    weights (measured with float64 parameters: ZeRO-2 7e-7 apart, ZeRO-3 turns them into float32, and
+    ZeRO-1 trains them wrongly, 1.6 relative). So float32 round-off bounds the difference, and Adam turns
+    it into full-size steps where the gradient is exactly zero, the key part of the QKV bias
+    (test_parallel_training's reason for float64): measured at most 6.4e-5 there (our DP2: 5.1e-5) and
+    9.2e-7 in every other tensor; the bounds leave about 10x."""
     _, (results, other) = launched
     table = {}
     for layout in (name for name in LAYOUTS if name.startswith("dp2")):
         for selection in COMPARED_SELECTIONS:
-            label = f"{layout} {selection} float64"
-            got, want = results[label], references64[selection]
+            label = f"{layout} {selection} params"
+            got, want = results[label], references[selection]["params"]
             assert got.keys() == want.keys(), label
             assert all(torch.equal(got[name], other[label][name]) for name in got), f"{label}: ranks differ"
-            table[label] = max(float((got[name] - want[name]).abs().max() / want[name].abs().max()) for name in want)
-    print("\n" + "\n".join(f"| {k} | {v:.1e} |" for k, v in table.items()))
-    assert all(v <= 1e-9 for v in table.values()), table
+            worst = {name: float((got[name] - ref).abs().max() / ref.abs().max()) for name, (ref, _, _) in want.items()}
+            table[label] = (max(v for name, v in worst.items() if not name.endswith("query_key_value.bias")),
+                            max(v for name, v in worst.items() if name.endswith("query_key_value.bias")))
+    print("\n" + "\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
+    assert all(a <= 1e-5 and b <= 6e-4 for a, b in table.values()), table
 
 
 def test_context_parallel_under_zero_equals_one_process(launched, references):
