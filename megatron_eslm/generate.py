@@ -15,6 +15,7 @@ import sys
 import torch
 
 from megatron_eslm.checkpoint.full_state import VOCAB_ROWS
+from megatron_eslm.checkpoint.paths import recorded_path
 from megatron_eslm.checkpoint.reader import read_checkpoint
 from megatron_eslm.checkpoint.writer import vocab_rows
 from megatron_eslm.config.parser import OneLineParser
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     model, full = load_model(args.load, args.iteration, args.device)
     data = full.config.data
-    tokenizer = build_tokenizer(data.tokenizer_type, args.tokenizer_model or data.tokenizer_model, data.vocab_size)
+    model_file = args.tokenizer_model or recorded_path(data.tokenizer_model, args.load, "--tokenizer-model")
+    tokenizer = build_tokenizer(data.tokenizer_type, model_file, data.vocab_size)
     prompt = tokenizer.tokenize(args.prompt)
     if not prompt:
         raise UserError("--prompt: no tokens")
