@@ -113,8 +113,7 @@ def describe(cfg: Config, est: Estimate, world_size: int, vocab_size: int) -> li
     optimizer = f"DeepSpeed ZeRO-{est.zero_stage}" if cfg.deepspeed.deepspeed else "our data parallelism (no ZeRO)"
     return [
         f"model:  {', '.join(parts)}; vocabulary {vocab_size} padded to {est.vocab_size}",
-        f"layout: {world_size} GPUs = TP{lay.tp}{f' x CP{lay.cp}' if lay.cp > 1 else ''} x PP{lay.pp} x DP{lay.dp}"
-        f"{', sequence parallel' if lay.sequence_parallel else ''}; {optimizer}; "
+        f"layout: {world_size} GPUs = {lay.describe()}; {optimizer}; "
         f"{'bf16' if t.bf16 else 'fp32'}; micro-batch {t.micro_batch_size} x {m.seq_length} tokens"
         f"{f' ({m.seq_length // lay.cp} per rank)' if lay.cp > 1 else ''}, "
         f"{est.micro_batches} micro-batches per step; recompute: {est.recompute}",
