@@ -101,15 +101,21 @@ except UserError as err:
 PY
 }
 
-# slurm_setup: inside an allocation; sets NODES (the job's host names), NUM_NODES, MASTER_ADDR (the first
-# host unless set) and GPUS_PER_NODE (Slurm's count on this node, else 8, unless set).
+# slurm_setup: inside an allocation; sets NODES (the job's host names: SLURM_HOSTS, space-separated, when
+# set, e.g. for a dry run off Slurm; else scontrol's expansion of SLURM_JOB_NODELIST), NUM_NODES,
+# MASTER_ADDR (the first host unless set) and GPUS_PER_NODE (Slurm's count on this node, else 8, unless set).
 slurm_setup() {
     require_env SLURM_JOB_NODELIST "submit with sbatch, or run inside a Slurm allocation"
     require_env SLURM_NNODES "submit with sbatch, or run inside a Slurm allocation"
     require_env SLURM_JOB_ID "submit with sbatch, or run inside a Slurm allocation"
-    command -v scontrol > /dev/null || die "scontrol not found on PATH (this script runs under Slurm)"
-    mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-    (( ${#NODES[@]} )) || die "scontrol show hostnames '$SLURM_JOB_NODELIST' printed no host"
+    if [[ -n "${SLURM_HOSTS:-}" ]]; then
+        read -r -a NODES <<< "$SLURM_HOSTS"
+    else
+        command -v scontrol > /dev/null \
+            || die "scontrol not found on PATH (off Slurm, name the hosts: SLURM_HOSTS='host1 host2')"
+        mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+        (( ${#NODES[@]} )) || die "scontrol show hostnames '$SLURM_JOB_NODELIST' printed no host"
+    fi
     NUM_NODES="$SLURM_NNODES"
     positive_int NUM_NODES
     MASTER_ADDR="${MASTER_ADDR:-${NODES[0]}}"  # scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1

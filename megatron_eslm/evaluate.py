@@ -22,6 +22,7 @@ import sys
 import torch
 from torch.utils.data import DataLoader
 
+from megatron_eslm.checkpoint.paths import recorded_path
 from megatron_eslm.config.parser import OneLineParser
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     t = dataclasses.replace(cfg.training, **{key: getattr(args, key) for key in
                                              ("eval_iters", "micro_batch_size", "global_batch_size")
                                              if getattr(args, key) is not None})
+    if args.tokenizer_model is None:
+        recorded_path(data.tokenizer_model, args.load, "--tokenizer-model")
     tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model, data.vocab_size)
     _, valid, _ = build_train_valid_test_datasets(data, cfg.model.seq_length, t.seed,
                                                   (0, t.eval_iters * t.global_batch_size, 0), tokenizer.vocab_size)

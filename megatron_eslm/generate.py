@@ -15,6 +15,7 @@ import sys
 import torch
 
 from megatron_eslm.checkpoint.full_state import VOCAB_ROWS
+from megatron_eslm.checkpoint.paths import recorded_path
 from megatron_eslm.checkpoint.reader import read_checkpoint
 from megatron_eslm.checkpoint.writer import vocab_rows
 from megatron_eslm.config.parser import OneLineParser
@@ -31,13 +32,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--iteration", type=int, help="iteration to load; default: the latest")
     parser.add_argument("--tokenizer-model", help="the run's tokenizer model file; default: the one it names")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--greedy", action="store_true", help="always the most likely token")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: all")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: the most likely tokens of this mass")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (host) generator")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 (the default): all")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus: the most likely tokens of this mass (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (host) generator (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         parser.error("--max-new-tokens and --top-k must be >= 0, --temperature > 0 and --top-p in (0, 1]")
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     model, full = load_model(args.load, args.iteration, args.device)
     data = full.config.data
-    tokenizer = build_tokenizer(data.tokenizer_type, args.tokenizer_model or data.tokenizer_model, data.vocab_size)
+    model_file = args.tokenizer_model or recorded_path(data.tokenizer_model, args.load, "--tokenizer-model")
+    tokenizer = build_tokenizer(data.tokenizer_type, model_file, data.vocab_size)
     prompt = tokenizer.tokenize(args.prompt)
     if not prompt:
         raise UserError("--prompt: no tokens")

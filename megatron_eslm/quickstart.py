@@ -160,7 +160,6 @@ def main(argv: list[str] | None = None) -> None:
     print("[4/4] pretraining; the same run from the command line:\n  python -m megatron_eslm.pretrain "
           + " ".join(shlex.quote(f) for f in flags))
     trainer = TotalsTrainer(parse_args(flags))
-    print(f"model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters on {trainer.device}")
     valid_samples = 0 if trainer.valid_ds is None else len(trainer.valid_ds)
     if valid_samples < args.batch_size:  # evaluation would see no batch: no perplexity to report
         trainer.close()

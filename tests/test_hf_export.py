@@ -32,7 +32,7 @@ def test_export_matches_transformers_and_imports_back(tiny_corpus, tmp_path, mod
     launch_pretrain(tiny_corpus, tmp_path, 4, (2, 2), model, "--train-iters", "3", "--save", ckpt)
     out = str(tmp_path / "hf")
     export_hf.main(["--load", ckpt, "--output", out])
-    assert "tokenizer.model copied" in capsys.readouterr().out
+    assert "tokenizer converted" in capsys.readouterr().out
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert type(theirs).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[model]
     ours, full = load_model(ckpt, None, "cpu")

@@ -112,7 +112,8 @@ def test_validation_scores_each_window_once(tiny_corpus, blend):
     if not blend:  # every window of the split's stream: the next one would wrap into a second pass
         assert len(part) == distinct_windows(
             part.indexed_dataset, (int(part.document_index.min()), int(part.document_index.max()) + 1), 32)
-    assert any(f"validation: {len(valid)} distinct samples" in line for line in lines)
     record = trainer.evaluate()
     assert record["samples"] == len(valid) // 4 * 4  # whole micro-batches of 4
+    assert any(f"validation: {len(valid)} distinct samples" in line
+               and f"each evaluation scores {record['samples']} of them once" in line for line in lines)
     trainer.close()

@@ -36,8 +36,11 @@ from megatron_eslm.checkpoint.reader import read_checkpoint
 from megatron_eslm.checkpoint.writer import write_checkpoint
 from megatron_eslm.config.parser import OneLineParser
 from megatron_eslm.errors import UserError, exit_on_user_error
+from megatron_eslm.output_dir import check_checkpoint_save, mark
 
 ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
+
+TOOL = "average_checkpoints"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -47,7 +50,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--iterations", type=int, nargs="+", help="the iterations to average")
     which.add_argument("--last", type=int, help="average the newest K checkpoints under --load")
-    parser.add_argument("--save", required=True, help="directory to write the averaged checkpoint to")
+    parser.add_argument("--save", required=True,
+                        help="directory to write the averaged checkpoint to: absent, empty or an earlier output of "
+                             "this tool (not --load)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into --save even though it holds files this tool did not write")
     parser.add_argument("--weights", default="uniform", help="uniform | loss | ema:DECAY (see above)")
     parser.add_argument("--tensor-model-parallel-size", type=int, help="layout to write; default: the source's")
     parser.add_argument("--pipeline-model-parallel-size", type=int, help="layout to write; default: the source's")
@@ -144,6 +151,7 @@ def average(checkpoints: list[FullCheckpoint], weights: list[float]) -> FullChec
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
+    ours = check_checkpoint_save(args.save, "--load", args.load, TOOL, args.force)
     iterations = chosen_iterations(args.load, args.iterations, args.last)
     checkpoints = [read_checkpoint(args.load, it, optimizer=False) for it in iterations]
     check_same_run(checkpoints, args.load)
@@ -152,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     tp = args.tensor_model_parallel_size or parallel.tensor_model_parallel_size
     pp = args.pipeline_model_parallel_size or parallel.pipeline_model_parallel_size
     path = write_checkpoint(average(checkpoints, weights), args.save, tp, pp, optimizer=False)
+    if ours:
+        mark(args.save, TOOL)
     shown = ", ".join(f"{it}: {w:.4f}" for it, w in zip(iterations, weights))
     print(f"wrote {path}: TP {tp} x PP {pp}, weights only ({args.weights}: {shown})")
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
 from megatron_eslm.config import Config, parse_args
 from megatron_eslm.config.parser import OneLineParser  # bad flags: one line
-from megatron_eslm.errors import UserError, exit_on_user_error
+from megatron_eslm.errors import UserError, exit_on_user_error, read_json_object
 from megatron_eslm.training.memory import Estimate, estimate
 
 GIB = 2 ** 30
@@ -36,16 +37,61 @@ def split_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
     parser.add_argument("--world-size", type=int, required=True, help="GPUs of the run (TP x PP x DP)")
-    parser.add_argument("--vocab-size", type=int, required=True,
-                        help="the tokenizer's vocabulary, before padding (SentencePiece: its --vocab-size)")
+    parser.add_argument("--vocab-size", type=int,
+                        help="the tokenizer's vocabulary, before padding (SentencePiece: its --vocab-size); "
+                             "default: read from --tokenizer-model")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes)")
     own, rest = parser.parse_known_args(argv)
     for value, flag in ((own.world_size, "--world-size"), (own.vocab_size, "--vocab-size")):
-        if value <= 0:
+        if value is not None and value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
+    rest = recipe_folder(rest)
+    if own.vocab_size is None:
+        own.vocab_size = tokenizer_vocab(rest)
     if any(arg.split("=")[0] in DEEPSPEED_CONFIG_FLAGS for arg in rest) and "--deepspeed" not in rest:
         rest = ["--deepspeed", *rest]
     return own, rest
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The last value given to `flag` (as `--flag V` or `--flag=V`)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def recipe_folder(argv: list[str]) -> list[str]:
+    """--config RECIPE_DIR as the launch scripts take it: its pretrain.json, and its ds_config.json unless a
+    DeepSpeed config is given."""
+    recipe = _flag_value(argv, "--config")
+    if recipe is None or not os.path.isdir(recipe):
+        return argv
+    pretrain_json, ds_config = os.path.join(recipe, "pretrain.json"), os.path.join(recipe, "ds_config.json")
+    if not os.path.isfile(pretrain_json):
+        raise UserError(f"--config {recipe}: a folder without pretrain.json (give a recipe folder or a JSON file)")
+    argv = [pretrain_json if arg == recipe else arg.replace(f"={recipe}", f"={pretrain_json}") for arg in argv]
+    if os.path.isfile(ds_config) and not any(arg.split("=")[0] in DEEPSPEED_CONFIG_FLAGS for arg in argv):
+        argv += ["--deepspeed-config", ds_config]
+    return argv
+
+
+def tokenizer_vocab(argv: list[str]) -> int:
+    """The vocabulary of the tokenizer the flags or the --config recipe name, or one line saying how to give it."""
+    from megatron_eslm.tokenizer import build_tokenizer
+
+    config_path = _flag_value(argv, "--config")
+    recipe = read_json_object(config_path, "--config") if config_path else {}
+    model = _flag_value(argv, "--tokenizer-model") or recipe.get("tokenizer-model")
+    kind = _flag_value(argv, "--tokenizer-type") or recipe.get("tokenizer-type", "SentencePieceTokenizer")
+    if not model:
+        raise UserError("--vocab-size: not given, and no --tokenizer-model to read it from (the recipes name "
+                        "none): give --vocab-size V (e.g. the --vocab-size of tools/train_tokenizer.py) or "
+                        "--tokenizer-model FILE")
+    return build_tokenizer(kind, model).vocab_size
 
 
 def load_config(pretrain_argv: list[str], vocab_size: int) -> Config:
@@ -67,8 +113,7 @@ def describe(cfg: Config, est: Estimate, world_size: int, vocab_size: int) -> li
     optimizer = f"DeepSpeed ZeRO-{est.zero_stage}" if cfg.deepspeed.deepspeed else "our data parallelism (no ZeRO)"
     return [
         f"model:  {', '.join(parts)}; vocabulary {vocab_size} padded to {est.vocab_size}",
-        f"layout: {world_size} GPUs = TP{lay.tp}{f' x CP{lay.cp}' if lay.cp > 1 else ''} x PP{lay.pp} x DP{lay.dp}"
-        f"{', sequence parallel' if lay.sequence_parallel else ''}; {optimizer}; "
+        f"layout: {world_size} GPUs = {lay.describe()}; {optimizer}; "
         f"{'bf16' if t.bf16 else 'fp32'}; micro-batch {t.micro_batch_size} x {m.seq_length} tokens"
         f"{f' ({m.seq_length // lay.cp} per rank)' if lay.cp > 1 else ''}, "
         f"{est.micro_batches} micro-batches per step; recompute: {est.recompute}",

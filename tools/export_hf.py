@@ -6,29 +6,30 @@ models, LlamaForCausalLM for Llama-shaped ones), and the tokenizer's SentencePie
     python tools/export_hf.py --load ckpt --output hf_model
     python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('hf_model')"
 
-The SentencePiece model is copied, not converted: the transformers release pinned here (5.x) builds its
-tokenizers with the `tokenizers` library and did not convert our BPE model faithfully in a test, so the
-directory holds `tokenizer.model` and README.txt says how to tokenize (sentencepiece, the ids as they are).
-What transformers cannot represent (a mix of GPT-2 and Llama options) is refused in one line.
+The run's SentencePiece model is converted into a fast tokenizer (tokenizer.json, loaded by AutoTokenizer)
+that gives SentencePiece's ids and text; bos/eos/pad_token_id are set in config.json and
+generation_config.json, so `generate` stops at the end-of-document token. A model that cannot be converted
+faithfully is copied as sentencepiece.model with a README.txt saying how to tokenize
+(megatron_eslm/tokenizer/hf_export.py). What transformers cannot represent (a mix of GPT-2 and Llama
+options) is refused in one line.
+
+--output must be absent, empty or an earlier export (its marker file); anything else is refused unless
+--force. The export is written beside it under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 
 from megatron_eslm.checkpoint import hf
 from megatron_eslm.checkpoint.reader import read_checkpoint
 from megatron_eslm.config.parser import OneLineParser
+from megatron_eslm.checkpoint.paths import recorded_path
 from megatron_eslm.errors import UserError, exit_on_user_error
+from megatron_eslm.output_dir import check_output_dir, staged_dir
+from megatron_eslm.tokenizer.hf_export import write_tokenizer
 
-NOTE = """This model was exported from a megatron-eslm checkpoint ({source}, iteration {iteration}).
-Its tokenizer is the SentencePiece model tokenizer.model: token ids are SentencePiece's own ids, with no
-BOS token added, e.g.
-    import sentencepiece; sp = sentencepiece.SentencePieceProcessor(model_file="tokenizer.model")
-    ids = sp.encode("some text")
-"""
+TOOL = "export_hf"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -36,7 +37,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                            allow_abbrev=False)
     parser.add_argument("--load", required=True, help="checkpoint directory (its --save)")
     parser.add_argument("--iteration", type=int, help="iteration to export; default: the latest")
-    parser.add_argument("--output", required=True, help="directory to write (replaced if it exists)")
+    parser.add_argument("--output", required=True,
+                        help="directory to write: absent, empty or an earlier export (replaced), else refused")
+    parser.add_argument("--tokenizer-model", help="the run's tokenizer model file; default: the one it names")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --output even though it holds files this tool did not write")
     return parser.parse_args(argv)
 
 
@@ -58,22 +63,18 @@ def build_hf_model(full):
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
+    check_output_dir(args.output, TOOL, "--output", args.force)
     full = read_checkpoint(args.load, args.iteration, optimizer=False)
     model = build_hf_model(full)
-    tmp = f"{args.output.rstrip('/')}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer = full.config.data.tokenizer_model
-    if tokenizer and os.path.exists(tokenizer):
-        shutil.copy(tokenizer, os.path.join(tmp, "tokenizer.model"))
-        with open(os.path.join(tmp, "README.txt"), "w") as fh:
-            fh.write(NOTE.format(source=args.load, iteration=full.iteration))
-        told = "tokenizer.model copied (not converted: README.txt)"
-    else:
-        told = f"no tokenizer copied (--tokenizer-model {tokenizer} of the run is not there)"
-    if os.path.exists(args.output):
-        shutil.rmtree(args.output)
-    os.replace(tmp, args.output)
+    data = full.config.data
+    tokenizer = args.tokenizer_model or recorded_path(data.tokenizer_model, args.load,
+                                                                "--tokenizer-model")
+    with staged_dir(args.output, TOOL) as tmp:
+        ids, told = write_tokenizer(data.tokenizer_type, tokenizer, data.vocab_size, tmp, args.load, full.iteration)
+        for config in (model.config, model.generation_config):
+            for name, value in vars(ids).items():
+                setattr(config, name, value)
+        model.save_pretrained(tmp)
     print(f"wrote {args.output}: {type(model).__name__}, iteration {full.iteration}, vocabulary "
           f"{full.vocab_size}; {told}")
 

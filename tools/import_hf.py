@@ -16,13 +16,19 @@ from megatron_eslm.checkpoint.writer import write_checkpoint
 from megatron_eslm.config import Config
 from megatron_eslm.config.parser import OneLineParser
 from megatron_eslm.errors import UserError, exit_on_user_error
+from megatron_eslm.output_dir import check_checkpoint_save, mark
+
+TOOL = "import_hf"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                            allow_abbrev=False)
     parser.add_argument("--input", required=True, help="a transformers model directory (config.json, weights)")
-    parser.add_argument("--save", required=True, help="checkpoint directory to write")
+    parser.add_argument("--save", required=True, help="checkpoint directory to write: absent, empty or an earlier "
+                        "output of this tool")
+    parser.add_argument("--force", action="store_true",
+                        help="write into --save even though it holds files this tool did not write")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     return parser.parse_args(argv)
@@ -45,9 +51,12 @@ def read_hf(directory: str) -> FullCheckpoint:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
+    ours = check_checkpoint_save(args.save, "--input", args.input, TOOL, args.force)
     full = read_hf(args.input)
     path = write_checkpoint(full, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                             optimizer=False)
+    if ours:
+        mark(args.save, TOOL)
     print(f"wrote {path} (weights only: --load {args.save} --finetune); model flags: "
           f"{' '.join(model_flags(full.config.model))}")
 

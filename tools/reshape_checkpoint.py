@@ -19,6 +19,9 @@ from megatron_eslm.checkpoint.reader import read_checkpoint
 from megatron_eslm.checkpoint.writer import write_checkpoint
 from megatron_eslm.config.parser import OneLineParser
 from megatron_eslm.errors import exit_on_user_error
+from megatron_eslm.output_dir import check_checkpoint_save, mark
+
+TOOL = "reshape_checkpoint"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -26,7 +29,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
                            allow_abbrev=False)
     parser.add_argument("--load", required=True, help="checkpoint directory to read (its --save)")
     parser.add_argument("--iteration", type=int, help="iteration to read; default: the latest")
-    parser.add_argument("--save", required=True, help="directory to write the reshaped checkpoint to")
+    parser.add_argument("--save", required=True,
+                        help="directory to write the reshaped checkpoint to: absent, empty or an earlier output of "
+                             "this tool (not --load)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into --save even though it holds files this tool did not write")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     return parser.parse_args(argv)
@@ -35,8 +42,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
+    ours = check_checkpoint_save(args.save, "--load", args.load, TOOL, args.force)
     full = read_checkpoint(args.load, args.iteration)
     path = write_checkpoint(full, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    if ours:
+        mark(args.save, TOOL)
     moments = "with" if full.moments is not None else "without"
     print(f"wrote {path}: iteration {full.iteration}, TP {args.tensor_model_parallel_size} x PP "
           f"{args.pipeline_model_parallel_size}, {moments} optimizer moments")

@@ -2,9 +2,13 @@
 """Selection-policy study: every policy on the same data, model and seeds, at an equal EXECUTED-FLOPs
 budget (or an equal number of tokens), with validation perplexity against executed FLOPs.
 
-    python tools/selection_study.py --text ../shared/data/tinyshakespeare.txt --work-dir /tmp/study \
-        --out-dir docs --seeds 1 2 3
-    python tools/selection_study.py --text stdlib ../shared/data/tinyshakespeare.txt ...   # two domains
+    python tools/selection_study.py --text stdlib --seeds 1 2 3
+    python tools/selection_study.py --text stdlib my_corpus.txt ...   # two domains
+
+Results go to --out-dir (default runs/selection_study/, which git ignores), the runs to --work-dir (default
+<out-dir>/work). --out-dir must be absent, empty or an earlier study's output; anything else is refused
+unless --force, and even then only selection_study.{csv,md,png} are replaced (each written under a temporary
+name and renamed): `--out-dir docs --force` regenerates the committed results.
 
 Several --text corpora (a file, or `stdlib`: the Python standard library's sources, which need no download)
 make a multi-domain study: one tokenizer over all of them, one dataset each, blended with equal weights;
@@ -20,7 +24,7 @@ eslm-kd's teacher (its training cost is reported separately, not charged to the 
 steps; each run gets enough steps to pass it, and its validation loss at exactly the budget is
 interpolated (linearly in FLOPs) between the two evaluations around it. The learning rate is constant
 after warmup, so a run's curve up to the budget does not depend on how long it was set to run.
-Writes <out>/selection_study.{csv,md,png}.
+Prints a line as each run starts and ends.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ import numpy as np
 from megatron_eslm.config import parse_args
 from megatron_eslm.data.indexed_dataset import IndexedDataset
 from megatron_eslm.data.preprocess import preprocess
+from megatron_eslm.errors import UserError, exit_on_user_error
+from megatron_eslm.output_dir import check_output_dir, mark
 from megatron_eslm.quickstart import write_stdlib_corpus
 from megatron_eslm.tokenizer.train import train_sentencepiece
 from megatron_eslm.training.flops import forward_flops, micro_batch_flops
@@ -358,15 +364,22 @@ def plot(runs: list[Run], budget: float | None, unigram: float, path: str) -> No
 
 
 # ----------------------------------------------------------------------------------------- main
-def parse() -> argparse.Namespace:
+TOOL = "selection_study"
+OUTPUTS = ("selection_study.csv", "selection_study.md", "selection_study.png")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", required=True, nargs="+",
-                   help="plain-text corpora (or `stdlib`), e.g. ../shared/data/tinyshakespeare.txt; several: a "
+                   help="plain-text corpora (files, or `stdlib`, which needs no download); several: a "
                         "multi-domain study")
     p.add_argument("--stdlib-mb", type=int, default=1, help="megabytes of the standard library's sources for `stdlib`")
     p.add_argument("--is-prob", type=float, default=0.1, help="eslm-is: --eslm-is-prob")
-    p.add_argument("--work-dir", required=True, help="tokenizer, dataset, checkpoints and metrics go here")
-    p.add_argument("--out-dir", default="docs", help="where selection_study.{csv,md,png} are written")
+    p.add_argument("--out-dir", default=os.path.join("runs", "selection_study"),
+                   help="where selection_study.{csv,md,png} are written (default: untracked by git)")
+    p.add_argument("--work-dir", help="tokenizer, dataset, checkpoints and metrics go here; default: <out-dir>/work")
+    p.add_argument("--force", action="store_true",
+                   help="write into --out-dir although it holds other files (only selection_study.* are replaced)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--variants", nargs="+", help="subset of the variants (default: all)")
     p.add_argument("--equal", choices=("flops", "tokens"), default="flops",
@@ -389,16 +402,31 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reuse", action="store_true",
                    help="keep runs whose metrics file in --work-dir is complete (re-report without retraining)")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    if args.work_dir is None:
+        args.work_dir = os.path.join(args.out_dir, "work")
+    return args
 
 
-def main() -> None:
-    args = parse()
+def check_texts(texts: list[str]) -> None:
+    """Every --text is `stdlib` or a readable file, else one line (a fresh clone has no shared data)."""
+    for text in texts:
+        if text != "stdlib" and not os.path.isfile(text):
+            raise UserError(f"--text {text}: no such file (`--text stdlib` is a corpus that needs no download)")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    ours = check_output_dir(args.out_dir, TOOL, "--out-dir", args.force)
+    check_texts(args.text)
     import torch
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
     os.makedirs(args.out_dir, exist_ok=True)
+    if ours:
+        mark(args.out_dir, TOOL)
     data = prepare_data(args.text, args.work_dir, args.vocab_size, args.stdlib_mb << 20)
     unigram = unigram_ppl(data[0])
 
@@ -408,6 +436,7 @@ def main() -> None:
     if any(v.frozen_head_rows >= 0 for v in chosen):
         metrics = os.path.join(args.work_dir, "reference.jsonl")
         argv = common_flags(args, data, args.reference_iters, 0) + ["--selection", "none", "--save", reference_dir]
+        print(f"reference: training {args.reference_iters} steps ...", flush=True)
         train(argv, metrics, args.reference_iters, args.reuse)
         ref = read_run("reference", 0, args.reference_iters, metrics)
         reference_note = (f"The rho1 reference and eslm-kd teacher is one dense model of the same size trained "
@@ -427,6 +456,7 @@ def main() -> None:
             extra = ["--teacher-load", reference_dir]
         iters = steps_for_budget(args, variant, model_cfg, vocab, model_cfg)  # the reference has the same size
         for seed in args.seeds:
+            print(f"{variant.name} seed {seed}: training {iters} steps ...", flush=True)
             metrics = os.path.join(args.work_dir, f"{variant.name}-seed{seed}.jsonl")
             argv = common_flags(args, data, iters, seed) + variant.flags + extra
             train(argv, metrics, iters, args.reuse)
@@ -445,11 +475,14 @@ def main() -> None:
               f"steps) per run; equal {args.equal}; seeds {args.seeds}. Unigram-entropy level (the perplexity of "
               f"predicting each token by its frequency): {unigram:.1f}. exp(CVaR 0.9): exp of the mean of the "
               f"worst tenth of the validation token losses. {reference_note}")
-    write_csv(runs, os.path.join(args.out_dir, "selection_study.csv"))
-    command = "python tools/selection_study.py " + " ".join(sys.argv[1:])
-    write_markdown(rows, os.path.join(args.out_dir, "selection_study.md"), header, command)
-    plot(runs, budget if args.equal == "flops" else None, unigram, os.path.join(args.out_dir, "selection_study.png"))
-    print(open(os.path.join(args.out_dir, "selection_study.md")).read())
+    csv_path, md_path, png_path = (os.path.join(args.out_dir, name) for name in OUTPUTS)
+    write_csv(runs, csv_path + ".tmp")
+    command = "python tools/selection_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_markdown(rows, md_path + ".tmp", header, command)
+    plot(runs, budget if args.equal == "flops" else None, unigram, png_path + ".tmp.png")
+    for tmp, path in ((csv_path + ".tmp", csv_path), (md_path + ".tmp", md_path), (png_path + ".tmp.png", png_path)):
+        os.replace(tmp, path)
+    print(open(md_path).read())
 
 
 def _tokenizer_vocab(model: str) -> int:

@@ -53,6 +53,22 @@ def _validate_tokenizer(d: DataConfig) -> None:
         raise UserError(f"--tokenizer-model {d.tokenizer_model}: file not found")
 
 
+def absolute_paths(d: DataConfig) -> None:
+    """Make the dataset prefixes, the cache and the tokenizer absolute: a checkpoint records them, and tools
+    that read it (evaluate, generate, export_hf) run from other directories."""
+    def prefixes(values: list[str]) -> list[str]:
+        if len(values) == 1:
+            return [os.path.abspath(values[0])]
+        return [value if i % 2 == 0 else os.path.abspath(value) for i, value in enumerate(values)]
+
+    for name in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        setattr(d, name, prefixes(getattr(d, name)))
+    if d.data_cache_path is not None:
+        d.data_cache_path = os.path.abspath(d.data_cache_path)
+    if d.tokenizer_model is not None:
+        d.tokenizer_model = os.path.abspath(d.tokenizer_model)
+
+
 def validate_data(d: DataConfig) -> None:
     per_split = (d.train_data_path, d.valid_data_path, d.test_data_path)
     if d.data_path and any(per_split):

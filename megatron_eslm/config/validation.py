@@ -3,7 +3,7 @@ layout fits the world size."""
 from __future__ import annotations
 
 from megatron_eslm.config.checkpoint import validate_checkpoint
-from megatron_eslm.config.data import validate_data
+from megatron_eslm.config.data import absolute_paths, validate_data
 from megatron_eslm.config.deepspeed import validate_deepspeed
 from megatron_eslm.config.faults import refuse_under_deepspeed, validate_faults
 from megatron_eslm.config.logging import validate_logging
@@ -28,6 +28,7 @@ def finalize(cfg: Config) -> Config:
     if cfg.deepspeed.zero_stage is not None:
         cfg.deepspeed.deepspeed = True
     validate(cfg)
+    absolute_paths(cfg.data)
     return cfg
 
 

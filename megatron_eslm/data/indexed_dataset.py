@@ -169,6 +169,15 @@ class IndexedDatasetBuilder:
         self._finalized = True
 
 
+def _missing_file_hint(prefix: str) -> str:
+    """Why `prefix`.idx/.bin may be missing: a prefix given with its file's suffix (`x.bin` looks for
+    `x.bin.idx`) is the common slip."""
+    stem, suffix = os.path.splitext(prefix)
+    if suffix in (".bin", ".idx"):
+        return f"a dataset is named by its prefix: give {stem}, without {suffix}"
+    return "an indexed dataset needs both .idx and .bin"
+
+
 def _map(path: str) -> np.ndarray:
     """The file as a read-only uint8 array backed by mmap (plain ndarray: slicing it is cheap)."""
     with open(path, "rb") as f:
@@ -189,7 +198,7 @@ class IndexedDataset:
         idx_path, bin_path = get_idx_path(path_prefix), get_bin_path(path_prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
-                raise UserError(f"{path}: no such file (an indexed dataset needs both .idx and .bin)")
+                raise UserError(f"{path}: no such file ({_missing_file_hint(path_prefix)})")
         index = _map(idx_path)
         if index.size < _HEADER.size:
             raise UserError(f"{idx_path}: truncated index ({index.size} bytes, the header alone needs {_HEADER.size})")

@@ -229,7 +229,7 @@ def _read_shard(directory: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a torn or foreign file: name it instead of a pickle traceback
-        raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+        raise UserError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})", rank_local=True) from None
 
 
 def load_checkpoint(root: str, read: Reader = _read_shard, load_rng: bool = True, fallback: bool = False,
@@ -261,7 +261,7 @@ def load_checkpoint(root: str, read: Reader = _read_shard, load_rng: bool = True
         state = read(iteration_dir(root, iteration))
     except FileNotFoundError as err:  # the reader names the file this rank's shard should be in
         raise UserError(f"{err}: missing, although {os.path.join(root, TRACKER)} names iteration {iteration} "
-                        "(saved with another parallel layout?)") from None
+                        "(saved with another parallel layout?)", rank_local=True) from None
     saved, current = state["layout"], _layout_sizes()
     restore_rng = load_rng and "rng" in state
     sizes = [key for key in current if key != "data_parallel_size" or restore_rng]

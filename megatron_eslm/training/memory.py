@@ -59,6 +59,12 @@ class Layout:
     sequence_parallel: bool = False
     cp: int = 1  # context parallel: a rank holds s / cp tokens of each sequence
 
+    def describe(self) -> str:
+        """`TP2 x CP2 x PP2 x DP1, sequence parallel` (CP named when it splits): one spelling for the
+        estimate and the training run's start block."""
+        return (f"TP{self.tp}{f' x CP{self.cp}' if self.cp > 1 else ''} x PP{self.pp} x DP{self.dp}"
+                f"{', sequence parallel' if self.sequence_parallel else ''}")
+
 
 class ParamTensor(NamedTuple):
     numel: int  # this rank's elements

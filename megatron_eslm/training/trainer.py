@@ -32,6 +32,7 @@ from megatron_eslm.training.metrics import MetricsWriter
 from megatron_eslm.training.optimizer import build_optimizer, load_optimizer_state
 from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
 from megatron_eslm.training.progress import progress_bar
+from megatron_eslm.training.run_summary import start_block
 from megatron_eslm.training.rollback import Recovery
 from megatron_eslm.training.timers import get_timers, install_timers, uninstall_timers
 
@@ -87,7 +88,9 @@ class Trainer:
             self.tokenizer.vocab_size)
         if self.valid_ds is not None and len(self.valid_ds) < eval_samples:
             self.log(f"validation: {len(self.valid_ds)} distinct samples, fewer than --eval-iters x --global-batch-size "
-                     f"= {eval_samples}: each is scored once")
+                     f"= {eval_samples}: each evaluation scores {self._eval_samples()} of them once (whole "
+                     f"micro-batches of every data-parallel rank)")
+        self.start_point = "fresh"  # or the checkpoint `_load` resumed from, for the start block
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
         if self.iteration < cfg.optimizer.lr_schedule_start_iter:  # its warmup would start in the past
@@ -168,17 +171,31 @@ class Trainer:
             return None
         t = self.cfg.training
         loader = self._loader(self.valid_ds, min(len(self.valid_ds), t.eval_iters * t.global_batch_size), 0)
-        samples = len(loader) * t.micro_batch_size * parallel_state.data_parallel_size()
         record = evaluation.evaluate(self.model, self.valid_ds, loader, self.device, self.lm_head_impl,
-                                     self._autocast, self.cfg.selection, self._train_threshold, samples,
+                                     self._autocast, self.cfg.selection, self._train_threshold,
+                                     self._eval_samples(),
                                      forward=self.engine and self.engine.forward)
         return {"iteration": self.iteration, **record}
+
+    def _eval_samples(self) -> int:
+        """The samples an evaluation scores: the first --eval-iters x --global-batch-size of the validation
+        set (at most all of it), cut to whole micro-batches of every data-parallel rank (the sampler drops
+        an incomplete last one)."""
+        t = self.cfg.training
+        per_micro_step = t.micro_batch_size * parallel_state.data_parallel_size()
+        return min(len(self.valid_ds), t.eval_iters * t.global_batch_size) // per_micro_step * per_micro_step
 
     # ----------------------------------------------------------------- loop
     def train(self) -> list[dict]:
         """Run to --train-iters; returns the logged training records, one per log interval, each over the
         steps since the previous one (every step is in exactly one record)."""
         cfg, t = self.cfg, self.cfg.training
+        for line in start_block(self):
+            self.log(line)
+        if self.iteration >= t.train_iters:
+            self.log(f"nothing left to train: the checkpoint under --load {cfg.checkpoint.load} is at iteration "
+                     f"{self.iteration}, --train-iters is {t.train_iters} (raise it to train on)")
+            return []
         timers = install_timers(cfg.logging.timing_log_level, self.device)
         collectives.reset()  # the records' comm_bytes_* (level 2) count this run's steps, not the setup's
         batches = timers.timed(iter(self._loader(self.train_ds, len(self.train_ds), self.consumed_samples)), "data")
@@ -210,6 +227,8 @@ class Trainer:
                     self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
                     self._recover(record)
                     interval, tic, self._outside_steps = None, time.perf_counter(), 0.0
+                elif self.iteration == start_iteration + 1:  # a first sign of life: host time only, no device read
+                    self.log(self._first_iteration_line(time.perf_counter() - start, start_iteration))
                 save = cfg.checkpoint
                 evaluate = self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters
                 checkpoint = save.save and ((save.save_interval and self.iteration % save.save_interval == 0)
@@ -233,7 +252,7 @@ class Trainer:
                 raise
             saved = self.recovery.emergency_save()
             raise UserError(f"rank {launch.rank()} at iteration {self.iteration}: {type(err).__name__} in a "
-                            f"collective; {culprits}{f'; {saved}' if saved else ''}") from None
+                            f"collective; {culprits}{f'; {saved}' if saved else ''}", rank_local=True) from None
         finally:
             exits.close()  # the signal's previous handler back, also when a step raised
             if watchdog is not None:
@@ -292,6 +311,14 @@ class Trainer:
                 + f" | flops {r['executed_flops'] / r['dense_flops']:.3f}x dense"
                 + (f" | {r['nonfinite']} non-finite scores left out" if r["nonfinite"] else "")
                 + (f" | {r['skipped_iterations']} non-finite steps skipped" if r["skipped_iterations"] else ""))
+
+    def _first_iteration_line(self, elapsed: float, start_iteration: int) -> str:
+        """After the first iteration, when it is not a logging one: its host time and the ETA it gives. It
+        reads no device value (on a GPU the host may still be ahead of the queued kernels, and the first
+        iteration includes warm-up: the interval lines refine the ETA)."""
+        todo = self.cfg.training.train_iters - start_iteration
+        return (f"{progress_bar(1, todo, elapsed)} | iter {self.iteration} | first iteration {elapsed:.1f} s "
+                f"(host time); losses every --log-interval {self.cfg.logging.log_interval} iterations")
 
     def _recover(self, record: dict) -> None:
         """Snapshots and rollbacks at a log interval (`training/rollback.py`)."""
@@ -362,9 +389,11 @@ class Trainer:
             raise UserError(f"--load {root}: checkpoint does not fit this model ({first})") from None
         if state is None:
             self.log(f"no checkpoint under --load {root}; starting from scratch")
+            self.start_point = f"fresh (no checkpoint under --load {root} yet)"
             return
         if ck.finetune:
             self.log(f"--finetune: the weights of {root} (iteration {state['iteration']}), from iteration 0")
+            self.start_point = f"the weights of {root} (iteration {state['iteration']}), --finetune"
             return
         if not ck.override_opt_param_scheduler:
             check_schedule(root, state.get("scheduler", {}), self.cfg.optimizer)
@@ -373,6 +402,7 @@ class Trainer:
         if self.policy is not None and state.get("policy"):  # alpha of ada-eslm, table of lfr
             self.policy.load_state_dict(state["policy"])
         self.log(f"resumed from {root} at iteration {self.iteration} ({self.consumed_samples} samples)")
+        self.start_point = f"resumed from {root} at iteration {self.iteration}"
 
     def _read_deepspeed(self, directory: str, optimizer: bool) -> dict:
         state = self.engine.load(directory, optimizer)
