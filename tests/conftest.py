@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 from megatron_eslm.data.preprocess import preprocess
 from megatron_eslm.tokenizer.train import train_sentencepiece
 
-pytest_plugins = ["pytester", "ci_skips"]
+pytest_plugins = ["pytester", "ci_skips", "exercised_modules"]
 
 # Loaded before any test module is imported, so the tests' own @settings (max_examples, deadline) inherit
 # it: under CI every hypothesis test draws the same examples on every run, and prints how to reproduce one.

@@ -1,6 +1,7 @@
 """Blends: --data-path weight/prefix pairs, the quota order (every prefix within one sample of the weights, and
 the vectorised construction equal to a plain loop), per-split paths, and resuming a blended stream."""
 import math
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -231,9 +232,11 @@ def test_data_flags(tmp_path):
     model.write_text("x")
     base = ["--tokenizer-model", str(model)]
     cfg = parse_args(base + ["--data-path", "0.3", "a", "0.7", "b", "--data-cache-path", str(tmp_path / "c")])
-    assert cfg.data.data_path == ["0.3", "a", "0.7", "b"] and cfg.data.data_cache_path == str(tmp_path / "c")
+    # prefixes recorded absolute (a checkpoint's paths must not depend on where a later command runs)
+    a, b = os.path.abspath("a"), os.path.abspath("b")
+    assert cfg.data.data_path == ["0.3", a, "0.7", b] and cfg.data.data_cache_path == str(tmp_path / "c")
     cfg = parse_args(["--tokenizer-type", "NullTokenizer", "--vocab-size", "50257", "--train-data-path", "a"])
-    assert cfg.data.vocab_size == 50257 and cfg.data.train_data_path == ["a"]
+    assert cfg.data.vocab_size == 50257 and cfg.data.train_data_path == [a]
     for flags, message in ((["--data-path", "a", "--train-data-path", "b"], "cannot be combined"),
                            (["--valid-data-path", "b"], r"--data-path \(or --train-data-path\) is required"),
                            (["--data-path", "1", "a", "b"], "--data-path: give one dataset prefix or weight/prefix"),

@@ -6,11 +6,14 @@ blocks training, with and without --async-save.
     python tools/fault_drill.py --save-bench --num-layers 12 --hidden-size 768 --vocab-size 32768
 
 Kill drill: a reference run (`python -m megatron_eslm.pretrain`, a small GPT on random tokens, ESLM, a
-checkpoint every iteration) gives the final weights and records. Each trial starts the same run, sends it
-SIGKILL after a delay drawn uniformly over the reference's wall time, then runs it again with --load to the
-end. A trial resumed exactly when the final checkpoint's weights equal the reference's bit for bit and the
-resumed run's records equal the reference's (wall-clock fields aside). "during a write" counts the kills
-that found a temporary checkpoint directory (a save in flight, the background thread's with --async-save).
+checkpoint every iteration) gives the final weights and records. Each trial starts the same run, waits for
+its first published checkpoint, and sends it SIGKILL: on even trials after a random later record and a delay
+drawn uniformly over an iteration's wall time, on odd trials as soon as a save is in flight (a temporary
+checkpoint directory appears: the background thread's with --async-save), so kills land during writes
+too. It then runs it again with --load to the end. "resumed" counts the trials whose second run found a
+checkpoint to load; a trial resumed exactly when the final checkpoint's weights equal the reference's bit for
+bit and the resumed run's records equal the reference's (wall-clock fields aside). "during a write" counts
+the kills that found a temporary checkpoint directory.
 
 Save bench: one process builds the model of the size flags, takes two training steps (so AdamW's moments
 exist), then times `Trainer.save` three times each way: synchronous (the whole write, fsync, manifest and
@@ -38,7 +41,7 @@ import torch
 from megatron_eslm.config import parse_args
 from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 from megatron_eslm.errors import exit_on_user_error
-from megatron_eslm.training.checkpointing import checkpoint_file, latest_iteration
+from megatron_eslm.training.checkpointing import TRACKER, checkpoint_file, latest_iteration
 from megatron_eslm.training.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,19 +95,29 @@ def _count_records(metrics: str) -> int:
         return sum('"lm_loss"' in line for line in fh)
 
 
-def trial(workdir: str, argv_for, after: int | None = None, delay: float = 0.0) -> dict:
-    """One run killed with SIGKILL `delay` seconds after its `after`-th record (None: not killed), then
+def _writing(save: str) -> bool:
+    return bool(glob.glob(os.path.join(save, "iter_*.tmp")))
+
+
+def trial(workdir: str, argv_for, after: int | None = None, delay: float = 0.0, in_write: bool = False) -> dict:
+    """One run killed with SIGKILL (None `after`: not killed), once its first checkpoint is published and its
+    `after`-th record is written: `delay` seconds later, or with `in_write` at the next save in flight; then
     resumed to the end; what happened."""
     save, metrics = os.path.join(workdir, "ckpt"), os.path.join(workdir, "metrics.jsonl")
     command, env = _command(argv_for(save, metrics))
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed = writing = False
     if after is not None:
-        while proc.poll() is None and _count_records(metrics) < after:
-            time.sleep(0.005)
-        time.sleep(delay)
+        tracker = os.path.join(save, TRACKER)
+        while proc.poll() is None and (not os.path.exists(tracker) or _count_records(metrics) < after):
+            time.sleep(0.002)
+        if in_write:
+            while proc.poll() is None and not _writing(save):
+                time.sleep(0.0005)
+        else:
+            time.sleep(delay)
         if proc.poll() is None:
-            writing = bool(glob.glob(os.path.join(save, "iter_*.tmp")))
+            writing = _writing(save)
             proc.send_signal(signal.SIGKILL)
             killed = True
     proc.wait()
@@ -119,7 +132,8 @@ def trial(workdir: str, argv_for, after: int | None = None, delay: float = 0.0) 
 
 def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, workdir: str | None = None,
           log=print) -> list[dict]:
-    """Run the kill drill; one summary row per mode: trials, killed mid-run, killed during a write, exact."""
+    """Run the kill drill; one summary row per mode: trials, killed mid-run, killed during a write, resumed
+    from a checkpoint, exact."""
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="fault_drill_")
     vocab = 512
@@ -139,16 +153,19 @@ def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, 
                                           map(json.loads, open(reference["metrics"])) if "lm_loss" in r) / 1000
             rng = random.Random(seed)
             outcome = {"mode": "async" if async_save else "sync", "trials": trials, "killed": 0, "writing": 0,
-                       "exact": 0}
+                       "resumed": 0, "exact": 0}
             for t in range(trials):
                 trial_dir = os.path.join(workdir, f"trial-{async_save}-{t}")
                 os.makedirs(trial_dir)
-                # after a random record, at a random moment of the next iteration (its save included)
-                result = trial(trial_dir, argv_for, after=rng.randrange(iters), delay=rng.uniform(0, iteration_s))
+                # after a random record, at a random moment of the next iteration (its save included), or
+                # (odd trials) at the next save in flight
+                result = trial(trial_dir, argv_for, after=rng.randrange(1, iters - 1), delay=rng.uniform(0, iteration_s),
+                               in_write=t % 2 == 1)
                 exact = "error" not in result and records(result["metrics"]) == ref_records and all(
                     torch.equal(a, b) for a, b in zip(final_weights(result["save"]).values(), ref_weights.values()))
                 outcome["killed"] += result["killed"]
                 outcome["writing"] += result["writing"]
+                outcome["resumed"] += result["resumed_from"] is not None
                 outcome["exact"] += exact
                 log(f"{outcome['mode']} trial {t}: killed={result['killed']} during_write={result['writing']} "
                     f"resumed_from={result['resumed_from']} exact={exact}" + (f" ({result['error']})"
@@ -225,9 +242,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['total_s']:>26.3f}")
         return
     rows = drill(args.trials, [False, True], args.iters, args.seed)
-    print(f"{'mode':<6} {'trials':>6} {'killed mid-run':>15} {'during a write':>15} {'resumed exactly':>16}")
+    print(f"{'mode':<6} {'trials':>6} {'killed mid-run':>15} {'during a write':>15} {'resumed':>8} "
+          f"{'resumed exactly':>16}")
     for row in rows:
-        print(f"{row['mode']:<6} {row['trials']:>6} {row['killed']:>15} {row['writing']:>15} {row['exact']:>16}")
+        print(f"{row['mode']:<6} {row['trials']:>6} {row['killed']:>15} {row['writing']:>15} {row['resumed']:>8} "
+              f"{row['exact']:>16}")
 
 
 if __name__ == "__main__":
