@@ -118,3 +118,14 @@ def test_resume_in_a_focus_phase_is_exact(tiny_corpus, tmp_path):
     _, straight, resumed_trainer, resumed = straight_and_resumed(tiny_corpus, tmp_path, *SMALL, *LFR)
     assert straight[-1]["samples_seen"] > straight[-1]["samples_trained"]
     assert without_timing(resumed) == without_timing(straight[3:])
+
+
+@pytest.mark.slow
+def test_dp2_tp2_pp2_equal_one_process(tiny_corpus):
+    """Two learn steps (one pass over the 24 blocks at 12 a step), then a focus step that skips: the same
+    blocks on every layout (a global table), so the same losses, gradient norms and parameters."""
+    import test_parallel_training as tpt
+    records = tpt.equal_to_one_process(tiny_corpus, 2, tpt.TWO_RANK_BASICS,
+                                       [*SMALL, "--selection", "lfr", "--lfr-learn-iters", "2", "--lfr-focus-iters",
+                                        "1", "--lfr-review-iters", "1"])
+    assert records[-1]["samples_seen"] > records[-1]["samples_trained"] == 36
