@@ -129,3 +129,16 @@ def test_dp2_tp2_pp2_equal_one_process(tiny_corpus):
                                        [*SMALL, "--selection", "lfr", "--lfr-learn-iters", "2", "--lfr-focus-iters",
                                         "1", "--lfr-review-iters", "1"])
     assert records[-1]["samples_seen"] > records[-1]["samples_trained"] == 36
+
+
+@pytest.mark.slow
+def test_blend_skips(two_corpora):
+    """A blend's one pass is the blocks (each index one source window): learned in 6 steps; the focus steps
+    7-11 reach the blocks learned last (the lowest recorded perplexities) and skip some of them."""
+    (alpha, beta), tokenizer = two_corpora
+    argv = flags((alpha, tokenizer), *SMALL, *LFR, "--eval-iters", "0", "--lfr-learn-iters", "6",
+                 "--lfr-focus-iters", "5", "--train-iters", "11")
+    argv[argv.index("--data-path") + 1:argv.index("--data-path") + 2] = ["0.5", alpha, "0.5", beta]
+    trainer, records = run(argv)
+    assert len(trainer.train_ds) == 48
+    assert records[-1]["samples_seen"] > records[-1]["samples_trained"] == 88
