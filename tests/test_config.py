@@ -74,6 +74,7 @@ def test_config_file_with_command_line_override(base, tmp_path):
     (["--selection", "magic"], "--selection"),
     (["--eslm-threshold-scope", "global"], "--eslm-threshold-scope must be one of micro-batch, previous-step"),
     (["--selection", "lfr", "--eslm-threshold-scope", "previous-step"], "--eslm-threshold-scope"),
+    (["--selection", "lfr", "--lfr-mode", "drop"], "--lfr-mode"),
     (["--lr-decay-style", "step"], "--lr-decay-style"),
     (["--num-layers", "two"], "--num-layers"),
     (["--distributed-timeout-minutes", "0"], "--distributed-timeout-minutes must be positive, got 0"),

@@ -38,7 +38,7 @@ def policies(checkpoint: str) -> dict[str, list[str]]:
         # step 1 learn, steps 2-3 focus over a window that holds the previous step's samples too. No warmup:
         # the first update runs at the initial rate (Megatron's timing), 0 under a warmup, and then a focus
         # step scored with the untrained model dropped nothing here
-        "lfr": ["--selection", "lfr", "--lfr-learn-iters", "1", "--lfr-focus-iters", "2",
+        "lfr": ["--selection", "lfr", "--lfr-mode", "mask", "--lfr-learn-iters", "1", "--lfr-focus-iters", "2",
                 "--lfr-review-iters", "2", "--lfr-drop-fraction", "0.3", "--lr-warmup-iters", "0"],
         "rho1": ["--selection", "rho1", "--eslm-alpha", "0.5", "--reference-load", checkpoint],
         # KD scored by the student's loss, and by the teacher's entropy. Not by the student's entropy: after

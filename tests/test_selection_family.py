@@ -257,7 +257,7 @@ def test_flags_of_the_family_fail_in_one_line(tiny_corpus, dense_checkpoint):
 
 @pytest.mark.parametrize("selection,extra", [
     ("ada-eslm", ["--eslm-alpha", "0.3", "--ada-eslm-budget", "0.2", "--ada-eslm-momentum", "0.5"]),
-    ("lfr", ["--lfr-learn-iters", "3", "--lfr-focus-iters", "2", "--lfr-review-iters", "2"]),
+    ("lfr", ["--lfr-mode", "mask", "--lfr-learn-iters", "3", "--lfr-focus-iters", "2", "--lfr-review-iters", "2"]),
 ])
 def test_stateful_policies_resume_exactly(tiny_corpus, tmp_path, selection, extra):
     common = ["--selection", selection, "--hidden-dropout", "0.1", *extra]

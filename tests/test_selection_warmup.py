@@ -21,7 +21,8 @@ def dense(tiny_corpus):
 
 @pytest.mark.parametrize("policy", [["--selection", "eslm"], ["--selection", "random"],
                                     ["--selection", "ada-eslm", "--ada-eslm-rule", "linear"],
-                                    ["--selection", "lfr", "--lfr-learn-iters", "0", "--lfr-focus-iters", "5"]],
+                                    ["--selection", "lfr", "--lfr-mode", "mask", "--lfr-learn-iters", "0",
+                                     "--lfr-focus-iters", "5"]],
                          ids=["eslm", "random", "ada-eslm", "lfr"])
 def test_warmup_is_dense_then_the_policy(tiny_corpus, dense, policy):
     records = run(flags(tiny_corpus, *policy, "--selection-warmup-iters", str(WARMUP)))[1]

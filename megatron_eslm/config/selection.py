@@ -14,6 +14,7 @@ SCORES = ("loss", "entropy")
 THRESHOLD_MODES = ("sketch", "sketch-exact", "exact")
 THRESHOLD_SCOPES = ("micro-batch", "previous-step")
 LM_HEAD_IMPLS = ("auto", "torch", "triton")
+LFR_MODES = ("skip", "mask")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class SelectionConfig:
     lfr_focus_iters: int = 50
     lfr_review_iters: int = 25
     lfr_drop_fraction: float = 0.3
+    lfr_mode: str = "skip"  # skip | mask
     lm_head_impl: str = "auto"  # auto | torch | triton
     selection_warmup_iters: int = 0
 
@@ -70,6 +72,10 @@ HELP = {
     "lfr_review_iters": "lfr: steps of each review phase (every sample); also the perplexity window",
     "lfr_drop_fraction": "lfr: fraction in [0, 1) of the recent samples' perplexities below which a sample "
                          "is dropped in focus phases",
+    "lfr_mode": "lfr: skip (the sampler passes over the blocks whose last recorded perplexity is below the "
+                "drop quantile and fills the batch with the next ones: a focus step is a dense step on harder "
+                "data; the data loader runs without workers) or mask (every sample goes through the model, the "
+                "dropped ones' tokens get no loss); see docs/selection.md",
     "lm_head_impl": "LM-head kernels: " + ", ".join(LM_HEAD_IMPLS) + " (auto: triton on CUDA, else torch)",
     "selection_warmup_iters": "train dense for the first N iterations, then with --selection (the policy is "
                               "not consulted before: Ada-ESLM's alpha, LFR's table and Rho-1's reference pass "
@@ -102,6 +108,7 @@ def _validate_selection_family(s: SelectionConfig) -> None:
     positive(s.lfr_review_iters, "--lfr-review-iters")
     if not 0.0 <= s.lfr_drop_fraction < 1.0:
         raise UserError(f"--lfr-drop-fraction must be in [0, 1), got {s.lfr_drop_fraction}")
+    one_of(s.lfr_mode, LFR_MODES, "--lfr-mode")
     if s.selection == "lfr" and s.eslm_threshold_scope != "micro-batch":
         raise UserError("--eslm-threshold-scope previous-step is not read by --selection lfr (its quantile "
                         "is over a table of samples)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -142,11 +143,14 @@ def dataset_names(prefixes: Sequence[str]) -> list[str]:
 
 
 def build_train_valid_test_datasets(
-    data: DataConfig, seq_length: int, seed: int, num_samples: Sequence[int], vocab_size: int
+    data: DataConfig, seq_length: int, seed: int, num_samples: Sequence[int], vocab_size: int,
+    train_one_pass: bool = False,
 ) -> tuple[torch.utils.data.Dataset | None, ...]:
     """(train, valid, test) datasets with ``num_samples`` samples each (valid and test: at most as many as
     one pass over their documents holds, so no window is scored twice); None where a split has no data or
-    no samples are asked. Each sample is ``{"tokens", "labels", "index"}``."""
+    no samples are asked. Each sample is ``{"tokens", "labels", "index"}``. `train_one_pass`: the train
+    split is exactly one pass over its data, whatever its ``num_samples`` (--lfr-mode skip's blocks: the
+    sampler revisits them epoch after epoch, so each index is the same window in every epoch)."""
     open_dataset = _Datasets(vocab_size)
     split_paths = (data.train_data_path, data.valid_data_path, data.test_data_path)
     if data.data_path:
@@ -175,6 +179,8 @@ def build_train_valid_test_datasets(
                      for weight, prefix in parse_blend(split_paths[s], flag)]
         if name != "train":  # evaluation splits: each window once, at most
             samples = _once(parts, seq_length, samples)
+        elif train_one_pass:
+            samples = _once(parts, seq_length, sys.maxsize)
         datasets.append(_blend(parts, name, seq_length, seed, samples, data.data_cache_path))
     if datasets[0] is None and num_samples[0] > 0:
         source = f"--split {data.split}: the train split" if data.data_path else "--train-data-path"

@@ -10,12 +10,15 @@ from megatron_eslm.eslm.frozen_model import load_frozen_model
 from megatron_eslm.eslm.importance import ESLMISPolicy
 from megatron_eslm.eslm.kd import ESLMKDPolicy
 from megatron_eslm.eslm.lfr import LFRPolicy, Phases
+from megatron_eslm.eslm.lfr_skip import LFRSkipPolicy
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, RandomPolicy
 from megatron_eslm.eslm.rho1 import Rho1Policy
 
 
-def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = None, group=None) -> Policy | None:
-    """`group` is the selection group every threshold and normalizer is taken over (None: this process)."""
+def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = None, group=None,
+                 num_blocks: int = 0) -> Policy | None:
+    """`group` is the selection group every threshold and normalizer is taken over (None: this process);
+    `num_blocks`: the training data's blocks (--lfr-mode skip's table, `data/builder.py`)."""
     s = cfg.selection
     if s.selection == "none":
         return None
@@ -38,5 +41,8 @@ def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = Non
         reference = load_frozen_model(s.reference_load, "--reference-load", vocab_size, cfg.model.seq_length,
                                       device)
         return Rho1Policy(eslm, reference)
-    return LFRPolicy(Phases(s.lfr_learn_iters, s.lfr_focus_iters, s.lfr_review_iters), s.lfr_drop_fraction,
+    phases = Phases(s.lfr_learn_iters, s.lfr_focus_iters, s.lfr_review_iters)
+    if s.lfr_mode == "skip":
+        return LFRSkipPolicy(phases, s.lfr_drop_fraction, num_blocks)
+    return LFRPolicy(phases, s.lfr_drop_fraction,
                      s.eslm_threshold, s.eslm_sketch_size, group)

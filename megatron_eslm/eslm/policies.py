@@ -30,7 +30,10 @@ def token_score(scores: TokenScores, kind: str) -> Tensor:
 
 class Policy:
     """A selector plus the hooks the training step calls around it; the defaults do nothing, so a
-    stateless selector only implements `__call__`."""
+    stateless selector only implements `__call__`. One that does not select tokens (`selects_tokens` False,
+    LFR's skip mode) leaves the step dense and sees each micro-batch's scores through `record`."""
+
+    selects_tokens = True
 
     def __call__(self, scores: TokenScores) -> Selection:
         raise NotImplementedError

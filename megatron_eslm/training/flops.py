@@ -19,6 +19,11 @@ dimension, m = 3 MLP matrices with SwiGLU else 2), counting 2 FLOPs per multiply
                         dense, unfused (Triton, TP > 1): 6hV per token (recompute + 2 GEMMs)
                         selective (recompute + 2 GEMMs): 6hV per KEPT token
 Embedding lookups, norms and elementwise work are not counted (Megatron's convention).
+
+The paper count (`paper`, ESLM's): with F = transformer forward + 2hV a token, F for every token and 2F
+for every kept token (dense: every valid token), so (1 + 2k)/3 of dense at a kept fraction k. It leaves
+out recompute, the head's recomputed logits and the policies' extra passes; samples a sampler skips
+(--selection lfr --lfr-mode skip) never reach the model and count in neither.
 Recompute and the extra passes of selection policies (a teacher's or reference model's forward,
 distillation logits) count in the executed FLOPs only: the dense baseline is dense training without
 recompute and without those models.
@@ -36,10 +41,12 @@ from megatron_eslm.training.recompute import layer_groups
 class StepFlops:
     executed: float = 0.0
     dense: float = 0.0
+    paper: float = 0.0
 
     def __iadd__(self, other: "StepFlops") -> "StepFlops":
         self.executed += other.executed
         self.dense += other.dense
+        self.paper += other.paper
         return self
 
 
@@ -87,7 +94,8 @@ def micro_batch_flops(cfg: ModelConfig, vocab_size: int, num_tokens: int, num_va
     every row, ignored ones included (their gradient is zeroed, not skipped): fused into the scoring pass
     (`fused_dense`, the PyTorch head on one tensor-parallel rank: 4hV a row) or as pass 2 recomputing the
     logits (the Triton and vocab-parallel heads: 6hV a row). The dense baseline is the fused head over the
-    valid tokens, without recompute (which `cfg` may ask for, on this run's pipeline stages)."""
+    valid tokens, without recompute (which `cfg` may ask for, on this run's pipeline stages); `paper` is
+    ESLM's count (module docstring)."""
     body = 3.0 * transformer_forward_flops_per_token(cfg) * num_tokens
     recomputed = recompute_flops_per_token(cfg, parallel_state.pipeline_model_parallel_size()) * num_tokens
     head_unit = 2.0 * cfg.hidden_size * vocab_size
@@ -97,5 +105,7 @@ def micro_batch_flops(cfg: ModelConfig, vocab_size: int, num_tokens: int, num_va
         executed_backward = 3.0 * head_unit * num_kept
     else:
         executed_backward = (2.0 if fused_dense else 3.0) * head_unit * num_tokens
+    forward_per_token = transformer_forward_flops_per_token(cfg) + head_unit
+    paper = forward_per_token * (num_tokens + 2.0 * (num_kept if selective else num_valid))
     return StepFlops(executed=body + recomputed + head_forward + executed_backward,
-                     dense=body + head_forward + dense_backward)
+                     dense=body + head_forward + dense_backward, paper=paper)

@@ -231,7 +231,7 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
                 return forward(tokens, input_tensor)
             loss, out = forward(tokens, input_tensor, head=head)
         stats.add(tokens.numel(), out)
-        if on_scores is not None:  # the evaluation's tail metrics
+        if on_scores is not None:  # the evaluation's tail metrics, LFR skip's records
             on_scores(out.scores, batch)
         if policy is not None:
             stats.policy_flops += policy.extra_flops()

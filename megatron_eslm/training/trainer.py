@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from megatron_eslm import parallel_state
 from megatron_eslm.config import Config, validate_layout
 from megatron_eslm.data.builder import build_train_valid_test_datasets
-from megatron_eslm.data.samplers import ResumableBatchSampler
+from megatron_eslm.data.samplers import ResumableBatchSampler, SkippingBatchSampler
 from megatron_eslm.distributed import collectives, deepspeed_config, launch
 from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine, partitioned_construction
 from megatron_eslm.distributed.grad_overlap import OverlappedGradReducer
@@ -68,10 +68,10 @@ class Trainer:
         ds_config = deepspeed_config.resolve(cfg, dp) if cfg.deepspeed.deepspeed else None
         self.model = build_model(cfg, self.vocab_size, self.device, ds_config)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.policy = build_policy(cfg, self.vocab_size, self.device, parallel_state.selection_group())
         self.lm_head_impl = resolve_impl(cfg.selection.lm_head_impl, self.device)
         self.iteration = 0
-        self.consumed_samples = 0
+        self.consumed_samples = 0  # samples trained: a global batch a step
+        self.samples_seen = 0  # samples the sampler passed, skipped ones too (--lfr-mode skip)
         t = cfg.training
         self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
         self.engine = None  # --deepspeed: ZeRO owns the data-parallel reduction and the optimizer step
@@ -83,9 +83,13 @@ class Trainer:
         if p.overlap_grad_reduce and self.engine is None and parallel_state.data_context_parallel_size() > 1:
             self.grad_reducer = OverlappedGradReducer(self.model, p.ddp_bucket_size)
         eval_samples = t.eval_iters * t.global_batch_size
+        self.skips_samples = cfg.selection.selection == "lfr" and cfg.selection.lfr_mode == "skip"
         self.train_ds, self.valid_ds, _ = build_train_valid_test_datasets(
             cfg.data, cfg.model.seq_length, t.seed, (t.train_iters * t.global_batch_size, eval_samples, 0),
-            self.tokenizer.vocab_size)
+            self.tokenizer.vocab_size, train_one_pass=self.skips_samples)
+        self.policy = build_policy(cfg, self.vocab_size, self.device, parallel_state.selection_group(),
+                                   len(self.train_ds))
+        self.train_sampler: SkippingBatchSampler | None = None  # --lfr-mode skip's, while training
         if self.valid_ds is not None and len(self.valid_ds) < eval_samples:
             self.log(f"validation: {len(self.valid_ds)} distinct samples, fewer than --eval-iters x --global-batch-size "
                      f"= {eval_samples}: each evaluation scores {self._eval_samples()} of them once (whole "
@@ -113,6 +117,20 @@ class Trainer:
                           generator=torch.Generator().manual_seed(self.cfg.training.seed),
                           pin_memory=self.device.type == "cuda")
 
+    def _skipping_loader(self) -> DataLoader:
+        """--lfr-mode skip's training data from `samples_seen` on. Without workers: a step's blocks are chosen
+        when its first micro-batch is read, after `policy.start_step` has decided the skips (workers would
+        read ahead)."""
+        t = self.cfg.training
+        warmup = self.cfg.selection.selection_warmup_iters
+        self.train_sampler = SkippingBatchSampler(
+            len(self.train_ds), self.samples_seen, t.micro_batch_size, t.global_batch_size, self.iteration + 1,
+            t.train_iters, lambda step: self.policy.skipped(step) if step > warmup else None,
+            parallel_state.data_parallel_rank(), parallel_state.data_parallel_size())
+        return DataLoader(self.train_ds, batch_sampler=self.train_sampler, num_workers=0,
+                          generator=torch.Generator().manual_seed(t.seed),  # as `_loader`'s: the global RNG untouched
+                          pin_memory=self.device.type == "cuda")
+
     def _autocast(self):
         if self.cfg.training.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -130,6 +148,9 @@ class Trainer:
         policy = self.policy if self.iteration >= self.cfg.selection.selection_warmup_iters else None
         if policy is not None:
             policy.start_step(self.iteration + 1)
+        record = None  # --lfr-mode skip: a dense step whose scores the policy records
+        if policy is not None and not policy.selects_tokens:
+            policy, record = None, policy.record
         lr = learning_rate(self.cfg.optimizer, self.iteration)  # Megatron's: the rate after the updates so far
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -137,7 +158,7 @@ class Trainer:
             injected = self.iteration + 1 in self.cfg.faults.inject_nan_at_iterations
             stats = forward_backward(self.model, policy, batches, self.num_micro_batches, self.device,
                                      self.lm_head_impl, self._autocast, grad_scale=math.nan if injected else 1.0,
-                                     stats=stats, grad_reducer=self.grad_reducer)
+                                     stats=stats, grad_reducer=self.grad_reducer, on_scores=record)
             timers.stop("forward_backward")
             timers.start("grads_reduce")
             if self.grad_reducer is not None:
@@ -154,7 +175,7 @@ class Trainer:
             stats = forward_backward(self.model, policy, batches, self.num_micro_batches, self.device,
                                      self.lm_head_impl, self._autocast, grad_scale=self.engine.grad_scale,
                                      backward=self.engine.backward, forward=self.engine.forward, stats=stats,
-                                     accumulate_into_grad=False)
+                                     accumulate_into_grad=False, on_scores=record)
             timers.stop("forward_backward")
             timers.start("optimizer")  # ZeRO-1's deferred reduction nests in it as grads_reduce
             stats.grad_norm = self.engine.step(lr)
@@ -162,6 +183,12 @@ class Trainer:
         stats.lr = lr
         stats.steps += 1
         return stats
+
+    def _samples_seen(self) -> int:
+        """After a step: the samples trained, plus those a skipping sampler passed over."""
+        if self.train_sampler is not None:
+            return self.train_sampler.position
+        return self.samples_seen + self.cfg.training.global_batch_size
 
     # ----------------------------------------------------------------- eval
     def evaluate(self) -> dict | None:
@@ -198,7 +225,9 @@ class Trainer:
             return []
         timers = install_timers(cfg.logging.timing_log_level, self.device)
         collectives.reset()  # the records' comm_bytes_* (level 2) count this run's steps, not the setup's
-        batches = timers.timed(iter(self._loader(self.train_ds, len(self.train_ds), self.consumed_samples)), "data")
+        loader = self._skipping_loader() if self.skips_samples else \
+            self._loader(self.train_ds, len(self.train_ds), self.consumed_samples)
+        batches = timers.timed(iter(loader), "data")
         records = []
         start_iteration, start = self.iteration, time.perf_counter()
         interval, tic = None, time.perf_counter()
@@ -217,6 +246,7 @@ class Trainer:
                 if watchdog is not None:
                     watchdog.progress(self.iteration)
                 self.consumed_samples += t.global_batch_size
+                self.samples_seen = self._samples_seen()
                 stop = exits.reason(self.iteration)
                 if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters or stop:
                     stats = reduce_step_stats(interval)  # the interval's one host read: waits for the device
@@ -267,7 +297,9 @@ class Trainer:
         step; this rank's peak memory in the interval; the phase times at --timing-log-level 1 or 2, and at 2
         this rank's communication bytes per iteration by collective kind (`distributed/collectives.py`). Tokens/s
         and TFLOP/s count the training steps' time: the interval's evaluations and checkpoints are left out
-        (they are in iteration_time_ms, and in time_eval_ms / time_checkpoint_ms)."""
+        (they are in iteration_time_ms, and in time_eval_ms / time_checkpoint_ms). FLOPs (executed, dense,
+        paper: `training/flops.py`) are per iteration; consumed_samples (= samples_trained), samples_seen and
+        tokens_trained (samples_trained x --seq-length) are cumulative, host counts of the run so far."""
         tokens = self.cfg.training.global_batch_size * self.cfg.model.seq_length * stats.steps
         flops = stats.flops(self.cfg.model, self.vocab_size)
         training = elapsed - self._outside_steps
@@ -284,8 +316,12 @@ class Trainer:
             "iteration_time_ms": 1000.0 * elapsed / stats.steps,
             "executed_flops": flops.executed / stats.steps,
             "dense_flops": flops.dense / stats.steps,
+            "paper_flops": flops.paper / stats.steps,
             "iterations": stats.steps,
             "consumed_samples": self.consumed_samples,
+            "samples_seen": self.samples_seen,
+            "samples_trained": self.consumed_samples,
+            "tokens_trained": self.consumed_samples * self.cfg.model.seq_length,
             "kept": stats.kept,
             "threshold_bound": stats.threshold_bound if stats.thresholds else None,
             "threshold_bytes": stats.threshold_bytes,
@@ -344,6 +380,7 @@ class Trainer:
         state = {
             "scheduler": {"num_steps": self.iteration, **schedule_flags(self.cfg.optimizer)},
             "consumed_samples": self.consumed_samples,
+            "samples_seen": self.samples_seen,
             "config": self.cfg.to_dict(),
             "policy": self.policy.state_dict() if self.policy is not None else {},
             "vocab_size": self.tokenizer.vocab_size,  # the offline tools cut the padding rows with it
@@ -399,6 +436,7 @@ class Trainer:
             check_schedule(root, state.get("scheduler", {}), self.cfg.optimizer)
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
+        self.samples_seen = state.get("samples_seen", self.consumed_samples)  # older checkpoints: nothing skipped
         if self.policy is not None and state.get("policy"):  # alpha of ada-eslm, table of lfr
             self.policy.load_state_dict(state["policy"])
         self.log(f"resumed from {root} at iteration {self.iteration} ({self.consumed_samples} samples)")
