@@ -30,9 +30,12 @@ setup(
         # megatron-core: the format-compatibility tests compare against its own reader and writer;
         # tokenizers: HuggingFaceTokenizer; transformers: LlamaForCausalLM, the Llama blocks' reference.
         # Tests that need one skip without it.
-        "test": ["pytest>=7", "hypothesis>=6", "megatron-core>=0.12", "tokenizers>=0.19", "transformers>=4.45"],
+        # pytest-xdist: pytest.ini runs the suite on two workers (-n 2).
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "hypothesis>=6", "megatron-core>=0.12", "tokenizers>=0.19",
+                 "transformers>=4.45"],
         # What CI and the README's commands install: torch 2.13.0 is the CPU build on the CI machines.
-        "ci": ["torch==2.13.0", "triton==3.9.0", "deepspeed==0.19.0", "pytest==9.2.0", "hypothesis==6.170.15",
+        "ci": ["torch==2.13.0", "triton==3.9.0", "deepspeed==0.19.0", "pytest==9.2.0", "pytest-xdist==3.8.0",
+               "hypothesis==6.170.15",
                "megatron-core==0.16.1", "tokenizers==0.23.3", "transformers==5.17.0",
                "matplotlib==3.11.2"],
     },

@@ -1,14 +1,15 @@
 """A pytest plugin (tests/conftest.py loads it): `--check-exercised` fails the session unless every module of
 the package ran at least one of its functions in this pytest process.
 
-    python -m pytest -m "not slow" --check-exercised tests
+    python -m pytest -m "not slow" -n 0 --check-exercised tests
 
-checks that the fast tier still exercises every module of megatron_eslm/ (and its kernels): importing a
-module is not enough, one of its functions or methods must be called. Calls made in other processes (the
+checks that the fast tier still exercises every module of megatron_eslm/ (and its kernels) that defines a
+function: importing it is not enough, one of its functions or methods must be called. Calls made in other processes (the
 rank pool, launched commands) are not seen, so a module the fast tier reaches only there is reported.
 """
 from __future__ import annotations
 
+import ast
 import sys
 import threading
 from pathlib import Path
@@ -20,14 +21,19 @@ import megatron_eslm
 PACKAGE = Path(megatron_eslm.__file__).resolve().parent
 
 
+def _defines_functions(path: Path) -> bool:
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) for node in ast.walk(ast.parse(path.read_text())))
+
+
 def package_modules() -> dict[str, str]:
-    """File path -> module name of every module of the installed package, the kernels included."""
+    """File path -> module name of every module of the installed package that defines a function (a package's
+    `__init__` of imports and a docstring has nothing to run), the kernels included."""
     from megatron_eslm import kernels
     roots = [(PACKAGE, "megatron_eslm"), (Path(kernels.__path__[0]).resolve(), "megatron_eslm.kernels")]
     modules = {}
     for root, prefix in roots:
         for path in sorted(root.rglob("*.py")):
-            if path.name == "__init__.py" and path.stat().st_size == 0:
+            if not _defines_functions(path):
                 continue
             parts = path.relative_to(root).with_suffix("").parts
             name = ".".join((prefix, *parts)).removesuffix(".__init__")
@@ -79,4 +85,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--check-exercised"):
-        config.pluginmanager.register(ExercisedModules(), "exercised_modules")
+        if getattr(config.option, "numprocesses", None):  # the tests would run in xdist's workers, unseen
+            raise pytest.UsageError("--check-exercised sees this process only: add -n 0")
+        config.pluginmanager.register(ExercisedModules(), "exercised_modules_check")

@@ -13,6 +13,7 @@ has its own tests.
 from __future__ import annotations
 
 
+import pytest
 import torch
 
 from megatron_eslm import parallel_state
@@ -84,6 +85,7 @@ def bf16_flags(corpus, micro: int, *extra: str) -> list[str]:
     return [*flags(corpus, micro, *extra), "--bf16", "--train-iters", str(STEPS)]
 
 
+@pytest.mark.slow
 def test_bf16_trains_like_one_process(tiny_corpus):
     """lm_loss falls over the steps, and TP2-SP / PP2 follow one process step by step, to RTOL (below
     bf16's 7.8e-3 epsilon)."""

@@ -42,6 +42,7 @@ def resume(corpus, root, *extra):
     return run(flags(corpus, "--load", root, *extra))
 
 
+@pytest.mark.slow
 def test_manifest_lists_every_file_with_size_and_crc(saved):
     save, _ = saved
     for iteration in (2, 4, 6):
@@ -130,6 +131,7 @@ def test_fuzzed_checkpoint_loads_exactly_or_fails_in_one_line(saved, tmp_path_fa
         assert torch.equal(state["model"][name], tensor), name
 
 
+@pytest.mark.slow
 def test_async_save_writes_what_a_synchronous_save_writes(tiny_corpus, saved, tmp_path):
     """Same checkpoints (every tensor equal), manifests that check out, and resuming from the async run's
     iteration 4 equals the uninterrupted run."""
@@ -151,6 +153,7 @@ def test_async_save_writes_what_a_synchronous_save_writes(tiny_corpus, saved, tm
     assert without_timing(rest) == without_timing(saved[1][4:])
 
 
+@pytest.mark.slow
 def test_async_save_on_two_ranks(tiny_corpus, tmp_path):
     """DP2: both ranks' writes finish before the publish (the tracker names the last iteration, the
     manifest the one shard), and the records equal the synchronous run's."""

@@ -34,6 +34,7 @@ def reshape(load: str, save: str, tp: int, pp: int, iteration: int | None = None
                              *([] if iteration is None else ["--iteration", str(iteration)])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
 def test_reshaped_checkpoint_trains_like_the_original_layout(tiny_corpus, tmp_path, model):
     original = str(tmp_path / "tp2pp2")

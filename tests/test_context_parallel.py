@@ -197,6 +197,7 @@ def resume_flags(corpus, save: str) -> list[str]:
             "--save", save, "--save-interval", "2"]
 
 
+@pytest.mark.slow
 def test_two_ranks(tiny_corpus, references, tmp_path):
     """CP2 equals one process; a CP2 checkpoint resumes under CP1 and a CP1 checkpoint under CP2."""
     cp1_save, cp2_save = str(tmp_path / "cp1"), str(tmp_path / "cp2")
@@ -228,6 +229,7 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
         sorted(p.name for p in Path(cp1_save, "iter_0000002").iterdir()) == ["manifest.json", "mp_rank_00"]
 
 
+@pytest.mark.slow
 def test_four_ranks(tiny_corpus, references, tmp_path):
     """CP2xDP2, CP2xTP2 (and with SP), CP2xPP2 equal one process; bench_comm's model of CP2xDP2 and
     CP2xTP2xSP."""

@@ -129,6 +129,7 @@ def difference(result: dict, want: dict) -> float:
     return worst
 
 
+@pytest.mark.slow
 def test_zero_stages_equal_plain_data_parallel_and_one_process(launched, references):
     _, (results, _) = launched
     table = {}
@@ -142,6 +143,7 @@ def test_zero_stages_equal_plain_data_parallel_and_one_process(launched, referen
     print("\n" + "\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
 
 
+@pytest.mark.slow
 def test_zero_stages_hold_the_parameters_of_one_process(launched, references):
     """Every parameter after the steps, ZeRO 1-3 (and our DP2) against one process, in float32, both ranks
     holding the same gathered parameters. Not in float64 as the TP/PP tests: DeepSpeed keeps float32 master
@@ -165,6 +167,7 @@ def test_zero_stages_hold_the_parameters_of_one_process(launched, references):
     assert all(a <= 1e-5 and b <= 6e-4 for a, b in table.values()), table
 
 
+@pytest.mark.slow
 def test_context_parallel_under_zero_equals_one_process(launched, references):
     """CP2 under ZeRO-1 and ZeRO-3: DeepSpeed reduces and partitions over the data x context ranks (its
     "sequence data parallel" group), the batch stays divided over data parallelism alone."""
@@ -175,6 +178,7 @@ def test_context_parallel_under_zero_equals_one_process(launched, references):
             assert worst <= TOLERANCE, f"cp2 zero{stage} {selection}: {worst:.1e}"
 
 
+@pytest.mark.slow
 def test_llama_under_zero_equals_plain_data_parallel(launched):
     """The Llama model (rope, RMSNorm, SwiGLU, GQA, untied head, no biases) under ZeRO-1 and ZeRO-3 (built
     inside zero.Init) trains like our own data parallelism, ESLM on the loss."""
@@ -184,6 +188,7 @@ def test_llama_under_zero_equals_plain_data_parallel(launched):
         assert worst <= TOLERANCE, f"llama zero{stage}: {worst:.1e}"
 
 
+@pytest.mark.slow
 def test_zero3_with_full_recompute_equals_zero3(launched):
     """torch's non-reentrant checkpoint under ZeRO-3: the recompute in the backward runs the layers' forward
     hooks again, which gather the partitioned parameters it needs; the run equals the one without."""
@@ -192,6 +197,7 @@ def test_zero3_with_full_recompute_equals_zero3(launched):
     assert worst <= TOLERANCE, f"zero3 recompute: {worst:.1e}"
 
 
+@pytest.mark.slow
 def test_deepspeed_checkpoints_resume_exactly(launched):
     tmp, (results, _) = launched
     for name in RESUMES:
@@ -206,6 +212,7 @@ def test_deepspeed_checkpoints_resume_exactly(launched):
     assert stages == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]  # one file per pipeline stage
 
 
+@pytest.mark.slow
 def test_reader_consolidates_zero_checkpoints(launched):
     """The offline reader's whole tensors of a ZeRO 1-3 checkpoint (weights and AdamW moments, from the
     data-parallel partitions; for CP2 the partitions of the context pair) equal those of the same training
@@ -236,6 +243,7 @@ def test_reader_consolidates_zero_checkpoints(launched):
     assert difference < 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_accumulates_in_fp32_and_trains_like_fp32(launched, references):
     """--bf16 with 3 micro-batches per step: DeepSpeed holds bf16 parameters, and the step's gradients sum
     in fp32 at every stage; the losses and gradient norms stay near the float32 run's, the loss falls,
@@ -255,6 +263,7 @@ def test_bf16_accumulates_in_fp32_and_trains_like_fp32(launched, references):
         assemble([ranks[rank][f"{layout} bf16"] for rank in range(WORLD)])
 
 
+@pytest.mark.slow
 def test_zero3_builds_the_parameters_of_one_process(launched):
     """Built inside zero.Init (a rank holds 1/DP of every parameter from the start: test_model_memory.py),
     the parameters gathered are bit for bit those of the model built without DeepSpeed (cast to bf16 under
@@ -269,6 +278,7 @@ def test_zero3_builds_the_parameters_of_one_process(launched):
             assert result["decayed"] == result["plain_decayed"], name
 
 
+@pytest.mark.slow
 def test_deepspeed_module_launch(tiny_corpus, references, tmp_path):
     """What users type: `deepspeed --module megatron_eslm.pretrain` with a ds_config file, ZeRO-2."""
     ds_config = tmp_path / "ds.json"
@@ -285,6 +295,12 @@ def test_deepspeed_module_launch(tiny_corpus, references, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- config
+
+def test_reader_names_a_folder_without_deepspeed_states(tmp_path):
+    from megatron_eslm.checkpoint.deepspeed_reader import read_deepspeed_shards
+    with pytest.raises(UserError, match="no DeepSpeed model states of model-parallel rank 0"):
+        read_deepspeed_shards(str(tmp_path))
+
 
 def test_flags_are_deepspeeds_own():
     """--deepspeed and --deepspeed_config parse as DeepSpeed's `add_config_arguments` defines them."""

@@ -49,6 +49,7 @@ def thresholds(world: int) -> list[ThresholdResult]:
             for case, mode, alpha, size in calls(world)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_group_every_mode_against_sorting(world: int):
     per_rank: list[list[ThresholdResult]] = run_on_ranks(world, thresholds, world)

@@ -79,6 +79,7 @@ def test_training_with_p_one_is_dense(tiny_corpus):
         torch.testing.assert_close(full["params"][name][0], param, rtol=0, atol=1e-14, msg=name)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tiny_corpus):
     """DP2 (one process with the replicas' micro-batches side by side: one threshold per micro-batch index
     over the replicas), TP2 (the vocabulary-parallel head, two row groups) and PP2 against one process:

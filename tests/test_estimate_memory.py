@@ -195,6 +195,7 @@ def measured(jobs: dict[str, list[str]]) -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_two_rank_layouts_hold_the_estimate(tiny_corpus):
     jobs = {name: two_rank_argv(tiny_corpus, name) for name in TWO_RANKS}
     for rank, results in enumerate(run_on_ranks(2, measured, jobs)):
@@ -228,6 +229,7 @@ def deepspeed_argv(corpus, tmp_path: Path, name: str) -> list[str]:
                  "--deepspeed_config", str(ds_config))
 
 
+@pytest.mark.slow
 def test_deepspeed_engine_holds_the_estimate(tiny_corpus, tmp_path):
     """Parameters, gradient sums and optimizer state on each rank equal the estimate's (the larger of
     the two ranks' at ZeRO-2, whose gradient sums hold whole parameters), ZeRO-3's bucket as well."""

@@ -4,11 +4,11 @@ TensorBoard; DP2 equals one process."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from helpers import flags, run
+from helpers import flags, pretrain_in_process, run
+from rank_pool import run_on_ranks
 
 
 def test_datasets_sum_back_to_the_total(tiny_corpus, two_corpora, tmp_path):
@@ -30,10 +30,9 @@ def test_datasets_sum_back_to_the_total(tiny_corpus, two_corpora, tmp_path):
     assert {"valid/datasets/alpha/val_loss", "valid/datasets/beta/tokens"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tiny_corpus, two_corpora, tmp_path):
-    from helpers import REPO
-    import subprocess
-    import sys
+    """pretrain's entry point in this process and on the session's two gloo ranks (tests/rank_pool.py)."""
     (alpha, beta), tokenizer = two_corpora
     records = []
     for ranks in (1, 2):
@@ -41,11 +40,10 @@ def test_two_ranks_equal_one_process(tiny_corpus, two_corpora, tmp_path):
         argv = flags(tiny_corpus, "--data-path", "0.5", alpha, "0.5", beta, "--eval-interval", "3",
                      "--metrics-file", metrics, "--hidden-dropout", "0", "--attention-dropout", "0",
                      "--selection", "none", "--micro-batch-size", "2")
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"] \
-            if ranks == 2 else [sys.executable]
-        done = subprocess.run([*launcher, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
+        if ranks == 1:
+            pretrain_in_process(argv)
+        else:
+            run_on_ranks(2, pretrain_in_process, argv)
         records.append([r for r in map(json.loads, open(metrics)) if r.get("split") == "valid"])
     for one, two in zip(*records):
         for name in ("alpha", "beta"):

@@ -18,6 +18,8 @@ from megatron_eslm.config import parse_args
 from megatron_eslm.errors import UserError
 from megatron_eslm.training.checkpointing import latest_iteration
 
+pytestmark = pytest.mark.slow  # the whole file (pytest.ini)
+
 ITERS = 8
 
 
@@ -90,6 +92,7 @@ def _signalled_rank(rank: int, world: int, tmp: str, argv: list[str]) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
+
     torch.set_num_threads(1)
     trainer = Trainer(parse_args(argv), log=lambda *a: None)
     if rank == 1:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import pytest
+
 from helpers import REPO
+
+pytestmark = pytest.mark.slow  # the whole file (pytest.ini)
 
 spec = importlib.util.spec_from_file_location("fault_drill", os.path.join(REPO, "tools", "fault_drill.py"))
 fault_drill = importlib.util.module_from_spec(spec)
@@ -16,7 +20,8 @@ spec.loader.exec_module(fault_drill)
 def test_killed_runs_resume_exactly(tmp_path):
     lines = []
     rows = fault_drill.drill(trials=2, async_modes=[False, True], iters=8, seed=1, workdir=str(tmp_path),
-                             log=lines.append)
+                             log=lines.append, in_process=True)
+
     # every trial killed mid-run and resumed from a checkpoint, exactly; one kill of each mode during a write
     assert [(r["mode"], r["trials"], r["killed"], r["resumed"], r["exact"]) for r in rows] == [
         ("sync", 2, 2, 2, 2), ("async", 2, 2, 2, 2)], lines

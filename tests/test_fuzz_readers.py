@@ -199,6 +199,7 @@ def test_mutated_header_fields(written_dataset: WrittenDataset, field: str, valu
 
 @settings(max_examples=700, deadline=None)
 @given(data=st.data())
+@pytest.mark.slow
 def test_byte_flips_anywhere_in_the_idx(written_dataset: WrittenDataset, data: st.DataObject) -> None:
     position = st.integers(0, len(written_dataset.idx) - 1)
     flips = data.draw(st.lists(st.tuples(position, st.integers(1, 255)), min_size=1, max_size=4))
@@ -248,6 +249,7 @@ def cache_mutations(draw: st.DrawFn, files: dict[str, bytes]) -> tuple[str, byte
 
 @settings(max_examples=400, deadline=None)
 @given(data=st.data())
+@pytest.mark.slow
 def test_mutated_index_cache(written_cache: WrittenCache, data: st.DataObject) -> None:
     read_cache(written_cache, *data.draw(cache_mutations(written_cache.files)))
 
@@ -319,6 +321,7 @@ def test_seeded_dataset_mutations(written_dataset: WrittenDataset) -> None:
     assert counts["one-line error"] > 0.9 * SEEDED_MUTATIONS and counts["read exactly"] > 0
 
 
+@pytest.mark.slow
 def test_seeded_cache_mutations(written_cache: WrittenCache) -> None:
     rng = random.Random(20240917)
 

@@ -26,6 +26,7 @@ import import_hf  # noqa: E402
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers==5.17.0)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
 def test_export_matches_transformers_and_imports_back(tiny_corpus, tmp_path, model, capsys):
     ckpt = str(tmp_path / "ckpt")

@@ -58,6 +58,7 @@ def test_converted_tokenizer_matches_sentencepiece(tiny_corpus):
         assert fast.decode(ids) == sp.decode(ids), text
 
 
+@pytest.mark.slow
 def test_export_round_trips_in_transformers(tiny_corpus, tmp_path):
     import sentencepiece
 

@@ -144,6 +144,7 @@ def two_rank_syncs(corpus: tuple[str, str]) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_two_ranks_within_budget(tiny_corpus):
     """Real collectives (the selection group's all-gathers and all-reduces, TP's vocab-parallel head, the
     pipeline's sends, the data-parallel sums launched from the backward) add no sync: the budget holds on

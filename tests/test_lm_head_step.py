@@ -95,6 +95,7 @@ def with_triton(monkeypatch):
         monkeypatch.setitem(IMPLEMENTATIONS, "triton", lm_head_triton)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("select", [None, keep_half], ids=["dense", "selective"])
 def test_in_place_accumulation_equals_autograd_accumulation(impl, select):
@@ -136,6 +137,7 @@ def peak_bytes(micro_batches: int, select, impl: str, accumulate_into_grad: bool
     return counter.peak
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("select", [None, keep_half], ids=["dense", "selective"])
 def test_peak_memory_does_not_grow_with_micro_batches(impl, select):
@@ -183,6 +185,7 @@ def count_weight_casts(weight, micro_batches: int, impl: str) -> int:
     return len(casts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 def test_weight_cast_once_per_step(impl):
     weight = make_weight(torch.float32)

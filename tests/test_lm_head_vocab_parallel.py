@@ -3,6 +3,7 @@ micro-batches, with each shard's weight gradient returned to autograd or added i
 from __future__ import annotations
 
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -60,6 +61,7 @@ def vocab_parallel_runs() -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_vocab_parallel_head_accumulates_like_one_process():
     ranks = run_on_ranks(2, vocab_parallel_runs)
     assert {impl for impl, _, _ in ranks[0]} == set(impls())

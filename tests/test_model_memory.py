@@ -36,6 +36,8 @@ from megatron_eslm.tensor_parallel import initialization
 from megatron_eslm.tensor_parallel.initialization import normal_chunk
 from megatron_eslm.training.trainer import build_model
 
+pytestmark = pytest.mark.slow  # the whole file (pytest.ini)
+
 WORLD = 2
 LIMIT = 0.6  # of the whole model's parameter bytes, per rank
 VOCAB = 32768
@@ -132,6 +134,7 @@ def _rank_main(rank: int, layout: str, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(minutes=5))
+
     tp, stage, extra = LAYOUTS[layout]
     parallel_state.initialize_model_parallel(tp, 1)
     if stage:

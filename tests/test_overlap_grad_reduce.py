@@ -130,6 +130,7 @@ def _split(events: list[tuple], kind: str) -> list[list[tuple]]:
     return [events[a:b] for a, b in zip(starts, starts[1:] + [len(events)])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_overlap_equals_reduction_after_backward(tiny_corpus, world):
     recorded = run_on_ranks(world, run_recorded, jobs(world, tiny_corpus))

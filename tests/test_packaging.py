@@ -7,9 +7,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_wheel_holds_every_module(tmp_path):
     source_tree = tmp_path / "src"  # a copy: setuptools builds inside the tree it is given
     for name in ("megatron_eslm", "kernels"):
@@ -33,6 +36,7 @@ def run_from_root(*statements: str, then: Path | None = None) -> subprocess.Comp
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_root_kernels_folder_does_not_shadow_a_kernels_package(tmp_path):
     """kernels/ at the project root is megatron_eslm.kernels only: imported as `kernels` it hands over to
     the next `kernels` on sys.path (a stub here; PyPI's, which transformers imports, where installed), or

@@ -77,6 +77,7 @@ def frozen_checkpoint(tiny_corpus, tmp_path_factory):
     return save
 
 
+@pytest.mark.slow
 def test_policies_on_two_ranks(tiny_corpus, frozen_checkpoint, tmp_path):
     argv = policies(frozen_checkpoint)
     torch.set_num_threads(1)

@@ -347,6 +347,7 @@ def untimed(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
+@pytest.mark.slow
 def test_two_ranks(tiny_corpus, references, tmp_path):
     """TP2, PP2, DP2 and TP2 with sequence parallelism; the mappings; dropout under TP is reproducible."""
     dropout = dropout_flags(tiny_corpus, *SELECTIONS["eslm-loss"], *layout_flags(2, 1, True))
@@ -397,6 +398,7 @@ def test_two_ranks(tiny_corpus, references, tmp_path):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{impl} {selection}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["dense", "eslm-loss"])
 def test_four_deep_layouts(tiny_corpus, selection):
     """PP4 (4 layers, one a stage; 6 micro-batches: stage 0 warms up with 3 forwards before its first
@@ -408,6 +410,7 @@ def test_four_deep_layouts(tiny_corpus, selection):
     assert len(records) == STEPS
 
 
+@pytest.mark.slow
 def test_four_ranks(tiny_corpus, references, tmp_path):
     """TP2xPP2, TP2xDP2, PP2xDP2 and TP2xPP2 with sequence parallelism; exact resume with dropout on
     TP2xPP2 (per-stage checkpoint directories, the tracker's streams) and TP2xDP2 with random selection
@@ -459,6 +462,7 @@ def test_bad_layouts_fail_in_one_line(tiny_corpus, world, extra, message):
         validate_layout(cfg, world)
 
 
+@pytest.mark.slow
 def test_bad_layout_stops_before_any_collective(tiny_corpus):
     """Every rank of a launched job exits with code 2, without waiting for the others; rank 0 alone prints
     the one line (test_bad_layouts_fail_in_one_line checks it), so a rank other than 0 exits in silence."""
@@ -469,6 +473,7 @@ def test_bad_layout_stops_before_any_collective(tiny_corpus):
     assert proc.returncode == 2 and proc.stderr.strip() == ""
 
 
+@pytest.mark.slow
 def test_torchrun_launch(tiny_corpus, tmp_path):
     """torchrun's environment is all a run needs: two processes join over env://, train TP2, and rank 0
     alone writes the metrics."""

@@ -5,12 +5,15 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 TINY = ["--train-iters", "4", "--log-interval", "3", "--corpus-mb", "0.3", "--vocab-size", "512",
         "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
         "--batch-size", "4", "--eval-iters", "1", "--generate-tokens", "20"]
 NUMBER = r"([0-9.]+(?:e[+-]\d+)?)"
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_summarises_every_iteration(tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run([sys.executable, "-m", "megatron_eslm.quickstart", "--output-dir", str(out), *TINY],

@@ -93,6 +93,7 @@ def check_against_none(corpus, results: dict[tuple, list[dict]], label: str, sta
         assert params <= PARAMETER_TOLERANCE, f"{name}: float64 parameters differ by {params:.2e}"
 
 
+@pytest.mark.slow
 def test_one_process_equals_no_recompute(tiny_corpus):
     """And dropout was on: the same run without it differs."""
     torch.set_num_threads(1)
@@ -104,6 +105,7 @@ def test_one_process_equals_no_recompute(tiny_corpus):
     assert no_dropout["records"][-1]["lm_loss"] != with_dropout["records"][-1]["lm_loss"]
 
 
+@pytest.mark.slow
 def test_bf16_recompute_runs_under_the_forwards_autocast(tiny_corpus):
     """Under --bf16 the recompute must compute in bf16 as the forward did, or the gradients would differ."""
     torch.set_num_threads(1)
@@ -113,6 +115,7 @@ def test_bf16_recompute_runs_under_the_forwards_autocast(tiny_corpus):
         assert parameter_difference(assemble([result]), assemble([runs["none"]])) <= LOGGED_TOLERANCE, variant
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_no_recompute(tiny_corpus, tmp_path):
     """TP2 with sequence parallelism (the tracker's streams draw the attention and sequence-shard dropout)
     and PP2 under 1F1B, in one spawn."""
@@ -138,6 +141,7 @@ def frozen_checkpoint(tiny_corpus, tmp_path_factory) -> str:
     return save
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [*OTHER_POLICIES, "eslm-kd", "rho1"])
 def test_every_policy_equals_no_recompute(tiny_corpus, frozen_checkpoint, policy):
     """float32 logged numbers to 1e-6 and float64 parameters to 1e-12, dropout on (the policy's own

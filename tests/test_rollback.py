@@ -181,6 +181,7 @@ def test_cpu_float64_skip_without_host_sync_and_snapshot_round_trip(tiny_corpus)
         torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.slow
 def test_rollback_on_two_data_parallel_ranks_equals_one_process(tiny_corpus, tmp_path):
     """DP2 takes the same skips and the same rollback as one process (their records agree to float
     round-off: the data-parallel sums)."""

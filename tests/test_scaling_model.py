@@ -23,6 +23,7 @@ LAYOUTS = {"tp2": dict(tp=2, pp=1, dp=1), "cp2": dict(tp=1, pp=1, dp=1, cp=2), "
            "dp2": dict(tp=1, pp=1, dp=2)}
 
 
+@pytest.mark.slow
 def test_comm_bytes_equal_counted(tmp_path):
     """The points are built from the parsed flags of the runs (Point.from_config), not from bench_comm's
     Setup, so the layout, model, vocabulary padding and threshold settings are carried over as a study

@@ -13,6 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import scaling_study  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the whole file (pytest.ini)
+
 OUTPUTS = ("scaling.csv", "scaling.md", "throughput.png", "breakdown.png", "selection.png", "projection.csv")
 
 
@@ -124,6 +126,7 @@ def test_context_parallel_sizes_cross_the_layouts(tmp_path):
         ("w2-tp1cp2pp1dp1-z0-mbs2-gbs8-none", True), ("w2-tp2cp2pp1dp1-z0-mbs2-gbs8-none", False),
         ("w4-tp1pp1dp4-z0-mbs2-gbs8-none", True), ("w4-tp2pp1dp2-z0-mbs2-gbs8-none", True),
         ("w4-tp1cp2pp1dp2-z0-mbs2-gbs8-none", True), ("w4-tp2cp2pp1dp1-z0-mbs2-gbs8-none", True)]
+
     p = points[6][0]
     argv = scaling_study.point_argv(args, p, "metrics.jsonl", None)
     assert argv[argv.index("--context-parallel-size") + 1] == "2"

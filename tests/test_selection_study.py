@@ -7,9 +7,12 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 
+@pytest.mark.slow
 def test_multi_domain_study_reports_domains_and_tail(tmp_path):
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "the", "of", "and", "king", "sword", "night"]

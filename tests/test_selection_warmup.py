@@ -32,6 +32,7 @@ def test_warmup_is_dense_then_the_policy(tiny_corpus, dense, policy):
     assert any(r["kept_fraction"] < 1.0 for r in records[WARMUP:])
 
 
+@pytest.mark.slow
 def test_warmup_on_two_ranks_equals_one_process(tiny_corpus):
     """DP2, TP2 and PP2 against one process (one threshold per micro-batch index over the replicas): logged
     numbers in float32, kept fractions exactly, parameters in float64; dense for the first iteration, ESLM

@@ -45,6 +45,7 @@ def records(metrics: str) -> dict[int, dict]:
     return {r["iteration"]: r for r in without_timing(map(json.loads, open(metrics))) if "lm_loss" in r}
 
 
+@pytest.mark.slow
 def test_survivor_saves_both_shards_and_the_resumed_run_is_exact(tiny_corpus, tmp_path):
     save = str(tmp_path / "ckpt")
     procs, metrics = launch(tiny_corpus, tmp_path, "killed", "--save", save)
@@ -64,6 +65,7 @@ def test_survivor_saves_both_shards_and_the_resumed_run_is_exact(tiny_corpus, tm
     reference = str(tmp_path / "reference")
     procs, reference_metrics = launch(tiny_corpus, tmp_path, "reference", "--save", reference, "--exit-interval",
                                       stop)
+
     finish(procs)
     resumed, straight = records(str(tmp_path / "resumed.jsonl")), records(reference_metrics)
     assert sorted(resumed) == [snapshot + 1, snapshot + 2]

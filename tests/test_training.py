@@ -47,7 +47,8 @@ def test_eslm_keeps_high_loss_tokens_and_logs_the_contract(tiny_corpus, tmp_path
     assert len(train) == 6 and len(valid) == 1
     assert set(train[0]) == {"iteration", "lm_loss", "kept_loss", "kept_fraction", "threshold", "lr", "grad_norm",
                              "tokens_per_sec", "iteration_time_ms", "executed_flops", "dense_flops",
-                             "consumed_samples", "kept", "threshold_bound", "threshold_bytes", "nonfinite", "iterations",
+                             "paper_flops", "consumed_samples", "samples_seen", "samples_trained", "tokens_trained",
+                             "kept", "threshold_bound", "threshold_bytes", "nonfinite", "iterations",
                              "skipped_iterations", "consecutive_skips",
                              "tflops_per_gpu", "mfu", "max_memory_allocated"}
     assert set(valid[0]) == {"iteration", "split", "val_loss", "val_ppl", "samples", "val_cvar50", "val_cvar90",
@@ -85,6 +86,7 @@ def cli(*argv):
     return subprocess.run([sys.executable, "-m", "megatron_eslm.pretrain", *argv], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(tiny_corpus, tmp_path):
     prefix, model = tiny_corpus
     missing = str(tmp_path / "nothing_text_document")

@@ -14,6 +14,8 @@ import pytest
 
 from helpers import REPO, flags
 
+pytestmark = pytest.mark.slow  # the whole file (pytest.ini)
+
 TIMEOUT_MINUTES = 0.1  # 6 s: a heartbeat every second, stale after three
 
 
@@ -34,6 +36,7 @@ def start_ranks(corpus, tmp_path) -> tuple[list[subprocess.Popen], str]:
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+
     deadline = time.monotonic() + 120
     while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
