@@ -28,11 +28,15 @@ import torch
 from megatron_eslm.config import build_parser, parse_args, validate_layout
 from megatron_eslm.errors import UserError
 from megatron_eslm.generate import load_model
+from megatron_eslm.tokenizer import build_tokenizer
+from megatron_eslm.training import memory
 from test_parallel_training import (COMPARED, GLOBAL_BATCH, LLAMA_FLAGS, REFERENCE_MICRO_BATCH, SELECTIONS, assemble,
                                     flags, layout_flags, micro_batch, relative, train, untimed)
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
 from deepspeed_jobs import run_jobs  # noqa: E402  (it imports deepspeed)
+from deepspeed_memory_jobs import held_bytes  # noqa: E402
+from test_estimate_memory import DEEPSPEED, deepspeed_argv  # noqa: E402
 from rank_pool import run_on_ranks  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -295,6 +299,23 @@ def test_deepspeed_module_launch(tiny_corpus, references, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- config
+
+@pytest.mark.slow
+def test_engine_holds_the_memory_estimate(tiny_corpus, tmp_path):
+    """Parameters, gradient sums and optimizer state on each rank equal the memory estimate's (the larger of
+    the two ranks' at ZeRO-2, whose gradient sums hold whole parameters), ZeRO-3's bucket as well
+    (test_estimate_memory.py's DeepSpeed cases: here, where the ranks already run DeepSpeed)."""
+    jobs = [[name, deepspeed_argv(tiny_corpus, tmp_path, name)] for name in DEEPSPEED]
+    ranks = run_on_ranks(2, held_bytes, jobs)
+    for name, argv in jobs:
+        cfg = parse_args(argv)
+        vocab = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, cfg.data.vocab_size).vocab_size
+        states = memory.estimate(cfg, vocab, 2, memory.CPU).largest.states
+        got = {key: max(rank[name][key] for rank in ranks) for key in ranks[0][name]}
+        stage = DEEPSPEED[name][1]["stage"]
+        assert got == {"parameters": states.parameters, "gradients": states.gradients,
+                       "optimizer": states.optimizer, "buffers": states.buffers if stage == 3 else 0}, name
+
 
 def test_reader_names_a_folder_without_deepspeed_states(tmp_path):
     from megatron_eslm.checkpoint.deepspeed_reader import read_deepspeed_shards
