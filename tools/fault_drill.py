@@ -38,7 +38,6 @@ import time
 import numpy as np
 import torch
 
-from megatron_eslm import pretrain
 from megatron_eslm.config import parse_args
 from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 from megatron_eslm.errors import exit_on_user_error
@@ -101,10 +100,10 @@ def _writing(save: str) -> bool:
 
 
 def trial(workdir: str, argv_for, after: int | None = None, delay: float = 0.0, in_write: bool = False,
-          in_process: bool = False) -> dict:
+          run_here=None) -> dict:
     """One run killed with SIGKILL (None `after`: not killed, the reference), once its first checkpoint is
     published and its `after`-th record is written: `delay` seconds later, or with `in_write` at the next save
-    in flight; then resumed to the end (`in_process`: see `_resume`); what happened."""
+    in flight; then resumed to the end (`run_here`: see `_resume`); what happened."""
     save, metrics = os.path.join(workdir, "ckpt"), os.path.join(workdir, "metrics.jsonl")
     command, env = _command(argv_for(save, metrics))
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -129,7 +128,7 @@ def trial(workdir: str, argv_for, after: int | None = None, delay: float = 0.0, 
                 **({"error": error} if error else {})}
     before = latest_iteration(save) if os.path.isdir(save) else None
     # the resumed run appends its records; a record of an iteration after the kill point is replaced
-    error = _resume(command, env, argv_for(save, metrics), in_process)
+    error = _resume(command, env, argv_for(save, metrics), run_here)
     if error is not None:
         return {"killed": killed, "writing": writing, "resumed_from": before, "exact": False, "error": error}
     return {"killed": killed, "writing": writing, "resumed_from": before, "save": save, "metrics": metrics}
@@ -139,25 +138,21 @@ def _last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1] if stderr.strip() else "exit code"
 
 
-def _resume(command: list[str], env: dict, argv: list[str], in_process: bool) -> str | None:
-    """Run the command to the end, in a new process or (`in_process`: one start-up less a trial, for the
-    suite) in this one with one thread, as the launched runs have; the error line, None on success."""
-    if not in_process:
+def _resume(command: list[str], env: dict, argv: list[str], run_here=None) -> str | None:
+    """Run the command to the end, in a new process or, given `run_here` (the suite's: one start-up less a
+    trial), by calling `run_here(argv)` in this one; the error line, None on success."""
+    if run_here is None:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         return _last_line(done.stderr) if done.returncode != 0 else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        pretrain.main(argv)
+        run_here(argv)
     except SystemExit as exit_:
         return f"exit code {exit_.code}"
-    finally:
-        torch.set_num_threads(threads)
     return None
 
 
 def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, workdir: str | None = None,
-          log=print, in_process: bool = False) -> list[dict]:
+          log=print, run_here=None) -> list[dict]:
     """Run the kill drill; one summary row per mode: trials, killed mid-run, killed during a write, resumed
     from a checkpoint, exact."""
     own = workdir is None
@@ -186,7 +181,7 @@ def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, 
                 # after a random record, at a random moment of the next iteration (its save included), or
                 # (odd trials) at the next save in flight
                 result = trial(trial_dir, argv_for, after=rng.randrange(1, iters - 1), delay=rng.uniform(0, iteration_s),
-                               in_write=t % 2 == 1, in_process=in_process)
+                               in_write=t % 2 == 1, run_here=run_here)
                 exact = "error" not in result and records(result["metrics"]) == ref_records and all(
                     torch.equal(a, b) for a, b in zip(final_weights(result["save"]).values(), ref_weights.values()))
                 outcome["killed"] += result["killed"]
