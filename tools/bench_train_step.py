@@ -242,7 +242,7 @@ def row(name: str, t: Timing, dense: Timing, cfg: ModelConfig, vocab_size: int, 
     cells = [name, f"{t.kept:.3f}", f"{1000 * t.step:.1f}", f"{t.step / dense.step:.3f}",
              f"{1000 * t.optimizer:.1f}", f"{t.optimizer / dense.optimizer:.3f}",
              f"{flops.executed / flops.dense:.3f}", f"{achieved:.4g}",
-             "-" if utilisation is None else f"{utilisation:.3f}",
+             "-" if utilisation is None else f"{utilisation:.3g}",
              "-" if t.peak_bytes is None else f"{t.peak_bytes / 2 ** 30:.2f}", str(t.syncs)]
     return "| " + " | ".join(cells) + " |"
 
