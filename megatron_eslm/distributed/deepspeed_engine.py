@@ -36,6 +36,7 @@ schedule, the ESLM selection and the LR schedule. How one step maps onto DeepSpe
 from __future__ import annotations
 
 import contextlib
+from types import ModuleType
 from typing import Iterator
 
 import torch
@@ -107,6 +108,20 @@ class ModelParallelUnit:
         return parallel_state.data_context_parallel_group()
 
 
+def import_deepspeed() -> ModuleType:
+    """DeepSpeed, imported only by runs that ask for it (it takes seconds). On its CPU accelerator, without
+    the shared-memory op that its comm layer otherwise compiles at start-up: the op serves only
+    `inference_all_reduce`, which training never calls, and building it needs a C++ compiler and the
+    Python headers, and took 100 CPU-seconds here at the first start of each environment."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import compatible_ops
+
+    if get_accelerator().device_name() == "cpu":
+        compatible_ops["deepspeed_shm_comm"] = False  # deepspeed.comm.torch.build_shm_op then returns None
+    return deepspeed
+
+
 def partitioned_construction(ds_config: dict | None) -> contextlib.AbstractContextManager:
     """Where the model is built. Under ZeRO-3 with data parallelism: deepspeed.zero.Init over our
     data-parallel group, which partitions each module's parameters as soon as its __init__ returns, so a rank
@@ -117,8 +132,7 @@ def partitioned_construction(ds_config: dict | None) -> contextlib.AbstractConte
     stage = ds_config["zero_optimization"]["stage"] if ds_config is not None else 0
     if stage != 3 or parallel_state.data_context_parallel_size() == 1:
         return contextlib.nullcontext()
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     # DeepSpeed's comm over our process group; without it zero.Init's config sees a world of 1 and refuses
     # the batch sizes.
     deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -132,8 +146,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, num_micro_batches: int,
                  bucket_elements: int):
-        import deepspeed  # seconds to import: only runs that ask for it pay
-
+        deepspeed = import_deepspeed()
         self.stage = ds_config["zero_optimization"]["stage"]
         if self.stage == 3 and getattr(model, "post_process", False):
             deepspeed.zero.register_external_parameter(model, model.output_weight)
