@@ -6,12 +6,14 @@ job that also keeps this rank's parameters and layout, and records what DeepSpee
 optimizer, the parameters' dtypes and, after every backward, the dtypes of the tensors in which the step's
 gradients accumulate), "resume" (the straight and the resumed records of `test_parallel_training.resume`)
 "init" (a ZeRO-3 trainer's parameters before any step, gathered, and the same model built without
-DeepSpeed, each with the names its optimizer decays), "params" (a run's parameters after its steps,
-gathered) or "save" (a train job that saves its checkpoint in
-OUT_DIR/NAME, for the checkpoint tools).
+DeepSpeed, each with the names its optimizer decays) or "params" (a train job that also returns the
+run's parameters after its steps, gathered). A job whose argv has `--save` leaves its checkpoint there for
+the checkpoint tools' tests: one run serves both, as a DeepSpeed job costs seconds of CPU a rank.
 Each rank returns its results by job name.
 """
 from __future__ import annotations
+
+import gc
 
 import deepspeed
 import torch
@@ -80,25 +82,25 @@ def built(argv: list[str]) -> dict:
     return result
 
 
-def trained_parameters(argv: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The parameters after a run, gathered from ZeRO-3's partitions one at a time (see `built`)."""
-    torch.set_default_dtype(dtype)
-    try:
-        trainer = Trainer(parse_args(argv), log=lambda *a: None)
-        trainer.train()
-        params = {}
-        for name, param in trainer.model.named_parameters():
-            with deepspeed.zero.GatheredParameters([param]):
-                params[name] = param.detach().clone()
-        trainer.close()
-        return params
-    finally:
-        torch.set_default_dtype(torch.float32)
+def train_gathered(argv: list[str]) -> dict:
+    """`train`'s records and validation loss, and the parameters after the run, gathered from ZeRO-3's
+    partitions one at a time (see `built`)."""
+    trainer = Trainer(parse_args(argv), log=lambda *a: None)
+    result = {"records": trainer.train(), "val_loss": trainer.evaluate()["val_loss"], "params": {}}
+    for name, param in trainer.model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            result["params"][name] = param.detach().clone()
+    trainer.close()
+    return result
 
 
 def run_jobs(jobs: list[list], out_dir: str) -> dict:
     results = {}
     for name, kind, argv in jobs:
+        # DeepSpeed collects garbage at each engine start and ZeRO step (`see_memory_usage`, `defragment`):
+        # with what the earlier jobs left frozen, a collection scans this job's objects only.
+        gc.collect()
+        gc.freeze()
         if kind == "train":
             result = train(argv, torch.float32)
             results[name] = {"records": result["records"], "val_loss": result["val_loss"]}
@@ -107,9 +109,7 @@ def run_jobs(jobs: list[list], out_dir: str) -> dict:
         elif kind == "init":
             results[name] = built(argv)
         elif kind == "params":
-            results[name] = trained_parameters(argv)
-        elif kind == "save":
-            results[name] = train([*argv, "--save", f"{out_dir}/{name}"], torch.float32)["records"]
+            results[name] = train_gathered(argv)
         else:
             results[name] = resume(argv, f"{out_dir}/{name}-ckpt")
     return results

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 import queue
 import shutil
@@ -42,6 +43,10 @@ def _serve(rank: int, world: int, rendezvous: str, tasks: "mp.Queue", results: "
     torch.set_num_threads(1)
     while (task := tasks.get()) is not None:
         function, args, out = task
+        # What lives now (torch, the project, the job's module) lives for the rank's life: frozen, the
+        # job's garbage collections scan only its own objects.
+        gc.collect()
+        gc.freeze()
         try:
             torch.save(function(*args), out)
             results.put((rank, None))
