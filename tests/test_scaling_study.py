@@ -1,6 +1,8 @@
-"""tools/scaling_study.py end to end on 1 and 2 CPU ranks (gloo, through torchrun): every output file and
-column, the communication bytes the records carry at --timing-log-level 2, invalid points as rows, the
-projection next to the measurements, and a second call that reruns nothing."""
+"""tools/scaling_study.py end to end on 1 and 2 CPU ranks: every output file and column, the communication
+bytes the records carry at --timing-log-level 2, invalid points as rows, the projection next to the
+measurements, and a second call that reruns nothing. The study's torchrun commands run on the suite's
+ranks (`on_the_suite_ranks`: this process for one rank, tests/rank_pool.py for two), whose start-ups
+the suite has paid already; torchrun itself is test_parallel_training.py's test_torchrun_launch."""
 from __future__ import annotations
 
 import csv
@@ -12,6 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import scaling_study  # noqa: E402
+from helpers import pretrain_in_process  # noqa: E402
+from rank_pool import run_on_ranks  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the whole file (pytest.ini)
 
@@ -35,8 +39,22 @@ def study(tiny_corpus, tmp_path_factory):
                                   "micro-batch-size": 2, "global-batch-size": 8, "lr": 3e-3, "lr-warmup-iters": 2,
                                   "split": "90,10,0", "num-workers": 0, "seed": 7}))
     argv = study_argv(tiny_corpus, tmp / "out", recipe)
-    scaling_study.main(argv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scaling_study, "execute", on_the_suite_ranks)
+        scaling_study.main(argv)
     return tmp / "out", argv
+
+
+def on_the_suite_ranks(command: list[str], env: dict, timeout: float) -> tuple[str, int]:
+    """`scaling_study.execute` of a torchrun command (`scaling_study.launch_command`): its pretrain argv on
+    as many of the suite's ranks."""
+    assert command[1:4] == ["-m", "torch.distributed.run", "--nproc_per_node"], command
+    world, argv = int(command[4]), command[command.index("megatron_eslm.pretrain") + 1:]
+    if world == 1:
+        pretrain_in_process(argv)
+    else:
+        run_on_ranks(world, pretrain_in_process, argv)
+    return "", 0
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:
