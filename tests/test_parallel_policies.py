@@ -8,7 +8,8 @@ one-process runs with DP x the micro-batch):
   CP2       rho1 and eslm-kd (the frozen model runs under context parallelism too); lfr is refused
             under CP (tests/test_context_parallel.py), ada-eslm is in that file's table
 
-float32 logged numbers to 1e-5 relative and the kept fraction exactly; float64 parameters to 1e-9.
+In float64, the logged numbers, the kept fraction and the parameters as test_parallel_training.py
+compares them.
 Random selection draws other tokens on each replica than one process would, so under DP2 and CP2 it is
 checked for what it promises instead: ESLM's kept fraction on the same batch, finite losses, equal replicas.
 """
@@ -19,14 +20,14 @@ import math
 import pytest
 import torch
 
-from test_parallel_training import (REFERENCE_MICRO_BATCH, SELECTIONS, STEPS, assemble, flags, layout_flags,
-                                    parameter_difference, record_difference, spawn, train, untimed)
+from test_parallel_training import (DTYPE, LOGGED_TOLERANCE, PARAMETER_TOLERANCE, REFERENCE_MICRO_BATCH, SELECTIONS,
+                                    STEPS, assemble, flags, layout_flags, parameter_difference, record_difference,
+                                    spawn, train, untimed)
 
 WORLD = 2
 LAYOUTS = {"dp2": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "cp2": (1, 1, 2)}  # (tp, pp, cp)
 MODEL_PARALLEL = ("ada-eslm", "lfr")  # the policies that also run under TP and PP
 CONTEXT_PARALLEL = ("rho1", "eslm-kd", "eslm-kd-teacher")  # run under CP here
-DTYPES = (torch.float32, torch.float64)
 
 
 def policies(checkpoint: str) -> dict[str, list[str]]:
@@ -81,12 +82,11 @@ def frozen_checkpoint(tiny_corpus, tmp_path_factory):
 def test_policies_on_two_ranks(tiny_corpus, frozen_checkpoint, tmp_path):
     argv = policies(frozen_checkpoint)
     torch.set_num_threads(1)
-    references = {(policy, dtype): train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *argv[policy]), dtype)
-                  for policy in argv for dtype in DTYPES}
+    references = {policy: train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *argv[policy]), DTYPE) for policy in argv}
     eslm = train(flags(tiny_corpus, REFERENCE_MICRO_BATCH, *SELECTIONS["eslm-loss"]), torch.float32)
 
-    jobs = [((layout, policy, dtype), "train", layout_argv(tiny_corpus, layout, *argv[policy]), dtype)
-            for layout, policy in cases() for dtype in DTYPES]
+    jobs = [((layout, policy), "train", layout_argv(tiny_corpus, layout, *argv[policy]), DTYPE)
+            for layout, policy in cases()]
     jobs += [((layout, "random"), "train", layout_argv(tiny_corpus, layout, *RANDOM), torch.float32)
              for layout in ("dp2", "cp2")]
     per_rank = spawn(WORLD, jobs)
@@ -94,26 +94,25 @@ def test_policies_on_two_ranks(tiny_corpus, frozen_checkpoint, tmp_path):
     table, failures = {}, []
     for layout, policy in cases():
         label = f"{layout} {policy}"
-        results32 = [r[(layout, policy, torch.float32)] for r in per_rank]
-        results64 = [r[(layout, policy, torch.float64)] for r in per_rank]
+        results = [r[(layout, policy)] for r in per_rank]
         try:
-            logged = record_difference(results32[0], references[(policy, torch.float32)])
-            params = parameter_difference(results64, references[(policy, torch.float64)])
+            logged = record_difference(results[0], references[policy])
+            params = parameter_difference(results, references[policy])
         except AssertionError as err:  # e.g. a kept fraction that differs: report every case, then fail
             failures.append(f"{label}: {err}")
             continue
         table[label] = (logged, params)
-        if logged > 1e-5:
+        if logged > LOGGED_TOLERANCE:
             failures.append(f"{label}: logged numbers differ by {logged:.2e}")
-        if params > 1e-9:
-            failures.append(f"{label}: float64 parameters differ by {params:.2e}")
-    print("\n| case | logged (fp32) | params (fp64) |\n|---|---|---|")
+        if params > PARAMETER_TOLERANCE:
+            failures.append(f"{label}: parameters differ by {params:.2e}")
+    print("\n| case | logged | params |\n|---|---|---|")
     print("\n".join(f"| {k} | {a:.1e} | {b:.1e} |" for k, (a, b) in table.items()))
     assert not failures, "\n".join(failures)
 
     # The cases exercise what they are meant to: alpha moved, focus steps dropped samples, selection kept
     # part of the batch.
-    kept = {policy: [r["kept_fraction"] for r in references[(policy, torch.float32)]["records"]] for policy in argv}
+    kept = {policy: [r["kept_fraction"] for r in references[policy]["records"]] for policy in argv}
     assert len(set(kept["ada-eslm"])) == STEPS
     assert kept["lfr"][0] == 1.0 and all(f < 1.0 for f in kept["lfr"][1:])
     assert all(0.0 < f < 1.0 for policy in ("rho1", "eslm-kd", "eslm-kd-teacher") for f in kept[policy])
