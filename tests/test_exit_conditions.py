@@ -42,7 +42,8 @@ def test_exit_saves_and_resumes_exactly(tiny_corpus, tmp_path, straight, stop):
 
 def test_sigterm_finishes_the_iteration_saves_and_exits_0(tiny_corpus, tmp_path):
     """A real SIGTERM to a running `python -m megatron_eslm.pretrain`: exit 0, a checkpoint of the iteration
-    it stopped after, and the rest of the run from it equals the uninterrupted run."""
+    it stopped after, and the run resumed from it equals the uninterrupted run (both to 3 iterations past
+    the stop, by --exit-interval: the same schedule of --train-iters, not its hundreds of steps twice)."""
     iters = 300
     save, metrics = str(tmp_path / "ckpt"), str(tmp_path / "metrics.jsonl")
     argv = flags(tiny_corpus, "--train-iters", str(iters), "--save", save, "--metrics-file", metrics,
@@ -63,10 +64,12 @@ def test_sigterm_finishes_the_iteration_saves_and_exits_0(tiny_corpus, tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): the gradient norm's sums in its order
     try:
-        _, straight = run(flags(tiny_corpus, "--train-iters", str(iters)))
-        _, rest = run(flags(tiny_corpus, "--train-iters", str(iters), "--load", save))
+        until = ["--train-iters", str(iters), "--exit-interval", str(stopped + 3)]
+        _, straight = run(flags(tiny_corpus, *until))
+        _, rest = run(flags(tiny_corpus, *until, "--load", save))
     finally:
         torch.set_num_threads(threads)
+    assert [r["iteration"] for r in rest] == [stopped + 1, stopped + 2, stopped + 3]
     assert without_timing(first + rest) == without_timing(straight)
 
 
