@@ -36,6 +36,55 @@ def fake_dist(monkeypatch):
     return calls
 
 
+def _groups_created(monkeypatch, world: int, tp: int, pp: int, cp: int, self_group: bool = False) -> list[list[int]]:
+    """The member lists `initialize_model_parallel` passes to new_group on rank 0 of `world` (a fake dist)."""
+    created: list[list[int]] = []
+    monkeypatch.setattr(parallel_state, "_layout", parallel_state._layout)  # restored after the test
+    monkeypatch.setattr(parallel_state, "_groups", parallel_state._Groups())
+    monkeypatch.setattr(parallel_state.dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(parallel_state.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(parallel_state.dist, "new_group", lambda ranks: created.append(list(ranks)) or object())
+    monkeypatch.setattr(parallel_state.dist, "destroy_process_group", lambda group=None: None)
+    parallel_state.initialize_model_parallel(tp, pp, cp, self_group=self_group)
+    return created
+
+
+def _needed(world: int, tp: int, pp: int, cp: int) -> int:
+    """Groups of size > 1 a layout needs: tensor, context, data, data x context, pipeline, model (tensor x
+    pipeline) and, with pipelining, embedding (first and last stage)."""
+    dp = world // (tp * pp * cp)
+    return sum(world // size for size in (tp, cp, dp, dp * cp, pp, tp * pp) if size > 1) + (world // pp if pp > 1 else 0)
+
+
+@pytest.mark.parametrize("world,tp,pp,cp", [(2, 1, 1, 1), (2, 2, 1, 1), (8, 2, 2, 1), (8, 1, 1, 2), (1024, 1, 1, 1),
+                                            (1024, 8, 1, 1), (1024, 8, 4, 1), (1024, 4, 2, 2)])
+def test_only_groups_of_more_than_one_rank_are_created(monkeypatch, world, tp, pp, cp):
+    """Each new_group is a world-wide collective (an NCCL communicator split): a layout creates exactly the
+    groups of size > 1 it needs, and the getters of the others return None (the one-rank paths)."""
+    created = _groups_created(monkeypatch, world, tp, pp, cp)
+    assert all(len(ranks) > 1 for ranks in created)
+    assert len(created) == _needed(world, tp, pp, cp)
+    dp = world // (tp * pp * cp)
+    for size, group in [(tp, parallel_state.tensor_model_parallel_group()),
+                        (cp, parallel_state.context_parallel_group()), (dp, parallel_state.data_parallel_group()),
+                        (dp * cp, parallel_state.data_context_parallel_group()),
+                        (pp, parallel_state.pipeline_model_parallel_group()),
+                        (tp * pp, parallel_state.model_parallel_group())]:
+        assert (group is None) == (size == 1)
+        assert parallel_state.group_or_self(group) is group  # no one-rank group without self_group
+    assert parallel_state.pipeline_last_rank() == (pp - 1) * world // pp
+
+
+def test_deepspeed_gets_a_one_rank_group_for_its_size_one_groups(monkeypatch):
+    """DeepSpeed's mpu runs collectives on the groups it is given whatever their size: under --deepspeed a
+    one-rank group per rank (world-many, once) stands in for each size-1 group; none when none has size 1."""
+    created = _groups_created(monkeypatch, 16, 1, 1, 1, self_group=True)
+    assert created[-16:] == [[r] for r in range(16)] and len(created) == _needed(16, 1, 1, 1) + 16
+    mine = parallel_state.group_or_self(None)
+    assert mine is not None and parallel_state.group_or_self(parallel_state.tensor_model_parallel_group()) is mine
+    assert len(_groups_created(monkeypatch, 16, 2, 2, 1, self_group=True)) == _needed(16, 2, 2, 1)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_timeout_reaches_init_process_group(fake_dist, monkeypatch, world):
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -202,3 +251,19 @@ def test_clip_grad_norm_neither_syncs_nor_copies_a_gradient():
         clip_grad_norm(params, 0.1)
     smallest = min(p.grad.numel() * p.grad.element_size() for p in params)
     assert max(e.cpu_memory_usage for e in prof.events()) < smallest
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (tools/device_check.sh: nccl_faults)")
+def test_eight_device_rng_checkpoint_loads_on_one_gpu(tmp_path):
+    """A checkpoint whose rng["cuda"] holds 8 devices' generators (the older `get_rng_state_all` format)
+    loads on one GPU and restores the generator this device had."""
+    states = []
+    for seed in range(8):
+        torch.cuda.manual_seed(seed)  # the current device only: the 8 states stand for 8 devices
+        states.append(torch.cuda.get_rng_state())
+    torch.save({"rng": [{**checkpointing.rng_state(), "cuda": states}]}, tmp_path / "rng.pt")
+    checkpointing.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False)["rng"][0])
+    drawn = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(torch.cuda.current_device())
+    assert torch.equal(drawn, torch.rand(4, device="cuda"))
+    assert torch.equal(checkpointing.rng_state()["cuda"], torch.cuda.get_rng_state())

@@ -51,7 +51,8 @@ class ModelParallelUnit:
     """`parallel_state` under the names DeepSpeed's `mpu` argument looks for (Megatron-DeepSpeed's).
     "Model parallel" is one shard of a replica (tensor x pipeline): its rank names DeepSpeed's checkpoint
     files, so two stages never write the same file; the tensor-parallel rank decides which replicated
-    weights enter the gradient norm."""
+    weights enter the gradient norm. DeepSpeed runs collectives on these groups whatever their size, so a
+    group of size 1 (not created: `parallel_state`) is this rank's one-rank group."""
 
     def get_model_parallel_rank(self) -> int:
         layout = parallel_state.layout()
@@ -61,7 +62,7 @@ class ModelParallelUnit:
         return parallel_state.model_parallel_size()
 
     def get_model_parallel_group(self):
-        return parallel_state.model_parallel_group()
+        return parallel_state.group_or_self(parallel_state.model_parallel_group())
 
     def get_tensor_model_parallel_rank(self) -> int:
         return parallel_state.tensor_model_parallel_rank()
@@ -70,7 +71,7 @@ class ModelParallelUnit:
         return parallel_state.tensor_model_parallel_size()
 
     def get_tensor_model_parallel_group(self):
-        return parallel_state.tensor_model_parallel_group()
+        return parallel_state.group_or_self(parallel_state.tensor_model_parallel_group())
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         layout = parallel_state.layout()
@@ -83,7 +84,7 @@ class ModelParallelUnit:
         return parallel_state.pipeline_model_parallel_size()
 
     def get_pipeline_model_parallel_group(self):
-        return parallel_state.pipeline_model_parallel_group()
+        return parallel_state.group_or_self(parallel_state.pipeline_model_parallel_group())
 
     def get_data_parallel_rank(self) -> int:
         return parallel_state.data_parallel_rank()
@@ -92,7 +93,7 @@ class ModelParallelUnit:
         return parallel_state.data_parallel_size()
 
     def get_data_parallel_group(self):
-        return parallel_state.data_parallel_group()
+        return parallel_state.group_or_self(parallel_state.data_parallel_group())
 
     # DeepSpeed partitions ZeRO state over, and reduces gradients across, the "sequence data parallel" group
     # when the mpu names one: our data x context group (the data-parallel size above stays the one that
@@ -104,7 +105,7 @@ class ModelParallelUnit:
         return parallel_state.data_context_parallel_size()
 
     def get_sequence_data_parallel_group(self):
-        return parallel_state.data_context_parallel_group()
+        return parallel_state.group_or_self(parallel_state.data_context_parallel_group())
 
 
 def partitioned_construction(ds_config: dict | None) -> contextlib.AbstractContextManager:

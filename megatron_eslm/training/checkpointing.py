@@ -78,10 +78,12 @@ def _layout_sizes() -> dict[str, int]:
 
 
 def rng_state() -> dict:
+    """This rank's generators. CUDA's is this rank's device's only: a resume may pair ranks with devices
+    anew (another count per node), and a rank draws from its own device alone."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": get_rng_tracker().get_states()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -91,7 +93,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     get_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(_device_rng_state(state["cuda"]))
+
+
+def _device_rng_state(saved: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The CUDA generator state for this rank's device. Older checkpoints hold a list, every visible
+    device's (`get_rng_state_all`), of which a rank used the one at its device's index: that entry, or the
+    first when this node has more devices than the saving one had."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    device = torch.cuda.current_device()
+    return saved[device] if device < len(saved) else saved[0]
 
 
 def _distributed() -> bool:

@@ -56,7 +56,7 @@ class Trainer:
         p = cfg.parallel
         if world > 1:
             parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                                     p.context_parallel_size)
+                                                     p.context_parallel_size, self_group=cfg.deepspeed.deepspeed)
         # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
         self.is_logging_rank = launch.rank() == 0
         self.log = log if self.is_logging_rank else (lambda *args: None)
