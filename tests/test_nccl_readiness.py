@@ -267,3 +267,36 @@ def test_eight_device_rng_checkpoint_loads_on_one_gpu(tmp_path):
     torch.cuda.manual_seed(torch.cuda.current_device())
     assert torch.equal(drawn, torch.rand(4, device="cuda"))
     assert torch.equal(checkpointing.rng_state()["cuda"], torch.cuda.get_rng_state())
+
+
+def test_watchdog_hears_of_each_eval_micro_batch_and_save_phase(tiny_corpus, tmp_path, monkeypatch):
+    """An evaluation and a large save (with its CRC read-back) may outlast the timeout together: the watchdog
+    is told of every evaluation micro-batch and every phase of a save, not only when both are over."""
+    from helpers import flags
+    from megatron_eslm.config import parse_args
+    from megatron_eslm.distributed import watchdog
+    from megatron_eslm.training.trainer import Trainer
+
+    class Recorder:
+        touches = 0
+
+        def touch(self) -> None:
+            self.touches += 1
+
+    recorder = Recorder()
+    monkeypatch.setattr(watchdog, "_active", recorder)
+    trainer = Trainer(parse_args(flags(tiny_corpus, "--eval-iters", "3")))
+    trainer.evaluate()
+    assert recorder.touches == trainer._eval_samples() // trainer.cfg.training.micro_batch_size > 1
+    trainer.close()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the save's phases are collective
+    phases = []
+    outcome = launch.shared_outcome
+    monkeypatch.setattr(launch, "shared_outcome", lambda: phases.append(1) or outcome())
+    try:
+        recorder.touches = 0
+        checkpointing.save_checkpoint(str(tmp_path / "ckpt"), 1, {"w": torch.zeros(2)})
+        checkpointing.save_checkpoint(str(tmp_path / "ds"), 1, {}, write=lambda d, s: torch.save(s, f"{d}/x") or None)
+    finally:
+        dist.destroy_process_group()
+    assert recorder.touches == len(phases) + 1 >= 7  # + 1: the one file checksummed after the fake engine's write

@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 from megatron_eslm.config.parallel import ParallelConfig
+from megatron_eslm.distributed import watchdog
 from megatron_eslm.errors import UserError
 
 _timeout = datetime.timedelta(minutes=ParallelConfig.distributed_timeout_minutes)
@@ -42,6 +44,12 @@ def rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
+
+
+def temp_path(path: str) -> str:
+    """A temporary name beside `path` that no other process writes: host, rank and PID. PIDs alone repeat
+    across containers and hosts sharing a file system, so two writers could share (and tear) one file."""
+    return f"{path}.{socket.gethostname()}.{rank()}.{os.getpid()}.part"
 
 
 def default_device() -> torch.device:
@@ -100,6 +108,7 @@ def shared_outcome() -> Iterator[None]:
         failure = err
     reports: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, None if failure is None else _report(failure), group=host_group())
+    watchdog.alive()  # a phase (of a save, say) is through on every rank
     if failure is not None:
         raise failure
     report = next((r for r in reports if r is not None), None)

@@ -3,7 +3,9 @@
 Each rank runs a daemon thread that writes a heartbeat into the job's rendezvous store (the TCPStore that
 torch.distributed already runs on rank 0's host) every few seconds (a sixth of the timeout, 0.5 to 10 s):
 the time and the iteration it had finished then. The training loop reports progress (`progress`) after
-every iteration, evaluation and checkpoint. Two ways a run ends through it:
+every iteration, and `alive` marks work inside the longer phases: each evaluation micro-batch and each
+phase of a save (every `launch.shared_outcome`, every file of the CRC read-back), so that an evaluation
+plus a large save is not taken for a stall. Two ways a run ends through it:
 
   watchdog    this rank has made no progress for --distributed-timeout-minutes (stuck in a collective that
               NCCL may not time out for a long while, or in a hung peer's p2p): the thread reads every
@@ -28,6 +30,14 @@ from typing import Callable
 import torch.distributed as dist
 
 KEY = "eslm/heartbeat/{rank}"
+_active: "Watchdog | None" = None  # the running one, for `alive`
+
+
+def alive() -> None:
+    """Work is going on inside a long phase (an evaluation micro-batch, a save phase): the running watchdog,
+    if any, does not count the time so far as a stall. Host-only and cheap: no sync, no communication."""
+    if _active is not None:
+        _active.touch()
 
 
 def _beat_interval(timeout_s: float) -> float:
@@ -35,10 +45,11 @@ def _beat_interval(timeout_s: float) -> float:
 
 
 class Watchdog:
-    """`on_failure()`, called before this rank exits for a stalled or dead peer, may save what it can and
-    returns what it did, for the line (the trainer writes its snapshots: `training/snapshot_replicas.py`)."""
+    """`on_failure(dead)`, called before this rank exits for a stalled or dead peer with the ranks whose
+    heartbeat stopped (`dead_ranks`), may save what it can and returns what it did, for the line (the trainer
+    writes its snapshots: `training/snapshot_replicas.py`)."""
 
-    def __init__(self, timeout_s: float, on_failure: Callable[[], str | None] = lambda: None):
+    def __init__(self, timeout_s: float, on_failure: Callable[[set[int]], str | None] = lambda dead: None):
         self.timeout_s = timeout_s
         self.on_failure = on_failure
         self.interval = _beat_interval(timeout_s)
@@ -50,10 +61,16 @@ class Watchdog:
         self._beat()
         self._thread = threading.Thread(target=self._run, name="eslm-watchdog", daemon=True)
         self._thread.start()
+        global _active
+        _active = self
 
     def progress(self, iteration: int) -> None:
         """The training loop finished something (an iteration, an evaluation, a save)."""
         self.iteration, self.last_progress = iteration, time.monotonic()
+
+    def touch(self) -> None:
+        """Progress within the iteration (`alive`)."""
+        self.last_progress = time.monotonic()
 
     def _beat(self) -> None:
         self.store.set(KEY.format(rank=self.rank), f"{time.time():.3f} {self.iteration}")
@@ -73,7 +90,7 @@ class Watchdog:
 
     def _exit(self, why: str) -> None:
         try:
-            saved = self.on_failure()
+            saved = self.on_failure(self.dead_ranks())
         except Exception as err:  # noqa: BLE001 -- the line must still be printed
             saved = f"saving the snapshot failed ({type(err).__name__}: {err})"
         print(f"error: rank {self.rank} at iteration {self.iteration}: {why}{f'; {saved}' if saved else ''}; exiting",
@@ -85,12 +102,10 @@ class Watchdog:
         else which are furthest behind; None when every rank is beating at this rank's iteration."""
         deadline = time.monotonic() + (4 * self.interval if wait_s is None else wait_s)
         while True:
-            try:
-                beats = {r: self.store.get(KEY.format(rank=r)).decode().split() for r in range(self.world)}
-            except Exception:  # noqa: BLE001
+            beats = self._beats()
+            if beats is None:
                 return "cannot reach the rendezvous store on rank 0's host: rank 0 is gone"
-            now = time.time()
-            stale = {r: now - float(t) for r, (t, _) in beats.items() if now - float(t) > 3 * self.interval}
+            stale = self._stale(beats)
             if stale:
                 return "; ".join(f"rank {r} stopped answering (its last heartbeat {age:.0f} s ago)"
                                  for r, age in sorted(stale.items()))
@@ -103,6 +118,26 @@ class Watchdog:
             return None
         return f"rank(s) {', '.join(map(str, behind))} alive but stuck after iteration {lowest}"
 
+    def _beats(self) -> dict[int, list[str]] | None:
+        """Every rank's last heartbeat (time, iteration); None when the store (rank 0's host) is gone."""
+        try:
+            return {r: self.store.get(KEY.format(rank=r)).decode().split() for r in range(self.world)}
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _stale(self, beats: dict[int, list[str]]) -> dict[int, float]:
+        """The ranks whose heartbeat is older than three beats, with its age in seconds."""
+        now = time.time()
+        return {r: now - float(t) for r, (t, _) in beats.items() if now - float(t) > 3 * self.interval}
+
+    def dead_ranks(self) -> set[int]:
+        """The ranks that stopped beating now (rank 0 when the store on its host is gone)."""
+        beats = self._beats()
+        return {0} if beats is None else set(self._stale(beats))
+
     def close(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
         self._stop.set()
         self._thread.join()

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from megatron_eslm import parallel_state
 from megatron_eslm.checkpoint import integrity
-from megatron_eslm.distributed import launch
+from megatron_eslm.distributed import launch, watchdog
 from megatron_eslm.errors import UserError
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
@@ -127,7 +127,7 @@ def replica_rng_states() -> list[dict]:
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = launch.temp_path(path)
     with open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()
@@ -195,6 +195,7 @@ def finish_save(root: str, tmp: str, iteration: int, entries: dict[str, dict] | 
             for name in names[launch.rank()::launch.world_size()]:  # DeepSpeed wrote them: fsync and checksum
                 integrity.fsync_path(os.path.join(tmp, name))
                 entries[name] = integrity.checksum_file(os.path.join(tmp, name))
+                watchdog.alive()  # a read-back of ~100 GB takes minutes
     gathered = [entries]
     if _distributed() and launch.world_size() > 1:
         gathered = [None] * launch.world_size()
