@@ -96,13 +96,51 @@ def test_timeout_reaches_init_process_group(fake_dist, monkeypatch, world):
 
 
 def test_nccl_gets_the_device(fake_dist, monkeypatch):
+    """NCCL's group: the device, twice the watchdog's timeout, and the flight recorder (a user's setting kept)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCH_NCCL_DUMP_ON_TIMEOUT", raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "500")
     cuda1 = torch.device("cuda", 1)
     assert launch.init_process_group(cuda1)
     (args, kwargs), = fake_dist["init"]
     assert args == ("nccl",) and kwargs["device_id"] == cuda1
-    assert kwargs["timeout"] == datetime.timedelta(minutes=10)  # Megatron's default
+    assert kwargs["timeout"] == datetime.timedelta(minutes=20)  # twice Megatron's default of 10
     assert fake_dist["set_device"] == [cuda1]
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "500"
+
+
+@pytest.mark.parametrize("minutes", [0.05, 0.1, 1, 10, 60])
+def test_nccl_times_out_after_the_watchdog_decides(minutes):
+    """NCCL's abort names no culprit and saves nothing: its timeout is strictly longer than the watchdog's
+    decision time, with room for a step queued ahead of the host (here: a tenth of the timeout)."""
+    from megatron_eslm.distributed import watchdog
+    decision = watchdog.decision_s(60 * minutes)
+    assert 60 * minutes < decision < launch.nccl_timeout(minutes).total_seconds() - 6 * minutes
+
+
+def test_watchdog_acts_on_a_stale_peer_before_its_own_timeout(monkeypatch):
+    """A peer that missed three beats is named within four beats, without waiting for this rank's own
+    timeout; a closed watchdog leaves a heartbeat that never goes stale. (A fake two-rank job on a HashStore;
+    the exit is recorded, not taken.)"""
+    import time
+
+    from megatron_eslm.distributed import watchdog
+    store = dist.HashStore()
+    monkeypatch.setattr(watchdog.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(watchdog.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: store)
+    exits = []
+    monkeypatch.setattr(watchdog.Watchdog, "_exit", lambda self, why: exits.append((time.monotonic(), why)) or self._stop.set())
+    store.set(watchdog.KEY.format(rank=1), f"{time.time():.3f} 0")  # rank 1's last beat
+    start = time.monotonic()
+    dog = watchdog.Watchdog(timeout_s=3)  # a beat every 0.5 s, stale after 1.5 s
+    while not exits and time.monotonic() - start < 10:
+        dog.progress(1)  # this rank is making progress: its own timeout never comes
+        time.sleep(0.05)
+    dog.close()
+    (when, why), = exits
+    assert why.startswith("rank 1 stopped answering (its last heartbeat") and when - start <= 4 * 0.5 + 0.2
+    assert dog.dead_ranks() == {1} and store.get(watchdog.KEY.format(rank=0)).decode() == "inf 1"
 
 
 def test_device_is_bound_when_the_group_already_exists(fake_dist, monkeypatch):
@@ -300,3 +338,38 @@ def test_watchdog_hears_of_each_eval_micro_batch_and_save_phase(tiny_corpus, tmp
     finally:
         dist.destroy_process_group()
     assert recorder.touches == len(phases) + 1 >= 7  # + 1: the one file checksummed after the fake engine's write
+
+
+BLOCKED_NCCL_RANK = """
+import os, sys, time
+import torch, torch.distributed as dist
+from megatron_eslm.distributed import launch, watchdog
+launch.init_process_group(torch.device("cuda", 0), single_process=True, timeout_minutes=0.1)
+dog = watchdog.Watchdog(6.0)
+dog.progress(1)
+torch.cuda._sleep(200_000_000_000)  # the stream blocked for about two minutes
+x = torch.ones(1, device="cuda")
+dist.all_reduce(x)  # queued behind the sleep: NCCL's clock runs from here
+print(f"queued at {time.monotonic():.1f}", file=sys.stderr, flush=True)
+x.item()  # the host waits: the watchdog (6 s + a beat) must act before NCCL (12 s)
+print("the all-reduce finished", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (tools/device_check.sh: nccl_faults)")
+def test_watchdog_line_comes_before_nccl_timeout_on_gpu(tmp_path):
+    """A one-rank NCCL group, --distributed-timeout-minutes 0.1, the stream blocked by torch.cuda._sleep under
+    an all-reduce: the watchdog's one line ends the process before NCCL's own timeout (12 s) aborts it."""
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_NCCL_RANK], env=env, capture_output=True, text=True, timeout=90)
+    waited = time.monotonic() - start
+    lines = [line for line in proc.stderr.splitlines() if "error: rank 0" in line or "Watchdog caught" in line
+             or "timeout" in line.lower()]
+    print(proc.stderr[-3000:], f"({waited:.1f} s)")
+    assert proc.returncode == 1 and lines and lines[0].startswith("error: rank 0 at iteration 1: no progress for"), \
+        proc.stderr[-3000:]
+    assert "the all-reduce finished" not in proc.stderr

@@ -282,6 +282,8 @@ class Trainer:
             culprits = watchdog.culprits() if watchdog is not None else None
             if culprits is None:
                 raise
+            if not watchdog.claim():  # its thread is already saving and reporting: it ends the process
+                watchdog.join()
             saved = self.recovery.emergency_save(watchdog.dead_ranks())
             raise UserError(f"rank {launch.rank()} at iteration {self.iteration}: {type(err).__name__} in a "
                             f"collective; {culprits}{f'; {saved}' if saved else ''}", rank_local=True) from None
