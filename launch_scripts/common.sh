@@ -183,7 +183,8 @@ slurm_setup() {
 # network interface; with DRY_RUN set (and not 0) print the command as one shell-quoted line and exit 0;
 # otherwise create SAVE_DIR and replace this shell with the command.
 launch() {
-    local master="${MASTER_NOTE:-}" net="not chosen (NCCL and gloo pick one each; on a cluster set MEGATRON_ESLM_IFNAME)"
+    local master="${MASTER_NOTE:-}"
+    local net="not chosen (NCCL and gloo pick one each; on a cluster set MEGATRON_ESLM_IFNAME)"
     [[ -n "${MASTER_ADDR:-}" ]] && master="$(resolved "$MASTER_ADDR")"
     local chosen=()
     local name

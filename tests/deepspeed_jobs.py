@@ -13,8 +13,11 @@ Each rank returns its results by job name.
 """
 from __future__ import annotations
 
+import contextlib
+
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from megatron_eslm.config import parse_args
 from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine
@@ -96,6 +99,25 @@ def trained_parameters(argv: list[str], dtype: torch.dtype = torch.float32) -> d
         torch.set_default_dtype(torch.float32)
 
 
+def failed_save(argv: list[str]) -> str:
+    """Train with rank 1's DeepSpeed file writes failing (a full disk): what each rank raises, which must come
+    from the outcome exchange after DeepSpeed's own collectives, not a hang in them."""
+    from unittest import mock
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    def full_disk(self, state_dict, path):
+        raise OSError(28, "No space left on device", path)
+
+    failing = mock.patch.object(TorchCheckpointEngine, "save", full_disk)
+    with failing if dist.get_rank() == 1 else contextlib.nullcontext():
+        try:
+            train(argv, torch.float32)
+        except Exception as err:  # noqa: BLE001 -- the outcome is the result
+            return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 def run_jobs(jobs: list[list], out_dir: str) -> dict:
     results = {}
     for name, kind, argv in jobs:
@@ -110,6 +132,8 @@ def run_jobs(jobs: list[list], out_dir: str) -> dict:
             results[name] = trained_parameters(argv)
         elif kind == "save":
             results[name] = train([*argv, "--save", f"{out_dir}/{name}"], torch.float32)["records"]
+        elif kind == "failed save":
+            results[name] = failed_save([*argv, "--save", f"{out_dir}/{name}"])
         else:
             results[name] = resume(argv, f"{out_dir}/{name}-ckpt")
     return results

@@ -113,6 +113,7 @@ def launched(tiny_corpus, tmp_path_factory):
     jobs += [[f"ckpt {name}", "save", run_flags(tiny_corpus, 1, 1, stage, "dense")] for name, stage in CHECKPOINTS.items()]
     jobs.append(["ckpt cp2 zero1", "save", [*run_flags(tiny_corpus, 1, 1, 1, "dense"), "--context-parallel-size", "2",
                                             "--micro-batch-size", "4"]])
+    jobs.append(["ckpt failed write", "failed save", run_flags(tiny_corpus, 1, 1, 1, "dense")])
     return tmp, run_on_ranks(WORLD, run_jobs, jobs, str(tmp))
 
 
@@ -217,6 +218,16 @@ def test_deepspeed_checkpoints_resume_exactly(launched):
 
 
 @pytest.mark.slow
+def test_failed_deepspeed_write_is_one_line_on_every_rank(launched):
+    """Rank 1's DeepSpeed write fails (a full disk): it runs DeepSpeed's remaining collectives before the
+    outcome exchange, so every rank raises the error (rank 0 repeating it) instead of one rank waiting in the
+    exchange while the others wait in DeepSpeed's barrier."""
+    _, per_rank = launched
+    failed, other = per_rank[1]["ckpt failed write"], per_rank[0]["ckpt failed write"]
+    assert failed.startswith("OSError: [Errno 28] No space left on device"), failed
+    assert other.startswith("UserError: rank 1: OSError: [Errno 28] No space left on device"), other
+
+
 def test_reader_consolidates_zero_checkpoints(launched):
     """The offline reader's whole tensors of a ZeRO 1-3 checkpoint (weights and AdamW moments, from the
     data-parallel partitions; for CP2 the partitions of the context pair) equal those of the same training

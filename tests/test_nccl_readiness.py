@@ -53,7 +53,8 @@ def _needed(world: int, tp: int, pp: int, cp: int) -> int:
     """Groups of size > 1 a layout needs: tensor, context, data, data x context, pipeline, model (tensor x
     pipeline) and, with pipelining, embedding (first and last stage)."""
     dp = world // (tp * pp * cp)
-    return sum(world // size for size in (tp, cp, dp, dp * cp, pp, tp * pp) if size > 1) + (world // pp if pp > 1 else 0)
+    embedding = world // pp if pp > 1 else 0
+    return sum(world // size for size in (tp, cp, dp, dp * cp, pp, tp * pp) if size > 1) + embedding
 
 
 @pytest.mark.parametrize("world,tp,pp,cp", [(2, 1, 1, 1), (2, 2, 1, 1), (8, 2, 2, 1), (8, 1, 1, 2), (1024, 1, 1, 1),
@@ -130,7 +131,8 @@ def test_watchdog_acts_on_a_stale_peer_before_its_own_timeout(monkeypatch):
     monkeypatch.setattr(watchdog.dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: store)
     exits = []
-    monkeypatch.setattr(watchdog.Watchdog, "_exit", lambda self, why: exits.append((time.monotonic(), why)) or self._stop.set())
+    monkeypatch.setattr(watchdog.Watchdog, "_exit",
+                        lambda self, why: exits.append((time.monotonic(), why)) or self._stop.set())
     store.set(watchdog.KEY.format(rank=1), f"{time.time():.3f} 0")  # rank 1's last beat
     start = time.monotonic()
     dog = watchdog.Watchdog(timeout_s=3)  # a beat every 0.5 s, stale after 1.5 s
@@ -365,7 +367,8 @@ def test_watchdog_line_comes_before_nccl_timeout_on_gpu(tmp_path):
     import time
     env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_NCCL_RANK], env=env, capture_output=True, text=True, timeout=90)
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_NCCL_RANK], env=env, capture_output=True, text=True,
+                          timeout=90)
     waited = time.monotonic() - start
     lines = [line for line in proc.stderr.splitlines() if "error: rank 0" in line or "Watchdog caught" in line
              or "timeout" in line.lower()]

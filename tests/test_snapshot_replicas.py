@@ -88,12 +88,14 @@ def test_one_node_has_no_peer_to_mirror_to(tiny_corpus):
 def _fake_job(monkeypatch, world: int, per_node: int, tp: int, dp: int, cp: int = 1) -> None:
     """A layout's sizes and this process's place, without process groups."""
     from megatron_eslm import parallel_state
-    monkeypatch.setattr(parallel_state, "_layout", parallel_state.Layout(tp=tp, pp=world // (tp * dp * cp), dp=dp, cp=cp))
+    layout = parallel_state.Layout(tp=tp, pp=world // (tp * dp * cp), dp=dp, cp=cp)
+    monkeypatch.setattr(parallel_state, "_layout", layout)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
 
 
-@pytest.mark.parametrize("world,per_node,tp,dp,cp", [(2, 1, 2, 1, 1), (8, 4, 2, 2, 1), (8, 2, 2, 1, 2), (16, 4, 1, 4, 2)])
+@pytest.mark.parametrize("world,per_node,tp,dp,cp", [(2, 1, 2, 1, 1), (8, 4, 2, 2, 1), (8, 2, 2, 1, 2),
+                                                     (16, 4, 1, 4, 2)])
 def test_each_emergency_shard_has_exactly_one_writer(monkeypatch, world, per_node, tp, dp, cp):
     """For every set of one or two dead ranks, each shard some survivor holds (its own, or its peer's one node
     behind) is written by exactly one survivor, and by none when all its holders died."""
@@ -101,7 +103,8 @@ def test_each_emergency_shard_has_exactly_one_writer(monkeypatch, world, per_nod
     from megatron_eslm.training import snapshot_replicas
     _fake_job(monkeypatch, world, per_node, tp, dp, cp)
     shard = lambda rank: (rank % tp, rank // (tp * cp * dp))  # noqa: E731
-    for dead in map(set, itertools.chain(itertools.combinations(range(world), 1), itertools.combinations(range(world), 2))):
+    ones, twos = itertools.combinations(range(world), 1), itertools.combinations(range(world), 2)
+    for dead in map(set, itertools.chain(ones, twos)):
         survivors = [r for r in range(world) if r not in dead]
         writes = {}
         for rank in survivors:
@@ -127,9 +130,23 @@ def test_survivors_write_each_shard_once_under_host_and_rank_temp_names(monkeypa
 
     for rank in (0, 2, 3):
         monkeypatch.setenv("RANK", str(rank))
-        held = {rank: snapshot(rank), snapshot_replicas.peer_behind(rank): snapshot(snapshot_replicas.peer_behind(rank))}
+        peer = snapshot_replicas.peer_behind(rank)
+        held = {rank: snapshot(rank), peer: snapshot(peer)}
         snapshot_replicas.write_emergency_checkpoint(str(tmp_path), held, {1}, mirrored=True)
     host = __import__("socket").gethostname()
     assert sorted(os.path.basename(path).rsplit(".", 4)[1:3] for path in written) == [[host, "0"], [host, "3"]]
     assert all(path.endswith(f".{os.getpid()}.part") for path in written)
     assert latest_iteration(str(tmp_path)) == 4
+
+
+def test_ranks_per_node_from_torchrun_or_deepspeed(monkeypatch):
+    """torchrun exports LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE: either places the peer one node ahead."""
+    from megatron_eslm.training import snapshot_replicas
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    assert snapshot_replicas.ranks_per_node() == 16
+    monkeypatch.setenv("LOCAL_SIZE", "8")
+    assert snapshot_replicas.ranks_per_node() == 8 and snapshot_replicas.peer_behind(3) == 11
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert snapshot_replicas.ranks_per_node() == 4

@@ -230,9 +230,33 @@ class DeepSpeedEngine:
 
     def save(self, directory: str, client_state: dict) -> None:
         """Collectively write DeepSpeed's checkpoint of every rank into `directory` (a temporary name that
-        the caller renames; DeepSpeed's tag is its base name)."""
+        the caller renames; DeepSpeed's tag is its base name).
+
+        DeepSpeed's save runs collectives (barriers, the tag check) between and after its file writes, on
+        the default group (NCCL on GPUs). A rank whose write fails must not leave that sequence: it would
+        wait in the gloo outcome exchange (`launch.shared_outcome`) while the others sit in an NCCL barrier
+        until NCCL's timeout aborts the job. So a failed write is recorded, this rank's later files are
+        skipped, DeepSpeed's collectives run to the end on every rank, and only then is the error raised,
+        for the exchange to report in one line."""
         root, tag = directory.rstrip("/").rsplit("/", 1)
-        self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        files = self.engine.checkpoint_engine
+        write, failures = files.save, []
+
+        def write_or_record(state_dict, path) -> None:
+            if failures:
+                return
+            try:
+                write(state_dict, path)
+            except Exception as err:  # noqa: BLE001 -- raised below, after DeepSpeed's collectives
+                failures.append(err)
+
+        files.save = write_or_record
+        try:
+            self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            del files.save  # the class's method again
+        if failures:
+            raise failures[0]
 
     def load(self, directory: str, optimizer: bool = True) -> dict | None:
         """Model, ZeRO optimizer partitions (with `optimizer`) and client state from `directory`; None if

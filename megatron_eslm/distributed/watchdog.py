@@ -55,7 +55,8 @@ def decision_s(timeout_s: float) -> float:
 
 
 def _describe(stale: dict[int, float]) -> str:
-    return "; ".join(f"rank {r} stopped answering (its last heartbeat {age:.0f} s ago)" for r, age in sorted(stale.items()))
+    return "; ".join(f"rank {r} stopped answering (its last heartbeat {age:.0f} s ago)"
+                     for r, age in sorted(stale.items()))
 
 
 class Watchdog:

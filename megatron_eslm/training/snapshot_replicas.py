@@ -33,15 +33,17 @@ SUFFIX = ".emergency"  # iter_S.emergency: written by the survivors, renamed onc
 
 
 def ranks_per_node() -> int:
-    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; one node for the whole job without it)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size()))
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE, DeepSpeed's launcher's LOCAL_SIZE; one node for the
+    whole job without either)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or launch.world_size())
 
 
 def check_peers(replicas: int) -> None:
     """--snapshot-replicas needs a rank on another node to mirror to."""
     if replicas and launch.world_size() <= ranks_per_node():
-        raise UserError(f"--snapshot-replicas {replicas}: every rank is on one node (LOCAL_WORLD_SIZE "
-                        f"{ranks_per_node()} of {launch.world_size()} ranks): there is no other node to mirror to")
+        raise UserError(f"--snapshot-replicas {replicas}: every rank is on one node (LOCAL_WORLD_SIZE or "
+                        f"LOCAL_SIZE {ranks_per_node()} of {launch.world_size()} ranks): there is no other node "
+                        "to mirror to")
 
 
 def peer_behind(rank: int) -> int:
@@ -80,8 +82,9 @@ def exchange_with_peer(state: dict) -> dict:
 
 def write_emergency_checkpoint(root: str, held: dict[int, dict], dead: set[int], mirrored: bool) -> str:
     """Of the snapshots this rank holds (`held`: by the rank they are of, one iteration, each with its
-    "shard"; `mirrored` under --snapshot-replicas), write those it is the one `writer` of into iter_S.emergency under `root`; publish it when
-    every shard is there. Returns what happened, for the rank's last line."""
+    "shard"; `mirrored` under --snapshot-replicas), write those it is the one `writer` of into
+    iter_S.emergency under `root`; publish it when every shard is there. Returns what happened, for the
+    rank's last line."""
     iteration = next(iter(held.values()))["iteration"]
     mine = list({state["shard"]: state for owner, state in held.items()  # own and peer's may be one shard
                  if writer(owner, dead, mirrored) == launch.rank()}.values())
