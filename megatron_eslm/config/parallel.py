@@ -35,7 +35,7 @@ HELP = {
                                    "checkpoint or builds the index cache, may wait before the job fails "
                                    "(NCCL's collectives: twice this, so that the watchdog acts first); "
                                    "also how long a rank may make no progress before it exits naming the "
-                                   "stuck rank (distributed/watchdog.py; a dead one is named within four "
+                                   "stuck rank (distributed/watchdog.py; a dead one is named within five "
                                    "heartbeats, a sixth of this each)",
 }
 

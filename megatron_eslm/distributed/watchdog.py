@@ -7,16 +7,16 @@ every iteration, and `alive` marks work inside the longer phases: each evaluatio
 phase of a save (every `launch.shared_outcome`, every file of the CRC read-back), so that an evaluation
 plus a large save is not taken for a stall. Three ways a run ends through it:
 
-  dead peer   after each beat the thread reads every rank's heartbeat: one that missed three beats (dead,
-              or stopped: SIGSTOP, a hung node) is named in one line and this rank exits with status 1,
-              whatever its own progress: within four beats, long before any timeout.
+  dead peer   after each beat the thread reads every rank's heartbeat: one that has not changed for three
+              beats (dead, or stopped: SIGSTOP, a hung node) is named in one line and this rank exits with
+              status 1, whatever its own progress: within five beats, long before any timeout.
   watchdog    this rank has made no progress for --distributed-timeout-minutes while every rank beats
               (stuck in a collective, or in a hung peer's p2p): the line names the ranks furthest behind
               (alive but stuck). NCCL's own timeout is twice as long (`launch.nccl_timeout` >
               `decision_s`): its abort would name no culprit and save no snapshot.
   diagnose    a collective raised (gloo reports a closed connection at once): the trainer asks which rank
-              stopped beating (`culprits`, waiting up to four heartbeats for it: a heartbeat is stale after
-              three), and raises that as the one-line error.
+              stopped beating (`culprits`, waiting up to five heartbeats for it: a heartbeat is stale after
+              three unchanged), and raises that as the one-line error.
 
 Each way the rank first writes the snapshots it holds (`on_failure`, `training/snapshot_replicas.py`).
 If rank 0 dies, the store dies with it: the line then says that rank 0 is gone.
@@ -49,9 +49,9 @@ def _beat_interval(timeout_s: float) -> float:
 
 def decision_s(timeout_s: float) -> float:
     """The longest this rank's watchdog takes to act after its last progress: a stale peer is seen within
-    four beats, a stall after the timeout, each checked once a beat."""
+    five beats, a stall after the timeout, each checked once a beat."""
     interval = _beat_interval(timeout_s)
-    return max(timeout_s, 4 * interval) + interval
+    return max(timeout_s, 5 * interval) + interval
 
 
 def _describe(stale: dict[int, float]) -> str:
@@ -74,6 +74,7 @@ class Watchdog:
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._failing = threading.Lock()  # held by whoever saves and reports a failure: once per process
+        self._seen: dict[int, tuple[list[str], float]] = {}  # each rank's last heartbeat, and when it changed
         self._beat()
         self._thread = threading.Thread(target=self._run, name="eslm-watchdog", daemon=True)
         self._thread.start()
@@ -130,9 +131,9 @@ class Watchdog:
         os._exit(1)
 
     def culprits(self, wait_s: float | None = None) -> str | None:
-        """Which ranks stopped beating (waiting up to `wait_s`, default four heartbeats, for one to go stale), or
-        else which are furthest behind; None when every rank is beating at this rank's iteration."""
-        deadline = time.monotonic() + (4 * self.interval if wait_s is None else wait_s)
+        """Which ranks stopped beating (waiting up to `wait_s`, default five heartbeats, for one to go stale),
+        or else which are furthest behind; None when every rank is beating at this rank's iteration."""
+        deadline = time.monotonic() + (5 * self.interval if wait_s is None else wait_s)
         while True:
             beats = self._beats()
             if beats is None:
@@ -163,9 +164,15 @@ class Watchdog:
             return None
 
     def _stale(self, beats: dict[int, list[str]]) -> dict[int, float]:
-        """The ranks whose heartbeat is older than three beats, with its age in seconds."""
-        now = time.time()
-        return {r: now - float(t) for r, (t, _) in beats.items() if now - float(t) > 3 * self.interval}
+        """The ranks whose heartbeat has not changed for three beats, with how long, in seconds. Measured on
+        this host's monotonic clock from when a change was last seen, not from the time a rank wrote: the
+        hosts' clocks may differ by more than a beat. A finished rank's heartbeat ("inf") is never stale."""
+        now = time.monotonic()
+        for r, beat in beats.items():
+            if self._seen.get(r, (None,))[0] != beat:
+                self._seen[r] = (beat, now)
+        return {r: now - self._seen[r][1] for r, (t, _) in beats.items()
+                if t != "inf" and now - self._seen[r][1] > 3 * self.interval}
 
     def dead_ranks(self) -> set[int]:
         """The ranks that stopped beating now (rank 0 when the store on its host is gone)."""
