@@ -414,3 +414,18 @@ def test_bad_deepspeed_flags_fail_in_one_line(tiny_corpus, extra, message):
     with pytest.raises(UserError) as err:
         parse_args(flags(tiny_corpus, 2, *extra))
     assert str(err.value).startswith(message)
+
+
+def test_cluster_check_on_two_gloo_ranks():
+    """tools/cluster_check.py at a tiny size: the all-reduce's and every ring link's numbers, on rank 0. (Here
+    rather than with the other tools' tests: this file's jobs have started the two-rank pool already.)"""
+    import cluster_check  # tools/ is on the path (test_parallel_training)
+    per_rank = run_on_ranks(WORLD, cluster_check.check, 0.2, 4096)
+    report = per_rank[0]
+    assert report["links"] == per_rank[1]["links"]
+    assert report["all_reduce"]["backend"] == "gloo" and report["all_reduce"]["bytes"] == 4096
+    assert all(latency > 0 and bandwidth > 0 for _, latency, bandwidth in report["links"])
+    lines = report["text"].splitlines()
+    assert lines[0] == "cluster check: 2 ranks on 1 host(s); default group gloo, host group gloo"
+    assert lines[1].startswith("all-reduce (gloo, 4096 bytes, ") and "busbw" in lines[1]
+    assert lines[4].startswith("rank 0 (") and "-> rank 1 (" in lines[4] and lines[6].startswith("slowest link: ")

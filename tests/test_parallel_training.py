@@ -45,7 +45,6 @@ from megatron_eslm.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_comm  # noqa: E402
-import cluster_check  # noqa: E402
 from helpers import TIMING  # noqa: E402  (the wall-clock record fields)
 from rank_pool import run_on_ranks  # noqa: E402
 
@@ -224,7 +223,7 @@ def head_checks() -> dict:
 def run_jobs(jobs: list[tuple]) -> dict:
     """On every rank of a pool (tests/rank_pool.py): each job's result under its name."""
     kinds = {"train": train, "resume": resume, "mappings": mapping_checks, "head": head_checks,
-             "comm": bench_comm.count_bytes, "load error": load_error, "cluster check": cluster_check.check}
+             "comm": bench_comm.count_bytes, "load error": load_error}
     return {name: kinds[kind](*args) for name, kind, *args in jobs}
 
 
@@ -346,19 +345,6 @@ def dropout_flags(corpus, *extra: str) -> list[str]:
 
 def untimed(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
-
-
-def test_cluster_check_on_two_gloo_ranks():
-    """tools/cluster_check.py at a tiny size: the all-reduce's and every ring link's numbers, on rank 0."""
-    per_rank = spawn(2, [("check", "cluster check", 0.2, 4096)])
-    report = per_rank[0]["check"]
-    assert [link[0] for link in report["links"]] == [link[0] for link in per_rank[1]["check"]["links"]]
-    assert report["all_reduce"]["backend"] == "gloo" and report["all_reduce"]["bytes"] == 4096
-    assert all(latency > 0 and bandwidth > 0 for _, latency, bandwidth in report["links"])
-    lines = report["text"].splitlines()
-    assert lines[0] == "cluster check: 2 ranks on 1 host(s); default group gloo, host group gloo"
-    assert lines[1].startswith("all-reduce (gloo, 4096 bytes, ") and "busbw" in lines[1]
-    assert lines[4].startswith("rank 0 (") and "-> rank 1 (" in lines[4] and lines[6].startswith("slowest link: ")
 
 
 @pytest.mark.slow
