@@ -2,7 +2,8 @@
 # Shared logic of the launch scripts; sourced, never run. Each script calls
 #   launch_setup "$@"          recipe folder and environment -> RECIPE, PRETRAIN_ARGS, ...
 #   check_config WORLD         the pretrain flags and the ds_config are valid at this world size
-#   launch CMD...              DRY_RUN=1: print CMD on one line, shell-quoted; otherwise exec it
+#   launch CMD...              print the master address and interface; DRY_RUN=1: print CMD on one line,
+#                              shell-quoted; otherwise exec it
 # Every error is one line, "error: ...", and exit status 2.
 set -euo pipefail
 
@@ -30,7 +31,7 @@ is_dry_run() {
 # launch_setup [RECIPE_DIR] [PRETRAIN FLAGS...]
 # RECIPE_DIR is relative to the working directory or to the repository root; when the first argument is
 # a flag, the default recipe is used and every argument goes to pretrain. Sets RECIPE (absolute),
-# RECIPE_NAME, PRETRAIN_JSON, DS_CONFIG, SAVE_DIR, MASTER_PORT, PASS_ARGS and PRETRAIN_ARGS.
+# RECIPE_NAME, PRETRAIN_JSON, DS_CONFIG, SAVE_DIR, MASTER_PORT, PASS_ARGS, PRETRAIN_ARGS and NET_ENV.
 launch_setup() {
     local recipe="$DEFAULT_RECIPE"
     if (( $# )) && [[ "$1" != -* ]]; then
@@ -62,6 +63,7 @@ launch_setup() {
     MASTER_PORT="${MASTER_PORT:-29500}"
     positive_int MASTER_PORT
 
+    network_env
     local data_path
     read -r -a data_path <<< "$DATA_PATH"  # a blend is several words: weights and prefixes
     (( ${#data_path[@]} )) || die "DATA_PATH is empty (the dataset prefix P of P.bin/P.idx)"
@@ -70,6 +72,46 @@ launch_setup() {
                    --save "$SAVE_DIR" --load "$SAVE_DIR"
                    --tensorboard-dir "$SAVE_DIR/tensorboard" --metrics-file "$SAVE_DIR/metrics.jsonl"
                    "${PASS_ARGS[@]}")
+}
+
+# network_env: the one network knob of a cluster. MEGATRON_ESLM_IFNAME names the interface(s) both NCCL's
+# and gloo's sockets use (every NCCL run also opens a gloo group, whose full-mesh connect breaks when a
+# hostname resolves to 127.0.1.1 or docker0); MEGATRON_ESLM_IB_HCA the InfiniBand adapters NCCL uses.
+# Exports NCCL_SOCKET_IFNAME (NCCL's exact-match form, "=ib0"), GLOO_SOCKET_IFNAME and NCCL_IB_HCA for the
+# ones given, and lists them as NAME=value words in NET_ENV (written to .deepspeed_env for pdsh).
+network_env() {
+    NET_ENV=()
+    local names='^[A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*$'
+    if [[ -n "${MEGATRON_ESLM_IFNAME:-}" ]]; then
+        [[ "$MEGATRON_ESLM_IFNAME" =~ $names ]] \
+            || die "MEGATRON_ESLM_IFNAME must be interface names separated by commas (e.g. ib0 or eth0), got '$MEGATRON_ESLM_IFNAME'"
+        NET_ENV+=("NCCL_SOCKET_IFNAME==$MEGATRON_ESLM_IFNAME" "GLOO_SOCKET_IFNAME=$MEGATRON_ESLM_IFNAME")
+    fi
+    if [[ -n "${MEGATRON_ESLM_IB_HCA:-}" ]]; then
+        [[ "$MEGATRON_ESLM_IB_HCA" =~ ^[=^]?[A-Za-z0-9_.:,-]+$ ]] \
+            || die "MEGATRON_ESLM_IB_HCA must be NCCL_IB_HCA's adapter list (e.g. mlx5_0,mlx5_1), got '$MEGATRON_ESLM_IB_HCA'"
+        NET_ENV+=("NCCL_IB_HCA=$MEGATRON_ESLM_IB_HCA")
+    fi
+    local pair
+    for pair in "${NET_ENV[@]}"; do
+        export "${pair?}"
+    done
+}
+
+# resolved HOST: HOST and the IPv4 address it resolves to here, flagging a loopback address (127.0.1.1 from
+# /etc/hosts), which the other nodes cannot reach.
+resolved() {
+    local addr
+    addr="$(getent ahostsv4 "$1" 2> /dev/null | awk 'NR == 1 { print $1 }')" || true
+    if [[ -z "$addr" ]]; then
+        printf '%s (does not resolve here)' "$1"
+    elif [[ "$addr" == 127.* && "$1" != 127.* ]]; then
+        printf '%s (%s: loopback, unreachable from other nodes; set MASTER_ADDR)' "$1" "$addr"
+    elif [[ "$addr" == "$1" ]]; then
+        printf '%s' "$1"
+    else
+        printf '%s (%s)' "$1" "$addr"
+    fi
 }
 
 # check_config WORLD_SIZE: run, once and before anything starts, the checks every rank runs first:
@@ -103,7 +145,8 @@ PY
 
 # slurm_setup: inside an allocation; sets NODES (the job's host names: SLURM_HOSTS, space-separated, when
 # set, e.g. for a dry run off Slurm; else scontrol's expansion of SLURM_JOB_NODELIST), NUM_NODES,
-# MASTER_ADDR (the first host unless set) and GPUS_PER_NODE (Slurm's count on this node, else 8, unless set).
+# MASTER_ADDR (the first host unless set), GPUS_PER_NODE (Slurm's count on this node, else 8, unless set),
+# CPUS_PER_NODE (SLURM_CPUS_ON_NODE unless set) and SRUN_ARGS.
 slurm_setup() {
     require_env SLURM_JOB_NODELIST "submit with sbatch, or run inside a Slurm allocation"
     require_env SLURM_NNODES "submit with sbatch, or run inside a Slurm allocation"
@@ -121,6 +164,13 @@ slurm_setup() {
     MASTER_ADDR="${MASTER_ADDR:-${NODES[0]}}"  # scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
     GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
     positive_int GPUS_PER_NODE
+    # srun starts one launcher task per node, whose ranks inherit its CPU mask: give it every CPU of the
+    # node, bound to them, not the one CPU some Slurm configurations give a task by default.
+    CPUS_PER_NODE="${CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-}}"
+    require_env CPUS_PER_NODE "CPUs per node for srun's --cpus-per-task; Slurm sets SLURM_CPUS_ON_NODE"
+    positive_int CPUS_PER_NODE
+    SRUN_ARGS=(--nodes "$NUM_NODES" --ntasks-per-node 1 --cpus-per-task "$CPUS_PER_NODE" --cpu-bind=cores
+               --kill-on-bad-exit=1)
     # The sbatch scripts ask for SIGTERM 180 s before the time limit (#SBATCH --signal=TERM@180): every
     # rank finishes its iteration, saves and exits 0 (docs/fault_tolerance.md). torchrun's agent forwards
     # the signal and kills the ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (its default, 30 s, is
@@ -129,9 +179,20 @@ slurm_setup() {
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}"
 }
 
-# launch CMD ARGS...: with DRY_RUN set (and not 0) print the command as one shell-quoted line and exit 0;
+# launch CMD ARGS...: print (stderr) the master address (MASTER_ADDR, resolved; else MASTER_NOTE) and the
+# network interface; with DRY_RUN set (and not 0) print the command as one shell-quoted line and exit 0;
 # otherwise create SAVE_DIR and replace this shell with the command.
 launch() {
+    local master="${MASTER_NOTE:-}"
+    local net="not chosen (NCCL and gloo pick one each; on a cluster set MEGATRON_ESLM_IFNAME)"
+    [[ -n "${MASTER_ADDR:-}" ]] && master="$(resolved "$MASTER_ADDR")"
+    local chosen=()
+    local name
+    for name in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA; do
+        [[ -n "${!name:-}" ]] && chosen+=("$name=${!name}")
+    done
+    (( ${#chosen[@]} )) && net="${chosen[*]}"
+    printf 'launch: master %s port %s; interface %s\n' "$master" "$MASTER_PORT" "$net" >&2
     if is_dry_run; then
         local line
         printf -v line '%q ' "$@"

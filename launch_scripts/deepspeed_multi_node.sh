@@ -4,7 +4,8 @@
 # The hostfile has one line per node, "HOST slots=GPUS" (e.g. "node01 slots=8"); '#' starts a comment.
 # Every node needs passwordless ssh from this one, pdsh, and the same paths (repository, data, SAVE_DIR).
 # Env: HOSTFILE (hostfile), NUM_NODES (every host in the hostfile), GPUS_PER_NODE (8), MASTER_ADDR (DeepSpeed
-# asks the first host), MASTER_PORT (29500), SAVE_DIR (runs/<recipe>), DS_CONFIG, DRY_RUN=1 (print, don't run).
+# asks the first host), MASTER_PORT (29500), SAVE_DIR (runs/<recipe>), DS_CONFIG, MEGATRON_ESLM_IFNAME and
+# MEGATRON_ESLM_IB_HCA (network, written to ./.deepspeed_env too), DRY_RUN=1 (print, don't run).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 launch_setup "$@"
@@ -22,6 +23,19 @@ nodes="${NUM_NODES:-${#hosts[@]}}"
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] && (( nodes <= ${#hosts[@]} )) \
     || die "NUM_NODES must be between 1 and the ${#hosts[@]} hosts of $HOSTFILE, got '$nodes'"
 check_config "$(( nodes * GPUS_PER_NODE ))"
+
+# pdsh starts the other nodes' ranks without this environment: DeepSpeed's runner passes on NCCL_* variables
+# and the lines of ./.deepspeed_env (and ~/.deepspeed_env), so the network choice goes there too (other
+# lines of an existing ./.deepspeed_env are kept).
+if (( ${#NET_ENV[@]} )); then
+    if is_dry_run; then
+        echo "dry run: not writing .deepspeed_env (${NET_ENV[*]})" >&2
+    else
+        kept="$(grep -Ev '^(NCCL_SOCKET_IFNAME|GLOO_SOCKET_IFNAME|NCCL_IB_HCA)=' .deepspeed_env 2> /dev/null || true)"
+        printf '%s\n' ${kept:+"$kept"} "${NET_ENV[@]}" > .deepspeed_env
+    fi
+fi
+MASTER_NOTE="${hosts[0]%% *} (the first host; DeepSpeed's runner asks it for its address)"
 
 launcher=(deepspeed --hostfile "$HOSTFILE")
 [[ -n "${NUM_NODES:-}" ]] && launcher+=(--num_nodes "$NUM_NODES")

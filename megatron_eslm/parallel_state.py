@@ -22,6 +22,13 @@ Groups this rank belongs to:
 
 Without `initialize_model_parallel` (one process) every size is 1, every rank 0 and every group None, so
 the single-process code path never touches torch.distributed.
+
+Groups of size 1 are not created: their getters return None and every caller takes its one-rank path (it
+checks the size first). Each `new_group` is a collective over the whole world (under NCCL with the device
+bound, an eager communicator split, non-members included), so a layout with TP = CP = 1 would otherwise
+pay world-many splits per kind for groups that never communicate (docs/parallelism.md counts them).
+DeepSpeed's `mpu` calls collectives on the groups it asks for whatever their size: with `self_group`,
+one group per rank holding only itself stands in for this rank's size-1 groups there.
 """
 from __future__ import annotations
 
@@ -56,6 +63,7 @@ class _Groups:
     pipeline: dist.ProcessGroup | None = None
     model: dist.ProcessGroup | None = None
     embedding: dist.ProcessGroup | None = None
+    self: dist.ProcessGroup | None = None  # only this rank (`self_group`)
     pipeline_ranks: tuple[int, ...] = (0,)
     owned: list[dist.ProcessGroup] = field(default_factory=list)  # every group this rank joined, to destroy
 
@@ -65,8 +73,10 @@ _groups = _Groups()
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                              context_parallel_size: int = 1) -> None:
-    """Create every group of the layout (collectively: every rank must call this with the same sizes).
+                              context_parallel_size: int = 1, self_group: bool = False) -> None:
+    """Create every group of size > 1 of the layout (collectively: every rank must call this with the same
+    arguments); with `self_group` (DeepSpeed's mpu) also a one-rank group per rank when any group a caller
+    of `group_or_self` may ask for has size 1.
 
     The sizes must already be validated (`config.validate_layout`)."""
     global _layout, _groups
@@ -78,10 +88,13 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     layout = Layout(tp, pp, dp, tp_rank, pp_rank, dp_rank, cp, cp_rank)
     groups = _Groups()
 
-    def make(members: list[list[int]]) -> dist.ProcessGroup | None:
-        """new_group for every member list (all ranks create all groups, in one order); keep ours."""
+    def make(members: list[list[int]], singletons: bool = False) -> dist.ProcessGroup | None:
+        """new_group for every member list of more than one rank (or all, with `singletons`; all ranks create
+        the same groups, in one order); keep ours."""
         mine = None
         for ranks in members:
+            if len(ranks) == 1 and not singletons:
+                continue
             group = dist.new_group(ranks)
             if rank in ranks:
                 mine = group
@@ -101,6 +114,8 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
                          for t0, c, d, p0 in everywhere if t0 == 0 and p0 == 0])
     if pp > 1:
         groups.embedding = make([[ranks[0], ranks[-1]] for ranks in pipelines])
+    if self_group and 1 in (tp, pp, dp, dp * cp, tp * pp):
+        groups.self = make([[r] for r in range(world)], singletons=True)
     groups.pipeline_ranks = tuple(next(ranks for ranks in pipelines if rank in ranks))
     _layout, _groups = layout, groups
 
@@ -131,6 +146,12 @@ def offline_layout(shard: Layout) -> Iterator[None]:
         yield
     finally:
         _layout, _groups = saved
+
+
+def group_or_self(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """`group`, or for a group of size 1 (None) the one-rank group of `initialize_model_parallel(...,
+    self_group=True)`: for callers that communicate over a group whatever its size (DeepSpeed)."""
+    return group if group is not None else _groups.self
 
 
 def tensor_model_parallel_size() -> int:

@@ -6,17 +6,20 @@ job that also keeps this rank's parameters and layout, and records what DeepSpee
 optimizer, the parameters' dtypes and, after every backward, the dtypes of the tensors in which the step's
 gradients accumulate), "resume" (the straight and the resumed records of `test_parallel_training.resume`)
 "init" (a ZeRO-3 trainer's parameters before any step, gathered, and the same model built without
-DeepSpeed, each with the names its optimizer decays) or "params" (a train job that also returns the
-run's parameters after its steps, gathered). A job whose argv has `--save` leaves its checkpoint there for
+DeepSpeed, each with the names its optimizer decays), "params" (a train job that also returns the
+run's parameters after its steps, gathered) or "failed save" (`failed_save`: what each rank raises when
+rank 1's checkpoint writes fail). A job whose argv has `--save` leaves its checkpoint there for
 the checkpoint tools' tests: one run serves both, as a DeepSpeed job costs seconds of CPU a rank.
 Each rank returns its results by job name.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from megatron_eslm.config import parse_args
 from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine
@@ -94,6 +97,25 @@ def train_gathered(argv: list[str]) -> dict:
     return result
 
 
+def failed_save(argv: list[str]) -> str:
+    """Train with rank 1's DeepSpeed file writes failing (a full disk): what each rank raises, which must come
+    from the outcome exchange after DeepSpeed's own collectives, not a hang in them."""
+    from unittest import mock
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    def full_disk(self, state_dict, path):
+        raise OSError(28, "No space left on device", path)
+
+    failing = mock.patch.object(TorchCheckpointEngine, "save", full_disk)
+    with failing if dist.get_rank() == 1 else contextlib.nullcontext():
+        try:
+            train(argv, torch.float32)
+        except Exception as err:  # noqa: BLE001 -- the outcome is the result
+            return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 def run_jobs(jobs: list[list], out_dir: str) -> dict:
     results = {}
     for name, kind, argv in jobs:
@@ -110,6 +132,8 @@ def run_jobs(jobs: list[list], out_dir: str) -> dict:
             results[name] = built(argv)
         elif kind == "params":
             results[name] = train_gathered(argv)
+        elif kind == "failed save":
+            results[name] = failed_save([*argv, "--save", f"{out_dir}/{name}"])
         else:
             results[name] = resume(argv, f"{out_dir}/{name}-ckpt")
     return results

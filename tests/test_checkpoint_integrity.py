@@ -188,3 +188,25 @@ def _flip(path: str, offset: int, mask: int = 0xFF) -> None:
 def _truncate(path: str, size: int) -> None:
     with open(path, "r+b") as fh:
         fh.truncate(size)
+
+
+def test_device_rng_state_is_this_devices_and_eight_saved_states_load_on_one(monkeypatch):
+    """A checkpoint keeps the CUDA generator of the rank's own device only; an older one holding every
+    device's (8, `get_rng_state_all`) loads on a node with fewer devices: this device's entry, else the
+    first, never an IndexError. (CUDA faked here; on a GPU: tests/test_nccl_readiness.py, nccl_faults in
+    tools/device_check.sh.)"""
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    device, restored = [0], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device_="cuda": states[device[0]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device_="cuda": restored.append(state))
+    device[0] = 5
+    saved = checkpointing.rng_state()
+    assert saved["cuda"] is states[5]
+    checkpointing.set_rng_state(saved)
+    older = {**saved, "cuda": states}
+    for device[0] in (0, 3):
+        checkpointing.set_rng_state(older)
+    checkpointing.set_rng_state({**saved, "cuda": states[:2]})  # device 3, two saved: the first
+    assert [int(state[0]) for state in restored] == [5, 0, 3, 0]

@@ -112,6 +112,7 @@ def launched(tiny_corpus, tmp_path_factory):
                *(["--save", str(tmp / "ckpt cp2 zero1")] if (stage, selection) == (1, "dense") else [])]]
              for stage in CONTEXT_STAGES for selection in COMPARED_SELECTIONS]
     jobs.append(["dp2 zero3 recompute", "train", [*run_flags(tiny_corpus, 1, 1, 3, "eslm-loss"), *RECOMPUTE]])
+    jobs.append(["ckpt failed write", "failed save", run_flags(tiny_corpus, 1, 1, 1, "dense")])
     return tmp, run_on_ranks(WORLD, run_jobs, jobs, str(tmp))
 
 
@@ -216,6 +217,16 @@ def test_deepspeed_checkpoints_resume_exactly(launched):
 
 
 @pytest.mark.slow
+def test_failed_deepspeed_write_is_one_line_on_every_rank(launched):
+    """Rank 1's DeepSpeed write fails (a full disk): it runs DeepSpeed's remaining collectives before the
+    outcome exchange, so every rank raises the error (rank 0 repeating it) instead of one rank waiting in the
+    exchange while the others wait in DeepSpeed's barrier."""
+    _, per_rank = launched
+    failed, other = per_rank[1]["ckpt failed write"], per_rank[0]["ckpt failed write"]
+    assert failed.startswith("OSError: [Errno 28] No space left on device"), failed
+    assert other.startswith("UserError: rank 1: OSError: [Errno 28] No space left on device"), other
+
+
 def test_reader_consolidates_zero_checkpoints(launched):
     """The offline reader's whole tensors of a ZeRO 1-3 checkpoint (weights and AdamW moments, from the
     data-parallel partitions; for CP2 the partitions of the context pair) equal those of the same training
@@ -405,3 +416,18 @@ def test_bad_deepspeed_flags_fail_in_one_line(tiny_corpus, extra, message):
     with pytest.raises(UserError) as err:
         parse_args(flags(tiny_corpus, 2, *extra))
     assert str(err.value).startswith(message)
+
+
+def test_cluster_check_on_two_gloo_ranks():
+    """tools/cluster_check.py at a tiny size: the all-reduce's and every ring link's numbers, on rank 0. (Here
+    rather than with the other tools' tests: this file's jobs have started the two-rank pool already.)"""
+    import cluster_check  # tools/ is on the path (test_parallel_training)
+    per_rank = run_on_ranks(WORLD, cluster_check.check, 0.2, 4096)
+    report = per_rank[0]
+    assert report["links"] == per_rank[1]["links"]
+    assert report["all_reduce"]["backend"] == "gloo" and report["all_reduce"]["bytes"] == 4096
+    assert all(latency > 0 and bandwidth > 0 for _, latency, bandwidth in report["links"])
+    lines = report["text"].splitlines()
+    assert lines[0] == "cluster check: 2 ranks on 1 host(s); default group gloo, host group gloo"
+    assert lines[1].startswith("all-reduce (gloo, 4096 bytes, ") and "busbw" in lines[1]
+    assert lines[4].startswith("rank 0 (") and "-> rank 1 (" in lines[4] and lines[6].startswith("slowest link: ")

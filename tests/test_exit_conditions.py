@@ -116,3 +116,28 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_iteration(tiny_corpus
     iterations = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     stopped = iterations[0][-1]
     assert iterations[0] == iterations[1] and 1 <= stopped < 400 and latest_iteration(save) == stopped
+
+
+def test_stop_and_async_save_agree_once_per_log_interval(tiny_corpus, tmp_path, monkeypatch):
+    """--exit-signal-handler and a pending --async-save each cost one host all-reduce per log interval, not
+    one per iteration (counted on a fake world of two ranks: the all-reduces are recorded, not run)."""
+    import types
+
+    import torch.distributed as dist
+
+    from megatron_eslm.distributed import launch
+    from megatron_eslm.training import async_save, faults
+    calls = {"exit": 0, "save": 0}
+
+    def fake(kind: str) -> types.SimpleNamespace:
+        return types.SimpleNamespace(is_available=lambda: True, is_initialized=lambda: True, ReduceOp=dist.ReduceOp,
+                                     get_world_size=lambda group=None: 2,
+                                     all_reduce=lambda tensor, op, group: calls.__setitem__(kind, calls[kind] + 1))
+
+    monkeypatch.setattr(faults, "dist", fake("exit"))
+    monkeypatch.setattr(async_save, "dist", fake("save"))
+    monkeypatch.setattr(launch, "host_group", lambda: None)
+    _, records = run(flags(tiny_corpus, "--train-iters", "12", "--log-interval", "4", "--exit-signal-handler",
+                           "--save", str(tmp_path / "ckpt"), "--save-interval", "2", "--async-save"))
+    assert [r["iteration"] for r in records if "lm_loss" in r] == [4, 8, 12]
+    assert calls["exit"] == 3 and 1 <= calls["save"] <= 3, calls

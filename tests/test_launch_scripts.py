@@ -28,7 +28,9 @@ SCRIPTS = {
     "slurm_deepspeed.sbatch": ("deepspeed", {"GPUS_PER_NODE": "4"}),
     "slurm_torchrun.sbatch": ("torchrun", {"GPUS_PER_NODE": "4"}),
 }
-SLURM = {"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "node[01-02]"}
+SLURM = {"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "node[01-02]",
+         "SLURM_CPUS_ON_NODE": "32"}
+NET = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA")
 
 
 @pytest.fixture
@@ -50,8 +52,9 @@ def env(tmp_path, tokenizer_model):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# host slots=GPUS\nnode01 slots=4\nnode02 slots=4\n")
     keep = {k: v for k, v in os.environ.items()
-            if not k.startswith("SLURM_") and k not in {"NUM_GPUS", "GPUS_PER_NODE", "SAVE_DIR", "DS_CONFIG",
-                                                         "HOSTFILE", "NUM_NODES", "MASTER_ADDR", "MASTER_PORT"}}
+            if not k.startswith(("SLURM_", "MEGATRON_ESLM_", *NET))
+            and k not in {"NUM_GPUS", "GPUS_PER_NODE", "CPUS_PER_NODE", "SAVE_DIR", "DS_CONFIG", "HOSTFILE",
+                          "NUM_NODES", "MASTER_ADDR", "MASTER_PORT"}}
     keep.update(SLURM, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable,
                 DRY_RUN="1", DATA_PATH=str(tmp_path / "corpus_text_document"), TOKENIZER_MODEL=tokenizer_model,
                 HOSTFILE=str(hostfile))
@@ -256,6 +259,8 @@ def test_dry_run_launcher_flags(env, tmp_path):
     assert cmd[:3] == ["deepspeed", "--hostfile", env["HOSTFILE"]]
     assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and "--master_port" in cmd
     cmd = dry_run("slurm_torchrun.sbatch", env, recipe, tmp_path)
+    assert cmd[:cmd.index("torchrun")] == ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--cpus-per-task", "32",
+                                           "--cpu-bind=cores", "--kill-on-bad-exit=1"]
     head = cmd[cmd.index("torchrun"):cmd.index("-m")]
     assert head == ["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", "node01:29500", "--rdzv-id", "1"]
@@ -288,6 +293,47 @@ def test_slurm_deepspeed_expands_the_node_rank_per_node(env, tmp_path):
     lines = proc.stdout.splitlines()
     assert [line.split()[:2] for line in lines] == [["--no_ssh", "--node_rank=0"], ["--no_ssh", "--node_rank=1"]]
     assert (save / "hostfile-1").read_text() == "node01 slots=4\nnode02 slots=4\n"
+
+
+def test_every_launcher_gets_the_network_interface(env, tmp_path):
+    """MEGATRON_ESLM_IFNAME and MEGATRON_ESLM_IB_HCA reach the environment of every launcher (fake ones
+    that print it; a fake srun that starts its command), the pdsh launcher's ./.deepspeed_env (keeping its
+    other lines), and each script's line naming the master address and the interface."""
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == -* ]]; do [[ $1 == *=* ]] && shift || shift 2; '
+                                  'done\nSLURM_NODEID=0 exec "$@"\n')
+    for name in ("deepspeed", "torchrun"):
+        (bin_dir / name).write_text(f'#!/usr/bin/env bash\necho {name}; env | grep -E "^({"|".join(NET)})=" | sort\n')
+    for name in ("srun", "deepspeed", "torchrun"):
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=WARN\nGLOO_SOCKET_IFNAME=old0\n")
+    run_env = {**env, "DRY_RUN": "0", "PYTHON": "no-such-python", "SAVE_DIR": str(tmp_path / "save"),
+               "MEGATRON_ESLM_IFNAME": "ib0", "MEGATRON_ESLM_IB_HCA": "mlx5_0,mlx5_1"}
+    expected = ["GLOO_SOCKET_IFNAME=ib0", "NCCL_IB_HCA=mlx5_0,mlx5_1", "NCCL_SOCKET_IFNAME==ib0"]
+    for script, (launcher, extra) in sorted(SCRIPTS.items()):
+        proc = run_script(script, {**run_env, **extra}, "examples/gpt2_124m", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == [launcher, *expected], (script, proc.stdout)
+        line = next(line for line in proc.stderr.splitlines() if line.startswith("launch: master "))
+        master = "127.0.0.1" if "single" in script else "node01"
+        assert line.startswith(f"launch: master {master}") and line.endswith(
+            "port 29500; interface NCCL_SOCKET_IFNAME==ib0 GLOO_SOCKET_IFNAME=ib0 NCCL_IB_HCA=mlx5_0,mlx5_1"), line
+    assert (tmp_path / ".deepspeed_env").read_text().splitlines() == [
+        "NCCL_DEBUG=WARN", "NCCL_SOCKET_IFNAME==ib0", "GLOO_SOCKET_IFNAME=ib0", "NCCL_IB_HCA=mlx5_0,mlx5_1"]
+    proc = run_script("deepspeed_multi_node.sh", {**env, "GPUS_PER_NODE": "4", "MEGATRON_ESLM_IFNAME": "ib0"},
+                      cwd=tmp_path)
+    assert "dry run: not writing .deepspeed_env (NCCL_SOCKET_IFNAME==ib0 GLOO_SOCKET_IFNAME=ib0)" in proc.stderr
+    proc = run_script("torchrun_single_node.sh", env, cwd=tmp_path)
+    assert "interface not chosen (NCCL and gloo pick one each; on a cluster set MEGATRON_ESLM_IFNAME)" in proc.stderr
+
+
+@pytest.mark.parametrize("name,value", [("MEGATRON_ESLM_IFNAME", "ib0 eth0"), ("MEGATRON_ESLM_IB_HCA", "mlx5_0;x"),
+                                        ("SLURM_CPUS_ON_NODE", "0")])
+def test_bad_network_or_cpu_variable_is_one_line(name, value, env, tmp_path):
+    proc = run_script("slurm_torchrun.sbatch", {**env, "GPUS_PER_NODE": "4", name: value}, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"'{value}'" in lines[0], lines
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

@@ -36,6 +36,56 @@ def fake_dist(monkeypatch):
     return calls
 
 
+def _groups_created(monkeypatch, world: int, tp: int, pp: int, cp: int, self_group: bool = False) -> list[list[int]]:
+    """The member lists `initialize_model_parallel` passes to new_group on rank 0 of `world` (a fake dist)."""
+    created: list[list[int]] = []
+    monkeypatch.setattr(parallel_state, "_layout", parallel_state._layout)  # restored after the test
+    monkeypatch.setattr(parallel_state, "_groups", parallel_state._Groups())
+    monkeypatch.setattr(parallel_state.dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(parallel_state.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(parallel_state.dist, "new_group", lambda ranks: created.append(list(ranks)) or object())
+    monkeypatch.setattr(parallel_state.dist, "destroy_process_group", lambda group=None: None)
+    parallel_state.initialize_model_parallel(tp, pp, cp, self_group=self_group)
+    return created
+
+
+def _needed(world: int, tp: int, pp: int, cp: int) -> int:
+    """Groups of size > 1 a layout needs: tensor, context, data, data x context, pipeline, model (tensor x
+    pipeline) and, with pipelining, embedding (first and last stage)."""
+    dp = world // (tp * pp * cp)
+    embedding = world // pp if pp > 1 else 0
+    return sum(world // size for size in (tp, cp, dp, dp * cp, pp, tp * pp) if size > 1) + embedding
+
+
+@pytest.mark.parametrize("world,tp,pp,cp", [(2, 1, 1, 1), (2, 2, 1, 1), (8, 2, 2, 1), (8, 1, 1, 2), (1024, 1, 1, 1),
+                                            (1024, 8, 1, 1), (1024, 8, 4, 1), (1024, 4, 2, 2)])
+def test_only_groups_of_more_than_one_rank_are_created(monkeypatch, world, tp, pp, cp):
+    """Each new_group is a world-wide collective (an NCCL communicator split): a layout creates exactly the
+    groups of size > 1 it needs, and the getters of the others return None (the one-rank paths)."""
+    created = _groups_created(monkeypatch, world, tp, pp, cp)
+    assert all(len(ranks) > 1 for ranks in created)
+    assert len(created) == _needed(world, tp, pp, cp)
+    dp = world // (tp * pp * cp)
+    for size, group in [(tp, parallel_state.tensor_model_parallel_group()),
+                        (cp, parallel_state.context_parallel_group()), (dp, parallel_state.data_parallel_group()),
+                        (dp * cp, parallel_state.data_context_parallel_group()),
+                        (pp, parallel_state.pipeline_model_parallel_group()),
+                        (tp * pp, parallel_state.model_parallel_group())]:
+        assert (group is None) == (size == 1)
+        assert parallel_state.group_or_self(group) is group  # no one-rank group without self_group
+    assert parallel_state.pipeline_last_rank() == (pp - 1) * world // pp
+
+
+def test_deepspeed_gets_a_one_rank_group_for_its_size_one_groups(monkeypatch):
+    """DeepSpeed's mpu runs collectives on the groups it is given whatever their size: under --deepspeed a
+    one-rank group per rank (world-many, once) stands in for each size-1 group; none when none has size 1."""
+    created = _groups_created(monkeypatch, 16, 1, 1, 1, self_group=True)
+    assert created[-16:] == [[r] for r in range(16)] and len(created) == _needed(16, 1, 1, 1) + 16
+    mine = parallel_state.group_or_self(None)
+    assert mine is not None and parallel_state.group_or_self(parallel_state.tensor_model_parallel_group()) is mine
+    assert len(_groups_created(monkeypatch, 16, 2, 2, 1, self_group=True)) == _needed(16, 2, 2, 1)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_timeout_reaches_init_process_group(fake_dist, monkeypatch, world):
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -47,13 +97,52 @@ def test_timeout_reaches_init_process_group(fake_dist, monkeypatch, world):
 
 
 def test_nccl_gets_the_device(fake_dist, monkeypatch):
+    """NCCL's group: the device, twice the watchdog's timeout, and the flight recorder (a user's setting kept)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCH_NCCL_DUMP_ON_TIMEOUT", raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "500")
     cuda1 = torch.device("cuda", 1)
     assert launch.init_process_group(cuda1)
     (args, kwargs), = fake_dist["init"]
     assert args == ("nccl",) and kwargs["device_id"] == cuda1
-    assert kwargs["timeout"] == datetime.timedelta(minutes=10)  # Megatron's default
+    assert kwargs["timeout"] == datetime.timedelta(minutes=20)  # twice Megatron's default of 10
     assert fake_dist["set_device"] == [cuda1]
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1" and os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "500"
+
+
+@pytest.mark.parametrize("minutes", [0.05, 0.1, 1, 10, 60])
+def test_nccl_times_out_after_the_watchdog_decides(minutes):
+    """NCCL's abort names no culprit and saves nothing: its timeout is strictly longer than the watchdog's
+    decision time, with room for a step queued ahead of the host (here: a tenth of the timeout)."""
+    from megatron_eslm.distributed import watchdog
+    decision = watchdog.decision_s(60 * minutes)
+    assert 60 * minutes < decision < launch.nccl_timeout(minutes).total_seconds() - 6 * minutes
+
+
+def test_watchdog_acts_on_a_stale_peer_before_its_own_timeout(monkeypatch):
+    """A peer whose heartbeat did not change for three beats is named within five, without waiting for this
+    rank's own timeout; a closed watchdog leaves a heartbeat that never goes stale. (A fake two-rank job on a HashStore;
+    the exit is recorded, not taken.)"""
+    import time
+
+    from megatron_eslm.distributed import watchdog
+    store = dist.HashStore()
+    monkeypatch.setattr(watchdog.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(watchdog.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(watchdog.dist.distributed_c10d, "_get_default_store", lambda: store)
+    exits = []
+    monkeypatch.setattr(watchdog.Watchdog, "_exit",
+                        lambda self, why: exits.append((time.monotonic(), why)) or self._stop.set())
+    store.set(watchdog.KEY.format(rank=1), f"{time.time():.3f} 0")  # rank 1's last beat
+    start = time.monotonic()
+    dog = watchdog.Watchdog(timeout_s=3)  # a beat every 0.5 s, stale after 1.5 s
+    while not exits and time.monotonic() - start < 10:
+        dog.progress(1)  # this rank is making progress: its own timeout never comes
+        time.sleep(0.05)
+    dog.close()
+    (when, why), = exits
+    assert why.startswith("rank 1 stopped answering (its last heartbeat") and when - start <= 5 * 0.5 + 0.2
+    assert dog.dead_ranks() == {1} and store.get(watchdog.KEY.format(rank=0)).decode() == "inf 1"
 
 
 def test_device_is_bound_when_the_group_already_exists(fake_dist, monkeypatch):
@@ -202,3 +291,88 @@ def test_clip_grad_norm_neither_syncs_nor_copies_a_gradient():
         clip_grad_norm(params, 0.1)
     smallest = min(p.grad.numel() * p.grad.element_size() for p in params)
     assert max(e.cpu_memory_usage for e in prof.events()) < smallest
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (tools/device_check.sh: nccl_faults)")
+def test_eight_device_rng_checkpoint_loads_on_one_gpu(tmp_path):
+    """A checkpoint whose rng["cuda"] holds 8 devices' generators (the older `get_rng_state_all` format)
+    loads on one GPU and restores the generator this device had."""
+    states = []
+    for seed in range(8):
+        torch.cuda.manual_seed(seed)  # the current device only: the 8 states stand for 8 devices
+        states.append(torch.cuda.get_rng_state())
+    torch.save({"rng": [{**checkpointing.rng_state(), "cuda": states}]}, tmp_path / "rng.pt")
+    checkpointing.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False)["rng"][0])
+    drawn = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(torch.cuda.current_device())
+    assert torch.equal(drawn, torch.rand(4, device="cuda"))
+    assert torch.equal(checkpointing.rng_state()["cuda"], torch.cuda.get_rng_state())
+
+
+def test_watchdog_hears_of_each_eval_micro_batch_and_save_phase(tiny_corpus, tmp_path, monkeypatch):
+    """An evaluation and a large save (with its CRC read-back) may outlast the timeout together: the watchdog
+    is told of every evaluation micro-batch and every phase of a save, not only when both are over."""
+    from helpers import flags
+    from megatron_eslm.config import parse_args
+    from megatron_eslm.distributed import watchdog
+    from megatron_eslm.training.trainer import Trainer
+
+    class Recorder:
+        touches = 0
+
+        def touch(self) -> None:
+            self.touches += 1
+
+    recorder = Recorder()
+    monkeypatch.setattr(watchdog, "_active", recorder)
+    trainer = Trainer(parse_args(flags(tiny_corpus, "--eval-iters", "3")))
+    trainer.evaluate()
+    assert recorder.touches == trainer._eval_samples() // trainer.cfg.training.micro_batch_size > 1
+    trainer.close()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the save's phases are collective
+    phases = []
+    outcome = launch.shared_outcome
+    monkeypatch.setattr(launch, "shared_outcome", lambda: phases.append(1) or outcome())
+    try:
+        recorder.touches = 0
+        checkpointing.save_checkpoint(str(tmp_path / "ckpt"), 1, {"w": torch.zeros(2)})
+        checkpointing.save_checkpoint(str(tmp_path / "ds"), 1, {}, write=lambda d, s: torch.save(s, f"{d}/x") or None)
+    finally:
+        dist.destroy_process_group()
+    assert recorder.touches == len(phases) + 1 >= 7  # + 1: the one file checksummed after the fake engine's write
+
+
+BLOCKED_NCCL_RANK = """
+import os, sys, time
+import torch, torch.distributed as dist
+from megatron_eslm.distributed import launch, watchdog
+launch.init_process_group(torch.device("cuda", 0), single_process=True, timeout_minutes=0.1)
+dog = watchdog.Watchdog(6.0)
+dog.progress(1)
+torch.cuda._sleep(200_000_000_000)  # the stream blocked for about two minutes
+x = torch.ones(1, device="cuda")
+dist.all_reduce(x)  # queued behind the sleep: NCCL's clock runs from here
+print(f"queued at {time.monotonic():.1f}", file=sys.stderr, flush=True)
+x.item()  # the host waits: the watchdog (6 s + a beat) must act before NCCL (12 s)
+print("the all-reduce finished", file=sys.stderr, flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (tools/device_check.sh: nccl_faults)")
+def test_watchdog_line_comes_before_nccl_timeout_on_gpu(tmp_path):
+    """A one-rank NCCL group, --distributed-timeout-minutes 0.1, the stream blocked by torch.cuda._sleep under
+    an all-reduce: the watchdog's one line ends the process before NCCL's own timeout (12 s) aborts it."""
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_NCCL_RANK], env=env, capture_output=True, text=True,
+                          timeout=90)
+    waited = time.monotonic() - start
+    lines = [line for line in proc.stderr.splitlines() if "error: rank 0" in line or "Watchdog caught" in line
+             or "timeout" in line.lower()]
+    print(proc.stderr[-3000:], f"({waited:.1f} s)")
+    assert proc.returncode == 1 and lines and lines[0].startswith("error: rank 0 at iteration 1: no progress for"), \
+        proc.stderr[-3000:]
+    assert "the all-reduce finished" not in proc.stderr

@@ -83,3 +83,70 @@ def test_one_node_has_no_peer_to_mirror_to(tiny_corpus):
     from megatron_eslm.training.trainer import Trainer
     with pytest.raises(UserError, match="--snapshot-replicas 1: every rank is on one node"):
         Trainer(parse_args(flags(tiny_corpus, "--snapshot-interval", "1", "--snapshot-replicas", "1")))
+
+
+def _fake_job(monkeypatch, world: int, per_node: int, tp: int, dp: int, cp: int = 1) -> None:
+    """A layout's sizes and this process's place, without process groups."""
+    from megatron_eslm import parallel_state
+    layout = parallel_state.Layout(tp=tp, pp=world // (tp * dp * cp), dp=dp, cp=cp)
+    monkeypatch.setattr(parallel_state, "_layout", layout)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
+
+
+@pytest.mark.parametrize("world,per_node,tp,dp,cp", [(2, 1, 2, 1, 1), (8, 4, 2, 2, 1), (8, 2, 2, 1, 2),
+                                                     (16, 4, 1, 4, 2)])
+def test_each_emergency_shard_has_exactly_one_writer(monkeypatch, world, per_node, tp, dp, cp):
+    """For every set of one or two dead ranks, each shard some survivor holds (its own, or its peer's one node
+    behind) is written by exactly one survivor, and by none when all its holders died."""
+    import itertools
+    from megatron_eslm.training import snapshot_replicas
+    _fake_job(monkeypatch, world, per_node, tp, dp, cp)
+    shard = lambda rank: (rank % tp, rank // (tp * cp * dp))  # noqa: E731
+    ones, twos = itertools.combinations(range(world), 1), itertools.combinations(range(world), 2)
+    for dead in map(set, itertools.chain(ones, twos)):
+        survivors = [r for r in range(world) if r not in dead]
+        writes = {}
+        for rank in survivors:
+            for owner in (rank, snapshot_replicas.peer_behind(rank)):
+                if snapshot_replicas.writer(owner, dead, mirrored=True) == rank:
+                    writes.setdefault(shard(owner), set()).add(rank)
+        held = {shard(owner) for rank in survivors for owner in (rank, snapshot_replicas.peer_behind(rank))}
+        assert set(writes) == held and all(len(ranks) == 1 for ranks in writes.values()), (dead, writes)
+
+
+def test_survivors_write_each_shard_once_under_host_and_rank_temp_names(monkeypatch, tmp_path):
+    """TP2 x DP2 on two nodes of two ranks, rank 1 dead: the three survivors write the two shards once each,
+    through temporary names carrying host, rank and PID, and the last writer publishes the checkpoint."""
+    from megatron_eslm.training import checkpointing, snapshot_replicas
+    _fake_job(monkeypatch, 4, 2, 2, 2)
+    written = []
+    save_file = integrity.save_file
+    monkeypatch.setattr(integrity, "save_file", lambda state, path: written.append(path) or save_file(state, path))
+    layout = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1, "data_parallel_size": 2}
+
+    def snapshot(rank: int) -> dict:
+        return {"iteration": 4, "layout": layout, "shard": checkpointing.shard_dir_name(rank % 2, 0, 1), "w": rank % 2}
+
+    for rank in (0, 2, 3):
+        monkeypatch.setenv("RANK", str(rank))
+        peer = snapshot_replicas.peer_behind(rank)
+        held = {rank: snapshot(rank), peer: snapshot(peer)}
+        snapshot_replicas.write_emergency_checkpoint(str(tmp_path), held, {1}, mirrored=True)
+    host = __import__("socket").gethostname()
+    assert sorted(os.path.basename(path).rsplit(".", 4)[1:3] for path in written) == [[host, "0"], [host, "3"]]
+    assert all(path.endswith(f".{os.getpid()}.part") for path in written)
+    assert latest_iteration(str(tmp_path)) == 4
+
+
+def test_ranks_per_node_from_torchrun_or_deepspeed(monkeypatch):
+    """torchrun exports LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE: either places the peer one node ahead."""
+    from megatron_eslm.training import snapshot_replicas
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    assert snapshot_replicas.ranks_per_node() == 16
+    monkeypatch.setenv("LOCAL_SIZE", "8")
+    assert snapshot_replicas.ranks_per_node() == 8 and snapshot_replicas.peer_behind(3) == 11
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert snapshot_replicas.ranks_per_node() == 4

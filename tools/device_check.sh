@@ -14,6 +14,10 @@
 #                    megatron-core are not needed here. Where pip cannot install it (the H200 image's pip runs
 #                    `setup.py develop`, which fetches build dependencies), the checkout is used in place:
 #                    megatron_eslm/kernels links to kernels/ for the run (removed at exit), PYTHONPATH=.
+#   nccl_faults      issue 29's GPU checks (tests/test_nccl_readiness.py -k gpu): a one-rank NCCL group with
+#                    --distributed-timeout-minutes 0.1 and the stream blocked by torch.cuda._sleep under an
+#                    all-reduce, where the watchdog's line must come before NCCL's own timeout; a checkpoint
+#                    whose rng["cuda"] holds 8 devices' states loading on this one
 #   cuda_tests       the CUDA-only tests but the Triton ones (the test files with a CUDA skipif, `-k cuda`):
 #                    training steps per policy under torch.cuda.set_sync_debug_mode("error") (any host sync
 #                    outside the inherent ones raises), recompute on CUDA
@@ -170,6 +174,8 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "import megatron_eslm.kernels" 2>/dev/null; the
     record install_in_place "$("$PY" -c "import megatron_eslm.kernels" 2>&1 && echo ok || echo failed)" 0 \
         "ln -s ../kernels $LINK; export PYTHONPATH=$PWD"
 fi
+step nccl_faults 90 "torch pytest megatron_eslm" "$PY" -m pytest -q -s -rfE -p no:cacheprovider \
+    tests/test_nccl_readiness.py -k gpu
 step cuda_tests 150 "torch triton pytest sentencepiece megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
     ${TESTS//tests\/test_lm_head_triton.py/} -k cuda
 step triton_tests 180 "torch triton pytest megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \

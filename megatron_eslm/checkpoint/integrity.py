@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from megatron_eslm.checksums import ChecksumWriter, file_checksum
+from megatron_eslm.distributed import launch
 from megatron_eslm.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -59,7 +60,7 @@ def files_under(directory: str) -> list[str]:
 def write_manifest(directory: str, entries: dict[str, dict[str, int]]) -> None:
     """Write (atomically: survivors may race to write the same one) and fsync the manifest."""
     path = os.path.join(directory, MANIFEST)
-    tmp = f"{path}.{os.getpid()}.part"
+    tmp = launch.temp_path(path)
     with open(tmp, "w") as fh:
         json.dump({"files": dict(sorted(entries.items()))}, fh, indent=1)
         fh.flush()

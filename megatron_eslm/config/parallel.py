@@ -32,9 +32,11 @@ HELP = {
                            "as soon as its gradients are final, instead of after the backward (nothing to "
                            "do without data parallelism; under --deepspeed: ZeRO-2/3's overlap_comm)",
     "distributed_timeout_minutes": "how long a collective, or a rank waiting while rank 0 alone writes a "
-                                   "checkpoint or builds the index cache, may wait before the job fails; "
+                                   "checkpoint or builds the index cache, may wait before the job fails "
+                                   "(NCCL's collectives: twice this, so that the watchdog acts first); "
                                    "also how long a rank may make no progress before it exits naming the "
-                                   "dead or stuck rank (distributed/watchdog.py)",
+                                   "stuck rank (distributed/watchdog.py; a dead one is named within five "
+                                   "heartbeats, a sixth of this each)",
 }
 
 

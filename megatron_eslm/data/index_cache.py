@@ -85,7 +85,7 @@ def _exclusive(lock_path: str) -> Iterator[None]:
 
 
 def _write_atomically(path: str, write: Callable[[BinaryIO], T]) -> T:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = launch.temp_path(path)
     try:
         with open(tmp, "wb") as f:
             result = write(f)

@@ -52,7 +52,8 @@ class ModelParallelUnit:
     """`parallel_state` under the names DeepSpeed's `mpu` argument looks for (Megatron-DeepSpeed's).
     "Model parallel" is one shard of a replica (tensor x pipeline): its rank names DeepSpeed's checkpoint
     files, so two stages never write the same file; the tensor-parallel rank decides which replicated
-    weights enter the gradient norm."""
+    weights enter the gradient norm. DeepSpeed runs collectives on these groups whatever their size, so a
+    group of size 1 (not created: `parallel_state`) is this rank's one-rank group."""
 
     def get_model_parallel_rank(self) -> int:
         layout = parallel_state.layout()
@@ -62,7 +63,7 @@ class ModelParallelUnit:
         return parallel_state.model_parallel_size()
 
     def get_model_parallel_group(self):
-        return parallel_state.model_parallel_group()
+        return parallel_state.group_or_self(parallel_state.model_parallel_group())
 
     def get_tensor_model_parallel_rank(self) -> int:
         return parallel_state.tensor_model_parallel_rank()
@@ -71,7 +72,7 @@ class ModelParallelUnit:
         return parallel_state.tensor_model_parallel_size()
 
     def get_tensor_model_parallel_group(self):
-        return parallel_state.tensor_model_parallel_group()
+        return parallel_state.group_or_self(parallel_state.tensor_model_parallel_group())
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         layout = parallel_state.layout()
@@ -84,7 +85,7 @@ class ModelParallelUnit:
         return parallel_state.pipeline_model_parallel_size()
 
     def get_pipeline_model_parallel_group(self):
-        return parallel_state.pipeline_model_parallel_group()
+        return parallel_state.group_or_self(parallel_state.pipeline_model_parallel_group())
 
     def get_data_parallel_rank(self) -> int:
         return parallel_state.data_parallel_rank()
@@ -93,7 +94,7 @@ class ModelParallelUnit:
         return parallel_state.data_parallel_size()
 
     def get_data_parallel_group(self):
-        return parallel_state.data_parallel_group()
+        return parallel_state.group_or_self(parallel_state.data_parallel_group())
 
     # DeepSpeed partitions ZeRO state over, and reduces gradients across, the "sequence data parallel" group
     # when the mpu names one: our data x context group (the data-parallel size above stays the one that
@@ -105,7 +106,7 @@ class ModelParallelUnit:
         return parallel_state.data_context_parallel_size()
 
     def get_sequence_data_parallel_group(self):
-        return parallel_state.data_context_parallel_group()
+        return parallel_state.group_or_self(parallel_state.data_context_parallel_group())
 
 
 def import_deepspeed() -> ModuleType:
@@ -242,9 +243,33 @@ class DeepSpeedEngine:
 
     def save(self, directory: str, client_state: dict) -> None:
         """Collectively write DeepSpeed's checkpoint of every rank into `directory` (a temporary name that
-        the caller renames; DeepSpeed's tag is its base name)."""
+        the caller renames; DeepSpeed's tag is its base name).
+
+        DeepSpeed's save runs collectives (barriers, the tag check) between and after its file writes, on
+        the default group (NCCL on GPUs). A rank whose write fails must not leave that sequence: it would
+        wait in the gloo outcome exchange (`launch.shared_outcome`) while the others sit in an NCCL barrier
+        until NCCL's timeout aborts the job. So a failed write is recorded, this rank's later files are
+        skipped, DeepSpeed's collectives run to the end on every rank, and only then is the error raised,
+        for the exchange to report in one line."""
         root, tag = directory.rstrip("/").rsplit("/", 1)
-        self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        files = self.engine.checkpoint_engine
+        write, failures = files.save, []
+
+        def write_or_record(state_dict, path) -> None:
+            if failures:
+                return
+            try:
+                write(state_dict, path)
+            except Exception as err:  # noqa: BLE001 -- raised below, after DeepSpeed's collectives
+                failures.append(err)
+
+        files.save = write_or_record
+        try:
+            self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            del files.save  # the class's method again
+        if failures:
+            raise failures[0]
 
     def load(self, directory: str, optimizer: bool = True) -> dict | None:
         """Model, ZeRO optimizer partitions (with `optimizer`) and client state from `directory`; None if

@@ -3,22 +3,27 @@
 Each rank runs a daemon thread that writes a heartbeat into the job's rendezvous store (the TCPStore that
 torch.distributed already runs on rank 0's host) every few seconds (a sixth of the timeout, 0.5 to 10 s):
 the time and the iteration it had finished then. The training loop reports progress (`progress`) after
-every iteration, evaluation and checkpoint. Two ways a run ends through it:
+every iteration, and `alive` marks work inside the longer phases: each evaluation micro-batch and each
+phase of a save (every `launch.shared_outcome`, every file of the CRC read-back), so that an evaluation
+plus a large save is not taken for a stall. Three ways a run ends through it:
 
-  watchdog    this rank has made no progress for --distributed-timeout-minutes (stuck in a collective that
-              NCCL may not time out for a long while, or in a hung peer's p2p): the thread reads every
-              rank's heartbeat, prints one line naming the ranks that stopped beating (dead, or stopped:
-              SIGSTOP, a hung node) or, when all beat, the ones furthest behind (alive but stuck), and
-              exits the process with status 1.
+  dead peer   after each beat the thread reads every rank's heartbeat: one that has not changed for three
+              beats (dead, or stopped: SIGSTOP, a hung node) is named in one line and this rank exits with
+              status 1, whatever its own progress: within five beats, long before any timeout.
+  watchdog    this rank has made no progress for --distributed-timeout-minutes while every rank beats
+              (stuck in a collective, or in a hung peer's p2p): the line names the ranks furthest behind
+              (alive but stuck). NCCL's own timeout is twice as long (`launch.nccl_timeout` >
+              `decision_s`): its abort would name no culprit and save no snapshot.
   diagnose    a collective raised (gloo reports a closed connection at once): the trainer asks which rank
-              stopped beating (`culprits`, waiting up to four heartbeats for it: a heartbeat is stale after
-              three), and raises that as the one-line error.
+              stopped beating (`culprits`, waiting up to five heartbeats for it: a heartbeat is stale after
+              three unchanged), and raises that as the one-line error.
 
-Either way the rank first writes the snapshots it holds (`on_failure`, `training/snapshot_replicas.py`).
+Each way the rank first writes the snapshots it holds (`on_failure`, `training/snapshot_replicas.py`).
 If rank 0 dies, the store dies with it: the line then says that rank 0 is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -28,17 +33,38 @@ from typing import Callable
 import torch.distributed as dist
 
 KEY = "eslm/heartbeat/{rank}"
+_active: "Watchdog | None" = None  # the running one, for `alive`
+
+
+def alive() -> None:
+    """Work is going on inside a long phase (an evaluation micro-batch, a save phase): the running watchdog,
+    if any, does not count the time so far as a stall. Host-only and cheap: no sync, no communication."""
+    if _active is not None:
+        _active.touch()
 
 
 def _beat_interval(timeout_s: float) -> float:
     return max(0.5, min(10.0, timeout_s / 6))
 
 
-class Watchdog:
-    """`on_failure()`, called before this rank exits for a stalled or dead peer, may save what it can and
-    returns what it did, for the line (the trainer writes its snapshots: `training/snapshot_replicas.py`)."""
+def decision_s(timeout_s: float) -> float:
+    """The longest this rank's watchdog takes to act after its last progress: a stale peer is seen within
+    five beats, a stall after the timeout, each checked once a beat."""
+    interval = _beat_interval(timeout_s)
+    return max(timeout_s, 5 * interval) + interval
 
-    def __init__(self, timeout_s: float, on_failure: Callable[[], str | None] = lambda: None):
+
+def _describe(stale: dict[int, float]) -> str:
+    return "; ".join(f"rank {r} stopped answering (its last heartbeat {age:.0f} s ago)"
+                     for r, age in sorted(stale.items()))
+
+
+class Watchdog:
+    """`on_failure(dead)`, called before this rank exits for a stalled or dead peer with the ranks whose
+    heartbeat stopped (`dead_ranks`), may save what it can and returns what it did, for the line (the trainer
+    writes its snapshots: `training/snapshot_replicas.py`)."""
+
+    def __init__(self, timeout_s: float, on_failure: Callable[[set[int]], str | None] = lambda dead: None):
         self.timeout_s = timeout_s
         self.on_failure = on_failure
         self.interval = _beat_interval(timeout_s)
@@ -47,13 +73,21 @@ class Watchdog:
         self.iteration = 0
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
+        self._failing = threading.Lock()  # held by whoever saves and reports a failure: once per process
+        self._seen: dict[int, tuple[list[str], float]] = {}  # each rank's last heartbeat, and when it changed
         self._beat()
         self._thread = threading.Thread(target=self._run, name="eslm-watchdog", daemon=True)
         self._thread.start()
+        global _active
+        _active = self
 
     def progress(self, iteration: int) -> None:
         """The training loop finished something (an iteration, an evaluation, a save)."""
         self.iteration, self.last_progress = iteration, time.monotonic()
+
+    def touch(self) -> None:
+        """Progress within the iteration (`alive`)."""
+        self.last_progress = time.monotonic()
 
     def _beat(self) -> None:
         self.store.set(KEY.format(rank=self.rank), f"{time.time():.3f} {self.iteration}")
@@ -66,14 +100,30 @@ class Watchdog:
                 if self.rank != 0:
                     self._exit("cannot reach the rendezvous store on rank 0's host: rank 0 is gone")
                 return
+            beats = self._beats()
+            stale = self._stale(beats) if beats is not None else {}
             idle = time.monotonic() - self.last_progress
-            if idle > self.timeout_s:
+            if stale:
+                self._exit(_describe(stale))
+            elif idle > self.timeout_s:
                 self._exit(f"no progress for {idle:.0f} s (--distributed-timeout-minutes "
                            f"{self.timeout_s / 60:g}): {self.culprits(wait_s=0) or 'every rank is beating'}")
 
+    def claim(self) -> bool:
+        """Whether the caller (this thread, or the trainer after a collective raised) is the first to handle
+        a failure: only it writes the snapshots and the line."""
+        return self._failing.acquire(blocking=False)
+
+    def join(self) -> None:
+        """Wait for the thread, which, handling a failure, ends the process."""
+        self._thread.join()
+
     def _exit(self, why: str) -> None:
+        if not self.claim():  # the trainer is handling it
+            self._stop.set()
+            return
         try:
-            saved = self.on_failure()
+            saved = self.on_failure(self.dead_ranks())
         except Exception as err:  # noqa: BLE001 -- the line must still be printed
             saved = f"saving the snapshot failed ({type(err).__name__}: {err})"
         print(f"error: rank {self.rank} at iteration {self.iteration}: {why}{f'; {saved}' if saved else ''}; exiting",
@@ -81,28 +131,61 @@ class Watchdog:
         os._exit(1)
 
     def culprits(self, wait_s: float | None = None) -> str | None:
-        """Which ranks stopped beating (waiting up to `wait_s`, default four heartbeats, for one to go stale), or
-        else which are furthest behind; None when every rank is beating at this rank's iteration."""
-        deadline = time.monotonic() + (4 * self.interval if wait_s is None else wait_s)
+        """Which ranks stopped beating (waiting up to `wait_s`, default five heartbeats, for one to go stale),
+        or else which are furthest behind; None when every rank is beating at this rank's iteration."""
+        deadline = time.monotonic() + (5 * self.interval if wait_s is None else wait_s)
         while True:
-            try:
-                beats = {r: self.store.get(KEY.format(rank=r)).decode().split() for r in range(self.world)}
-            except Exception:  # noqa: BLE001
+            beats = self._beats()
+            if beats is None:
                 return "cannot reach the rendezvous store on rank 0's host: rank 0 is gone"
-            now = time.time()
-            stale = {r: now - float(t) for r, (t, _) in beats.items() if now - float(t) > 3 * self.interval}
+            stale = self._stale(beats)
             if stale:
-                return "; ".join(f"rank {r} stopped answering (its last heartbeat {age:.0f} s ago)"
-                                 for r, age in sorted(stale.items()))
+                return _describe(stale)
             if time.monotonic() >= deadline:
                 break
             time.sleep(self.interval / 2)
+        if not beats:
+            return None
         lowest = min(int(i) for _, i in beats.values())
         behind = sorted(r for r, (_, i) in beats.items() if int(i) == lowest)
         if lowest >= self.iteration:
             return None
         return f"rank(s) {', '.join(map(str, behind))} alive but stuck after iteration {lowest}"
 
+    def _beats(self) -> dict[int, list[str]] | None:
+        """Every rank's last heartbeat (time, iteration), none before every rank has beaten once (a get would
+        wait for it); None when the store (rank 0's host) is gone."""
+        keys = [KEY.format(rank=r) for r in range(self.world)]
+        try:
+            if not self.store.check(keys):
+                return {}
+            return {r: self.store.get(key).decode().split() for r, key in enumerate(keys)}
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _stale(self, beats: dict[int, list[str]]) -> dict[int, float]:
+        """The ranks whose heartbeat has not changed for three beats, with how long, in seconds. Measured on
+        this host's monotonic clock from when a change was last seen, not from the time a rank wrote: the
+        hosts' clocks may differ by more than a beat. A finished rank's heartbeat ("inf") is never stale."""
+        now = time.monotonic()
+        for r, beat in beats.items():
+            if self._seen.get(r, (None,))[0] != beat:
+                self._seen[r] = (beat, now)
+        return {r: now - self._seen[r][1] for r, (t, _) in beats.items()
+                if t != "inf" and now - self._seen[r][1] > 3 * self.interval}
+
+    def dead_ranks(self) -> set[int]:
+        """The ranks that stopped beating now (rank 0 when the store on its host is gone)."""
+        beats = self._beats()
+        return {0} if beats is None else set(self._stale(beats))
+
     def close(self) -> None:
+        """Stop beating, leaving a heartbeat that never goes stale: a peer still finishing its run (or the
+        next run on this store) must not take this rank for dead."""
+        global _active
+        if _active is self:
+            _active = None
         self._stop.set()
         self._thread.join()
+        with contextlib.suppress(Exception):  # the store's host (rank 0) may be gone
+            self.store.set(KEY.format(rank=self.rank), f"inf {self.iteration}")

@@ -7,7 +7,7 @@ kernels that follow run after it on the same stream). A thread waits for the cop
 rank's file. Training blocks only for that setup and the queueing of the copies.
 
 The save is published by `checkpointing.finish_save` (manifest, rename, tracker) once every rank's thread is
-done: `poll` asks every rank after each iteration while a save is pending (one host all-reduce on the gloo
+done: `poll` asks every rank at each log interval while a save is pending (one host all-reduce on the gloo
 group, none otherwise), and `wait` (the next save, the end of training, a stop) blocks until it is.
 Until then the tracker names the previous checkpoint, so a kill -9 during the write leaves that one
 loadable (tools/fault_drill.py rehearses it).
@@ -51,7 +51,7 @@ class AsyncCheckpointer:
             self._error = err
 
     def poll(self) -> None:
-        """After an iteration: publish the pending save if every rank has written its files."""
+        """At a log interval (every rank alike): publish the pending save if every rank has written its files."""
         if self._pending is None:
             return
         done = torch.tensor([0.0 if self._thread.is_alive() else 1.0])

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from megatron_eslm import parallel_state
 from megatron_eslm.checkpoint import integrity
-from megatron_eslm.distributed import launch
+from megatron_eslm.distributed import launch, watchdog
 from megatron_eslm.errors import UserError
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
@@ -78,10 +78,12 @@ def _layout_sizes() -> dict[str, int]:
 
 
 def rng_state() -> dict:
+    """This rank's generators. CUDA's is this rank's device's only: a resume may pair ranks with devices
+    anew (another count per node), and a rank draws from its own device alone."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": get_rng_tracker().get_states()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -91,7 +93,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     get_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(_device_rng_state(state["cuda"]))
+
+
+def _device_rng_state(saved: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The CUDA generator state for this rank's device. Older checkpoints hold a list, every visible
+    device's (`get_rng_state_all`), of which a rank used the one at its device's index: that entry, or the
+    first when this node has more devices than the saving one had."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    device = torch.cuda.current_device()
+    return saved[device] if device < len(saved) else saved[0]
 
 
 def _distributed() -> bool:
@@ -115,7 +127,7 @@ def replica_rng_states() -> list[dict]:
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = launch.temp_path(path)
     with open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()
@@ -183,6 +195,7 @@ def finish_save(root: str, tmp: str, iteration: int, entries: dict[str, dict] | 
             for name in names[launch.rank()::launch.world_size()]:  # DeepSpeed wrote them: fsync and checksum
                 integrity.fsync_path(os.path.join(tmp, name))
                 entries[name] = integrity.checksum_file(os.path.join(tmp, name))
+                watchdog.alive()  # a read-back of ~100 GB takes minutes
     gathered = [entries]
     if _distributed() and launch.world_size() > 1:
         gathered = [None] * launch.world_size()

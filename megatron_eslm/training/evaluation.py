@@ -16,13 +16,13 @@ valid), e.g. 0.2 GiB for 25 M tokens per rank.
 from __future__ import annotations
 
 import math
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import torch
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import SelectionConfig
-from megatron_eslm.distributed import collectives
+from megatron_eslm.distributed import collectives, watchdog
 from megatron_eslm.eslm.distributed_threshold import group_collectives
 from megatron_eslm.eslm.policies import token_score
 from megatron_eslm.eslm.tail_metrics import above_threshold_fraction, cvar_over
@@ -31,6 +31,14 @@ from megatron_eslm.training.step import forward_backward, reduce_step_stats, sta
 
 # the policies whose training threshold is on the loss or entropy score, comparable on validation tokens
 THRESHOLD_SCORED = ("eslm", "eslm-is", "ada-eslm")
+
+
+def _alive_each(loader: Iterable[dict]) -> Iterator[dict]:
+    """The loader's batches, telling the watchdog of each (every stage draws each micro-batch): a long
+    evaluation is progress, not a stall."""
+    for batch in loader:
+        watchdog.alive()
+        yield batch
 
 
 def ppl(loss: float) -> float:
@@ -56,7 +64,7 @@ def evaluate(model, dataset, loader, device: torch.device, lm_head_impl: str,
 
     was_training = model.training
     model.eval()
-    stats = reduce_step_stats(forward_backward(model, None, iter(loader), len(loader), device, lm_head_impl,
+    stats = reduce_step_stats(forward_backward(model, None, _alive_each(loader), len(loader), device, lm_head_impl,
                                                autocast, forward_only=True, forward=forward, on_scores=on_scores))
     model.train(was_training)
     val_loss = stats.loss_sum / max(stats.valid, 1)

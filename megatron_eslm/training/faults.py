@@ -3,9 +3,11 @@ after --exit-duration-in-mins, or on --exit-signal under --exit-signal-handler. 
 checkpoint of the iteration it finished and returns, so the process exits 0 and `--load` resumes exactly.
 
 The duration and the signal are local facts (clocks drift, a scheduler may signal ranks at different
-moments), so every rank stops only when any rank wants to: one all-reduce (max) per iteration of two flags,
-on the host's gloo group (`launch.host_group`): no device work and no GPU sync. Without these two flags
-nothing is communicated.
+moments), so every rank stops only when any rank wants to: one all-reduce (max) of two flags on the host's
+gloo group (`launch.host_group`), no device work and no GPU sync, at each log interval rather than each
+iteration (over a thousand ranks a host all-reduce is tens of milliseconds and a barrier). So a signal or
+the duration stops the run at the end of the log interval it falls in. Without these two flags nothing is
+communicated.
 """
 from __future__ import annotations
 
@@ -32,12 +34,13 @@ class ExitConditions:
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True  # acted on at the end of the iteration, on every rank
 
-    def reason(self, iteration: int) -> str | None:
-        """Why the run stops after `iteration`, or None. Collective when a duration or a signal is watched."""
+    def reason(self, iteration: int, agree: bool) -> str | None:
+        """Why the run stops after `iteration`, or None. With `agree` (every rank alike: at a log interval)
+        the duration and the signal count too, and the call is collective when either is watched."""
         cfg = self.cfg
         if cfg.exit_interval and iteration % cfg.exit_interval == 0:
             return f"--exit-interval {cfg.exit_interval}"
-        if cfg.exit_duration_in_mins is None and not cfg.exit_signal_handler:
+        if not agree or (cfg.exit_duration_in_mins is None and not cfg.exit_signal_handler):
             return None
         late = cfg.exit_duration_in_mins is not None and time.monotonic() - self.start > 60 * cfg.exit_duration_in_mins
         wanted = torch.tensor([float(late), float(self.signalled)])

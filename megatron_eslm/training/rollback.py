@@ -27,6 +27,7 @@ takes the same decision without a collective.
 from __future__ import annotations
 
 from megatron_eslm.config.faults import FaultsConfig
+from megatron_eslm.distributed import launch
 from megatron_eslm.errors import UserError
 from megatron_eslm.training import checkpointing, snapshot_replicas
 from megatron_eslm.training.host_copy import HostCopy
@@ -115,10 +116,14 @@ class Recovery:
             trainer.policy.load_state_dict(state["policy"])
         return restored, source
 
-    def emergency_save(self) -> str | None:
-        """Ranks died: write the vetted snapshots this rank holds as a checkpoint under --save
-        (`snapshot_replicas.py`); returns what happened, None without a snapshot or --save."""
+    def emergency_save(self, dead: set[int]) -> str | None:
+        """Ranks `dead` died: write the vetted snapshots this rank holds and is the one writer of as a
+        checkpoint under --save (`snapshot_replicas.py`); returns what happened, None without a snapshot or
+        --save."""
         if self.save_dir is None or self.vetted.iteration is None:
             return None
-        held = [self.vetted.state()] + ([self.peer] if self.peer is not None else [])
-        return snapshot_replicas.write_emergency_checkpoint(self.save_dir, held)
+        held = {launch.rank(): self.vetted.state()}
+        if self.peer is not None:
+            held[snapshot_replicas.peer_behind(launch.rank())] = self.peer
+        return snapshot_replicas.write_emergency_checkpoint(self.save_dir, held, dead,
+                                                             mirrored=bool(self.cfg.snapshot_replicas))

@@ -3,10 +3,12 @@
 
 A snapshot is exactly what the rank's checkpoint file would hold (`checkpointing.full_state`: model, AdamW
 state, selection state, data position, every data-parallel replica's RNG states), plus the name of its
-shard directory. When the watchdog (`distributed/watchdog.py`) finds dead or stopped ranks, every surviving
-rank writes the vetted snapshots it holds, its own and its peer's, into `iter_S.emergency/` under --save
-(any holder of a shard may write it: data-parallel replicas hold the same model and optimizer state, and
-the files are equal). The survivor that finds every shard of the layout there writes the manifest and
+shard directory. When the watchdog (`distributed/watchdog.py`) finds dead or stopped ranks, each shard of
+the layout is written into `iter_S.emergency/` under --save by one survivor (`writer`): the first living
+one, in an order every survivor computes alike, among the ranks holding it (data- and context-parallel
+replicas hold the same model and optimizer state, and a mirror its peer's). One writer per shard, not
+every holder: at a thousand ranks each shard would otherwise be written 2 x DP x CP times. The survivor
+that finds every shard of the layout there writes the manifest and
 publishes the directory as iteration S (rename, tracker), unless --save already holds a newer checkpoint.
 `--load` then resumes from S, so a lost node costs the iterations since the last snapshot, not since the
 last disk checkpoint. A shard is lost only when every rank holding it (its replicas and their peers) died.
@@ -21,6 +23,7 @@ import os
 
 import torch.distributed as dist
 
+from megatron_eslm import parallel_state
 from megatron_eslm.checkpoint import integrity
 from megatron_eslm.distributed import launch
 from megatron_eslm.errors import UserError
@@ -30,21 +33,43 @@ SUFFIX = ".emergency"  # iter_S.emergency: written by the survivors, renamed onc
 
 
 def ranks_per_node() -> int:
-    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE; one node for the whole job without it)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size()))
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE, DeepSpeed's launcher's LOCAL_SIZE; one node for the
+    whole job without either)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or launch.world_size())
 
 
 def check_peers(replicas: int) -> None:
     """--snapshot-replicas needs a rank on another node to mirror to."""
     if replicas and launch.world_size() <= ranks_per_node():
-        raise UserError(f"--snapshot-replicas {replicas}: every rank is on one node (LOCAL_WORLD_SIZE "
-                        f"{ranks_per_node()} of {launch.world_size()} ranks): there is no other node to mirror to")
+        raise UserError(f"--snapshot-replicas {replicas}: every rank is on one node (LOCAL_WORLD_SIZE or "
+                        f"LOCAL_SIZE {ranks_per_node()} of {launch.world_size()} ranks): there is no other node "
+                        "to mirror to")
+
+
+def peer_behind(rank: int) -> int:
+    """The rank one node behind `rank`, whose snapshot `rank` mirrors."""
+    return (rank - ranks_per_node()) % launch.world_size()
+
+
+def writer(owner: int, dead: set[int], mirrored: bool) -> int | None:
+    """The one rank that writes the snapshot shard of rank `owner` when ranks `dead` died: the first living
+    rank among those holding that shard, in an order every survivor computes alike: the ranks of the
+    shard's (tensor rank, stage) ascending, then (`mirrored`) their mirrors one node ahead. None when every
+    holder died."""
+    layout, world, per_node = parallel_state.layout(), launch.world_size(), ranks_per_node()
+
+    def shard(rank: int) -> tuple[int, int]:
+        return rank % layout.tp, rank // (layout.tp * layout.cp * layout.dp)
+
+    owners = [rank for rank in range(world) if shard(rank) == shard(owner)]
+    holders = owners + ([(rank + per_node) % world for rank in owners] if mirrored else [])
+    return next((rank for rank in holders if rank not in dead), None)
 
 
 def exchange_with_peer(state: dict) -> dict:
     """Send `state` to the rank one node ahead, and return the state of the rank one node behind."""
     rank, world, per_node = dist.get_rank(), dist.get_world_size(), ranks_per_node()
-    to, source = (rank + per_node) % world, (rank - per_node) % world
+    to, source = (rank + per_node) % world, peer_behind(rank)
     group, box = launch.host_group(), [None]
     if (rank // per_node) % 2 == 0:
         dist.send_object_list([state], dst=to, group=group)
@@ -55,11 +80,14 @@ def exchange_with_peer(state: dict) -> dict:
     return box[0]
 
 
-def write_emergency_checkpoint(root: str, states: list[dict]) -> str:
-    """Write the snapshots this rank holds (`states`, one iteration, each with its "shard") into
+def write_emergency_checkpoint(root: str, held: dict[int, dict], dead: set[int], mirrored: bool) -> str:
+    """Of the snapshots this rank holds (`held`: by the rank they are of, one iteration, each with its
+    "shard"; `mirrored` under --snapshot-replicas), write those it is the one `writer` of into
     iter_S.emergency under `root`; publish it when every shard is there. Returns what happened, for the
     rank's last line."""
-    iteration = states[0]["iteration"]
+    iteration = next(iter(held.values()))["iteration"]
+    mine = list({state["shard"]: state for owner, state in held.items()  # own and peer's may be one shard
+                 if writer(owner, dead, mirrored) == launch.rank()}.values())
     try:
         latest = checkpointing.latest_iteration(root)
     except UserError:
@@ -68,13 +96,15 @@ def write_emergency_checkpoint(root: str, states: list[dict]) -> str:
         return f"snapshot of iteration {iteration} not written: {root} holds iteration {latest}"
     final = checkpointing.iteration_dir(root, iteration)
     tmp = final + SUFFIX
-    for state in states:
+    if not mine:
+        return f"snapshot of iteration {iteration}: its shards are written by other survivors into {tmp}"
+    for state in mine:
         directory = os.path.join(tmp, state["shard"])
         os.makedirs(directory, exist_ok=True)
-        part = os.path.join(directory, f"{checkpointing.FILENAME}.{os.getpid()}.part")
+        part = launch.temp_path(os.path.join(directory, checkpointing.FILENAME))
         integrity.save_file({key: value for key, value in state.items() if key != "shard"}, part)
-        os.replace(part, os.path.join(directory, checkpointing.FILENAME))  # a replica's equal file may be there
-    sizes = states[0]["layout"]
+        os.replace(part, os.path.join(directory, checkpointing.FILENAME))
+    sizes = mine[0]["layout"]
     tp, pp = sizes["tensor_model_parallel_size"], sizes["pipeline_model_parallel_size"]
     expected = [os.path.join(checkpointing.shard_dir_name(t, p, pp), checkpointing.FILENAME)
                 for p in range(pp) for t in range(tp)]

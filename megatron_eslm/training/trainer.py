@@ -56,7 +56,7 @@ class Trainer:
         p = cfg.parallel
         if world > 1:
             parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                                     p.context_parallel_size)
+                                                     p.context_parallel_size, self_group=cfg.deepspeed.deepspeed)
         # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
         self.is_logging_rank = launch.rank() == 0
         self.log = log if self.is_logging_rank else (lambda *args: None)
@@ -241,14 +241,16 @@ class Trainer:
             while self.iteration < t.train_iters and stop is None:
                 interval = self.train_step(batches, interval)
                 self.iteration += 1
-                if self.async_saver is not None:
+                # the host all-reduces that agree on a pending async save and a stop run per log interval
+                at_log = self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters
+                if self.async_saver is not None and at_log:
                     self.async_saver.poll()
                 if watchdog is not None:
                     watchdog.progress(self.iteration)
                 self.consumed_samples += t.global_batch_size
                 self.samples_seen = self._samples_seen()
-                stop = exits.reason(self.iteration)
-                if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters or stop:
+                stop = exits.reason(self.iteration, agree=at_log)
+                if at_log or stop:
                     stats = reduce_step_stats(interval)  # the interval's one host read: waits for the device
                     record = self._train_record(stats, time.perf_counter() - tic)
                     self._train_threshold = record["threshold"]  # the evaluation's val_above_threshold
@@ -280,7 +282,9 @@ class Trainer:
             culprits = watchdog.culprits() if watchdog is not None else None
             if culprits is None:
                 raise
-            saved = self.recovery.emergency_save()
+            if not watchdog.claim():  # its thread is already saving and reporting: it ends the process
+                watchdog.join()
+            saved = self.recovery.emergency_save(watchdog.dead_ranks())
             raise UserError(f"rank {launch.rank()} at iteration {self.iteration}: {type(err).__name__} in a "
                             f"collective; {culprits}{f'; {saved}' if saved else ''}", rank_local=True) from None
         finally:
