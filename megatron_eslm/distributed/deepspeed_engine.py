@@ -115,11 +115,13 @@ def import_deepspeed() -> ModuleType:
     `inference_all_reduce`, which training never calls, and building it needs a C++ compiler and the
     Python headers, and took 100 CPU-seconds here at the first start of each environment."""
     import deepspeed
+    import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.git_version_info import compatible_ops
 
     if get_accelerator().device_name() == "cpu":
-        compatible_ops["deepspeed_shm_comm"] = False  # deepspeed.comm.torch.build_shm_op then returns None
+        # the table `deepspeed.comm.torch.build_shm_op` reads (0.19.0 imports it, later releases build it at
+        # first access and keep it): with the op marked incompatible it returns None
+        getattr(deepspeed.ops, "__compatible_ops__")["deepspeed_shm_comm"] = False
     return deepspeed
 
 
