@@ -15,6 +15,8 @@ THRESHOLD_MODES = ("sketch", "sketch-exact", "exact")
 THRESHOLD_SCOPES = ("micro-batch", "previous-step")
 LM_HEAD_IMPLS = ("auto", "torch", "triton")
 LFR_MODES = ("skip", "mask")
+GRANULARITIES = ("token", "sequence")
+SEQUENCE_SCORERS = ("student", "proxy")
 
 
 @dataclass
@@ -41,6 +43,9 @@ class SelectionConfig:
     lfr_review_iters: int = 25
     lfr_drop_fraction: float = 0.3
     lfr_mode: str = "skip"  # skip | mask
+    eslm_granularity: str = "token"  # token | sequence: what eslm and random keep or drop
+    eslm_scorer: str = "student"  # sequence granularity: who scores the candidates: student | proxy
+    proxy_load: str | None = None  # --eslm-scorer proxy: the proxy's checkpoint directory
     lm_head_impl: str = "auto"  # auto | torch | triton
     selection_warmup_iters: int = 0
 
@@ -76,6 +81,13 @@ HELP = {
                 "drop quantile and fills the batch with the next ones: a focus step is a dense step on harder "
                 "data; the data loader runs without workers) or mask (every sample goes through the model, the "
                 "dropped ones' tokens get no loss); see docs/selection.md",
+    "eslm_granularity": "what --selection eslm or random keeps: token (tokens of every sequence, after the "
+                        "forward) or sequence (whole sequences of the global batch, chosen before the training "
+                        "forward: ESLM by a no-autograd scoring pass, random by a keyed draw; the others cost "
+                        "nothing more; see docs/selection.md)",
+    "eslm_scorer": "--eslm-granularity sequence: who scores the candidates: " + ", ".join(SEQUENCE_SCORERS)
+                   + " (a smaller frozen model from --proxy-load, same tokenizer)",
+    "proxy_load": "--eslm-scorer proxy: the proxy's checkpoint directory (our layout, same tokenizer, any size)",
     "lm_head_impl": "LM-head kernels: " + ", ".join(LM_HEAD_IMPLS) + " (auto: triton on CUDA, else torch)",
     "selection_warmup_iters": "train dense for the first N iterations, then with --selection (the policy is "
                               "not consulted before: Ada-ESLM's alpha, LFR's table and Rho-1's reference pass "
@@ -114,6 +126,21 @@ def _validate_selection_family(s: SelectionConfig) -> None:
                         "is over a table of samples)")
 
 
+def _validate_granularity(s: SelectionConfig) -> None:
+    """--eslm-granularity and the sequence scorer's flags (docs/selection.md, "Sequence granularity")."""
+    one_of(s.eslm_granularity, GRANULARITIES, "--eslm-granularity")
+    one_of(s.eslm_scorer, SEQUENCE_SCORERS, "--eslm-scorer")
+    sequence = s.eslm_granularity == "sequence"
+    if sequence and s.selection not in ("eslm", "random"):
+        raise UserError(f"--eslm-granularity sequence is read by --selection eslm and random only, not "
+                        f"{s.selection}")
+    if s.eslm_scorer == "proxy" and not (sequence and s.selection == "eslm"):
+        raise UserError("--eslm-scorer proxy needs --selection eslm --eslm-granularity sequence")
+    if (s.proxy_load is None) == (s.eslm_scorer == "proxy"):
+        raise UserError("--eslm-scorer proxy needs --proxy-load" if s.proxy_load is None
+                        else "--proxy-load is only read by --eslm-scorer proxy")
+
+
 def validate_selection(s: SelectionConfig) -> None:
     if not 0.0 <= s.eslm_alpha < 1.0:
         raise UserError(f"--eslm-alpha must be in [0, 1), got {s.eslm_alpha}")
@@ -126,6 +153,7 @@ def validate_selection(s: SelectionConfig) -> None:
     if not 0.0 < s.eslm_is_prob <= 1.0:
         raise UserError(f"--eslm-is-prob must be in (0, 1], got {s.eslm_is_prob}")
     _validate_selection_family(s)
+    _validate_granularity(s)
     one_of(s.lm_head_impl, LM_HEAD_IMPLS, "--lm-head-impl")
     if s.selection_warmup_iters < 0:
         raise UserError(f"--selection-warmup-iters must be >= 0, got {s.selection_warmup_iters}")

@@ -15,6 +15,7 @@ from megatron_eslm.config.training import validate_training
 from megatron_eslm.config.tree import Config
 from megatron_eslm.distributed import deepspeed_config
 from megatron_eslm.errors import UserError
+from megatron_eslm.eslm.threshold import var_index
 
 
 def finalize(cfg: Config) -> Config:
@@ -75,6 +76,8 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if cfg.selection.selection in ("eslm-kd", "rho1") and tp * pp > 1:
         raise UserError(f"--selection {cfg.selection.selection} runs a whole frozen model on every rank: it needs "
                         "--tensor-model-parallel-size 1 and --pipeline-model-parallel-size 1")
+    if cfg.selection.eslm_granularity == "sequence":
+        validate_sequence_granularity(cfg, dp)
     if cfg.deepspeed.deepspeed:
         deepspeed_config.resolve(cfg, dp)  # a JSON that disagrees with the flags fails here, in one line
     return dp
@@ -98,6 +101,32 @@ def validate_context_parallel(cfg: Config, cp: int) -> None:
     if cfg.selection.selection == "lfr":
         raise UserError(f"--selection lfr does not run with --context-parallel-size {cp}: it ranks whole samples "
                         "by perplexity, and context parallelism splits every sample over ranks")
+
+
+def sequence_keep(alpha: float, global_batch_size: int) -> int:
+    """--eslm-granularity sequence: the sequences a step trains, G - floor(alpha G) of the G candidates (the
+    VaR rule's kept count, ties broken by position: docs/selection.md)."""
+    return global_batch_size - var_index(alpha, global_batch_size)
+
+
+def validate_sequence_granularity(cfg: Config, dp: int) -> None:
+    """What --eslm-granularity sequence cannot run with, each in one line with the reason."""
+    p, t = cfg.parallel, cfg.training
+    if p.context_parallel_size > 1:
+        raise UserError(f"--eslm-granularity sequence does not run with --context-parallel-size "
+                        f"{p.context_parallel_size}: it ranks whole sequences, which context parallelism splits "
+                        "over ranks")
+    if cfg.deepspeed.deepspeed:
+        raise UserError("--eslm-granularity sequence does not run with --deepspeed: a step trains fewer "
+                        "micro-batches than the engine's fixed gradient accumulation")
+    if cfg.selection.eslm_scorer == "proxy" and p.tensor_model_parallel_size * p.pipeline_model_parallel_size > 1:
+        raise UserError("--eslm-scorer proxy runs a whole frozen model on every rank: it needs "
+                        "--tensor-model-parallel-size 1 and --pipeline-model-parallel-size 1")
+    keep = sequence_keep(cfg.selection.eslm_alpha, t.global_batch_size)
+    if keep % (t.micro_batch_size * dp):
+        raise UserError(f"--eslm-granularity sequence: --eslm-alpha {cfg.selection.eslm_alpha} keeps {keep} of the "
+                        f"{t.global_batch_size} sequences of a global batch, not a multiple of --micro-batch-size "
+                        f"{t.micro_batch_size} x data-parallel size {dp} (whole micro-batches on every rank)")
 
 
 def validate_model_split(m: ModelConfig, tp: int, pp: int) -> None:

@@ -26,8 +26,9 @@ ESLM_THRESHOLD = "eslm threshold"
 DENSE_NORMALIZER = "dense normalizer"
 GRAD_NORM = "grad norm"
 METRICS = "metrics"
+SEQUENCE_SELECTION = "sequence selection"  # --eslm-granularity sequence: scores, kept ids, kept sequences' tokens
 KINDS = (TP_ALL_REDUCE, TP_ALL_GATHER, TP_REDUCE_SCATTER, CP_ALL_GATHER, CP_REDUCE_SCATTER, PP_SEND, PP_RECV,
-         DP_ALL_REDUCE, EMBEDDING_ALL_REDUCE, ESLM_THRESHOLD, DENSE_NORMALIZER, GRAD_NORM, METRICS)
+         DP_ALL_REDUCE, EMBEDDING_ALL_REDUCE, ESLM_THRESHOLD, DENSE_NORMALIZER, GRAD_NORM, METRICS, SEQUENCE_SELECTION)
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn); torch >= 2.3 has the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)

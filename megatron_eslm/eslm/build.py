@@ -5,6 +5,7 @@ import torch
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import Config
+from megatron_eslm.config.validation import sequence_keep
 from megatron_eslm.eslm.ada import AdaESLMPolicy, AlphaRule
 from megatron_eslm.eslm.frozen_model import load_frozen_model
 from megatron_eslm.eslm.importance import ESLMISPolicy
@@ -13,6 +14,7 @@ from megatron_eslm.eslm.lfr import LFRPolicy, Phases
 from megatron_eslm.eslm.lfr_skip import LFRSkipPolicy
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, RandomPolicy
 from megatron_eslm.eslm.rho1 import Rho1Policy
+from megatron_eslm.eslm.sequence import SequencePolicy
 
 
 def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = None, group=None,
@@ -23,6 +25,8 @@ def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = Non
     if s.selection == "none":
         return None
     device = device or torch.device("cpu")
+    if s.eslm_granularity == "sequence":
+        return _sequence_policy(cfg, vocab_size, device, group)
     eslm = ESLMPolicy(s.eslm_alpha, s.eslm_score, s.eslm_threshold, s.eslm_sketch_size, group,
                       s.eslm_threshold_scope)
     if s.selection == "eslm":
@@ -46,3 +50,13 @@ def build_policy(cfg: Config, vocab_size: int, device: torch.device | None = Non
         return LFRSkipPolicy(phases, s.lfr_drop_fraction, num_blocks)
     return LFRPolicy(phases, s.lfr_drop_fraction,
                      s.eslm_threshold, s.eslm_sketch_size, group)
+
+
+def _sequence_policy(cfg: Config, vocab_size: int, device: torch.device, group) -> SequencePolicy:
+    """--eslm-granularity sequence: ESLM by the student's or the proxy's scores, or the random control."""
+    s = cfg.selection
+    proxy = None
+    if s.eslm_scorer == "proxy":
+        proxy = load_frozen_model(s.proxy_load, "--proxy-load", vocab_size, cfg.model.seq_length, device)
+    return SequencePolicy(sequence_keep(s.eslm_alpha, cfg.training.global_batch_size), s.eslm_score, group, proxy,
+                          cfg.training.seed if s.selection == "random" else None)

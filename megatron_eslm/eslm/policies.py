@@ -11,6 +11,7 @@ makes one from the flags):
   eslm-kd   ESLM plus distillation from a teacher checkpoint on the kept tokens (`kd.py`)
   rho1      VaR threshold on the excess loss over a reference checkpoint (`rho1.py`)
   lfr       Learn-Focus-Review: whole samples dropped by their perplexity in focus phases (`lfr.py`)
+  eslm and random at --eslm-granularity sequence: whole sequences kept before the step (`sequence.py`)
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class Policy:
     LFR's skip mode) leaves the step dense and sees each micro-batch's scores through `record`."""
 
     selects_tokens = True
+    selects_sequences = False  # chooses whole sequences before the step's training pass (`eslm/sequence.py`)
 
     def __call__(self, scores: TokenScores) -> Selection:
         raise NotImplementedError

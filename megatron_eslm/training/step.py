@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
 
 import torch
+from torch import Tensor
 
 from megatron_eslm import host_syncs, parallel_state
 from megatron_eslm.config import ModelConfig
@@ -42,11 +43,12 @@ from megatron_eslm.distributed import collectives
 from megatron_eslm.distributed.grad_overlap import OverlappedGradReducer
 from megatron_eslm.distributed.grads import clip_grad_norm
 from megatron_eslm.eslm.policies import Policy
+from megatron_eslm.eslm.sequence import SequencePolicy
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.model.lm_head import LMHeadOutput, TokenScores, fuses_dense, weight_cast_cache
 from megatron_eslm.pipeline_parallel.p2p_communication import TensorSpec
 from megatron_eslm.pipeline_parallel.schedules import Backward, autograd_backward, get_forward_backward_func
-from megatron_eslm.training.flops import StepFlops, micro_batch_flops
+from megatron_eslm.training.flops import StepFlops, forward_flops, micro_batch_flops
 
 IGNORE_INDEX = -100
 
@@ -54,9 +56,9 @@ IGNORE_INDEX = -100
 # Sums a micro-batch adds on the device: nothing in the step reads them; `reduce_step_stats` does, at the
 # log interval. Their order in `StepStats.sums`:
 DEVICE_SUMS = ("loss_sum", "valid", "kept_loss_sum", "kept", "threshold_sum", "thresholds", "threshold_bound",
-               "nonfinite")
+               "nonfinite", "dropped_valid")
 # Known on the host from shapes and the policy's own accounting:
-HOST_SUMS = ("tokens", "threshold_bytes", "policy_flops")
+HOST_SUMS = ("tokens", "threshold_bytes", "policy_flops", "dropped_tokens", "scored_dropped_tokens")
 # Per optimizer step, on every rank (`StepStats.add_step`):
 STEP_VALUES = ("skipped", "skip_run")
 SUMMED = DEVICE_SUMS + HOST_SUMS + STEP_VALUES  # what `reduce_step_stats` all-reduces, in this order
@@ -76,7 +78,11 @@ class StepStats:
     sums: torch.Tensor | None = None  # [len(DEVICE_SUMS)] float64
     tokens: int = 0
     threshold_bytes: int = 0  # payload one rank handed to the threshold collectives
-    policy_flops: float = 0.0  # the policy's own passes (teacher, reference): executed, not dense
+    policy_flops: float = 0.0  # the policy's own passes (teacher, reference, scoring): executed, not dense
+    # --eslm-granularity sequence: candidate tokens no training pass ran (a dense step on the candidates would
+    # have), and those of them the student's scoring forward saw (the paper count's forward)
+    dropped_tokens: int = 0
+    scored_dropped_tokens: int = 0
     selective: bool = True
     fused_dense: bool = True  # dense training ran the fused head (`model.lm_head.fuses_dense`)
     steps: int = 0  # optimizer steps summed
@@ -95,6 +101,7 @@ class StepStats:
     thresholds: int = 0  # micro-batches with a threshold
     threshold_bound: int = 0  # rank-error bounds B of the thresholds, in tokens (0 for the exact modes)
     nonfinite: int = 0  # valid tokens of the group whose score was NaN or +-inf (left out of the quantile)
+    dropped_valid: int = 0  # the valid tokens of `dropped_tokens`
 
     def add_step(self, skipped: torch.Tensor, skip_run: torch.Tensor) -> None:
         """One optimizer step's outcome (`optimizer_step`), on the device."""
@@ -113,10 +120,23 @@ class StepStats:
                              torch.where(selection.kept, scores.loss, 0.0).sum().double(),
                              selection.kept.sum().double(), torch.where(has_threshold, threshold, 0.0),
                              has_threshold.double(), torch.where(has_threshold, bound, 0.0).double(),
-                             zero + selection.nonfinite])
-        self.sums = micro if self.sums is None else self.sums + micro
+                             zero + selection.nonfinite, zero])
+        self._add_sums(micro)
         self.tokens += num_tokens
         self.threshold_bytes += selection.bytes_sent
+
+    def add_dropped(self, tokens: int, valid: Tensor, scored: bool, threshold: Tensor | None) -> None:
+        """A sequence-granular step's candidates that no training pass ran (their valid count on the device),
+        whether the student's scoring forward saw them, and the step's VaR threshold over the sequences."""
+        zero = valid.new_zeros((), dtype=torch.float64)
+        has_threshold = zero if threshold is None else torch.isfinite(threshold).double()
+        value = zero if threshold is None else torch.where(has_threshold > 0, threshold.double(), 0.0)
+        self._add_sums(torch.stack([zero, zero, zero, zero, value, has_threshold, zero, zero, valid.double()]))
+        self.dropped_tokens += tokens
+        self.scored_dropped_tokens += tokens if scored else 0
+
+    def _add_sums(self, micro: Tensor) -> None:
+        self.sums = micro if self.sums is None else self.sums + micro
 
     @property
     def threshold(self) -> float | None:
@@ -125,9 +145,14 @@ class StepStats:
 
     def flops(self, cfg: ModelConfig, vocab_size: int) -> StepFlops:
         # The FLOPs of a micro-batch are linear in its token counts, so the totals give the sum.
+        # A dense step on the same candidates trains the dropped ones too; the paper count charges a forward
+        # to every candidate token the student saw and a backward to the trained ones.
         total = micro_batch_flops(cfg, vocab_size, self.tokens, self.valid, self.kept, self.selective,
                                   self.fused_dense)
         total.executed += self.policy_flops
+        total.dense = micro_batch_flops(cfg, vocab_size, self.tokens + self.dropped_tokens,
+                                        self.valid + self.dropped_valid, 0, False).dense
+        total.paper += forward_flops(cfg, vocab_size, self.scored_dropped_tokens, self.scored_dropped_tokens)
         return total
 
 
@@ -268,3 +293,67 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr:
         if not skip:
             optimizer.step()
     return grad_norm, found_inf
+
+
+def select_sequences(model: GPTModel, policy: SequencePolicy, batches: Iterator[dict], num_micro_batches: int,
+                     device: torch.device, lm_head_impl: str, autocast: Callable[[], ContextManager],
+                     stats: StepStats) -> list[dict]:
+    """--eslm-granularity sequence: this step's candidates (this rank's `num_micro_batches` of the global
+    batch) are scored without autograd (`eslm/sequence.py`), and this rank's micro-batches of the kept
+    sequences come back: the group's kept ones in global-batch order, cut as the plain sampler cuts a global
+    batch (global micro-steps of micro-batch x R sequences, rank r taking slice r), so each rank trains as
+    many as the others and one process on the whole batch trains the same micro-batches. The kept
+    sequences' tokens are all-gathered over the group (ints: a sliver of the activations they spare). Adds
+    the scoring pass's FLOPs, the dropped candidates and the threshold to `stats`. Nothing is read on the
+    host: the kept count is the host's `policy.keep`."""
+    candidates = [next(batches) for _ in range(num_micro_batches)]
+    micro_batch = candidates[0]["tokens"].shape[0]
+    group = parallel_state.selection_group()
+    ranks = 1 if group is None else torch.distributed.get_world_size(group)
+    last = parallel_state.is_pipeline_last_stage()
+    local = None
+    if policy.student_scores:
+        per_sequence = []
+        model.eval()  # the model's scores, without dropout; the training pass's RNG streams untouched
+        with torch.no_grad():
+            forward_backward(model, None, iter(candidates), num_micro_batches, device, lm_head_impl, autocast,
+                             forward_only=True,
+                             on_scores=lambda scores, batch: per_sequence.append(
+                                 policy.sequence_scores(scores, batch["tokens"].shape[0])))
+        model.train()
+        if last:
+            local = torch.stack(per_sequence)
+            tokens = sum(batch["tokens"].numel() for batch in candidates)
+            stats.policy_flops += forward_flops(model.cfg, model.vocab_size, tokens, tokens)
+    elif policy.proxy is not None:
+        per_sequence = []
+        with autocast():
+            for batch in candidates:
+                scores, flops = policy.proxy_scores(batch["tokens"].to(device, non_blocking=True),
+                                                    batch["labels"].to(device, non_blocking=True))
+                per_sequence.append(scores)
+                stats.policy_flops += flops
+        local = torch.stack(per_sequence)
+    candidates_global = num_micro_batches * micro_batch * ranks
+    if last or not policy.student_scores:
+        kept, threshold = policy.kept(local, candidates_global, device)
+    else:  # a stage before the last: the kept ids from the last stage, which scored
+        kept, threshold = torch.empty(policy.keep, dtype=torch.int64, device=device), None
+    if policy.student_scores and parallel_state.pipeline_model_parallel_size() > 1:
+        collectives.broadcast(kept, parallel_state.pipeline_last_rank(),
+                              parallel_state.pipeline_model_parallel_group(), collectives.SEQUENCE_SELECTION)
+    rank = 0 if group is None else torch.distributed.get_rank(group)
+    mine = kept.view(-1, ranks, micro_batch)[:, rank]  # [kept micro-batches, micro-batch]
+    trained = {}
+    for field in ("tokens", "labels"):
+        stacked = torch.stack([batch[field] for batch in candidates]).to(device, non_blocking=True)
+        if group is not None:
+            stacked = collectives.all_gather_into_tensor(stacked, group, collectives.SEQUENCE_SELECTION).transpose(0, 1)
+        trained[field] = stacked.reshape(-1, stacked.shape[-1])[mine]
+    if last:
+        candidate_valid = sum((batch["labels"].to(device, non_blocking=True) != IGNORE_INDEX).sum()
+                              for batch in candidates)
+        dropped = candidate_valid - (trained["labels"] != IGNORE_INDEX).sum()
+        stats.add_dropped(sum(batch["tokens"].numel() for batch in candidates) - trained["tokens"].numel(), dropped,
+                          policy.student_scores, threshold)
+    return [{"tokens": tokens, "labels": labels} for tokens, labels in zip(trained["tokens"], trained["labels"])]

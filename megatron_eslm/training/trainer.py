@@ -21,7 +21,7 @@ from megatron_eslm.distributed.watchdog import Watchdog
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
-from megatron_eslm.model.lm_head import resolve_impl
+from megatron_eslm.model.lm_head import fuses_dense, resolve_impl
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import checkpointing, evaluation, throughput
@@ -30,7 +30,8 @@ from megatron_eslm.training.faults import ExitConditions
 from megatron_eslm.training.lr_schedule import check_schedule, learning_rate, schedule_flags
 from megatron_eslm.training.metrics import MetricsWriter
 from megatron_eslm.training.optimizer import build_optimizer, load_optimizer_state
-from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
+from megatron_eslm.training.step import (StepStats, forward_backward, optimizer_step, reduce_step_stats,
+                                         select_sequences)
 from megatron_eslm.training.progress import progress_bar
 from megatron_eslm.training.run_summary import start_block
 from megatron_eslm.training.rollback import Recovery
@@ -72,6 +73,8 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0  # samples trained: a global batch a step
         self.samples_seen = 0  # samples the sampler passed, skipped ones too (--lfr-mode skip)
+        self.samples_trained = 0  # samples a training pass ran on (--eslm-granularity sequence: the kept ones)
+        self.step_samples = 0  # those of the last step
         t = cfg.training
         self.num_micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
         self.engine = None  # --deepspeed: ZeRO owns the data-parallel reduction and the optimizer step
@@ -151,12 +154,21 @@ class Trainer:
         record = None  # --lfr-mode skip: a dense step whose scores the policy records
         if policy is not None and not policy.selects_tokens:
             policy, record = None, policy.record
+        num_micro_batches = self.num_micro_batches
+        self.step_samples = self.cfg.training.global_batch_size  # trained by this step
+        if policy is not None and policy.selects_sequences:  # a dense step on the kept sequences
+            stats = stats or StepStats(selective=False, fused_dense=fuses_dense(
+                self.lm_head_impl, parallel_state.tensor_model_parallel_size()))
+            batches = iter(select_sequences(self.model, policy, batches, num_micro_batches, self.device,
+                                            self.lm_head_impl, self._autocast, stats))
+            num_micro_batches = num_micro_batches * policy.keep // self.cfg.training.global_batch_size
+            policy, self.step_samples = None, policy.keep
         lr = learning_rate(self.cfg.optimizer, self.iteration)  # Megatron's: the rate after the updates so far
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
             # --inject-nan-at-iterations: a NaN loss on every rank's last stage, hence NaN gradients
             injected = self.iteration + 1 in self.cfg.faults.inject_nan_at_iterations
-            stats = forward_backward(self.model, policy, batches, self.num_micro_batches, self.device,
+            stats = forward_backward(self.model, policy, batches, num_micro_batches, self.device,
                                      self.lm_head_impl, self._autocast, grad_scale=math.nan if injected else 1.0,
                                      stats=stats, grad_reducer=self.grad_reducer, on_scores=record)
             timers.stop("forward_backward")
@@ -249,6 +261,7 @@ class Trainer:
                     watchdog.progress(self.iteration)
                 self.consumed_samples += t.global_batch_size
                 self.samples_seen = self._samples_seen()
+                self.samples_trained += self.step_samples
                 stop = exits.reason(self.iteration, agree=at_log)
                 if at_log or stop:
                     stats = reduce_step_stats(interval)  # the interval's one host read: waits for the device
@@ -312,7 +325,7 @@ class Trainer:
             "iteration": self.iteration,
             "lm_loss": stats.loss_sum / max(stats.valid, 1),
             "kept_loss": stats.kept_loss_sum / max(stats.kept, 1),
-            "kept_fraction": stats.kept / max(stats.valid, 1),
+            "kept_fraction": stats.kept / max(stats.valid + stats.dropped_valid, 1),  # of the candidates
             "threshold": stats.threshold,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
@@ -324,8 +337,8 @@ class Trainer:
             "iterations": stats.steps,
             "consumed_samples": self.consumed_samples,
             "samples_seen": self.samples_seen,
-            "samples_trained": self.consumed_samples,
-            "tokens_trained": self.consumed_samples * self.cfg.model.seq_length,
+            "samples_trained": self.samples_trained,
+            "tokens_trained": self.samples_trained * self.cfg.model.seq_length,
             "kept": stats.kept,
             "threshold_bound": stats.threshold_bound if stats.thresholds else None,
             "threshold_bytes": stats.threshold_bytes,
@@ -385,6 +398,7 @@ class Trainer:
             "scheduler": {"num_steps": self.iteration, **schedule_flags(self.cfg.optimizer)},
             "consumed_samples": self.consumed_samples,
             "samples_seen": self.samples_seen,
+            "samples_trained": self.samples_trained,
             "config": self.cfg.to_dict(),
             "policy": self.policy.state_dict() if self.policy is not None else {},
             "vocab_size": self.tokenizer.vocab_size,  # the offline tools cut the padding rows with it
@@ -441,6 +455,7 @@ class Trainer:
         self.iteration = state["iteration"]
         self.consumed_samples = state["consumed_samples"]
         self.samples_seen = state.get("samples_seen", self.consumed_samples)  # older checkpoints: nothing skipped
+        self.samples_trained = state.get("samples_trained", self.consumed_samples)  # ... and every sample trained
         if self.policy is not None and state.get("policy"):  # alpha of ada-eslm, table of lfr
             self.policy.load_state_dict(state["policy"])
         self.log(f"resumed from {root} at iteration {self.iteration} ({self.consumed_samples} samples)")
