@@ -21,7 +21,9 @@ LFR = ["--selection", "lfr", "--lfr-learn-iters", "3", "--lfr-focus-iters", "3",
 def test_flops_by_hand(tiny_corpus):
     """Dense: executed = paper = 256 (3T + 3 * 2hV) = 62,914,560. Token ESLM with K kept tokens: executed =
     256 (3T + 2hV) + K 3 * 2hV (the selective head backward recomputes), paper = 256 F + 2 F K. LFR skip in a
-    focus step: a dense step, both counts dense's."""
+    focus step: a dense step, both counts dense's. Sequence ESLM keeping 4 of the 8 sequences (128 tokens):
+    executed = 256 F (the scoring forward) + 128 (3T + 3 * 2hV) (a dense step on the kept), paper = 256 F +
+    2 F 128; dense, of the 8 candidates, 62,914,560."""
     assert DENSE == 62_914_560
     _, dense = run(flags(tiny_corpus, "--selection", "none", "--train-iters", "1", "--lr-warmup-iters", "0"))
     assert dense[0]["executed_flops"] == dense[0]["paper_flops"] == DENSE
@@ -33,6 +35,11 @@ def test_flops_by_hand(tiny_corpus):
     _, lfr = run(flags(tiny_corpus, *SMALL, *LFR, "--train-iters", "4"))
     assert lfr[3]["samples_seen"] - lfr[2]["samples_seen"] > 8  # step 4 is a focus step that skipped
     assert lfr[3]["executed_flops"] == lfr[3]["paper_flops"] == DENSE
+    _, sequence = run(flags(tiny_corpus, "--selection", "eslm", "--eslm-granularity", "sequence", "--train-iters", "1",
+                            "--lr-warmup-iters", "0"))
+    assert sequence[0]["executed_flops"] == TOKENS * F + 128 * (3 * T + 3 * HEAD) == 52_428_800
+    assert sequence[0]["paper_flops"] == TOKENS * F + 2 * F * 128
+    assert sequence[0]["dense_flops"] == DENSE
 
 
 def test_sampler_without_skips_is_the_resumable_split():

@@ -76,5 +76,5 @@ class SequencePolicy(Policy):
         if self.group is not None:
             local = collectives.all_gather_into_tensor(local, self.group, collectives.SEQUENCE_SELECTION).transpose(0, 1)
         scores = local.reshape(-1)
-        order = torch.argsort(scores, descending=True, stable=True)  # ties: the lower position first
-        return order[:self.keep].sort().values, scores[order[self.keep - 1]]
+        ranked, order = torch.sort(scores, descending=True, stable=True)  # ties: the lower position first
+        return order[:self.keep].sort().values, ranked[self.keep - 1]
