@@ -2,6 +2,8 @@
 global batch kept before the training pass, scored by the student without autograd, by a proxy, or drawn at
 random; its FLOPs (hand-computed ones in test_lfr_skip.test_flops_by_hand), sample counters, one-process
 equivalence under DP2, TP2 and PP2, and the refusals."""
+import os
+
 import pytest
 import torch
 
@@ -113,3 +115,44 @@ def test_dp2_tp2_pp2_equal_one_process(tiny_corpus, selection, layouts):
 def test_bad_flags_fail_in_one_line(tiny_corpus, argv, world, message):
     with pytest.raises(UserError, match=message):
         validate_layout(parse_args(flags(tiny_corpus, *argv)), world)
+
+
+PROXY_MODEL = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2"]
+
+
+def test_proxy_scores_and_its_forward_is_counted(tiny_corpus, tmp_path, monkeypatch):
+    """A 1-layer, hidden-16 proxy (same tokenizer) scores the 8 candidates: its eval-mode no-autograd forwards
+    and the student's one training forward of the 4 kept are what runs; executed FLOPs = the matmuls
+    dispatched = a dense step on the kept + the proxy's forward; the paper count charges the student only
+    (the dropped never reached it)."""
+    proxy = str(tmp_path / "proxy")
+    run(flags(tiny_corpus, *PROXY_MODEL, *ONE_STEP, "--selection", "none", "--save", proxy))
+    seen = forwards(monkeypatch)
+    with MatmulFlops() as matmuls:
+        _, records = run(flags(tiny_corpus, *SEQUENCE, *ONE_STEP, "--eslm-scorer", "proxy", "--proxy-load", proxy))
+    assert seen == [(4, False, False), (4, False, False), (4, True, True)]
+    record = records[0]
+    assert matmuls.flops == record["executed_flops"]
+    half = record["dense_flops"] / 2  # the kept half, trained dense
+    assert half < record["executed_flops"] < 0.6 * record["dense_flops"]
+    assert record["paper_flops"] == pytest.approx(half, rel=1e-12)
+    assert record["samples_trained"] == 4 and record["kept_fraction"] == 0.5
+
+
+def test_proxy_recipe_is_at_most_an_eighth_of_the_student():
+    """examples/gpt2_124m_sequence: both configs parse with the student's layout, share the padded
+    vocabulary and sequence length, and the proxy has at most 1/8 of the student's non-embedding parameters."""
+    from helpers import REPO
+    from megatron_eslm.training.memory import layer_parameters
+    configs = {}
+    for name in ("proxy", "student"):
+        configs[name] = parse_args(["--config", os.path.join(REPO, "examples", "gpt2_124m_sequence", f"{name}.json"),
+                                    "--data-path", "x", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+                                    "--save", "x", *(["--proxy-load", "x"] if name == "student" else [])])
+        validate_layout(configs[name], 8)
+    proxy, student = (configs[name].model for name in ("proxy", "student"))
+    blocks = {name: m.num_layers * sum(p.numel for p in layer_parameters(m, 1)) for name, m in
+              (("proxy", proxy), ("student", student))}
+    assert 8 * blocks["proxy"] <= blocks["student"]
+    assert proxy.make_vocab_size_divisible_by == student.make_vocab_size_divisible_by
+    assert proxy.max_position_embeddings >= student.seq_length
