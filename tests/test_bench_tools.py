@@ -34,12 +34,15 @@ def test_train_step_rows(capsys):
     """Every row kind, each ratio to the dense row of the same run; --peak-tflops gives the MFU column."""
     bench_train_step.main([*TINY, "--alphas", "0.7", "--peak-tflops", "1.0"])
     header, rows = table(capsys.readouterr().out)
-    assert list(rows) == ["dense", "eslm a=0.7 sketch-exact", "random a=0.7", "dense, optimizer fused",
+    assert list(rows) == ["dense", "eslm a=0.7 sketch-exact", "random a=0.7", "eslm sequence a=0.5",
+                          "random sequence a=0.5", "dense, optimizer fused",
                           "dense, optimizer foreach", "dense, optimizer loop", "dense, recompute selective",
                           "dense, recompute full uniform 1"]
     column = {name: [cells[i] for cells in rows.values()] for i, name in enumerate(header)}
     assert column["time vs dense"][0] == column["optimizer vs dense"][0] == "1.000"
     assert float(column["kept"][1]) < 0.5 and float(column["executed FLOPs vs dense"][1]) < 1.0  # keep 0.3
+    assert column["kept"][3:5] == ["0.500", "0.500"]  # sequences: scored (1/3 + 1/2 of dense) or drawn (1/2)
+    assert column["executed FLOPs vs dense"][3:5] == ["0.833", "0.500"]
     # three significant digits, not three decimals: a tiny model on a slow CPU must not print 0.000
     assert all(float(mfu) == pytest.approx(float(achieved), rel=1e-2)
                for mfu, achieved in zip(column["MFU"], column["TFLOP/s per device"]))

@@ -8,6 +8,10 @@ AdamW) on the same random token batches, from the same initial weights. The rows
   dense                          the baseline: --optimizer-impl auto, no recompute
   eslm a=ALPHA MODE              ESLM, one row per --alphas x --thresholds (a=0.7 keeps 0.3 of the tokens)
   random a=ALPHA                 the control: as many tokens as ESLM keeps, chosen at random
+  eslm sequence a=0.5            --eslm-granularity sequence at keep 0.5 (with any --alphas): the micro-batch is
+                                 the candidates, scored by the student without autograd as two halves; the
+                                 kept half trains as one micro-batch (`training/step.py`, select_sequences)
+  random sequence a=0.5          its control: half the sequences drawn at random, nothing scored
   dense, optimizer IMPL          --optimizer-impls: AdamW fused / foreach / loop (`training/optimizer.py`)
   dense, recompute KIND          --recompute: selective (the attention core), full (uniform, 1 layer a chunk)
 
@@ -49,12 +53,14 @@ import torch
 from megatron_eslm.config import ModelConfig, OptimizerConfig, finalize_model
 from megatron_eslm.errors import UserError, exit_on_user_error
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, RandomPolicy
+from megatron_eslm.eslm.sequence import SequencePolicy
 from megatron_eslm.host_syncs import HostSyncCounter
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.training.recompute import recompute_name
 from megatron_eslm.training.optimizer import build_optimizer
-from megatron_eslm.training.step import StepStats, forward_backward, optimizer_step, reduce_step_stats
+from megatron_eslm.training.step import (StepStats, forward_backward, optimizer_step, reduce_step_stats,
+                                         select_sequences)
 from megatron_eslm.training.throughput import max_memory_allocated, mfu, peak_tflops, tflops_per_gpu
 
 # The size flags' values without --preset (None: derived from the others, as the trainer derives it).
@@ -165,6 +171,10 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         for mode in args.thresholds:
             rows.append(Variant(f"eslm a={alpha} {mode}", ESLMPolicy(alpha, "loss", mode)))
         rows.append(Variant(f"random a={alpha}", RandomPolicy(ESLMPolicy(alpha, "loss", args.thresholds[0]))))
+    if args.alphas:
+        keep = args.micro_batch_size // 2
+        rows += [Variant("eslm sequence a=0.5", SequencePolicy(keep, "loss")),
+                 Variant("random sequence a=0.5", SequencePolicy(keep, "loss", random_seed=0))]
     rows += [Variant(f"dense, optimizer {impl}", optimizer_impl=impl) for impl in args.optimizer_impls]
     rows += [Variant(f"dense, recompute {RECOMPUTE_NAMES[kind]}", model_options=RECOMPUTE[kind])
              for kind in args.recompute]
@@ -202,8 +212,13 @@ def time_variant(base: GPTModel, variant: Variant, batches: list[dict], device: 
 
     def step(batch: dict) -> tuple[StepStats, object]:  # the stats, a Clock mark before the optimizer
         optimizer.zero_grad(set_to_none=True)
-        stats = forward_backward(model, variant.policy, iter([batch]), 1, device, lm_head_impl=lm_head_impl,
-                                 autocast=autocast)
+        policy, batches, stats = variant.policy, [batch], None
+        if policy is not None and policy.selects_sequences:  # the candidates as two micro-batches
+            halves = [{key: value[half::2] for key, value in batch.items()} for half in range(2)]
+            batches, stats = select_sequences(model, policy, iter(halves), 2, device, lm_head_impl, autocast)
+            policy = None
+        stats = forward_backward(model, policy, iter(batches), len(batches), device, lm_head_impl=lm_head_impl,
+                                 autocast=autocast, stats=stats)
         before = clock.mark()
         optimizer_step(model, optimizer, 1e-4, 1.0)
         return stats, before
@@ -226,7 +241,7 @@ def time_variant(base: GPTModel, variant: Variant, batches: list[dict], device: 
             times.append(time.perf_counter() - tic)
             optimizer_times.append(clock.seconds(before, after))
             stats = reduce_step_stats(stats)  # after the clock stops: the trainer reads once per log interval
-            kept.append(stats.kept / stats.valid)
+            kept.append(stats.kept / (stats.valid + stats.dropped_valid))  # of the candidates' tokens
     peak = max_memory_allocated(device)
     with HostSyncCounter() as syncs:
         step(batches[-1])

@@ -297,15 +297,18 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr:
 
 def select_sequences(model: GPTModel, policy: SequencePolicy, batches: Iterator[dict], num_micro_batches: int,
                      device: torch.device, lm_head_impl: str, autocast: Callable[[], ContextManager],
-                     stats: StepStats) -> list[dict]:
+                     stats: StepStats | None = None) -> tuple[list[dict], StepStats]:
     """--eslm-granularity sequence: this step's candidates (this rank's `num_micro_batches` of the global
     batch) are scored without autograd (`eslm/sequence.py`), and this rank's micro-batches of the kept
     sequences come back: the group's kept ones in global-batch order, cut as the plain sampler cuts a global
     batch (global micro-steps of micro-batch x R sequences, rank r taking slice r), so each rank trains as
     many as the others and one process on the whole batch trains the same micro-batches. The kept
     sequences' tokens are all-gathered over the group (ints: a sliver of the activations they spare). Adds
-    the scoring pass's FLOPs, the dropped candidates and the threshold to `stats`. Nothing is read on the
-    host: the kept count is the host's `policy.keep`."""
+    the scoring pass's FLOPs, the dropped candidates and the threshold to `stats` (a new one for a dense
+    training pass when None), which comes back with them for that pass. Nothing is read on the host: the kept
+    count is the host's `policy.keep`."""
+    stats = stats or StepStats(selective=False,
+                               fused_dense=fuses_dense(lm_head_impl, parallel_state.tensor_model_parallel_size()))
     candidates = [next(batches) for _ in range(num_micro_batches)]
     micro_batch = candidates[0]["tokens"].shape[0]
     group = parallel_state.selection_group()
@@ -356,4 +359,4 @@ def select_sequences(model: GPTModel, policy: SequencePolicy, batches: Iterator[
         dropped = candidate_valid - (trained["labels"] != IGNORE_INDEX).sum()
         stats.add_dropped(sum(batch["tokens"].numel() for batch in candidates) - trained["tokens"].numel(), dropped,
                           policy.student_scores, threshold)
-    return [{"tokens": tokens, "labels": labels} for tokens, labels in zip(trained["tokens"], trained["labels"])]
+    return [{"tokens": tokens, "labels": labels} for tokens, labels in zip(trained["tokens"], trained["labels"])], stats

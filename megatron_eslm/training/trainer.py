@@ -21,7 +21,7 @@ from megatron_eslm.distributed.watchdog import Watchdog
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
-from megatron_eslm.model.lm_head import fuses_dense, resolve_impl
+from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import checkpointing, evaluation, throughput
@@ -157,12 +157,9 @@ class Trainer:
         num_micro_batches = self.num_micro_batches
         self.step_samples = self.cfg.training.global_batch_size  # trained by this step
         if policy is not None and policy.selects_sequences:  # a dense step on the kept sequences
-            stats = stats or StepStats(selective=False, fused_dense=fuses_dense(
-                self.lm_head_impl, parallel_state.tensor_model_parallel_size()))
-            batches = iter(select_sequences(self.model, policy, batches, num_micro_batches, self.device,
-                                            self.lm_head_impl, self._autocast, stats))
-            num_micro_batches = num_micro_batches * policy.keep // self.cfg.training.global_batch_size
-            policy, self.step_samples = None, policy.keep
+            kept, stats = select_sequences(self.model, policy, batches, num_micro_batches, self.device,
+                                           self.lm_head_impl, self._autocast, stats)
+            batches, num_micro_batches, policy, self.step_samples = iter(kept), len(kept), None, policy.keep
         lr = learning_rate(self.cfg.optimizer, self.iteration)  # Megatron's: the rate after the updates so far
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
