@@ -23,7 +23,10 @@ Embedding lookups, norms and elementwise work are not counted (Megatron's conven
 The paper count (`paper`, ESLM's): with F = transformer forward + 2hV a token, F for every token and 2F
 for every kept token (dense: every valid token), so (1 + 2k)/3 of dense at a kept fraction k. It leaves
 out recompute, the head's recomputed logits and the policies' extra passes; samples a sampler skips
-(--selection lfr --lfr-mode skip) never reach the model and count in neither.
+(--selection lfr --lfr-mode skip) never reach the model and count in neither. --eslm-granularity sequence
+(`StepStats.flops`): the student's no-autograd scoring forward over the G candidates is a policy pass in
+the executed count (F a token), the dense baseline is a dense step on all G, and the paper count charges F to
+every candidate the student's forward saw and 2F to the kept ones' tokens.
 Recompute and the extra passes of selection policies (a teacher's or reference model's forward,
 distillation logits) count in the executed FLOPs only: the dense baseline is dense training without
 recompute and without those models.
