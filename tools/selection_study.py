@@ -1,6 +1,9 @@
 #!/usr/bin/env python
-"""Selection-policy study: every policy on the same data, model and seeds, at an equal EXECUTED-FLOPs
-budget (or an equal number of tokens), with validation perplexity against executed FLOPs.
+"""Selection-policy study: every policy on the same data, model and seeds, at an equal budget of EXECUTED
+FLOPs (--equal executed, the default), of the ESLM paper's FLOPs count (--equal paper: a forward charged to
+every token, a backward to the kept ones; docs/selection.md, "FLOPs") or of trained tokens (--equal tokens),
+with validation perplexity against executed FLOPs. The table shows every variant at equal executed and at
+equal paper FLOPs (and at equal tokens with --equal tokens) side by side.
 
     python tools/selection_study.py --text stdlib --seeds 1 2 3
     python tools/selection_study.py --text stdlib my_corpus.txt ...   # two domains
@@ -20,9 +23,10 @@ predicting every token by its corpus frequency), the plateau a collapsed run sit
 Steps: plain text -> JSONL documents (blank-line paragraphs, grouped) -> SentencePiece tokenizer ->
 indexed dataset; a dense reference model, trained once and longer, serves as rho1's reference and
 eslm-kd's teacher (its training cost is reported separately, not charged to the runs); then every
-(variant, seed) trains with the real trainer. The budget is what dense training executes in --dense-iters
-steps; each run gets enough steps to pass it, and its validation loss at exactly the budget is
-interpolated (linearly in FLOPs) between the two evaluations around it. The learning rate is constant
+(variant, seed) trains with the real trainer. A budget is what dense training spends in --dense-iters steps
+(executed FLOPs, paper FLOPs, tokens_trained); each run gets enough steps to pass every budget its table
+shows, and its validation loss at exactly a budget is interpolated (linearly in that measure) between the
+two evaluations around it. The learning rate is constant
 after warmup, so a run's curve up to the budget does not depend on how long it was set to run.
 Prints a line as each run starts and ends.
 """
@@ -57,6 +61,7 @@ class Variant:
     min_keep: float  # lowest keep ratio the policy can reach: bounds its step count for the budget
     frozen_head_rows: float = -1.0  # reference/teacher LM-head rows per token (-1: no frozen model)
     kd_rows: float = 0.0  # distillation logits rows per token (lower bound)
+    sequence: str = ""  # --eslm-granularity sequence: "scored" (by the student) or "random"
     note: str = ""
 
 
@@ -64,6 +69,8 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     a = args.alpha
     lfr = ["--lfr-learn-iters", str(args.dense_iters // 5), "--lfr-focus-iters", str(args.dense_iters // 10),
            "--lfr-review-iters", str(args.dense_iters // 20), "--lfr-drop-fraction", "0.3"]
+    # the kept sequences are whole micro-batches at keep 1/2 and 1/4 (docs/selection.md)
+    sequence_micro_batch = ["--micro-batch-size", str(max(1, args.global_batch_size // 4))]
     every = [
         Variant("dense", ["--selection", "none"], 1.0),
         Variant(f"eslm-loss-{a}", ["--selection", "eslm", "--eslm-score", "loss", "--eslm-alpha", str(a)], 1 - a),
@@ -83,6 +90,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         Variant(f"eslm-kd-{a}", ["--selection", "eslm-kd", "--eslm-alpha", str(a), "--kd-alpha", "0.5",
                                  "--kd-temperature", "2"], 1 - a, frozen_head_rows=0.0, kd_rows=1 - a),
         Variant("lfr", ["--selection", "lfr", *lfr], 0.0),
+        *(Variant(f"eslm-seq-{alpha}", ["--selection", "eslm", "--eslm-granularity", "sequence", "--eslm-alpha",
+                                        str(alpha), *sequence_micro_batch], 1 - alpha, sequence="scored")
+          for alpha in (a, args.seq_alpha)),
+        Variant(f"random-seq-{a}", ["--selection", "random", "--eslm-granularity", "sequence", "--eslm-alpha", str(a),
+                                    *sequence_micro_batch], 1 - a, sequence="random"),
     ]
     chosen = [v for v in every if args.variants is None or v.name in args.variants]
     if args.variants and len(chosen) != len(args.variants):
@@ -169,10 +181,18 @@ class Run:
     seed: int
     iters: int
     seconds: float  # training steps only (evaluations excluded), from the logged step times
-    curve: list[tuple[int, float, dict]] = field(default_factory=list)  # (iteration, cum. executed, eval record)
-    executed: list[float] = field(default_factory=list)  # per step
+    curve: list[tuple[int, dict]] = field(default_factory=list)  # (iteration, eval record)
+    spent: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in MEASURES})  # per step
     dense: list[float] = field(default_factory=list)
     kept_fraction: list[float] = field(default_factory=list)
+
+    @property
+    def executed(self) -> list[float]:
+        return self.spent["executed"]
+
+    def cumulative(self, measure: str) -> list[float]:
+        """`measure` spent after each iteration (index 0: before the first)."""
+        return [0.0, *np.cumsum(self.spent[measure]).tolist()]
 
 
 def train(argv: list[str], metrics: str, iters: int, reuse: bool) -> None:
@@ -193,18 +213,20 @@ def _last_iteration(metrics: str) -> int:
 
 def read_run(variant: str, seed: int, iters: int, metrics: str) -> Run:
     run = Run(variant, seed, iters, 0.0)
-    cumulative = {0: 0.0}
+    tokens = 0
     with open(metrics) as fh:
         for line in fh:
             r = json.loads(line)
             if r.get("split") == "valid":
-                run.curve.append((r["iteration"], cumulative[r["iteration"]], r))
+                run.curve.append((r["iteration"], r))
             else:
-                run.executed.append(r["executed_flops"])
+                run.spent["executed"].append(r["executed_flops"])
+                run.spent["paper"].append(r["paper_flops"])
+                run.spent["tokens"].append(r["tokens_trained"] - tokens)
+                tokens = r["tokens_trained"]
                 run.dense.append(r["dense_flops"])
                 run.kept_fraction.append(r["kept_fraction"])
                 run.seconds += r["iteration_time_ms"] / 1000
-                cumulative[r["iteration"]] = cumulative[r["iteration"] - 1] + r["executed_flops"]
     return run
 
 
@@ -216,28 +238,46 @@ def measures(record: dict) -> dict[str, float]:
     return out
 
 
-def value_at(run: Run, budget: float, key: str) -> float:
-    """`key` of `measures` at exactly `budget` executed FLOPs, linear between the evaluations around it."""
-    points = [(0.0, math.nan)] + [(flops, measures(record)[key]) for _, flops, record in run.curve]
+def value_at(run: Run, budget: float, key: str, measure: str) -> float:
+    """`key` of `measures` at exactly `budget` of `measure` spent, linear between the evaluations around it."""
+    spent = run.cumulative(measure)
+    points = [(0.0, math.nan)] + [(spent[iteration], measures(record)[key]) for iteration, record in run.curve]
     for (f0, l0), (f1, l1) in zip(points, points[1:]):
         if f0 <= budget <= f1:
             return l1 if math.isnan(l0) or f1 == f0 else l0 + (l1 - l0) * (budget - f0) / (f1 - f0)
-    raise RuntimeError(f"{run.variant} seed {run.seed} stopped at {points[-1][0]:.3g} FLOPs, "
+    raise RuntimeError(f"{run.variant} seed {run.seed} stopped at {points[-1][0]:.3g} {measure}, "
                        f"before the budget {budget:.3g}")
 
 
 def steps_for_budget(args: argparse.Namespace, variant: Variant, model_cfg, vocab: int, frozen_cfg) -> int:
-    """Enough steps to pass the dense budget: the policy's cheapest possible step, from its lowest keep ratio."""
+    """Enough steps to pass every budget the table shows: the policy's cheapest possible step under each
+    measure, from its lowest keep ratio, against dense's."""
     tokens = args.global_batch_size * args.seq_length
-    dense = micro_batch_flops(model_cfg, vocab, tokens, tokens, tokens, False).dense
-    if args.equal == "tokens":
-        return args.dense_iters
-    cheapest = micro_batch_flops(model_cfg, vocab, tokens, tokens, round(variant.min_keep * tokens),
-                                 variant.name != "dense").executed
+    dense = micro_batch_flops(model_cfg, vocab, tokens, tokens, tokens, False)
+    kept = round(variant.min_keep * tokens)
+    trained = kept if variant.sequence else tokens
+    if variant.sequence:  # a dense step on the kept sequences
+        cheapest = micro_batch_flops(model_cfg, vocab, kept, kept, kept, False)
+        if variant.sequence == "scored":  # after the student's forward over every candidate
+            cheapest.executed += forward_flops(model_cfg, vocab, tokens, tokens)
+            cheapest.paper += forward_flops(model_cfg, vocab, tokens - kept, tokens - kept)
+    else:
+        cheapest = micro_batch_flops(model_cfg, vocab, tokens, tokens, kept, variant.name != "dense")
     if variant.frozen_head_rows >= 0:
-        cheapest += forward_flops(frozen_cfg, vocab, tokens, round(variant.frozen_head_rows * tokens))
-        cheapest += 2.0 * variant.kd_rows * tokens * vocab * (3 * model_cfg.hidden_size + frozen_cfg.hidden_size)
-    return math.ceil(args.dense_iters * dense / cheapest) + 1
+        cheapest.executed += forward_flops(frozen_cfg, vocab, tokens, round(variant.frozen_head_rows * tokens))
+        cheapest.executed += 2.0 * variant.kd_rows * tokens * vocab * (3 * model_cfg.hidden_size + frozen_cfg.hidden_size)
+    ratios = {"executed": dense.dense / cheapest.executed, "paper": dense.paper / cheapest.paper,
+              "tokens": tokens / trained}
+    return math.ceil(args.dense_iters * max(ratios[m] for m in shown(args.equal))) + 1
+
+
+MEASURES = ("executed", "paper", "tokens")
+MEASURE_TITLES = {"executed": "executed FLOPs", "paper": "paper FLOPs", "tokens": "tokens trained"}
+
+
+def shown(equal: str) -> tuple[str, ...]:
+    """The measures the table compares at: executed and paper FLOPs always, tokens when equalised."""
+    return ("executed", "paper") + (("tokens",) if equal == "tokens" else ())
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -245,27 +285,31 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(runs: list[Run], budget: float, equal: str) -> list[dict]:
-    """Per variant; `paired` is its perplexity over dense's for the same seed (same initial weights, data
-    order and validation batches), the comparison with the least noise. `extra`: the tail and each
-    domain's loss, as perplexities (exp of the loss / of the CVaR), mean over seeds."""
-    def final(run: Run, key: str) -> float:
-        return math.exp(value_at(run, budget, key) if equal == "flops" else measures(run.curve[-1][2])[key])
+def summarize(runs: list[Run], budgets: dict[str, float], equal: str) -> list[dict]:
+    """Per variant, at the `equal` budget; `paired` is its perplexity over dense's for the same seed (same
+    initial weights, data order and validation batches), the comparison with the least noise, and
+    `paired_at` the same at each measure's budget the table shows. `extra`: the tail and each domain's
+    loss, as perplexities (exp of the loss / of the CVaR), mean over seeds."""
+    def final(run: Run, key: str, measure: str = equal) -> float:
+        return math.exp(value_at(run, budgets[measure], key, measure))
 
-    dense = {r.seed: final(r, "val_loss") for r in runs if r.variant == "dense"}
-    keys = [k for k in measures(runs[0].curve[-1][2]) if k != "val_loss"]
+    def paired(group: list[Run], measure: str) -> tuple[float, float, float]:
+        dense = {r.seed: final(r, "val_loss", measure) for r in runs if r.variant == "dense"}
+        ratios = [final(r, "val_loss", measure) / dense[r.seed] for r in group]
+        return statistics.mean(ratios), min(ratios), max(ratios)
+
+    keys = [k for k in measures(runs[0].curve[-1][1]) if k != "val_loss"]
     rows = []
     for name in dict.fromkeys(r.variant for r in runs):
         group = [r for r in runs if r.variant == name]
         ppl = [final(r, "val_loss") for r in group]
-        paired = [p / dense[r.seed] for p, r in zip(ppl, group)]
-        steps = [_steps_within(r, budget) if equal == "flops" else r.iters for r in group]
         rows.append({
             "variant": name, "seeds": len(group),
             "val_ppl": mean_std(ppl), "ppl_range": (min(ppl), max(ppl)),
-            "paired": (statistics.mean(paired), min(paired), max(paired)),
+            "paired": paired(group, equal),
+            "paired_at": {measure: paired(group, measure) for measure in shown(equal)},
             "extra": {key: statistics.mean(final(r, key) for r in group) for key in keys},
-            "steps": statistics.mean(steps),
+            "steps": statistics.mean(_steps_within(r, budgets[equal], equal) for r in group),
             "flops_per_step_vs_dense": statistics.mean(sum(r.executed) / sum(r.dense) for r in group),
             "kept_fraction": statistics.mean(statistics.mean(r.kept_fraction) for r in group),
             "minutes": sum(r.seconds for r in group) / 60,
@@ -273,10 +317,10 @@ def summarize(runs: list[Run], budget: float, equal: str) -> list[dict]:
     return rows
 
 
-def _steps_within(run: Run, budget: float) -> float:
-    """Steps (fractional at the end) whose executed FLOPs fit in the budget."""
+def _steps_within(run: Run, budget: float, measure: str) -> float:
+    """Steps (fractional at the end) whose `measure` fits in the budget."""
     spent, steps = 0.0, 0.0
-    for flops in run.executed:
+    for flops in run.spent[measure]:
         if spent + flops > budget:
             return steps + (budget - spent) / flops
         spent += flops
@@ -285,15 +329,18 @@ def _steps_within(run: Run, budget: float) -> float:
 
 
 def write_csv(runs: list[Run], path: str) -> None:
-    keys = list(measures(runs[0].curve[-1][2]))
+    keys = list(measures(runs[0].curve[-1][1]))
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["variant", "seed", "iteration", "executed_flops", *keys, "val_ppl"])
+        w.writerow(["variant", "seed", "iteration", "executed_flops", "paper_flops", "tokens_trained", *keys,
+                    "val_ppl"])
         for r in runs:
-            for iteration, flops, record in r.curve:
+            spent = {measure: r.cumulative(measure) for measure in MEASURES}
+            for iteration, record in r.curve:
                 values = measures(record)
-                w.writerow([r.variant, r.seed, iteration, f"{flops:.6e}", *(f"{values[k]:.5f}" for k in keys),
-                            f"{math.exp(values['val_loss']):.4f}"])
+                w.writerow([r.variant, r.seed, iteration, f"{spent['executed'][iteration]:.6e}",
+                            f"{spent['paper'][iteration]:.6e}", round(spent["tokens"][iteration]),
+                            *(f"{values[k]:.5f}" for k in keys), f"{math.exp(values['val_loss']):.4f}"])
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -316,17 +363,19 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 def write_markdown(rows: list[dict], path: str, header: str, command: str) -> None:
     extra = list(rows[0]["extra"])  # exp(val_cvar90) and each domain's perplexity
+    measured = list(rows[0]["paired_at"])
     titles = ["exp(CVaR 0.9)" if key == "val_cvar90" else f"ppl {key[len('loss '):]}" for key in extra]
     lines = ["# Selection study (generated by tools/selection_study.py)", "", header, "", "```", command, "```", "",
-             "| variant | val ppl (mean ± std) | min–max over seeds | ppl / dense, same seed: mean (min–max) | "
+             "| variant | val ppl (mean ± std) | min–max over seeds | "
+             + "".join(f"ppl / dense at equal {MEASURE_TITLES[m]}, same seed: mean (min–max) | " for m in measured)
              + "".join(f"{title} | " for title in titles)
              + "steps in budget | executed FLOPs/step vs dense | kept fraction | train min (all seeds) |",
-             "|---|---|---|---|" + "---|" * len(titles) + "---|---|---|---|"]
+             "|---|---|---|" + "---|" * (len(measured) + len(titles)) + "---|---|---|---|"]
     for r in rows:
         mean, std = r["val_ppl"]
-        paired = "{:.3f} ({:.3f}–{:.3f})".format(*r["paired"])
+        paired = "".join("{:.3f} ({:.3f}–{:.3f}) | ".format(*r["paired_at"][m]) for m in measured)
         lines.append(f"| {r['variant']} | {mean:.2f} ± {std:.2f} | {r['ppl_range'][0]:.2f}–{r['ppl_range'][1]:.2f} "
-                     f"| {paired} | " + "".join(f"{r['extra'][key]:.2f} | " for key in extra)
+                     f"| {paired}" + "".join(f"{r['extra'][key]:.2f} | " for key in extra)
                      + f"{r['steps']:.1f} | {r['flops_per_step_vs_dense']:.3f} | "
                      f"{r['kept_fraction']:.2f} | {r['minutes']:.1f} |")
     lines += ["", "Against dense with the same seed:", "", *verdicts(rows), "",
@@ -345,8 +394,8 @@ def plot(runs: list[Run], budget: float | None, unigram: float, path: str) -> No
     for name in dict.fromkeys(r.variant for r in runs):
         group = [r for r in runs if r.variant == name]
         n = min(len(r.curve) for r in group)
-        x = [statistics.mean(r.curve[i][1] for r in group) for i in range(n)]
-        ppl = [[math.exp(r.curve[i][2]["val_loss"]) for r in group] for i in range(n)]
+        x = [statistics.mean(r.cumulative("executed")[r.curve[i][0]] for r in group) for i in range(n)]
+        ppl = [[math.exp(r.curve[i][1]["val_loss"]) for r in group] for i in range(n)]
         line, = ax.plot(x, [statistics.mean(p) for p in ppl], marker=".", label=name,
                         linestyle="--" if name == "dense" else "-")
         ax.fill_between(x, [min(p) for p in ppl], [max(p) for p in ppl], color=line.get_color(), alpha=0.15)
@@ -382,11 +431,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write into --out-dir although it holds other files (only selection_study.* are replaced)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--variants", nargs="+", help="subset of the variants (default: all)")
-    p.add_argument("--equal", choices=("flops", "tokens"), default="flops",
-                   help="compare at the dense run's executed FLOPs, or after the same number of steps")
+    p.add_argument("--equal", choices=MEASURES, default="executed",
+                   help="the budget the runs are compared at (dense's in --dense-iters steps): executed FLOPs, the "
+                        "ESLM paper's FLOPs count, or tokens trained; the table shows executed and paper side by side")
     p.add_argument("--dense-iters", type=int, default=150, help="dense steps that define the budget")
     p.add_argument("--reference-iters", type=int, default=300, help="steps of the dense reference/teacher")
     p.add_argument("--alpha", type=float, default=0.5, help="alpha of the fixed-alpha variants")
+    p.add_argument("--seq-alpha", type=float, default=0.75,
+                   help="eslm-seq: the second alpha of sequence ESLM (the first is --alpha)")
     p.add_argument("--alpha-max", type=float, default=0.8, help="ada-eslm grad-mass: --eslm-alpha-max")
     p.add_argument("--ada-budget", type=float, default=0.3, help="ada-eslm grad-mass: --ada-eslm-budget")
     p.add_argument("--vocab-size", type=int, default=1024)
@@ -442,12 +494,12 @@ def main(argv: list[str] | None = None) -> None:
         reference_note = (f"The rho1 reference and eslm-kd teacher is one dense model of the same size trained "
                           f"for {args.reference_iters} steps (seed 0): {sum(ref.executed):.3g} FLOPs, "
                           f"{ref.seconds / 60:.1f} min, final val ppl "
-                          f"{math.exp(ref.curve[-1][2]['val_loss']):.2f}; that cost is "
+                          f"{math.exp(ref.curve[-1][1]['val_loss']):.2f}; that cost is "
                           "NOT charged to the runs (their budget counts only the reference's forward passes).")
     model_cfg = parse_args(common_flags(args, data, args.dense_iters, 0)).model
     vocab = -(-_tokenizer_vocab(data[1]) // 128) * 128  # as the trainer pads it
     runs: list[Run] = []
-    budget = None
+    budgets = None
     for variant in chosen:
         extra = []
         if variant.name.startswith("rho1"):
@@ -462,24 +514,26 @@ def main(argv: list[str] | None = None) -> None:
             train(argv, metrics, iters, args.reuse)
             run = read_run(variant.name, seed, iters, metrics)
             runs.append(run)
-            if budget is None and variant.name == "dense":
-                budget = sum(run.executed[: args.dense_iters])
+            if budgets is None and variant.name == "dense":
+                budgets = {measure: sum(run.spent[measure][: args.dense_iters]) for measure in MEASURES}
             print(f"{variant.name} seed {seed}: {iters} steps, {run.seconds:.0f} s, "
-                  f"final val ppl {math.exp(run.curve[-1][2]['val_loss']):.2f}", flush=True)
-    if budget is None:
+                  f"final val ppl {math.exp(run.curve[-1][1]['val_loss']):.2f}", flush=True)
+    if budgets is None:
         raise SystemExit("the dense variant defines the budget: include it")
-    rows = summarize(runs, budget, args.equal)
+    rows = summarize(runs, budgets, args.equal)
     domains = ", ".join(domain_name(text) for text in args.text)
     header = (f"Corpora: {domains}" + (" (blended with equal weights; per-domain columns)" if len(args.text) > 1
-                                       else "") + f". Budget: {budget:.3g} executed FLOPs (dense, {args.dense_iters} "
-              f"steps) per run; equal {args.equal}; seeds {args.seeds}. Unigram-entropy level (the perplexity of "
+                                       else "") + f". Budgets (dense, {args.dense_iters} steps): "
+              f"{budgets['executed']:.3g} executed FLOPs, {budgets['paper']:.3g} paper FLOPs, "
+              f"{budgets['tokens']:.0f} tokens per run; equal {args.equal} (val ppl and steps columns); seeds "
+              f"{args.seeds}. Unigram-entropy level (the perplexity of "
               f"predicting each token by its frequency): {unigram:.1f}. exp(CVaR 0.9): exp of the mean of the "
               f"worst tenth of the validation token losses. {reference_note}")
     csv_path, md_path, png_path = (os.path.join(args.out_dir, name) for name in OUTPUTS)
     write_csv(runs, csv_path + ".tmp")
     command = "python tools/selection_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_markdown(rows, md_path + ".tmp", header, command)
-    plot(runs, budget if args.equal == "flops" else None, unigram, png_path + ".tmp.png")
+    plot(runs, budgets["executed"], unigram, png_path + ".tmp.png")
     for tmp, path in ((csv_path + ".tmp", csv_path), (md_path + ".tmp", md_path), (png_path + ".tmp.png", png_path)):
         os.replace(tmp, path)
     print(open(md_path).read())
