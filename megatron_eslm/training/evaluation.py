@@ -90,9 +90,9 @@ def _to_every_stage(values: torch.Tensor, over_group: bool) -> torch.Tensor:
 
 def _tail(scores: list[TokenScores], selection: SelectionConfig, train_threshold: float | None) -> dict:
     """val_cvar50, val_cvar90 and val_above_threshold (None before a training threshold is logged, and for
-    the policies that threshold another score)."""
+    the policies that threshold another score, or sequences' means: --eslm-granularity sequence)."""
     values = torch.full((3,), math.nan, dtype=torch.float64)
-    comparable = selection.selection in THRESHOLD_SCORED or \
+    comparable = (selection.selection in THRESHOLD_SCORED and selection.eslm_granularity == "token") or \
         (selection.selection == "eslm-kd" and selection.kd_score == "student")
     threshold = train_threshold if comparable else None
     if parallel_state.is_pipeline_last_stage() and scores:
