@@ -487,9 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     reference_note = ""
     if any(v.frozen_head_rows >= 0 for v in chosen):
         metrics = os.path.join(args.work_dir, "reference.jsonl")
-        argv = common_flags(args, data, args.reference_iters, 0) + ["--selection", "none", "--save", reference_dir]
+        flags = common_flags(args, data, args.reference_iters, 0) + ["--selection", "none", "--save", reference_dir]
         print(f"reference: training {args.reference_iters} steps ...", flush=True)
-        train(argv, metrics, args.reference_iters, args.reuse)
+        train(flags, metrics, args.reference_iters, args.reuse)
         ref = read_run("reference", 0, args.reference_iters, metrics)
         reference_note = (f"The rho1 reference and eslm-kd teacher is one dense model of the same size trained "
                           f"for {args.reference_iters} steps (seed 0): {sum(ref.executed):.3g} FLOPs, "
@@ -510,8 +510,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             print(f"{variant.name} seed {seed}: training {iters} steps ...", flush=True)
             metrics = os.path.join(args.work_dir, f"{variant.name}-seed{seed}.jsonl")
-            argv = common_flags(args, data, iters, seed) + variant.flags + extra
-            train(argv, metrics, iters, args.reuse)
+            flags = common_flags(args, data, iters, seed) + variant.flags + extra
+            train(flags, metrics, iters, args.reuse)
             run = read_run(variant.name, seed, iters, metrics)
             runs.append(run)
             if budgets is None and variant.name == "dense":
