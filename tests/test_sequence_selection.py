@@ -89,11 +89,12 @@ def test_resume_is_exact(tiny_corpus, tmp_path):
 @pytest.mark.parametrize("selection, layouts", [(SEQUENCE, TWO_RANK_BASICS), (RANDOM, {"dp2": TWO_RANK_BASICS["dp2"]})],
                          ids=["eslm", "random"])
 def test_dp2_tp2_pp2_equal_one_process(tiny_corpus, selection, layouts):
-    """16 candidates a step, 8 kept: 2 micro-batches of 4 for one process and on TP2 and PP2 (the last stage
-    scores, the others receive the kept ids), 2 of 2 on each DP2 replica (the scores and the kept sequences'
-    tokens all-gathered). The random control's draw is the same on every rank: DP2 moves its sequences alike."""
-    records = equal_to_one_process(tiny_corpus, 2, layouts, [*selection, "--global-batch-size", "16"])
-    assert all(r["kept_fraction"] == 0.5 for r in records) and records[-1]["samples_trained"] == 24
+    """8 candidates a step (2 micro-batches of 4, or of 2 on each DP2 replica), 4 kept: one micro-batch of 4
+    for one process and on TP2 and PP2 (the last stage scores, the others receive the kept ids), one of 2 on
+    each DP2 replica (the scores and the kept sequences' tokens all-gathered, cut as the sampler cuts a
+    batch). The random control's draw is the same on every rank: DP2 moves its sequences alike."""
+    records = equal_to_one_process(tiny_corpus, 2, layouts, [*selection, "--global-batch-size", "8"])
+    assert all(r["kept_fraction"] == 0.5 for r in records) and records[-1]["samples_trained"] == 12
 
 
 @pytest.mark.parametrize("argv, world, message", [
