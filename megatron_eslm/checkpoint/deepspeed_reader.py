@@ -9,6 +9,7 @@ and again with the moments' flat partitions in place of the weights', which shar
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import io
 import os
@@ -55,9 +56,14 @@ def read_deepspeed_shards(directory: str, optimizer: bool = True) -> dict[tuple[
             model_files, optim_files = _files(directory, mp_rank, "model"), _files(directory, mp_rank, "optim")
             with _quiet():  # zero_to_fp32 prints its progress
                 model_states = z.parse_model_states(model_files)
-                stage, world, fp32_groups = z.parse_optim_states(optim_files, directory)
-            merge = z._get_fp32_state_dict_from_zero2_checkpoint if stage <= 2 else \
-                z._get_fp32_state_dict_from_zero3_checkpoint
+                # DeepSpeed after 0.19.0 also returns the groups' alignment paddings, which its ZeRO 1-2
+                # merge then takes (the moments are laid out as the weights)
+                stage, world, fp32_groups, *paddings = z.parse_optim_states(optim_files, directory)
+            if stage <= 2:
+                merge = functools.partial(z._get_fp32_state_dict_from_zero2_checkpoint,
+                                          **({"param_alignment_paddings": paddings[0]} if paddings else {}))
+            else:
+                merge = z._get_fp32_state_dict_from_zero3_checkpoint
             with _quiet():
                 weights = z.to_torch_tensor(merge(world, fp32_groups, model_states, False))
             moments, step = None, None

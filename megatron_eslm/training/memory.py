@@ -12,8 +12,8 @@ DP below is DP x CP):
                   moments over each flat parameter group, split over DP;
                   ZeRO-1 (BF16_Optimizer) fp32 gradient sums of the whole model, plus each backward's bf16
                           `.grad`; groups padded to a multiple of 2 x DP elements;
-                  ZeRO-2  fp32 sums of the gradients of the parameters that overlap this rank's partition
-                          (whole parameters); reduce buckets during the backward;
+                  ZeRO-2  fp32 gradient sums of this rank's partition (DeepSpeed 0.19.8 on; before, of
+                          the whole parameters that overlap it); reduce buckets during the backward;
                   ZeRO-3  parameters, gradients and master weights split per tensor (ceil(n / DP) each), the
                           parameters of at most stage3_param_persistence_threshold elements also whole
                           (padded to DP x ceil(n / DP)); a bf16 reduce bucket held for the whole run.
@@ -34,6 +34,8 @@ rho1, ZeRO-3's gathered parameters, the CUDA context and the allocator's fragmen
 """
 from __future__ import annotations
 
+import importlib.metadata
+import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -179,16 +181,29 @@ def _overlapping(numels: list[int], dp: int) -> int:
     return max(held)
 
 
+def _zero2_sums_the_partition() -> bool:
+    """Whether the installed DeepSpeed's ZeRO-2 sums a step's gradients in an fp32 buffer of the rank's
+    partition (0.19.8 on: `_build_compact_grad_partition_buffer`) rather than in the whole tensors that
+    overlap it (before). Without DeepSpeed installed, the newer."""
+    try:
+        version = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3]) >= (0, 19, 8)
+
+
 def _zero2(params: list[ParamTensor], dp: int, zero: dict, ddp_bucket_size: int) -> ModelStates:
-    """DeepSpeedZeroOptimizer: each micro-batch's gradients of the parameters overlapping this rank's
-    partition are summed in fp32 (whole parameters); during a backward, bf16 reduce buckets (two with
-    overlap_comm) and, with contiguous_gradients, a bf16 copy of those parameters' gradients."""
+    """DeepSpeedZeroOptimizer: each micro-batch's gradients summed in fp32, in the rank's partition or in
+    the whole parameters overlapping it (by DeepSpeed release, `_zero2_sums_the_partition`); during a
+    backward, bf16 reduce buckets (two with overlap_comm) and, with contiguous_gradients, a bf16 copy of
+    the overlapping parameters' gradients."""
     flat = [_padded(sum(group), ZERO_ALIGNMENT * dp) for group in _groups(params)]
     overlapping = sum(_overlapping(group, dp) for group in _groups(params))
+    partition = [n // dp for n in flat]
     buckets = zero["reduce_bucket_size"] * (2 if zero.get("overlap_comm", False) else 1)
     contiguous = overlapping if zero["contiguous_gradients"] else 0
-    return ModelStates(BF16 * sum(flat), FP32 * overlapping, _master_and_adam([n // dp for n in flat]),
-                       BF16 * (buckets + contiguous))
+    sums = sum(partition) if _zero2_sums_the_partition() else overlapping
+    return ModelStates(BF16 * sum(flat), FP32 * sums, _master_and_adam(partition), BF16 * (buckets + contiguous))
 
 
 def _sub_groups(partitions: list[int], sub_group_size: int) -> list[int]:
