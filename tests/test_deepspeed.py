@@ -227,6 +227,7 @@ def test_failed_deepspeed_write_is_one_line_on_every_rank(launched):
     assert other.startswith("UserError: rank 1: OSError: [Errno 28] No space left on device"), other
 
 
+@pytest.mark.slow
 def test_reader_consolidates_zero_checkpoints(launched):
     """The offline reader's whole tensors of a ZeRO 1-3 checkpoint (weights and AdamW moments, from the
     data-parallel partitions; for CP2 the partitions of the context pair) equal those of the same training

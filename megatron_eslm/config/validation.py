@@ -15,7 +15,6 @@ from megatron_eslm.config.training import validate_training
 from megatron_eslm.config.tree import Config
 from megatron_eslm.distributed import deepspeed_config
 from megatron_eslm.errors import UserError
-from megatron_eslm.eslm.threshold import var_index
 
 
 def finalize(cfg: Config) -> Config:
@@ -106,6 +105,8 @@ def validate_context_parallel(cfg: Config, cp: int) -> None:
 def sequence_keep(alpha: float, global_batch_size: int) -> int:
     """--eslm-granularity sequence: the sequences a step trains, G - floor(alpha G) of the G candidates (the
     VaR rule's kept count, ties broken by position: docs/selection.md)."""
+    from megatron_eslm.eslm.threshold import var_index  # imports torch: the config checks run without it
+
     return global_batch_size - var_index(alpha, global_batch_size)
 
 
