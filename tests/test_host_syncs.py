@@ -49,7 +49,7 @@ POLICIES = {
     # the scoring pass, the sequences' exact VaR, the kept ones gathered and trained: nothing read (micro-batches
     # of 2: the 4 kept are whole micro-batches of both DP2 replicas)
     "eslm-sequence": ["--selection", "eslm", "--eslm-granularity", "sequence", "--micro-batch-size", "2"],
-    "random-sequence": ["--selection", "random", "--eslm-granularity", "sequence"],
+    "random-sequence": ["--selection", "random", "--eslm-granularity", "sequence", "--micro-batch-size", "2"],
 }
 
 
