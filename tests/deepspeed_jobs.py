@@ -73,26 +73,29 @@ def built(argv: list[str]) -> dict:
     trainer = Trainer(parse_args(argv), log=lambda *a: None)
     plain = build_model(trainer.cfg, trainer.vocab_size, torch.device("cpu"), None)
     result = {"decayed": decayed(trainer.model), "plain_decayed": decayed(plain),
-              "plain": {name: param.detach() for name, param in plain.named_parameters()}}
-    # One parameter at a time: DeepSpeed 0.19 gathers several at once with one async all-gather each and
-    # waits for the last only (`_allgather_params_coalesced`), which orders them on a CUDA stream but not on
-    # gloo, whose threads run them concurrently: now and then a parameter was read before its gather ended.
-    result["built"] = {}
-    for name, param in trainer.model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            result["built"][name] = param.detach().clone()
+              "plain": {name: param.detach() for name, param in plain.named_parameters()},
+              "built": gathered(trainer.model)}
     trainer.close()
     return result
 
 
-def train_gathered(argv: list[str]) -> dict:
-    """`train`'s records and validation loss, and the parameters after the run, gathered from ZeRO-3's
-    partitions one at a time (see `built`)."""
-    trainer = Trainer(parse_args(argv), log=lambda *a: None)
-    result = {"records": trainer.train(), "val_loss": trainer.evaluate()["val_loss"], "params": {}}
-    for name, param in trainer.model.named_parameters():
+def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole parameters, gathered from ZeRO-3's partitions one at a time: DeepSpeed 0.19 gathers
+    several at once with one async all-gather each and waits for the last only
+    (`_allgather_params_coalesced`), which orders them on a CUDA stream but not on gloo, whose threads run
+    them concurrently: now and then a parameter was read before its gather ended."""
+    params = {}
+    for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param]):
-            result["params"][name] = param.detach().clone()
+            params[name] = param.detach().clone()
+    return params
+
+
+def train_gathered(argv: list[str]) -> dict:
+    """`train`'s records and validation loss, and the parameters after the run, gathered."""
+    trainer = Trainer(parse_args(argv), log=lambda *a: None)
+    result = {"records": trainer.train(), "val_loss": trainer.evaluate()["val_loss"],
+              "params": gathered(trainer.model)}
     trainer.close()
     return result
 
