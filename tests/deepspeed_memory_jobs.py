@@ -12,20 +12,13 @@ estimator's categories.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
 from deepspeed_jobs import accumulators
+from helpers import storage_bytes
 from megatron_eslm.config import parse_args
 from megatron_eslm.distributed.deepspeed_engine import DeepSpeedEngine
 from megatron_eslm.training.trainer import Trainer
-
-
-def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors` (empty placeholders left out)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
-    return sum(storages.values())
 
 
 def masters(optimizer) -> list[torch.Tensor]:

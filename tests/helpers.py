@@ -4,6 +4,7 @@ Fixtures live in conftest.py; these are plain functions the tests call with thei
 """
 import json
 import os
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -30,6 +31,12 @@ def build_indexed(prefix, documents, dtype=np.int32):
             builder.end_document()
         builder.finalize(get_idx_path(prefix))
     return prefix
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (empty placeholders left out)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+    return sum(storages.values())
 
 
 def flags(corpus, *extra):

@@ -14,6 +14,7 @@ Besides: the config that goes to DeepSpeed, and the one line each bad combinatio
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -32,9 +33,9 @@ from megatron_eslm.training import memory
 from test_parallel_training import (COMPARED, GLOBAL_BATCH, LLAMA_FLAGS, REFERENCE_MICRO_BATCH, SELECTIONS, assemble,
                                     flags, layout_flags, micro_batch, relative, train, untimed)
 
-deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e .[deepspeed])")
-from deepspeed_jobs import run_jobs  # noqa: E402  (it imports deepspeed)
-from deepspeed_memory_jobs import held_bytes  # noqa: E402
+# DeepSpeed takes seconds to import: this process needs it only for a few tests, the ranks run its jobs
+if importlib.util.find_spec("deepspeed") is None:
+    pytest.skip("DeepSpeed is not installed (pip install -e .[deepspeed])", allow_module_level=True)
 from test_estimate_memory import DEEPSPEED, deepspeed_argv  # noqa: E402
 from rank_pool import run_on_ranks  # noqa: E402
 
@@ -113,6 +114,8 @@ def launched(tiny_corpus, tmp_path_factory):
              for stage in CONTEXT_STAGES for selection in COMPARED_SELECTIONS]
     jobs.append(["dp2 zero3 recompute", "train", [*run_flags(tiny_corpus, 1, 1, 3, "eslm-loss"), *RECOMPUTE]])
     jobs.append(["ckpt failed write", "failed save", run_flags(tiny_corpus, 1, 1, 1, "dense")])
+    from deepspeed_jobs import run_jobs
+
     return tmp, run_on_ranks(WORLD, run_jobs, jobs, str(tmp))
 
 
@@ -320,6 +323,8 @@ def test_engine_holds_the_memory_estimate(tiny_corpus, tmp_path):
     the two ranks' at ZeRO-2, whose gradient sums hold whole parameters), ZeRO-3's bucket as well
     (test_estimate_memory.py's DeepSpeed cases: here, where the ranks already run DeepSpeed)."""
     jobs = [[name, deepspeed_argv(tiny_corpus, tmp_path, name)] for name in DEEPSPEED]
+    from deepspeed_memory_jobs import held_bytes
+
     ranks = run_on_ranks(2, held_bytes, jobs)
     for name, argv in jobs:
         cfg = parse_args(argv)
@@ -339,6 +344,8 @@ def test_reader_names_a_folder_without_deepspeed_states(tmp_path):
 
 def test_flags_are_deepspeeds_own():
     """--deepspeed and --deepspeed_config parse as DeepSpeed's `add_config_arguments` defines them."""
+    import deepspeed
+
     theirs = {a.dest: a for a in deepspeed.add_config_arguments(argparse.ArgumentParser())._actions}
     ours = {a.dest: a for a in build_parser()._actions}
     for dest in ("deepspeed", "deepspeed_config"):

@@ -38,7 +38,7 @@ from megatron_eslm.model.lm_head import weight_cast_cache
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.training import memory
 from megatron_eslm.training.trainer import Trainer
-from deepspeed_memory_jobs import storage_bytes
+from helpers import storage_bytes
 from rank_pool import run_on_ranks
 from test_parallel_training import LLAMA_FLAGS, flags, layout_flags
 

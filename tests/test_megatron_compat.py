@@ -11,11 +11,18 @@ import torch
 
 from megatron_eslm.data.indexed_dataset import DTYPE_CODES, IndexedDataset, IndexedDatasetBuilder
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # megatron-core warns at import that apex/transformer-engine are absent
-    mcore = pytest.importorskip(
-        "megatron.core.datasets.indexed_dataset", reason="megatron-core is not installed (pip install -e .[test])"
-    )
+mcore = None  # megatron-core's indexed dataset module, once this file's tests run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def megatron_core():
+    """Imported when the tests run, not when pytest collects the file (5 CPU-s, paid by every xdist worker)."""
+    global mcore
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron-core warns at import that apex/transformer-engine are absent
+        mcore = pytest.importorskip(
+            "megatron.core.datasets.indexed_dataset", reason="megatron-core is not installed (pip install -e .[test])"
+        )
 
 
 def documents(dtype, seed=0):
