@@ -23,6 +23,7 @@ from dataclasses import asdict
 from megatron_eslm.config import Config, parse_args
 from megatron_eslm.config.parser import OneLineParser  # bad flags: one line
 from megatron_eslm.errors import UserError, exit_on_user_error, read_json_object
+from megatron_eslm.training import memory
 from megatron_eslm.training.memory import Estimate, estimate
 
 GIB = 2 ** 30
@@ -151,6 +152,9 @@ def render(cfg: Config, est: Estimate, world_size: int, vocab_size: int) -> str:
                      for stage, states in est.by_zero_stage.items()])]
     if not est.bf16:
         out.append("(DeepSpeed's stages are estimated under --bf16 only)")
+    out.append("ZeRO-2's gradient sums: " + ("the rank's partition (DeepSpeed 0.19.8 on)"
+                                              if memory.zero2_sums_the_partition() else
+                                              "whole parameters overlapping the partition (DeepSpeed before 0.19.8)"))
     return "\n".join(out)
 
 

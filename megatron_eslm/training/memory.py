@@ -181,7 +181,7 @@ def _overlapping(numels: list[int], dp: int) -> int:
     return max(held)
 
 
-def _zero2_sums_the_partition() -> bool:
+def zero2_sums_the_partition() -> bool:
     """Whether the installed DeepSpeed's ZeRO-2 sums a step's gradients in an fp32 buffer of the rank's
     partition (0.19.8 on: `_build_compact_grad_partition_buffer`) rather than in the whole tensors that
     overlap it (before). Without DeepSpeed installed, the newer."""
@@ -194,7 +194,7 @@ def _zero2_sums_the_partition() -> bool:
 
 def _zero2(params: list[ParamTensor], dp: int, zero: dict, ddp_bucket_size: int) -> ModelStates:
     """DeepSpeedZeroOptimizer: each micro-batch's gradients summed in fp32, in the rank's partition or in
-    the whole parameters overlapping it (by DeepSpeed release, `_zero2_sums_the_partition`); during a
+    the whole parameters overlapping it (by DeepSpeed release, `zero2_sums_the_partition`); during a
     backward, bf16 reduce buckets (two with overlap_comm) and, with contiguous_gradients, a bf16 copy of
     the overlapping parameters' gradients."""
     flat = [_padded(sum(group), ZERO_ALIGNMENT * dp) for group in _groups(params)]
@@ -202,7 +202,7 @@ def _zero2(params: list[ParamTensor], dp: int, zero: dict, ddp_bucket_size: int)
     partition = [n // dp for n in flat]
     buckets = zero["reduce_bucket_size"] * (2 if zero.get("overlap_comm", False) else 1)
     contiguous = overlapping if zero["contiguous_gradients"] else 0
-    sums = sum(partition) if _zero2_sums_the_partition() else overlapping
+    sums = sum(partition) if zero2_sums_the_partition() else overlapping
     return ModelStates(BF16 * sum(flat), FP32 * sums, _master_and_adam(partition), BF16 * (buckets + contiguous))
 
 
