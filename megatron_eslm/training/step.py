@@ -311,6 +311,7 @@ def select_sequences(model: GPTModel, policy: SequencePolicy, batches: Iterator[
                                fused_dense=fuses_dense(lm_head_impl, parallel_state.tensor_model_parallel_size()))
     candidates = [next(batches) for _ in range(num_micro_batches)]
     micro_batch = candidates[0]["tokens"].shape[0]
+    candidate_tokens = sum(batch["tokens"].numel() for batch in candidates)
     group = parallel_state.selection_group()
     ranks = 1 if group is None else torch.distributed.get_world_size(group)
     last = parallel_state.is_pipeline_last_stage()
@@ -326,8 +327,7 @@ def select_sequences(model: GPTModel, policy: SequencePolicy, batches: Iterator[
         model.train()
         if last:
             local = torch.stack(per_sequence)
-            tokens = sum(batch["tokens"].numel() for batch in candidates)
-            stats.policy_flops += forward_flops(model.cfg, model.vocab_size, tokens, tokens)
+            stats.policy_flops += forward_flops(model.cfg, model.vocab_size, candidate_tokens, candidate_tokens)
     elif policy.proxy is not None:
         per_sequence = []
         with autocast():
@@ -347,16 +347,14 @@ def select_sequences(model: GPTModel, policy: SequencePolicy, batches: Iterator[
                               parallel_state.pipeline_model_parallel_group(), collectives.SEQUENCE_SELECTION)
     rank = 0 if group is None else torch.distributed.get_rank(group)
     mine = kept.view(-1, ranks, micro_batch)[:, rank]  # [kept micro-batches, micro-batch]
-    trained = {}
+    trained, local_fields = {}, {}
     for field in ("tokens", "labels"):
-        stacked = torch.stack([batch[field] for batch in candidates]).to(device, non_blocking=True)
+        stacked = local_fields[field] = torch.stack([batch[field] for batch in candidates]).to(device,
+                                                                                                 non_blocking=True)
         if group is not None:
             stacked = collectives.all_gather_into_tensor(stacked, group, collectives.SEQUENCE_SELECTION).transpose(0, 1)
         trained[field] = stacked.reshape(-1, stacked.shape[-1])[mine]
-    if last:
-        candidate_valid = sum((batch["labels"].to(device, non_blocking=True) != IGNORE_INDEX).sum()
-                              for batch in candidates)
-        dropped = candidate_valid - (trained["labels"] != IGNORE_INDEX).sum()
-        stats.add_dropped(sum(batch["tokens"].numel() for batch in candidates) - trained["tokens"].numel(), dropped,
-                          policy.student_scores, threshold)
+    if last:  # this rank's candidates against its share of the kept ones
+        dropped = (local_fields["labels"] != IGNORE_INDEX).sum() - (trained["labels"] != IGNORE_INDEX).sum()
+        stats.add_dropped(candidate_tokens - trained["tokens"].numel(), dropped, policy.student_scores, threshold)
     return [{"tokens": tokens, "labels": labels} for tokens, labels in zip(trained["tokens"], trained["labels"])], stats
