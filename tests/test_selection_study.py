@@ -1,5 +1,7 @@
-"""tools/selection_study.py's multi-domain mode, tiny: two corpora that need no download (the standard
-library's sources and a generated text), per-domain and tail columns, the unigram-entropy level."""
+"""tools/selection_study.py, tiny: its multi-domain mode on two corpora that need no download (the standard
+library's sources and a generated text) with a held-out domain and the data-constrained regime (per-domain,
+held-out and tail columns, the unigram-entropy level, epochs); the sequence variants (student and proxy
+scorer) at equal paper FLOPs."""
 from __future__ import annotations
 
 import csv
@@ -20,28 +22,42 @@ def test_multi_domain_study_reports_domains_and_tail(tmp_path):
     text = tmp_path / "prose.txt"
     text.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))
                                 for _ in range(600)))
+    heldout = tmp_path / "letters.txt"
+    heldout.write_text("\n\n".join(" ".join("".join(rng.choice("xyzw") for _ in range(5)) for _ in range(30))
+                                   for _ in range(40)))
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "tools/selection_study.py", "--text", "stdlib", str(text), "--stdlib-mb",
-                           "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(out), "--seeds", "1",
+                           "1", "--heldout-text", str(heldout), "--passes", "2", "--work-dir", str(tmp_path / "work"),
+                           "--out-dir", str(out), "--seeds", "1",
                            "--variants", "dense", "eslm-is-0.5", "--dense-iters", "6", "--eval-interval", "3",
                            "--eval-iters", "1", "--vocab-size", "512", "--hidden-size", "32", "--seq-length", "32",
                            "--micro-batch-size", "4", "--global-batch-size", "4"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     markdown = (out / "selection_study.md").read_text()
-    assert "Corpora: stdlib, prose (blended with equal weights" in markdown and "Unigram-entropy level" in markdown
-    assert "| exp(CVaR 0.9) | ppl stdlib | ppl prose |" in markdown
+    assert "Corpora: stdlib, prose (blended by size" in markdown and "Unigram-entropy level" in markdown
+    # dense's budget, 6 steps of 4 x 32 tokens, passes twice over the cut training data
+    assert "384 training tokens, cut so that dense's budget passes over them 2 times" in markdown
+    assert "held-out domain (validation only, never trained on): letters" in markdown
+    assert "| exp(CVaR 0.9) | ppl stdlib | ppl prose | ppl letters | steps in budget | epochs in budget |" in markdown
+    dense = next(line for line in markdown.splitlines() if line.startswith("| dense |")).split(" | ")
+    assert dense[-4] == "2.00"  # epochs in budget
     rows = list(csv.DictReader(open(out / "selection_study.csv")))
-    assert {"val_cvar90", "loss stdlib", "loss prose"} <= set(rows[0])
+    assert {"val_cvar90", "loss stdlib", "loss prose", "loss letters"} <= set(rows[0])
+    # val_loss is the training corpora's validation documents alone: between their two losses
+    for row in rows:
+        assert min(float(row["loss stdlib"]), float(row["loss prose"])) <= float(row["val_loss"]) \
+            <= max(float(row["loss stdlib"]), float(row["loss prose"]))
     assert {row["variant"] for row in rows} == {"dense", "eslm-is-0.5"}
     assert (out / "selection_study.png").stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_sequence_variants_at_equal_paper_flops(tmp_path):
-    """--equal paper with sequence ESLM (keep 1/2 and 1/4) and the sequence random control, tiny and in this
-    process: the table compares every variant at equal executed and at equal paper FLOPs, the CSV has both
-    cumulative counts, and the random control (k of dense under both counts) runs about twice dense's steps."""
+    """--equal paper with sequence ESLM (keep 1/2 and 1/4, and keep 1/2 scored by a proxy) and the sequence
+    random control, tiny and in this process: the table compares every variant at equal executed and at equal
+    paper FLOPs, the CSV has both cumulative counts, the random control (k of dense under both counts) runs
+    about twice dense's steps, and the proxy (1/8 of the model) is trained once and reported."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import selection_study
     rng = random.Random(0)
@@ -50,8 +66,8 @@ def test_sequence_variants_at_equal_paper_flops(tmp_path):
     text.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(300)))
     out = tmp_path / "out"
     selection_study.main(["--text", str(text), "--work-dir", str(tmp_path / "work"), "--out-dir", str(out), "--seeds",
-                          "1", "--variants", "dense", "eslm-seq-0.5", "eslm-seq-0.75", "random-seq-0.5", "--equal",
-                          "paper", "--dense-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--vocab-size",
+                          "1", "--variants", "dense", "eslm-seq-0.5", "eslm-seq-0.75", "random-seq-0.5",
+                          "eslm-seq-proxy-0.5", "--proxy-iters", "2", "--equal", "paper", "--dense-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--vocab-size",
                           "320", "--hidden-size", "32", "--seq-length", "32", "--micro-batch-size", "4",
                           "--global-batch-size", "4", "--threads", "1"])
     markdown = (out / "selection_study.md").read_text()
@@ -60,6 +76,8 @@ def test_sequence_variants_at_equal_paper_flops(tmp_path):
     assert "equal paper (val ppl and steps columns)" in markdown
     rows = list(csv.DictReader(open(out / "selection_study.csv")))
     assert {"executed_flops", "paper_flops", "tokens_trained"} <= set(rows[0])
-    assert {row["variant"] for row in rows} == {"dense", "eslm-seq-0.5", "eslm-seq-0.75", "random-seq-0.5"}
+    assert {row["variant"] for row in rows} == {"dense", "eslm-seq-0.5", "eslm-seq-0.75", "random-seq-0.5",
+                                               "eslm-seq-proxy-0.5"}
+    assert "The proxy scorer of eslm-seq-proxy (1 layers, hidden 16) is a dense model trained for 2 steps" in markdown
     last = {row["variant"]: int(row["iteration"]) for row in rows}
     assert last["random-seq-0.5"] >= 2 * last["dense"] - 1
