@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    check_output_files([f"{args.output_prefix}_{key}_document.{ext}" for key in args.json_keys for ext in ("bin", "idx")],
-                       "--output-prefix", args.output_prefix, args.force)
+    outputs = [f"{args.output_prefix}_{key}_document.{ext}" for key in args.json_keys for ext in ("bin", "idx")]
+    check_output_files(outputs, "--output-prefix", args.output_prefix, args.force)
     prefixes = preprocess(
         args.input,
         args.output_prefix,
