@@ -73,6 +73,15 @@ def staged_dir(path: str, tool: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output_files(paths: list[str], flag: str, value: str, force: bool) -> None:
+    """Refuse (UserError) to replace existing files, unless `force`: a file carries no marker saying which tool
+    wrote it, so an existing one may be the user's (a corpus, a tokenizer) that a rerun would overwrite."""
+    existing = [path for path in paths if os.path.lexists(path)]
+    if existing and not force:
+        raise UserError(f"{flag} {value}: {', '.join(existing)} already exist(s); choose another {flag}, or pass "
+                        f"--force to replace")
+
+
 def write_file(path: str, data: bytes | str) -> None:
     """Write one file under a temporary name and rename it into place."""
     tmp = f"{path}.tmp"

@@ -23,6 +23,7 @@ from megatron_eslm.config import parse_args
 from megatron_eslm.data.preprocess import preprocess
 from megatron_eslm.errors import UserError, exit_on_user_error
 from megatron_eslm.model.generation import generate
+from megatron_eslm.output_dir import check_output_dir, mark
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.tokenizer.train import train_sentencepiece
 from megatron_eslm.training.progress import format_duration
@@ -117,7 +118,9 @@ def pretrain_flags(out: str, data_prefix: str, tokenizer_model: str, args: argpa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m megatron_eslm.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="quickstart_output", help="where data, logs and checkpoints go")
+    parser.add_argument("--output-dir", default="quickstart_output",
+                        help="where data, logs and checkpoints go: absent, empty or an earlier quickstart output")
+    parser.add_argument("--force", action="store_true", help="write into --output-dir although it holds other files")
     parser.add_argument("--train-iters", type=int, default=200, help="optimizer steps")
     parser.add_argument("--eslm-alpha", type=float, default=0.5, help="ESLM confidence level")
     parser.add_argument("--corpus-mb", type=float, default=3.0, help="MB of standard-library source to use")
@@ -138,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     out = os.path.abspath(args.output_dir)
+    ours = check_output_dir(out, "quickstart", "--output-dir", args.force)
     os.makedirs(out, exist_ok=True)
+    if ours:
+        mark(out, "quickstart")
     t0 = time.perf_counter()
 
     corpus = os.path.join(out, "stdlib.jsonl")

@@ -210,11 +210,12 @@ def test_merge_tool(corpus, tmp_path):
     ids = tmp_path / "ids.jsonl"
     ids.write_text('{"text": "1 2 3"}\n')
     (wide,) = preprocess(str(ids), str(tmp_path / "wide"), "NullTokenizer", None, vocab_size=70000)  # int32 tokens
-    result = run_tool("tools/merge_datasets.py", "--input", first, wide, "--output-prefix", out)
+    fresh = str(tmp_path / "refused")  # the refusals below are of the inputs: `out` itself would be refused
+    result = run_tool("tools/merge_datasets.py", "--input", first, wide, "--output-prefix", fresh)
     assert result.returncode == 2 and "wide_text_document.idx: tokens are int32" in result.stderr
     with pytest.raises(UserError, match="also an --input"):
         merge_datasets([first, second], first)
-    result = run_tool("tools/merge_datasets.py", "--input", first, str(tmp_path / "missing"), "--output-prefix", out)
+    result = run_tool("tools/merge_datasets.py", "--input", first, str(tmp_path / "missing"), "--output-prefix", fresh)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing.idx" in result.stderr
 
 

@@ -1,7 +1,8 @@
 """Every `python tools/X.py ...` and `python -m megatron_eslm.X ...` command in README.md, docs/, examples/ and
-launch_scripts/README.md names a tool that exists and only flags that tool's --help lists; the memory
-estimates run as written. All in this process: each tool's --help is read once (runpy), no subprocess.
-(The launch scripts' documented dry runs are run by tests/test_launch_scripts.py.)"""
+launch_scripts/README.md, bare or under torchrun/deepspeed/srun, names a tool that exists and only flags that
+tool's --help lists; the memory estimates run as written; launch_scripts/README.md's `$ ...` dry runs run as
+written (off Slurm: SLURM_HOSTS, no scontrol) and print what the README shows. Each tool's --help is read once
+in this process (runpy); the dry runs are bash subprocesses."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,7 @@ import io
 import os
 import re
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -19,7 +21,10 @@ from helpers import REPO
 DOCS = ["README.md", "examples/README.md", "launch_scripts/README.md", *sorted(
     os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md"))
     + glob.glob(os.path.join(REPO, "examples", "*", "README.md")))]
-COMMAND = re.compile(r"(?:^|`|\$ )\s*(?:[A-Z_]+=\S+ )*python3? (-m megatron_eslm\.[\w.]+|tools/\w+\.py)([^`\n]*)", re.M)
+# a python command, bare (`python -m X`, `python tools/X.py`) or under a launcher (`torchrun ... -m X`,
+# `deepspeed ... --module X`, `srun ... torchrun ... tools/X.py`); the launcher's own flags are not the tool's
+COMMAND = re.compile(r"(?:^|`|\$ )\s*(?:[A-Z_]+=\S+ )*(?:python3? |(?:srun [^`\n]*?)?(?:torchrun|deepspeed) [^`\n]*?)"
+                     r"((?:-m|--module) megatron_eslm\.[\w.]+|tools/\w+\.py)([^`\n]*)", re.M)
 FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
 PRETRAIN = "-m megatron_eslm.pretrain"
 # tools that hand the flags they do not know to pretrain's parser (scaling_study: those after `--`)
@@ -33,7 +38,8 @@ def documented_commands() -> list[tuple[str, str, str]]:
         with open(os.path.join(REPO, doc)) as fh:
             text = re.sub(r"\\\n\s*", " ", fh.read())
         for match in COMMAND.finditer(text):
-            found.append((doc, match.group(1), match.group(2).split(" # ")[0].strip()))
+            tool = re.sub(r"^--module ", "-m ", match.group(1))
+            found.append((doc, tool, match.group(2).split(" # ")[0].strip()))
     return found
 
 
@@ -99,3 +105,47 @@ def test_documented_memory_estimates_run_as_written(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         estimate_memory.main(["--config", "examples/gpt2_124m", "--world-size", "8"])
     assert "give --vocab-size" in capsys.readouterr().err
+
+
+def readme_dry_runs() -> list[tuple[str, list[str]]]:
+    """launch_scripts/README.md's example dry runs: each `$ command` with the lines the README shows after it."""
+    with open(os.path.join(REPO, "launch_scripts", "README.md")) as fh:
+        block = fh.read().split("## Example dry runs", 1)[1].split("```\n", 2)[1]
+    runs = []
+    for entry in block.strip().split("\n\n"):
+        command, *shown = entry.splitlines()
+        assert command.startswith("$ "), entry
+        runs.append((command[2:], shown))
+    return runs
+
+
+def test_launch_readme_dry_runs_print_what_it_shows(tmp_path):
+    """Each example as written, in the environment the README states; off Slurm (no scontrol on PATH: the
+    Slurm examples name their hosts with SLURM_HOSTS). The README's checkout (/work/main) and demo folder
+    (/tmp/demo) are this checkout and a temporary folder."""
+    runs = readme_dry_runs()
+    assert len(runs) == 6
+    demo = tmp_path / "demo"
+    (demo / "data").mkdir(parents=True)
+    (demo / "data" / "tok.model").write_text("dummy")
+    (demo / "hostfile").write_text("node01 slots=4\nnode02 slots=4\n")
+    bin_dir = tmp_path / "bin"  # python only: no scontrol, srun or launcher
+    bin_dir.mkdir()
+    os.symlink(sys.executable, bin_dir / "python")
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MEGATRON_ESLM_", "NCCL_", "GLOO_"))
+            and k not in {"NUM_GPUS", "GPUS_PER_NODE", "CPUS_PER_NODE", "SAVE_DIR", "DS_CONFIG", "HOSTFILE",
+                          "NUM_NODES", "MASTER_ADDR", "MASTER_PORT"}}
+    env = {**keep, "PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "PYTHON": sys.executable,
+           "DATA_PATH": "/data/corpus_text_document", "TOKENIZER_MODEL": f"{demo}/data/tok.model"}
+    slurm = {"SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-node-[01-02]",
+             "SLURM_HOSTS": "gpu-node-01 gpu-node-02", "SLURM_CPUS_ON_NODE": "32", "GPUS_PER_NODE": "4"}
+    for command, shown in runs:
+        command = command.replace("/tmp/demo", str(demo))
+        proc = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=60,
+                              env={**env, **(slurm if ".sbatch" in command else {})})
+        printed = [line for line in proc.stderr.splitlines() if line.startswith(("dry run:", "error:"))]
+        printed += proc.stdout.splitlines()
+        expected = [line.replace("/work/main", REPO).replace("/tmp/demo", str(demo)) for line in shown]
+        assert printed == expected, f"{command}\n{proc.stderr}"
+        assert proc.returncode == (2 if expected[0].startswith("error:") else 0), command
+    assert not os.path.exists(os.path.join(REPO, "runs", "gpt2_1.3b", "hostfile-4242")), "a dry run writes nothing"

@@ -16,8 +16,14 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import average_checkpoints  # noqa: E402
 import export_hf  # noqa: E402
 import import_hf  # noqa: E402
+import merge_datasets  # noqa: E402
+import preprocess_data  # noqa: E402
 import reshape_checkpoint  # noqa: E402
+import scaling_study  # noqa: E402
 import selection_study  # noqa: E402
+import threshold_scope_study  # noqa: E402
+import train_tokenizer  # noqa: E402
+from megatron_eslm import quickstart  # noqa: E402
 
 
 def foreign(path) -> dict[str, str]:
@@ -30,12 +36,14 @@ def foreign(path) -> dict[str, str]:
     return files
 
 
-def contents(path) -> dict[str, str]:
+def contents(path) -> dict[str, tuple[str, int]]:
+    """Every file under `path`: relative path -> (content, mtime in ns)."""
     found = {}
     for root, _, names in os.walk(path):
         for name in names:
             with open(os.path.join(root, name)) as fh:
-                found[os.path.relpath(os.path.join(root, name), path)] = fh.read()
+                found[os.path.relpath(os.path.join(root, name), path)] = (
+                    fh.read(), os.stat(os.path.join(root, name)).st_mtime_ns)
     return found
 
 
@@ -55,14 +63,37 @@ def refused(main, argv, capsys, *words: str) -> None:
     (average_checkpoints.main, ["--load", "{load}", "--last", "1", "--save", "{out}"]),
     (import_hf.main, ["--input", "{load}", "--save", "{out}"]),
     (selection_study.main, ["--text", "stdlib", "--work-dir", "{load}", "--out-dir", "{out}"]),
-], ids=["export_hf", "reshape_checkpoint", "average_checkpoints", "import_hf", "selection_study"])
+    (scaling_study.main, ["--config", os.path.join(REPO, "examples", "gpt2_124m", "pretrain.json"),
+                          "--out-dir", "{out}"]),
+    (threshold_scope_study.main, ["--work-dir", "{out}"]),
+    (quickstart.main, ["--output-dir", "{out}"]),
+], ids=["export_hf", "reshape_checkpoint", "average_checkpoints", "import_hf", "selection_study", "scaling_study",
+        "threshold_scope_study", "quickstart"])
 def test_a_directory_of_others_is_refused_and_untouched(main, flags, tmp_path, capsys):
     load, out = tmp_path / "load", tmp_path / "out"
     load.mkdir()
-    mine = foreign(out)
+    foreign(out)
+    mine = contents(out)
     argv = [arg.format(load=load, out=out) for arg in flags]
     refused(main, argv, capsys, str(out), "--force", "notes.txt")
     assert contents(out) == mine
+
+
+@pytest.mark.parametrize("main, flags, written", [
+    (preprocess_data.main, ["--input", "{dir}/in.txt", "--output-prefix", "{dir}/corpus", "--tokenizer-type",
+                            "NullTokenizer", "--vocab-size", "10"], ["corpus_text_document.bin"]),
+    (merge_datasets.main, ["--input", "{dir}/a", "--output-prefix", "{dir}/ab"], ["ab.idx"]),
+    (train_tokenizer.main, ["--input", "{dir}/in.txt", "--vocab-size", "100", "--output-prefix", "{dir}/tok"],
+     ["tok.model"]),
+    (threshold_scope_study.main, ["--work-dir", "{dir}/work", "--csv", "{dir}/rows.csv"], ["rows.csv"]),
+], ids=["preprocess_data", "merge_datasets", "train_tokenizer", "threshold_scope_study-csv"])
+def test_an_existing_output_file_is_refused_and_untouched(main, flags, written, tmp_path, capsys):
+    """Output files carry no marker: one that exists may be the user's, and is replaced only with --force."""
+    for name in ["in.txt", *written]:
+        (tmp_path / name).write_text("mine")
+    mine = contents(tmp_path)
+    refused(main, [arg.format(dir=tmp_path) for arg in flags], capsys, written[0], "--force")
+    assert contents(tmp_path) == mine
 
 
 @pytest.mark.parametrize("main, flags", [
@@ -73,7 +104,8 @@ def test_a_directory_of_others_is_refused_and_untouched(main, flags, tmp_path, c
 ], ids=["reshape", "reshape-nested", "average", "import_hf"])
 def test_save_equal_to_load_is_refused_even_with_force(main, flags, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    mine = foreign(ckpt)
+    foreign(ckpt)
+    mine = contents(ckpt)
     refused(main, [arg.format(ckpt=ckpt) for arg in flags], capsys, "--load" if "--load" in flags else "--input")
     assert contents(ckpt) == mine
 

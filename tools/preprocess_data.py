@@ -14,10 +14,11 @@ import argparse
 
 from megatron_eslm.data.preprocess import preprocess
 from megatron_eslm.errors import exit_on_user_error
+from megatron_eslm.output_dir import check_output_files
 from megatron_eslm.tokenizer import TOKENIZER_TYPES
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE",
                         help="input files, tokenised in the order given into one dataset")
@@ -33,12 +34,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=1,
                         help="independent pipelines over contiguous parts of the input, merged at the end")
     parser.add_argument("--log-interval", type=int, default=10_000, help="report progress every N documents")
-    return parser.parse_args()
+    parser.add_argument("--force", action="store_true", help="replace output .bin/.idx files that already exist")
+    return parser.parse_args(argv)
 
 
 @exit_on_user_error
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    outputs = [f"{args.output_prefix}_{key}_document.{ext}" for key in args.json_keys for ext in ("bin", "idx")]
+    check_output_files(outputs, "--output-prefix", args.output_prefix, args.force)
     prefixes = preprocess(
         args.input,
         args.output_prefix,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import os
@@ -55,11 +56,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from megatron_eslm.config import Config, parse_args, validate_layout  # noqa: E402
 from megatron_eslm.distributed.collectives import KINDS, field_name  # noqa: E402
 from megatron_eslm.errors import UserError, exit_on_user_error  # noqa: E402
+from megatron_eslm.output_dir import check_output_dir, mark, write_file  # noqa: E402
 from megatron_eslm.tokenizer import build_tokenizer  # noqa: E402
 from megatron_eslm.training.progress import progress_bar  # noqa: E402
 from megatron_eslm.training.timers import PHASES  # noqa: E402
 from scaling_model import NETWORKS, Layout, Point, fit, fit_latency, predict, split_name  # noqa: E402
 
+TOOL = "scaling_study"
 FINAL = ("ok", "oom")  # statuses a rerun of the same command keeps; "failed" points run again
 PHASE_FIELDS = [f"time_{name}_ms" for name in PHASES if name not in ("eval", "checkpoint")]
 COMM_FIELDS = [field_name(kind) for kind in KINDS]
@@ -317,10 +320,11 @@ def add_efficiency(rows: list[dict], points: list[StudyPoint]) -> None:
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows([{c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows])
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows([{c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows])
+    write_file(str(path), table.getvalue())
 
 
 # ----------------------------------------------------------------------------------------- projection
@@ -543,7 +547,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-iters", type=int, default=2, help="raised to --timed-iters when smaller (the timed iterations must be one log interval)")
     p.add_argument("--timed-iters", type=int, default=3)
     p.add_argument("--point-timeout", type=float, default=1800.0, help="seconds before a point counts as failed")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True,
+                   help="absent, empty or an earlier scaling_study output (its finished points are reused)")
+    p.add_argument("--force", action="store_true", help="write into --out-dir although it holds other files")
     p.add_argument("--project-to", type=int, nargs="*", default=[],
                    help="GPU counts to project each measured layout to (tools/scaling_model.py)")
     p.add_argument("--network", default="h100-nvlink-ib", help="tools/scaling_model.NETWORKS preset")
@@ -565,8 +571,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    ours = check_output_dir(args.out_dir, TOOL, "--out-dir", args.force)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if ours:
+        mark(str(out), TOOL)
     recipe = parse_args(["--config", args.config, *args.pretrain])
     points = sweep(args, recipe)
     results = measure(args, points)
@@ -584,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"error {100 * r['projection_error']:+.1f}%"
                       + ("" if r.get("heldout_error") is None else
                          f" (held out: {100 * r['heldout_error']:+.1f}%)"))
-    (out / "scaling.md").write_text(markdown(rows, projected))
+    write_file(str(out / "scaling.md"), markdown(rows, projected))
     plots(out, study, rows, projected)
     print(f"\nwrote {out}/scaling.csv, scaling.md, throughput.png, breakdown.png, selection.png"
           + (", projection.csv" if projected else ""))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import io
 import os
 import platform
 import random
@@ -33,14 +34,17 @@ import time
 import torch
 
 from megatron_eslm.config import parse_args
+from megatron_eslm.errors import exit_on_user_error
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, token_score
 from megatron_eslm.eslm.threshold import var_index, var_threshold
 from megatron_eslm.model.lm_head import Selection, TokenScores
+from megatron_eslm.output_dir import check_output_dir, check_output_files, mark, write_file
 from megatron_eslm.training.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from selection_study import prepare_data  # noqa: E402  (the same text -> tokenizer -> dataset steps)
 
+TOOL = "threshold_scope_study"
 SCOPES = ("micro-batch", "previous-step")
 WORDS = ("the king queen castle river stone bread wine sword horse night morning speaks rides walks sings "
          "holds sees loves fears and with under over near far old young red green").split()
@@ -135,11 +139,14 @@ def summary(rows: list[dict], first_step: int) -> list[str]:
     return lines
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", help="plain-text corpus (e.g. ../shared/data/tinyshakespeare.txt); absent: generated")
     p.add_argument("--work-dir", required=True, help="tokenizer and dataset go here (reused when present)")
-    p.add_argument("--csv", help="write every (alpha, step, micro-batch) row here")
+    p.add_argument("--csv", help="write every (alpha, step, micro-batch) row here (a new file, unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="use a --work-dir holding other files, and replace an existing --csv")
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--train-alpha", type=float, default=0.5, help="alpha the run trains with")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.8], help="alphas compared")
@@ -154,8 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    ours = check_output_dir(args.work_dir, TOOL, "--work-dir", args.force)
+    if args.csv:
+        check_output_files([args.csv], "--csv", args.csv, args.force)
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
+    if ours:
+        mark(args.work_dir, TOOL)
     text = args.text
     if text is None or not os.path.exists(text):
         if text is not None:
@@ -175,10 +187,11 @@ def main(argv: list[str] | None = None) -> None:
         mine = [r for r in rows if r["alpha"] == alpha]
         print("\n".join(summary(mine, 2) + summary(mine, args.iters // 2 + 1)))
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_file(args.csv, table.getvalue())
 
 
 if __name__ == "__main__":
