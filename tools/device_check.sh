@@ -35,6 +35,15 @@
 #   quickstart       the quickstart's data and a 20-iteration run on cuda (fp32), then quickstart_bf16: the
 #                    same model for 20 iterations with --bf16 --timing-log-level 1, printing its metrics
 #                    record (time_*_ms, tflops_per_gpu, mfu, max_memory_allocated)
+#   selection_study  issue 28's comparison at the GPT-2 124M shape in bf16 (tools/selection_study.py, seed 1):
+#                    STUDY_VARIANTS (default dense, sequence ESLM at keep 0.5, sequence random at keep 0.5) at
+#                    dense's executed FLOPs in 600 steps of 32 x 1024 tokens, on the standard library (train)
+#                    and the licenses text (held-out domain), vocabulary 32768; the table comes back in
+#                    $OUT/selection_study/. About 3 minutes a variant: not reached within the default budget,
+#                    run it alone: DEVICE_CHECK_ONLY=selection_study DEVICE_CHECK_BUDGET_S=580. Its data is
+#                    built here, offline (the machine has no network), and carried (`carry: ["runs/device_study"]`):
+#                      mkdir -p runs/device_study && cat /usr/share/common-licenses/* > runs/device_study/licenses.txt
+#                      python tools/selection_study.py --prepare-only $STUDY_DATA_FLAGS   # as below
 # A step that needs a python package the machine lacks says so and is skipped. The report gives each step's
 # command, exit status (124: its timeout) and time, and the end of its log; the whole logs are in
 # $OUT/logs.tar.gz. Record the numbers in docs/benchmarks.md with the device, the date and this command.
@@ -165,6 +174,12 @@ export -f quickstart_bf16
 TESTS=$(grep -l "skipif(not torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')  # the CUDA-only tests' files
 [ -n "$TESTS" ] || TESTS=tests/test_lm_head_triton.py  # never the whole suite
 TRAIN_STEP=(tools/bench_train_step.py --bf16 --alphas 0.7)
+STUDY_DATA=${STUDY_DATA:-runs/device_study}
+STUDY_DATA_FLAGS="--text stdlib --heldout-text $STUDY_DATA/licenses.txt --stdlib-mb 14 --vocab-size 32768 --work-dir $STUDY_DATA"
+STUDY=(tools/selection_study.py $STUDY_DATA_FLAGS --out-dir "$OUT/selection_study" --num-layers 12 --hidden-size 768
+       --num-attention-heads 12 --seq-length 1024 --global-batch-size 32 --micro-batch-size 8 --lr 6e-4
+       --dense-iters 600 --eval-interval 50 --eval-iters 4 --seeds 1 --threads 4 --run-flags=--bf16
+       --variants ${STUDY_VARIANTS:-dense eslm-seq-0.5 random-seq-0.5})
 
 step env 30 "" bash -c environment
 step install 90 "pip setuptools" "$PY" -m pip install -q --no-deps --no-build-isolation -e .
@@ -191,4 +206,5 @@ step save_bench 120 "torch megatron_eslm" "$PY" tools/fault_drill.py --save-benc
 step quickstart 120 "torch sentencepiece megatron_eslm" "$PY" -m megatron_eslm.quickstart --output-dir "$WORK/quickstart" \
     --train-iters 20 --log-interval 5 --corpus-mb 1 --eval-iters 1 --generate-tokens 20
 step quickstart_bf16 120 "torch sentencepiece megatron_eslm" bash -c quickstart_bf16
+step selection_study 560 "torch sentencepiece megatron_eslm" "$PY" "${STUDY[@]}"
 echo "report: $OUT/report.md; logs: $OUT/logs.tar.gz"

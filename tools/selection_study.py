@@ -47,6 +47,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -245,7 +246,8 @@ def common_flags(args: argparse.Namespace, data: Data, iters: int, seed: int,
             "--weight-decay", "0.1", "--adam-beta2", "0.95", "--clip-grad", "1.0",
             "--hidden-dropout", "0", "--attention-dropout", "0", "--train-data-path", *data.train,
             "--valid-data-path", *data.valid, "--tokenizer-model", data.tokenizer, "--eval-interval", str(args.eval_interval),
-            "--eval-iters", str(args.eval_iters), "--log-interval", "1", "--num-workers", "0", "--seed", str(seed)]
+            "--eval-iters", str(args.eval_iters), "--log-interval", "1", "--num-workers", "0", "--seed", str(seed),
+            *shlex.split(args.run_flags)]
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -477,10 +479,15 @@ def write_markdown(rows: list[dict], path: str, header: str, command: str) -> No
         fh.write("\n".join(lines) + "\n")
 
 
-def plot(runs: list[Run], budget: float | None, unigram: float, path: str, heldout: list[str]) -> None:
+def plot(runs: list[Run], budget: float | None, unigram: float, path: str, heldout: list[str]) -> bool:
     """Validation perplexity against cumulative executed FLOPs, one line per variant (mean over seeds, band
-    min-max): the training domains' validation documents, and each held-out domain in a panel of its own."""
-    import matplotlib
+    min-max): the training domains' validation documents, and each held-out domain in a panel of its own.
+    False without matplotlib (a GPU machine's image may lack it: the table and CSV still stand)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -509,6 +516,7 @@ def plot(runs: list[Run], budget: float | None, unigram: float, path: str, heldo
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -560,6 +568,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-interval", type=int, default=15)
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--run-flags", default="", help="pretrain flags every run gets, e.g. \"--bf16\" on a GPU")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="build the tokenizer and datasets in --work-dir and stop (data for a machine without "
+                        "network: carry --work-dir there and give the same corpus flags)")
     p.add_argument("--reuse", action="store_true",
                    help="keep runs whose metrics file in --work-dir is complete (re-report without retraining)")
     args = p.parse_args(argv)
@@ -617,6 +629,9 @@ def main(argv: list[str] | None = None) -> None:
     budget_tokens = args.dense_iters * args.global_batch_size * args.seq_length
     data = prepare_data(args.text, args.heldout_text, args.work_dir, args.vocab_size, args.stdlib_mb << 20,
                         math.ceil(budget_tokens / args.passes) if args.passes else None)
+    if args.prepare_only:
+        print(f"data in {args.work_dir}: {data.train_tokens} training tokens; tokenizer {data.tokenizer}")
+        return
     unigram = unigram_ppl(data.train)
 
     chosen = variants(args)
@@ -678,8 +693,9 @@ def main(argv: list[str] | None = None) -> None:
     write_csv(runs, csv_path + ".tmp")
     command = "python tools/selection_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_markdown(rows, md_path + ".tmp", header, command)
-    plot(runs, budgets["executed"], unigram, png_path + ".tmp.png", data.heldout)
-    for tmp, path in ((csv_path + ".tmp", csv_path), (md_path + ".tmp", md_path), (png_path + ".tmp.png", png_path)):
+    plotted = plot(runs, budgets["executed"], unigram, png_path + ".tmp.png", data.heldout)
+    for tmp, path in ((csv_path + ".tmp", csv_path), (md_path + ".tmp", md_path),
+                      *(((png_path + ".tmp.png", png_path),) if plotted else ())):
         os.replace(tmp, path)
     print(open(md_path).read())
 
