@@ -81,3 +81,17 @@ def test_sequence_variants_at_equal_paper_flops(tmp_path):
     assert "The proxy scorer of eslm-seq-proxy (1 layers, hidden 16) is a dense model trained for 2 steps" in markdown
     last = {row["variant"]: int(row["iteration"]) for row in rows}
     assert last["random-seq-0.5"] >= 2 * last["dense"] - 1
+
+
+@pytest.mark.slow
+def test_threshold_scope_study_runs_on_generated_text(tmp_path, capsys):
+    """tools/threshold_scope_study.py shares prepare_data: a tiny run to its table (a change of that
+    function's signature once broke it silently)."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import threshold_scope_study
+    threshold_scope_study.main(["--work-dir", str(tmp_path / "work"), "--iters", "3", "--alphas", "0.5",
+                                "--vocab-size", "400", "--hidden-size", "32", "--seq-length", "32",
+                                "--micro-batch-size", "4", "--global-batch-size", "8"])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.5 |")]
+    # rows from step 2 and from step iters // 2 + 1 (both 2 here), each scope
+    assert [line.split(" | ")[1:3] for line in table] == [["2-3", "micro-batch"], ["2-3", "previous-step"]] * 2

@@ -42,7 +42,7 @@ from megatron_eslm.output_dir import check_output_dir, check_output_files, mark,
 from megatron_eslm.training.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from selection_study import prepare_data  # noqa: E402  (the same text -> tokenizer -> dataset steps)
+from selection_study import Data, prepare_data  # noqa: E402  (the same text -> tokenizer -> dataset steps)
 
 TOOL = "threshold_scope_study"
 SCOPES = ("micro-batch", "previous-step")
@@ -77,8 +77,8 @@ def generated_text(path: str, paragraphs: int = 3000, seed: int = 0) -> str:
     return path
 
 
-def train_and_record(args: argparse.Namespace, data: tuple[str, str]) -> tuple[list[list[torch.Tensor]], float]:
-    prefix, tokenizer = data
+def train_and_record(args: argparse.Namespace, data: Data) -> tuple[list[list[torch.Tensor]], float]:
+    prefix, tokenizer = data.train[0], data.tokenizer  # the corpus but every tenth document
     argv = ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
             "--num-attention-heads", "4", "--seq-length", str(args.seq_length),
             "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         if text is not None:
             print(f"{text} not found: using generated text")
         text = generated_text(os.path.join(args.work_dir, "generated.txt"))
-    data = prepare_data(text, args.work_dir, args.vocab_size)
+    data = prepare_data([text], [], args.work_dir, args.vocab_size, stdlib_bytes=0)
     steps, seconds = train_and_record(args, data)
     rows = [row for alpha in args.alphas for row in compare(steps, alpha, args.sketch_size)]
     micro = len(steps[0])
