@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,11 @@ def test_device_check_dry_run(tmp_path):
     assert [name for name, _ in steps] == ["env", "install", "nccl_faults", "cuda_tests",
                                             "triton_tests", "lm_head_bench", "gpt2_step_triton",
                                            "gpt2_step_torch", "llama_step", "llama_memory", "save_bench",
-                                           "quickstart", "quickstart_bf16"]
+                                           "quickstart", "quickstart_bf16", "selection_study"]
     assert "tests/test_lm_head_triton.py" in report and "tests/test_host_syncs.py" in report
+    # the study's flags parse (a GPU session cannot afford to find a typo there)
+    import selection_study
+    study = re.search(r"`\S+ tools/selection_study.py (.*?)` \(", report).group(1)
+    args = selection_study.parse(shlex.split(study))
+    assert (args.num_layers, args.hidden_size, args.seq_length, args.run_flags) == (12, 768, 1024, "--bf16")
     assert (tmp_path / "logs.tar.gz").exists()
