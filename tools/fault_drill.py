@@ -312,6 +312,9 @@ def rank_drill(trials: int, ranks: int, iters: int = 16, seed: int = 0, workdir:
     """The rank drill (module docstring), one summary row per mode (with, without --snapshot-replicas 1)."""
     if ranks not in (2, 4):
         raise UserError(f"--ranks {ranks}: the rank drill runs 2 or 4 ranks (tensor parallelism over 4 heads)")
+    if iters < 8:
+        raise UserError(f"--iters {iters}: the rank drill kills after the 5th record and before the last two; "
+                        "give it at least 8")
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="fault_drill_ranks_")
     vocab = 512
@@ -353,7 +356,8 @@ def rank_drill(trials: int, ranks: int, iters: int = 16, seed: int = 0, workdir:
                 log(f"{mode} trial {t}: killed rank {result.get('victim')}, named={result.get('named')} "
                     f"culprit {culprit}, published={result.get('published')} resumed_from={result.get('resumed_from')} "
                     f"exact={exact}" + (f" ({result['error']})" if "error" in result else "")
-                    + ("" if result.get("named") else f" lines={result.get('lines')}"))
+                    + (f"; a survivor's line: {next(iter(result['lines'].values()))}" if result.get("named")
+                       else f" lines={result.get('lines')}"))
                 shutil.rmtree(trial_dir)
             rows.append(row)
     finally:
