@@ -2,8 +2,8 @@
 # Shared logic of the launch scripts; sourced, never run. Each script calls
 #   launch_setup "$@"          recipe folder and environment -> RECIPE, PRETRAIN_ARGS, ...
 #   check_config WORLD         the pretrain flags and the ds_config are valid at this world size
-#   launch CMD...              print the master address and interface; DRY_RUN=1: print CMD on one line,
-#                              shell-quoted; otherwise exec it
+#   launch CMD...              print the master address, the interface (and the clock); DRY_RUN=1: print CMD
+#                              on one line, shell-quoted; otherwise exec it
 # Every error is one line, "error: ...", and exit status 2.
 set -euo pipefail
 
@@ -146,7 +146,8 @@ PY
 # slurm_setup: inside an allocation; sets NODES (the job's host names: SLURM_HOSTS, space-separated, when
 # set, e.g. for a dry run off Slurm; else scontrol's expansion of SLURM_JOB_NODELIST), NUM_NODES,
 # MASTER_ADDR (the first host unless set), GPUS_PER_NODE (Slurm's count on this node, else 8, unless set),
-# CPUS_PER_NODE (SLURM_CPUS_ON_NODE unless set) and SRUN_ARGS.
+# CPUS_PER_NODE (SLURM_CPUS_ON_NODE unless set) and SRUN_ARGS; adds --exit-signal-handler and (exit_by_clock)
+# --exit-duration-in-mins to PRETRAIN_ARGS.
 slurm_setup() {
     require_env SLURM_JOB_NODELIST "submit with sbatch, or run inside a Slurm allocation"
     require_env SLURM_NNODES "submit with sbatch, or run inside a Slurm allocation"
@@ -177,11 +178,80 @@ slurm_setup() {
     # short for a large checkpoint); DeepSpeed's launcher waits 30 s (hard-coded).
     PRETRAIN_ARGS+=(--exit-signal-handler)
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}"
+    exit_by_clock
 }
 
-# launch CMD ARGS...: print (stderr) the master address (MASTER_ADDR, resolved; else MASTER_NOTE) and the
-# network interface; with DRY_RUN set (and not 0) print the command as one shell-quoted line and exit 0;
-# otherwise create SAVE_DIR and replace this shell with the command.
+# slurm_seconds TIME WHERE: sets SECONDS_LEFT to the seconds in TIME (from WHERE, for the error), a time in
+# Slurm's format as squeue's %L prints it: MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS, DAYS-HOURS,
+# DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS.
+slurm_seconds() {
+    [[ "$1" =~ ^(([0-9]+)-)?([0-9]+)(:([0-9]+))?(:([0-9]+))?$ ]] \
+        || die "$2 must be the job's time left in Slurm's format ([DAYS-]HOURS:MINUTES:SECONDS), got '$1'"
+    local days="${BASH_REMATCH[2]:-0}" a="${BASH_REMATCH[3]}" b="${BASH_REMATCH[5]:-0}" c="${BASH_REMATCH[7]:-0}"
+    if [[ -n "${BASH_REMATCH[1]}" || -n "${BASH_REMATCH[6]}" ]]; then  # DAYS-HOURS[...] or HOURS:MINUTES:SECONDS
+        SECONDS_LEFT=$(( 10#$days * 86400 + 10#$a * 3600 + 10#$b * 60 + 10#$c ))
+    else  # MINUTES[:SECONDS]
+        SECONDS_LEFT=$(( 10#$a * 60 + 10#$b ))
+    fi
+}
+
+# exit_by_clock: unless the flags or the recipe set --exit-duration-in-mins, pass the job's time left minus
+# SAVE_MINUTES (default 10), in whole minutes, so that the last save starts while there is time for it: a
+# signal gives the ranks only what the launcher's kill allows (30 s under DeepSpeed's launcher). The run's
+# clock starts when training starts, so SAVE_MINUTES must cover the start-up (building, --load), a log
+# interval and the save (the log line `saved checkpoint ...`, or time_checkpoint_ms at --timing-log-level 1). The time
+# left comes from SLURM_TIME_LEFT (Slurm's time format; a dry run off Slurm), else SLURM_JOB_END_TIME (set
+# by recent Slurm releases), else `squeue -o %L`; a job without a limit, or one squeue cannot tell, stops on
+# the signal only. CLOCK_NOTE says what was done, for `launch` to print.
+exit_by_clock() {
+    local arg
+    for arg in "${PASS_ARGS[@]}"; do
+        if [[ "$arg" == --exit-duration-in-mins || "$arg" == --exit-duration-in-mins=* ]]; then
+            CLOCK_NOTE="launch: --exit-duration-in-mins given; not derived from the job's time limit"
+            return 0
+        fi
+    done
+    if grep -q '"exit-duration-in-mins"' "$PRETRAIN_JSON"; then
+        CLOCK_NOTE="launch: --exit-duration-in-mins set by $PRETRAIN_JSON; not derived from the job's time limit"
+        return 0
+    fi
+    SAVE_MINUTES="${SAVE_MINUTES:-10}"
+    positive_int SAVE_MINUTES
+    local left origin
+    if [[ -n "${SLURM_TIME_LEFT:-}" ]]; then
+        origin="SLURM_TIME_LEFT"
+        slurm_seconds "$SLURM_TIME_LEFT" SLURM_TIME_LEFT
+    elif [[ -n "${SLURM_JOB_END_TIME:-}" ]]; then
+        [[ "$SLURM_JOB_END_TIME" =~ ^[0-9]+$ ]] \
+            || die "SLURM_JOB_END_TIME must be the job's end in seconds since the epoch, got '$SLURM_JOB_END_TIME'"
+        origin="SLURM_JOB_END_TIME"
+        SECONDS_LEFT=$(( SLURM_JOB_END_TIME - $(date +%s) ))
+    elif command -v squeue > /dev/null; then
+        origin="squeue"
+        left="$(squeue -h -j "$SLURM_JOB_ID" -o %L 2> /dev/null)" || left=""
+        if [[ -z "$left" || "$left" == UNLIMITED || "$left" == NOT_SET || "$left" == INVALID ]]; then
+            CLOCK_NOTE="launch: squeue gives the job's time left as '$left'; stopping on the signal only,"
+            CLOCK_NOTE+=" not by the clock"
+            return 0
+        fi
+        slurm_seconds "$left" "squeue -j $SLURM_JOB_ID -o %L"
+    else
+        CLOCK_NOTE="launch: the job's time left is unknown (no squeue on PATH); stopping on the signal only, not"
+        CLOCK_NOTE+=" by the clock (set SLURM_TIME_LEFT, or pass --exit-duration-in-mins)"
+        return 0
+    fi
+    local minutes=$(( SECONDS_LEFT / 60 ))
+    (( minutes > SAVE_MINUTES )) \
+        || die "the job has $minutes minutes left ($origin), not more than SAVE_MINUTES=$SAVE_MINUTES for the last save"
+    local exit_minutes=$(( minutes - SAVE_MINUTES ))
+    PRETRAIN_ARGS+=(--exit-duration-in-mins "$exit_minutes")
+    CLOCK_NOTE="launch: --exit-duration-in-mins $exit_minutes: the job's $minutes minutes left ($origin) minus"
+    CLOCK_NOTE+=" SAVE_MINUTES=$SAVE_MINUTES for the last save"
+}
+
+# launch CMD ARGS...: print (stderr) the master address (MASTER_ADDR, resolved; else MASTER_NOTE), the
+# network interface and CLOCK_NOTE (exit_by_clock); with DRY_RUN set (and not 0) print the command as one
+# shell-quoted line and exit 0; otherwise create SAVE_DIR and replace this shell with the command.
 launch() {
     local master="${MASTER_NOTE:-}"
     local net="not chosen (NCCL and gloo pick one each; on a cluster set MEGATRON_ESLM_IFNAME)"
@@ -193,6 +263,7 @@ launch() {
     done
     (( ${#chosen[@]} )) && net="${chosen[*]}"
     printf 'launch: master %s port %s; interface %s\n' "$master" "$MASTER_PORT" "$net" >&2
+    [[ -z "${CLOCK_NOTE:-}" ]] || printf '%s\n' "$CLOCK_NOTE" >&2
     if is_dry_run; then
         local line
         printf -v line '%q ' "$@"

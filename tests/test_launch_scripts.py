@@ -6,6 +6,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -327,9 +328,46 @@ def test_every_launcher_gets_the_network_interface(env, tmp_path):
     assert "interface not chosen (NCCL and gloo pick one each; on a cluster set MEGATRON_ESLM_IFNAME)" in proc.stderr
 
 
+def test_slurm_scripts_stop_by_the_clock(env, tmp_path):
+    """Under Slurm, --exit-duration-in-mins is the job's time left (SLURM_TIME_LEFT, else SLURM_JOB_END_TIME,
+    else squeue's %L) minus SAVE_MINUTES, printed before the launch; not when the flags set it, and not
+    without a known limit."""
+    recipe = REPO / "examples" / "gpt2_1.3b"
+
+    def clock(script, *flags, **extra):
+        proc = run_script(script, {**env, "GPUS_PER_NODE": "4", **extra}, f"examples/{recipe.name}", *flags,
+                          cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        cmd = shlex.split(proc.stdout)
+        values = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--exit-duration-in-mins"]
+        return values, next((line for line in proc.stderr.splitlines() if "exit-duration" in line or "clock" in line),
+                            None)
+
+    for script in ("slurm_torchrun.sbatch", "slurm_deepspeed.sbatch"):
+        values, line = clock(script, SLURM_TIME_LEFT="4:00:00", SAVE_MINUTES="15")
+        assert values == ["225"] and line == ("launch: --exit-duration-in-mins 225: the job's 240 minutes left "
+                                              "(SLURM_TIME_LEFT) minus SAVE_MINUTES=15 for the last save"), line
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    (bin_dir / "squeue").write_text('#!/bin/sh\n[ "$*" = "-h -j 1 -o %L" ] && echo 1-00:00:00\n')
+    (bin_dir / "squeue").chmod(0o755)
+    values, line = clock("slurm_torchrun.sbatch")
+    assert values == ["1430"] and "1440 minutes left (squeue) minus SAVE_MINUTES=10" in line, line
+    values, _ = clock("slurm_torchrun.sbatch", SLURM_JOB_END_TIME=str(int(time.time()) + 3630))
+    assert values == ["50"]
+    values, line = clock("slurm_torchrun.sbatch", "--exit-duration-in-mins", "60")
+    assert values == ["60"] and "not derived" in line
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho UNLIMITED\n")
+    values, line = clock("slurm_torchrun.sbatch")
+    assert values == [] and "stopping on the signal only" in line, line
+    proc = run_script("slurm_torchrun.sbatch", {**env, "GPUS_PER_NODE": "4", "SLURM_TIME_LEFT": "8:00"}, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == ("error: the job has 8 minutes left (SLURM_TIME_LEFT), not more "
+                                                    "than SAVE_MINUTES=10 for the last save\n")
+
+
 @pytest.mark.parametrize("name,value", [("MEGATRON_ESLM_IFNAME", "ib0 eth0"), ("MEGATRON_ESLM_IB_HCA", "mlx5_0;x"),
-                                        ("SLURM_CPUS_ON_NODE", "0")])
-def test_bad_network_or_cpu_variable_is_one_line(name, value, env, tmp_path):
+                                        ("SLURM_CPUS_ON_NODE", "0"), ("SLURM_TIME_LEFT", "4h"),
+                                        ("SAVE_MINUTES", "ten")])
+def test_bad_network_cpu_or_clock_variable_is_one_line(name, value, env, tmp_path):
     proc = run_script("slurm_torchrun.sbatch", {**env, "GPUS_PER_NODE": "4", name: value}, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.splitlines()

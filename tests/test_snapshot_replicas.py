@@ -17,6 +17,7 @@ import torch
 from helpers import REPO, flags, without_timing
 from megatron_eslm.checkpoint import integrity
 from megatron_eslm.training.checkpointing import latest_iteration
+from rank_pool import run_on_ranks
 from test_watchdog import free_port, hit
 
 
@@ -150,3 +151,62 @@ def test_ranks_per_node_from_torchrun_or_deepspeed(monkeypatch):
     assert snapshot_replicas.ranks_per_node() == 8 and snapshot_replicas.peer_behind(3) == 11
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert snapshot_replicas.ranks_per_node() == 4
+
+
+def _state(rank: int, step: int) -> dict:
+    """A snapshot-shaped state of every dtype and shape a rank holds, different per rank and step."""
+    gen = torch.Generator().manual_seed(100 * rank + step)
+    weight = torch.randn(3, 5, generator=gen)
+    weight[0, 0] = float("nan")  # compared by bytes: NaN's payload too
+    return {"model": {"w": weight, "b": torch.randn(5, generator=gen).bfloat16(), "empty": torch.empty(0, 4)},
+            "optimizer": {"state": {0: {"step": torch.tensor(float(step)), "mask": torch.rand(4, generator=gen) > 0.5}},
+                          "param_groups": [{"lr": 1e-3 * (rank + 1), "params": [0]}]},
+            "rng": [{"torch": gen.get_state(), "python": (3, tuple(range(rank, rank + 5)), None)}],
+            "iteration": step, "shard": f"mp_rank_{rank:02d}", "indices": torch.arange(7, dtype=torch.int64) + rank}
+
+
+def _same_bytes(a, b) -> bool:
+    leaves_a, spec_a = torch.utils._pytree.tree_flatten(a)
+    leaves_b, spec_b = torch.utils._pytree.tree_flatten(b)
+    return spec_a == spec_b and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.reshape(-1).view(torch.uint8),
+                                                                  y.reshape(-1).view(torch.uint8))
+        if isinstance(x, torch.Tensor) else type(x) is type(y) and x == y for x, y in zip(leaves_a, leaves_b))
+
+
+def mirror_job() -> dict:
+    """On each rank of two one-rank "nodes": three exchanges with no tensor pickled; what arrived equals the
+    peer's state byte for byte, and the third reuses the first's buffers."""
+    import torch.distributed as dist
+    from megatron_eslm.training import snapshot_replicas
+    rank, previous = dist.get_rank(), os.environ.get("LOCAL_WORLD_SIZE")
+    os.environ["LOCAL_WORLD_SIZE"] = "1"
+    reduce_ex = torch.Tensor.__reduce_ex__
+
+    def refuse(self, protocol):
+        raise AssertionError("a tensor was pickled")
+
+    torch.Tensor.__reduce_ex__ = refuse
+    try:
+        mirror, got, pointers = snapshot_replicas.Mirror(), [], []
+        for step in range(3):
+            mirror.exchange(_state(rank, step))
+            got.append(_same_bytes(mirror.state, _state(1 - rank, step)))
+            pointers.append(mirror.state["model"]["w"].data_ptr())
+    finally:
+        torch.Tensor.__reduce_ex__ = reduce_ex
+        os.environ.pop("LOCAL_WORLD_SIZE")
+        if previous is not None:
+            os.environ["LOCAL_WORLD_SIZE"] = previous
+    return {"equal": got, "reused": pointers[2] == pointers[0] != pointers[1]}
+
+
+@pytest.mark.slow  # the suite's 2-rank pool: seconds to start when this worker has none yet
+def test_mirror_sends_tensors_not_pickles():
+    """--snapshot-replicas' exchange pickles only a header: the tensors go as tensors into reused buffers, and
+    the mirrored state equals the peer's byte for byte (NaN, bf16, bool, empty and 0-d tensors, nested
+    non-tensor values)."""
+    from megatron_eslm.training import snapshot_replicas
+    header, tensors = snapshot_replicas.encode(_state(0, 1))
+    assert len(tensors) == 7 and len(header) < 2000
+    assert run_on_ranks(2, mirror_job) == [{"equal": [True] * 3, "reused": True}] * 2

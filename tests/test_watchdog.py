@@ -72,3 +72,36 @@ def test_survivor_exits_naming_the_rank(tiny_corpus, tmp_path, how):
 def test_rank_zero_killed_is_named_by_the_others(tiny_corpus, tmp_path):
     lines, err, _ = hit(start_ranks(tiny_corpus, tmp_path)[0], 0, signal.SIGKILL, 1)
     assert lines and "rank 0 is gone" in lines[-1], err[-2000:]
+
+
+def test_a_failing_survivor_is_no_culprit_and_rank_zero_lingers(monkeypatch):
+    """A survivor saving after a failure beats "failing", which never goes stale, so the others do not name
+    it; rank 0, whose exit takes the store down, lingers until every survivor has decided (found by the
+    4-rank drill: rank 0 exited at once and the other survivors named rank 0 instead of the dead rank)."""
+    import threading
+
+    import torch.distributed as dist
+    from megatron_eslm.distributed import watchdog
+    store = dist.HashStore()
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    dog = watchdog.Watchdog(timeout_s=0.6)  # a beat every 0.5 s, stale after three
+    assert dog.claim()  # as the trainer does: the thread, finding rank 1 dead, leaves the failure to it
+    try:
+        store.set(watchdog.KEY.format(rank=1), "100.0 7")  # stops beating: dead
+        store.set(watchdog.KEY.format(rank=2), "failing 7")  # handling the failure, saving
+        dog.dead_ranks()
+        time.sleep(3.5 * dog.interval)
+        dead = dog.fail()
+        assert dead == {1} and store.get(watchdog.KEY.format(rank=0)).decode() == "failing 0"
+        store.set(watchdog.KEY.format(rank=2), "101.0 7")  # not decided yet: rank 0 waits
+        lingering = threading.Thread(target=dog.linger, args=(dead,))
+        lingering.start()
+        time.sleep(dog.interval)
+        assert lingering.is_alive()
+        store.set(watchdog.KEY.format(rank=2), "failing 7")
+        lingering.join(timeout=dog.interval)
+        assert not lingering.is_alive()
+    finally:
+        dog.close()

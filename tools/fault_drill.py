@@ -3,6 +3,7 @@
 blocks training, with and without --async-save.
 
     python tools/fault_drill.py --trials 20                 # the kill -9 table
+    python tools/fault_drill.py --ranks 4 --trials 20       # kill -9 of one rank of four, watchdog and replicas
     python tools/fault_drill.py --save-bench --num-layers 12 --hidden-size 768 --vocab-size 32768
 
 Kill drill: a reference run (`python -m megatron_eslm.pretrain`, a small GPT on random tokens, ESLM, a
@@ -14,6 +15,18 @@ too. It then runs it again with --load to the end. "resumed" counts the trials w
 checkpoint to load; a trial resumed exactly when the final checkpoint's weights equal the reference's bit for
 bit and the resumed run's records equal the reference's (wall-clock fields aside). "during a write" counts
 the kills that found a temporary checkpoint directory.
+
+Rank drill (--ranks 2 or 4): the same small run with tensor parallelism over every rank (each rank holds a
+shard nobody else has), plain processes on one host faking two nodes (LOCAL_WORLD_SIZE = ranks / 2), a
+checkpoint every 4 iterations, a snapshot every 2, --distributed-timeout-minutes 0.1; with and without
+--snapshot-replicas 1. Each trial kills one random rank with SIGKILL after a random record (at least the
+5th: a vetted snapshot and a checkpoint exist) plus a delay drawn over an iteration's wall time, and reads
+the survivors' stderr as it comes: "named" counts the trials in which every survivor's last line is one
+"error: " line naming the killed rank, "culprit s" is the time from the kill to the first such line.
+"published" counts the trials whose survivors published the emergency snapshot (`snapshot_replicas.py`:
+only with replicas can every shard be there). The run is then resumed on all ranks with --load;
+"from snapshot" counts the resumes that started from the published snapshot, "exact" those whose every
+final shard's weights equal the uninterrupted run's bit for bit and whose records equal its records.
 
 Save bench: one process builds the model of the size flags, takes two training steps (so AdamW's moments
 exist), then times `Trainer.save` three times each way: synchronous (the whole write, fsync, manifest and
@@ -27,12 +40,15 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -40,8 +56,8 @@ import torch
 
 from megatron_eslm.config import parse_args
 from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
-from megatron_eslm.errors import exit_on_user_error
-from megatron_eslm.training.checkpointing import TRACKER, checkpoint_file, latest_iteration
+from megatron_eslm.errors import UserError, exit_on_user_error
+from megatron_eslm.training.checkpointing import FILENAME, TRACKER, checkpoint_file, iteration_dir, latest_iteration
 from megatron_eslm.training.trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,6 +215,157 @@ def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, 
     return rows
 
 
+RANK_FLAGS = ["--save-interval", "4", "--snapshot-interval", "2", "--distributed-timeout-minutes", "0.1",
+              "--hidden-dropout", "0", "--attention-dropout", "0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Ranks:
+    """`ranks` plain processes of one run on this host, as two nodes (LOCAL_WORLD_SIZE = ranks / 2), whose
+    stderr lines are collected with the time they arrived."""
+
+    def __init__(self, argv: list[str], ranks: int) -> None:
+        command, env = _command(argv)
+        port, per_node = _free_port(), ranks // 2
+        self.procs = [subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       env={**env, "RANK": str(rank), "WORLD_SIZE": str(ranks),
+                                            "LOCAL_RANK": str(rank % per_node), "LOCAL_WORLD_SIZE": str(per_node),
+                                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                      for rank in range(ranks)]
+        self.lines: list[list[tuple[float, str]]] = [[] for _ in self.procs]
+        self._readers = [threading.Thread(target=self._read, args=(rank,), daemon=True) for rank in range(ranks)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, rank: int) -> None:
+        for line in self.procs[rank].stderr:
+            self.lines[rank].append((time.monotonic(), line.rstrip("\n")))
+
+    def wait(self, timeout_s: float = 300) -> list[int]:
+        """The exit codes, once every process ended (those still running after `timeout_s` are killed: -9)."""
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for reader in self._readers:
+            reader.join()
+        return [proc.returncode for proc in self.procs]
+
+    def errors(self, rank: int) -> list[tuple[float, str]]:
+        return [(at, line) for at, line in self.lines[rank] if line.startswith("error: ")]
+
+
+def final_shards(save: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The model weights of every shard of the latest checkpoint, by shard directory."""
+    directory = iteration_dir(save, latest_iteration(save))
+    return {os.path.relpath(path, directory): torch.load(path, weights_only=False)["model"]
+            for path in sorted(glob.glob(os.path.join(directory, "*", FILENAME)))}
+
+
+def _names(line: str, victim: int) -> bool:
+    """Whether a survivor's error line names `victim` as the rank that died."""
+    return f"rank {victim} stopped answering" in line or (victim == 0 and "rank 0 is gone" in line)
+
+
+def rank_trial(workdir: str, argv_for, ranks: int, after: int, delay: float, victim: int) -> dict:
+    """One run of `ranks` ranks, rank `victim` killed with SIGKILL `delay` seconds after its `after`-th
+    record, then resumed on every rank to the end; what happened."""
+    save, metrics = os.path.join(workdir, "ckpt"), os.path.join(workdir, "metrics.jsonl")
+    run = Ranks(argv_for(save, metrics), ranks)
+    while _count_records(metrics) < after and all(proc.poll() is None for proc in run.procs):
+        time.sleep(0.002)
+    time.sleep(delay)
+    if any(proc.poll() is not None for proc in run.procs):
+        run.wait(10)
+        return {"killed": False, "error": f"the run ended before the kill: {run.lines}"[-2000:]}
+    run.procs[victim].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    run.wait(120)
+    survivors = [rank for rank in range(ranks) if rank != victim]
+    last = {rank: run.errors(rank)[-1] if run.errors(rank) else (None, "") for rank in survivors}
+    named = [at for at, line in last.values() if _names(line, victim)]
+    saved = [re.search(r"snapshot of iteration (\d+) saved as", line) for _, line in last.values()]
+    snapshot = next((int(match[1]) for match in saved if match), None)
+    before = latest_iteration(save) if os.path.isdir(save) else None
+    resumed = Ranks(argv_for(save, metrics), ranks)
+    codes = resumed.wait()
+    outcome = {"killed": True, "victim": victim, "named": len(named) == len(survivors),
+               "culprit_s": min(named) - killed_at if named else None, "published": snapshot is not None,
+               "snapshot": snapshot, "resumed_from": before, "save": save, "metrics": metrics,
+               "lines": {rank: line for rank, (_, line) in last.items()}}
+    if any(codes):
+        outcome["error"] = next(line for rank, code in enumerate(codes) if code
+                                for _, line in resumed.lines[rank][-1:]) if any(resumed.lines) else "exit code"
+    return outcome
+
+
+def rank_drill(trials: int, ranks: int, iters: int = 16, seed: int = 0, workdir: str | None = None,
+               log=print, modes: tuple[bool, ...] = (True, False)) -> list[dict]:
+    """The rank drill (module docstring), one summary row per mode (with, without --snapshot-replicas 1)."""
+    if ranks not in (2, 4):
+        raise UserError(f"--ranks {ranks}: the rank drill runs 2 or 4 ranks (tensor parallelism over 4 heads)")
+    if iters < 8:
+        raise UserError(f"--iters {iters}: the rank drill kills after the 5th record and before the last two; "
+                        "give it at least 8")
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="fault_drill_ranks_")
+    vocab = 512
+    prefix = random_corpus(os.path.join(workdir, "corpus"), vocab)
+    rows = []
+    try:
+        for replicas in modes:
+            extra = ["--tensor-model-parallel-size", str(ranks), *RANK_FLAGS,
+                     *(["--snapshot-replicas", "1"] if replicas else [])]
+            argv_for = lambda save, metrics: run_flags(prefix, vocab, iters, save, metrics, extra)  # noqa: E731
+            ref_dir = os.path.join(workdir, f"reference-{replicas}")
+            os.makedirs(ref_dir)
+            reference = Ranks(argv_for(os.path.join(ref_dir, "ckpt"), os.path.join(ref_dir, "metrics.jsonl")), ranks)
+            if any(reference.wait()):
+                raise RuntimeError(f"the reference run failed: {[lines[-1:] for lines in reference.lines]}")
+            ref_metrics = os.path.join(ref_dir, "metrics.jsonl")
+            ref_records, ref_shards = records(ref_metrics), final_shards(os.path.join(ref_dir, "ckpt"))
+            iteration_s = statistics.mean(r["iteration_time_ms"] for r in map(json.loads, open(ref_metrics))
+                                          if "lm_loss" in r) / 1000
+            rng = random.Random(seed)
+            mode = "replicas" if replicas else "no replicas"
+            row = {"mode": mode, "trials": trials, "named": 0, "culprit_s": [], "published": 0,
+                   "from_snapshot": 0, "exact": 0}
+            for t in range(trials):
+                trial_dir = os.path.join(workdir, f"trial-{replicas}-{t}")
+                os.makedirs(trial_dir)
+                result = rank_trial(trial_dir, argv_for, ranks, after=rng.randrange(5, iters - 2),
+                                    delay=rng.uniform(0, iteration_s), victim=rng.randrange(ranks))
+                exact = "error" not in result and records(result["metrics"]) == ref_records and all(
+                    torch.equal(a, b) for name, shard in final_shards(result["save"]).items()
+                    for a, b in zip(shard.values(), ref_shards[name].values()))
+                from_snapshot = result.get("snapshot") is not None and result["resumed_from"] == result["snapshot"]
+                row["named"] += bool(result.get("named"))
+                row["culprit_s"] += [result["culprit_s"]] if result.get("culprit_s") is not None else []
+                row["published"] += bool(result.get("published"))
+                row["from_snapshot"] += from_snapshot
+                row["exact"] += exact
+                culprit = "-" if result.get("culprit_s") is None else f"{result['culprit_s']:.1f} s"
+                log(f"{mode} trial {t}: killed rank {result.get('victim')}, named={result.get('named')} "
+                    f"culprit {culprit}, published={result.get('published')} resumed_from={result.get('resumed_from')} "
+                    f"exact={exact}" + (f" ({result['error']})" if "error" in result else "")
+                    + (f"; a survivor's line: {next(iter(result['lines'].values()))}" if result.get("named")
+                       else f" lines={result.get('lines')}"))
+                shutil.rmtree(trial_dir)
+            rows.append(row)
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
 def save_bench(args: argparse.Namespace) -> list[dict]:
     """Median time `Trainer.save` blocks training, sync and async, and the async write's total time."""
     workdir = tempfile.mkdtemp(prefix="save_bench_")
@@ -243,7 +410,10 @@ def save_bench(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=10, help="kill -9 trials per mode")
-    parser.add_argument("--iters", type=int, default=12, help="iterations of the drilled run")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="iterations of the drilled run (default 12; 16 with --ranks)")
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="1: the one-process kill drill; 2 or 4: kill one rank of a tensor-parallel run")
     parser.add_argument("--seed", type=int, default=0, help="draws the kill delays")
     parser.add_argument("--save-bench", action="store_true", help="time the saves instead of the kill drill")
     parser.add_argument("--num-layers", type=int, default=12)
@@ -262,7 +432,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{row['mode']:<6} {row['blocked_s']:>20.3f} {row['blocked_s'] / rows[0]['blocked_s']:>8.3f} "
                   f"{row['total_s']:>26.3f}")
         return
-    rows = drill(args.trials, [False, True], args.iters, args.seed)
+    if args.ranks != 1:
+        rows = rank_drill(args.trials, args.ranks, args.iters or 16, args.seed)
+        print(f"{'mode':<12} {'trials':>6} {'named':>6} {'culprit s (median, max)':>24} {'published':>10} "
+              f"{'from snapshot':>14} {'exact':>6}")
+        for row in rows:
+            times = row["culprit_s"]
+            spread = f"{statistics.median(times):.1f}, {max(times):.1f}" if times else "-"
+            print(f"{row['mode']:<12} {row['trials']:>6} {row['named']:>6} {spread:>24} {row['published']:>10} "
+                  f"{row['from_snapshot']:>14} {row['exact']:>6}")
+        return
+    rows = drill(args.trials, [False, True], args.iters or 12, args.seed)
     print(f"{'mode':<6} {'trials':>6} {'killed mid-run':>15} {'during a write':>15} {'resumed':>8} "
           f"{'resumed exactly':>16}")
     for row in rows:

@@ -19,7 +19,10 @@ plus a large save is not taken for a stall. Three ways a run ends through it:
               three unchanged), and raises that as the one-line error.
 
 Each way the rank first writes the snapshots it holds (`on_failure`, `training/snapshot_replicas.py`).
-If rank 0 dies, the store dies with it: the line then says that rank 0 is gone.
+While it does, its heartbeat says "failing", which is never stale: a survivor saving is not taken for a
+culprit by the others. If rank 0 dies, the store dies with it: the line then says that rank 0 is gone. So
+a failing rank 0 lingers before exiting (`linger`, up to five beats) until every other survivor has
+decided what died, lest they find the store gone and name rank 0.
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ class Watchdog:
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._failing = threading.Lock()  # held by whoever saves and reports a failure: once per process
+        self._state = ""  # "failing" once this rank handles a failure: its heartbeat then never goes stale
         self._seen: dict[int, tuple[list[str], float]] = {}  # each rank's last heartbeat, and when it changed
         self._beat()
         self._thread = threading.Thread(target=self._run, name="eslm-watchdog", daemon=True)
@@ -90,7 +94,7 @@ class Watchdog:
         self.last_progress = time.monotonic()
 
     def _beat(self) -> None:
-        self.store.set(KEY.format(rank=self.rank), f"{time.time():.3f} {self.iteration}")
+        self.store.set(KEY.format(rank=self.rank), f"{self._state or f'{time.time():.3f}'} {self.iteration}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -122,13 +126,34 @@ class Watchdog:
         if not self.claim():  # the trainer is handling it
             self._stop.set()
             return
+        dead = self.fail()
         try:
-            saved = self.on_failure(self.dead_ranks())
+            saved = self.on_failure(dead)
         except Exception as err:  # noqa: BLE001 -- the line must still be printed
             saved = f"saving the snapshot failed ({type(err).__name__}: {err})"
         print(f"error: rank {self.rank} at iteration {self.iteration}: {why}{f'; {saved}' if saved else ''}; exiting",
               file=sys.stderr, flush=True)
+        self.linger(dead)
         os._exit(1)
+
+    def fail(self) -> set[int]:
+        """This rank handles a failure (the caller holds `claim`): the dead ranks, as seen now; from here its
+        heartbeat says "failing", so that the other survivors do not count it among them while it saves."""
+        dead = self.dead_ranks()
+        self._state = "failing"
+        with contextlib.suppress(Exception):  # the store's host (rank 0) may be gone
+            self._beat()
+        return dead
+
+    def linger(self, dead: set[int]) -> None:
+        """On rank 0, whose exit takes the store down: wait, up to five beats, until every rank but `dead` has
+        decided (its heartbeat "failing" or finished), so that none finds the store gone and names rank 0."""
+        deadline = time.monotonic() + 5 * self.interval
+        while self.rank == 0 and time.monotonic() < deadline:
+            beats = self._beats()
+            if not beats or all(beats[r][0] in ("failing", "inf") for r in beats if r not in dead | {self.rank}):
+                return
+            time.sleep(self.interval / 4)
 
     def culprits(self, wait_s: float | None = None) -> str | None:
         """Which ranks stopped beating (waiting up to `wait_s`, default five heartbeats, for one to go stale),
@@ -166,13 +191,14 @@ class Watchdog:
     def _stale(self, beats: dict[int, list[str]]) -> dict[int, float]:
         """The ranks whose heartbeat has not changed for three beats, with how long, in seconds. Measured on
         this host's monotonic clock from when a change was last seen, not from the time a rank wrote: the
-        hosts' clocks may differ by more than a beat. A finished rank's heartbeat ("inf") is never stale."""
+        hosts' clocks may differ by more than a beat. A finished rank's heartbeat ("inf") and a failing one's
+        are never stale."""
         now = time.monotonic()
         for r, beat in beats.items():
             if self._seen.get(r, (None,))[0] != beat:
                 self._seen[r] = (beat, now)
         return {r: now - self._seen[r][1] for r, (t, _) in beats.items()
-                if t != "inf" and now - self._seen[r][1] > 3 * self.interval}
+                if t not in ("inf", "failing") and now - self._seen[r][1] > 3 * self.interval}
 
     def dead_ranks(self) -> set[int]:
         """The ranks that stopped beating now (rank 0 when the store on its host is gone)."""

@@ -22,7 +22,8 @@ takes the same decision without a collective.
             it whole. A snapshot holds its last update, whose effect on the loss shows only in the next
             interval, so it becomes the rollback target ("vetted") only after the next interval passes
             without a skip or a spike; until then the previous one stays the target. Two copies of the state
-            in CPU memory, at most (three with --snapshot-replicas: the peer's).
+            in CPU memory, at most (four with --snapshot-replicas: the peer's, and the buffers its next
+            snapshot arrives in).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class Recovery:
         self.cfg = cfg
         self.save_dir = save_dir
         self.vetted, self.pending = Snapshot(), Snapshot()
-        self.peer: dict | None = None  # the vetted snapshot of the rank one node behind (--snapshot-replicas)
+        self.peer = snapshot_replicas.Mirror()  # the vetted snapshot of the rank one node behind (--snapshot-replicas)
         self.loss_average: float | None = None
         if cfg.snapshot_replicas:
             snapshot_replicas.check_peers(cfg.snapshot_replicas)
@@ -83,7 +84,7 @@ class Recovery:
             if record["skipped_iterations"] == 0 and self.pending.iteration is not None:
                 if self.cfg.snapshot_replicas:  # collective: every rank vets at the same iteration; before the
                     # swap, so that a peer dying in the exchange leaves the previous pair (own, peer's) intact
-                    self.peer = snapshot_replicas.exchange_with_peer(self.pending.state())
+                    self.peer.exchange(self.pending.state())
                 self.vetted, self.pending = self.pending, self.vetted
                 self.pending.iteration = None
             loss = record["lm_loss"]
@@ -123,7 +124,7 @@ class Recovery:
         if self.save_dir is None or self.vetted.iteration is None:
             return None
         held = {launch.rank(): self.vetted.state()}
-        if self.peer is not None:
-            held[snapshot_replicas.peer_behind(launch.rank())] = self.peer
+        if self.peer.state is not None:
+            held[snapshot_replicas.peer_behind(launch.rank())] = self.peer.state
         return snapshot_replicas.write_emergency_checkpoint(self.save_dir, held, dead,
                                                              mirrored=bool(self.cfg.snapshot_replicas))

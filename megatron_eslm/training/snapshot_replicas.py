@@ -14,14 +14,25 @@ publishes the directory as iteration S (rename, tracker), unless --save already 
 last disk checkpoint. A shard is lost only when every rank holding it (its replicas and their peers) died.
 
 The mirror is a point-to-point exchange on the host's gloo group at each vetting, ring-wise: even nodes
-send first, odd ones receive first. It pickles the CPU copy and blocks training for its transfer (a copy
-of the rank's state over the network per vetted snapshot: choose --snapshot-interval accordingly).
+send first, odd ones receive first. Only a small header is pickled (the state's structure with each tensor
+replaced by its dtype and shape, and the non-tensor values); the tensors go as they are, one `dist.send`
+each, straight from the snapshot's CPU buffers (pinned on a GPU), into exact-size buffers on the receiver,
+reused from exchange to exchange: no pickled copy of the state, nothing allocated once the sizes are known.
+The receiver keeps two sets of buffers, so that the previous snapshot of its peer stays intact until a new
+one has arrived whole (a peer dying mid-transfer is the case it is kept for). Not one flat buffer per copy:
+torch.save refuses tensors of different dtypes viewing one storage, so the emergency write would need a
+copy. It blocks training for its transfer (a copy of the rank's state over the network per vetted
+snapshot: choose --snapshot-interval accordingly).
 """
 from __future__ import annotations
 
 import os
+import pickle
+from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
 
 from megatron_eslm import parallel_state
 from megatron_eslm.checkpoint import integrity
@@ -66,18 +77,78 @@ def writer(owner: int, dead: set[int], mirrored: bool) -> int | None:
     return next((rank for rank in holders if rank not in dead), None)
 
 
-def exchange_with_peer(state: dict) -> dict:
-    """Send `state` to the rank one node ahead, and return the state of the rank one node behind."""
-    rank, world, per_node = dist.get_rank(), dist.get_world_size(), ranks_per_node()
-    to, source = (rank + per_node) % world, peer_behind(rank)
-    group, box = launch.host_group(), [None]
-    if (rank // per_node) % 2 == 0:
-        dist.send_object_list([state], dst=to, group=group)
-        dist.recv_object_list(box, src=source, group=group)
-    else:
-        dist.recv_object_list(box, src=source, group=group)
-        dist.send_object_list([state], dst=to, group=group)
-    return box[0]
+@dataclass(frozen=True)
+class TensorSlot:
+    """A tensor's place in a pickled header: what the receiver allocates; the bytes follow on their own."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def encode(state: dict) -> tuple[bytes, list[torch.Tensor]]:
+    """`state` as a pickled header holding no tensor (each replaced by a `TensorSlot`) and its tensors, in
+    the header's order, contiguous and on the CPU."""
+    leaves, spec = pytree.tree_flatten(state)
+    tensors = [leaf.detach().cpu().contiguous() for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    skeleton = [TensorSlot(leaf.dtype, tuple(leaf.shape)) if isinstance(leaf, torch.Tensor) else leaf
+                for leaf in leaves]
+    return pickle.dumps(pytree.tree_unflatten(skeleton, spec)), tensors
+
+
+class Mirror:
+    """The vetted snapshot of the rank one node behind (`state`), received at each vetting into one of two
+    sets of exact-size CPU buffers, reused from exchange to exchange: the other set holds the previous
+    snapshot until the new one has arrived whole."""
+
+    def __init__(self) -> None:
+        self.state: dict | None = None
+        self._buffers: list[list[torch.Tensor]] = [[], []]
+        self._incoming = 0  # the set the next snapshot goes into
+
+    def _receive_buffers(self, slots: list[TensorSlot]) -> list[torch.Tensor]:
+        """The incoming set, reallocated only where the header's dtypes or shapes changed."""
+        old = self._buffers[self._incoming]
+        fresh = [old[i] if i < len(old) and old[i].dtype == slot.dtype and tuple(old[i].shape) == slot.shape
+                 else torch.empty(slot.shape, dtype=slot.dtype) for i, slot in enumerate(slots)]
+        self._buffers[self._incoming] = fresh
+        return fresh
+
+    def exchange(self, state: dict) -> None:
+        """Send `state` to the rank one node ahead, and receive the state of the rank one node behind."""
+        rank, world, per_node = dist.get_rank(), dist.get_world_size(), ranks_per_node()
+        to, source, group = (rank + per_node) % world, peer_behind(rank), launch.host_group()
+        header, tensors = encode(state)
+
+        def send() -> None:
+            dist.send(torch.tensor([len(header)], dtype=torch.int64), dst=to, group=group)
+            dist.send(torch.frombuffer(bytearray(header), dtype=torch.uint8), dst=to, group=group)
+            for tensor in tensors:
+                if tensor.numel():
+                    dist.send(tensor, dst=to, group=group)
+
+        def receive() -> dict:
+            size = torch.empty(1, dtype=torch.int64)
+            dist.recv(size, src=source, group=group)
+            raw = torch.empty(int(size), dtype=torch.uint8)
+            dist.recv(raw, src=source, group=group)
+            leaves, spec = pytree.tree_flatten(pickle.loads(raw.numpy().tobytes()),
+                                               is_leaf=lambda leaf: isinstance(leaf, TensorSlot))
+            buffers = iter(self._receive_buffers([leaf for leaf in leaves if isinstance(leaf, TensorSlot)]))
+            filled = []
+            for leaf in leaves:
+                if isinstance(leaf, TensorSlot):
+                    leaf = next(buffers)
+                    if leaf.numel():
+                        dist.recv(leaf, src=source, group=group)
+                filled.append(leaf)
+            return pytree.tree_unflatten(filled, spec)
+
+        if (rank // per_node) % 2 == 0:
+            send()
+            received = receive()
+        else:
+            received = receive()
+            send()
+        self.state, self._incoming = received, 1 - self._incoming
 
 
 def write_emergency_checkpoint(root: str, held: dict[int, dict], dead: set[int], mirrored: bool) -> str:

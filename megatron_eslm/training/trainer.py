@@ -294,7 +294,9 @@ class Trainer:
                 raise
             if not watchdog.claim():  # its thread is already saving and reporting: it ends the process
                 watchdog.join()
-            saved = self.recovery.emergency_save(watchdog.dead_ranks())
+            dead = watchdog.fail()
+            saved = self.recovery.emergency_save(dead)
+            watchdog.linger(dead)
             raise UserError(f"rank {launch.rank()} at iteration {self.iteration}: {type(err).__name__} in a "
                             f"collective; {culprits}{f'; {saved}' if saved else ''}", rank_local=True) from None
         finally:
