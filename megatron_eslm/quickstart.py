@@ -96,6 +96,8 @@ class TotalsTrainer(Trainer):
 
 
 def pretrain_flags(out: str, data_prefix: str, tokenizer_model: str, args: argparse.Namespace) -> list[str]:
+    """The pretraining run's flags. A re-run starts over, as it does for the corpus and tokenizer it rewrites:
+    --overwrite-save replaces the checkpoints of the earlier run in its own (or --force'd) output directory."""
     return [
         "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
         "--num-attention-heads", str(args.num_attention_heads),
@@ -110,7 +112,7 @@ def pretrain_flags(out: str, data_prefix: str, tokenizer_model: str, args: argpa
         "--eval-interval", str(args.train_iters), "--eval-iters", str(args.eval_iters), "--log-interval", str(args.log_interval),
         "--num-workers", "0",
         "--tensorboard-dir", os.path.join(out, "tensorboard"), "--metrics-file", os.path.join(out, "metrics.jsonl"),
-        "--save", os.path.join(out, "checkpoints"), "--seed", "1234",
+        "--save", os.path.join(out, "checkpoints"), "--overwrite-save", "--seed", "1234",
     ]
 
 
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m megatron_eslm.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="quickstart_output",
-                        help="where data, logs and checkpoints go: absent, empty or an earlier quickstart output")
+                        help="where data, logs and checkpoints go: absent, empty or an earlier quickstart output "
+                             "(a re-run starts over there, its checkpoints replaced)")
     parser.add_argument("--force", action="store_true", help="write into --output-dir although it holds other files")
     parser.add_argument("--train-iters", type=int, default=200, help="optimizer steps")
     parser.add_argument("--eslm-alpha", type=float, default=0.5, help="ESLM confidence level")

@@ -12,6 +12,8 @@ import torch
 from megatron_eslm import pretrain
 from megatron_eslm.config import parse_args
 from megatron_eslm.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+from megatron_eslm.errors import UserError
+from megatron_eslm.training import checkpointing
 from megatron_eslm.training.timers import PHASES
 from megatron_eslm.training.trainer import Trainer
 from rank_pool import run_on_ranks
@@ -102,6 +104,20 @@ def launch_pretrain(corpus, tmp, ranks: int, layout: tuple[int, int], model: str
     else:
         run_on_ranks(ranks, pretrain_in_process, argv)
     return [r for r in map(json.loads, open(metrics)) if "lm_loss" in r]
+
+
+def save_refusal_on_rank(argv: list[str]) -> tuple[str, int]:
+    """Build the trainer of ARGV (on every rank of a pool through `run_on_ranks`); returns the UserError it
+    stopped with and how many times this rank listed a --save directory (`checkpointing.run_checkpoints`)."""
+    listed, reads = checkpointing.run_checkpoints, []
+    checkpointing.run_checkpoints = lambda root: reads.append(root) or listed(root)
+    try:
+        Trainer(parse_args(argv), log=lambda *a: None).close()
+        return "no error", len(reads)
+    except UserError as err:
+        return str(err), len(reads)
+    finally:
+        checkpointing.run_checkpoints = listed
 
 
 def pretrain_in_process(argv: list[str]) -> None:

@@ -1,14 +1,17 @@
 """`python -m megatron_eslm.evaluate` (megatron_eslm/evaluate.py): a checkpoint evaluated without training
 gives the record the run's own evaluation wrote at that iteration; other validation data by flag; bad
-input in one line."""
+input in one line, a tokenizer that moved since the run included (it and generate name where the path
+came from and the flag that overrides it)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 
 from helpers import flags, run
-from megatron_eslm import evaluate
+from megatron_eslm import evaluate, generate
 
 COMPARED = ("iteration", "val_loss", "val_ppl", "samples", "val_cvar50", "val_cvar90")
 
@@ -56,3 +59,24 @@ def test_bad_input_in_one_line(tiny_corpus, tmp_path, capsys, argv, message):
         evaluate.main(["--load", save, *argv])
     lines = capsys.readouterr().err.strip().splitlines()
     assert err.value.code == 2 and len(lines) == 1 and message in lines[0]
+
+
+def test_a_moved_tokenizer_names_the_checkpoint_and_the_flag(tiny_corpus, tmp_path, capsys):
+    """The run recorded its --tokenizer-model; once that file has moved, evaluate and generate stop in one
+    line naming the path, the --load it was recorded in and the flag; given the flag, they run."""
+    save, recorded, moved = str(tmp_path / "ckpt"), str(tmp_path / "tok.model"), str(tmp_path / "moved.model")
+    shutil.copy(tiny_corpus[1], recorded)
+    run(flags(tiny_corpus, "--tokenizer-model", recorded, "--save", save, "--train-iters", "2"))
+    os.rename(recorded, moved)
+    capsys.readouterr()
+    prompt = ["--prompt", "the king", "--max-new-tokens", "2"]
+    for main, argv in ((evaluate.main, []), (generate.main, prompt)):
+        with pytest.raises(SystemExit) as err:
+            main(["--load", save, *argv])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert err.value.code == 2 and lines == [
+            f"error: --tokenizer-model {recorded}, recorded in the checkpoint --load {save}, does not exist here (a "
+            "relative path is relative to where that run started); give --tokenizer-model to override it"], lines
+    assert evaluated(capsys, ["--load", save, "--tokenizer-model", moved])["iteration"] == 2
+    generate.main(["--load", save, "--tokenizer-model", moved, *prompt])
+    assert capsys.readouterr().out.strip()  # the continuation

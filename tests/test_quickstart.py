@@ -46,3 +46,11 @@ def test_quickstart_runs_end_to_end_and_summarises_every_iteration(tmp_path):
     train = [r for r in map(json.loads, metrics.read_text().splitlines()) if "split" not in r]
     assert [r["iteration"] for r in train] == [3, 4]
     assert dense == float(f"{4 * train[0]['dense_flops']:.3e}")
+
+    # A re-run into its own output directory starts over, as it does for the corpus and the tokenizer: its
+    # checkpoints replace the first run's (--overwrite-save) instead of being refused or mixed with them.
+    rerun = subprocess.run([sys.executable, "-m", "megatron_eslm.quickstart", "--output-dir", str(out), *TINY,
+                            "--train-iters", "2", "--log-interval", "1"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert f"--overwrite-save: removed the earlier checkpoints under {checkpoints}" in rerun.stdout, rerun.stdout
+    assert sorted(os.listdir(checkpoints)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]

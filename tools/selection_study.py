@@ -602,12 +602,13 @@ def setting(args: argparse.Namespace) -> str:
 def train_frozen(args: argparse.Namespace, data: Data, name: str, iters: int, size: tuple[int, int, int]) -> tuple[str, str]:
     """A dense model the runs read but do not train (rho1's reference and eslm-kd's teacher, the sequence
     proxy), trained once (seed 0) into <work-dir>/<name>; (its checkpoint, a line on what it cost, which is
-    not charged to the runs: they are charged only its forward passes)."""
+    not charged to the runs: they are charged only its forward passes). A study run again trains it afresh
+    (unless --reuse keeps it) over its earlier checkpoint there: hence --overwrite-save."""
     save = os.path.join(args.work_dir, f"{setting(args)}-{name}")
     metrics = save + ".jsonl"
     print(f"{name}: training {iters} steps ...", flush=True)
-    train(common_flags(args, data, iters, 0, size) + ["--selection", "none", "--save", save], metrics, iters,
-          args.reuse)
+    train(common_flags(args, data, iters, 0, size) + ["--selection", "none", "--save", save, "--overwrite-save"],
+          metrics, iters, args.reuse)
     run = read_run(name, 0, iters, metrics, tuple(data.heldout))
     return save, (f"The {name} ({size[0]} layers, hidden {size[1]}) is a dense model trained for {iters} steps "
                   f"(seed 0): {sum(run.executed):.3g} FLOPs, {run.seconds / 60:.1f} min, final val ppl "

@@ -21,11 +21,13 @@ class CheckpointConfig:
     override_opt_param_scheduler: bool = False
     async_save: bool = False
     ckpt_fallback: bool = False
+    overwrite_save: bool = False
 
 
 HELP = {
     "save": "checkpoint directory to write",
-    "load": "checkpoint directory to resume from",
+    "load": "checkpoint directory to resume from (--load and --save the same directory: resume after a "
+            "stop, or start there when it holds no checkpoint yet)",
     "save_interval": "save every N iterations (and at the end when --save is set)",
     "finetune": "--load the model weights only: iteration, data position, optimizer, RNG and selection state "
                 "start afresh, and the learning-rate schedule runs from step 1 (continual pretraining, "
@@ -39,6 +41,9 @@ HELP = {
                   "training goes on; the checkpoint is published once every rank's files are on disk",
     "ckpt_fallback": "when the --load checkpoint is damaged or partial (its files do not match their "
                      "checksums), load the newest older one that does",
+    "overwrite_save": "start this run in a --save that holds checkpoints it does not resume (--load is "
+                      "another directory, or none): their trackers and iter_* folders are removed before the "
+                      "first step; without it such a --save is refused",
 }
 
 
@@ -49,6 +54,8 @@ def validate_checkpoint(ck: CheckpointConfig) -> None:
         raise UserError("--save-interval needs --save")
     if ck.async_save and ck.save is None:
         raise UserError("--async-save needs --save")
+    if ck.overwrite_save and ck.save is None:
+        raise UserError("--overwrite-save needs --save")
     for used, flag in ((ck.ckpt_fallback, "--ckpt-fallback"), (ck.finetune, "--finetune"), (ck.no_load_optim, "--no-load-optim"),
                        (ck.no_load_rng, "--no-load-rng"),
                        (ck.override_opt_param_scheduler, "--override-opt_param-scheduler")):

@@ -235,6 +235,57 @@ def latest_iteration(root: str) -> int | None:
     return int(text)
 
 
+def run_checkpoints(root: str) -> list[str]:
+    """The entries of `root` a run's saves write: the trackers (ours, DeepSpeed's `latest`) first, then the
+    iteration directories, unfinished ones (.tmp, .old, .emergency) included. Nothing else in `root`."""
+    if not os.path.isdir(root):
+        return []
+    names = os.listdir(root)
+    trackers = [name for name in (TRACKER, DEEPSPEED_TRACKER) if name in names]
+    return trackers + sorted(name for name in names if re.fullmatch(r"iter_\d{7}(\.(tmp|old|emergency))?", name))
+
+
+def check_save_dir(save: str, load: str | None, overwrite: bool) -> list[str]:
+    """A run's --save must not replace checkpoints it does not resume (issue 27): one that holds a run's
+    checkpoints is refused in one line (UserError) unless it is the --load directory (a resume, or the first
+    launch of `--load S --save S`) or `overwrite` (--overwrite-save). --save nested with --load (either way)
+    is refused even then: its saves would land in, or around, the checkpoint being read. Returns the entries
+    to remove before training ([] unless `overwrite` meets a checkpoint). Rank 0 alone reads the directory."""
+    if load is not None:
+        target, read = os.path.realpath(save), os.path.realpath(load)
+        if target == read:
+            return []
+        if os.path.commonpath([target, read]) in (target, read):
+            raise UserError(f"--save {save}: nested with --load {load}; save into --load itself (to resume) or "
+                            f"into a directory of its own")
+    entries = run_checkpoints(save)
+    if not entries or overwrite:
+        return entries
+    if TRACKER in entries:
+        try:
+            found = f"iteration {latest_iteration(save)}"
+        except UserError:
+            found = f"an unreadable {TRACKER}"
+    else:
+        iterations = [name for name in entries if name.startswith("iter_")]
+        found = iterations[-1] if iterations else f"DeepSpeed's '{DEEPSPEED_TRACKER}'"
+    loaded = f", which loads --load {load}," if load is not None else ""
+    raise UserError(f"--save {save} already holds checkpoints ({found}) that this run{loaded} would replace; "
+                    f"resume them with --load {save}, choose another --save, or pass --overwrite-save to replace them")
+
+
+def remove_run_checkpoints(root: str, entries: list[str]) -> None:
+    """--overwrite-save: remove `entries` (`check_save_dir`'s) from `root`, trackers first, so that an
+    interrupted removal never leaves a tracker naming a removed iteration."""
+    for name in entries:
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    integrity.fsync_path(root)
+
+
 def _read_shard(directory: str) -> dict:
     path = os.path.join(directory, shard_dir(), FILENAME)
     if not os.path.exists(path):

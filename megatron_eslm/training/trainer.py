@@ -61,6 +61,12 @@ class Trainer:
         # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
         self.is_logging_rank = launch.rank() == 0
         self.log = log if self.is_logging_rank else (lambda *args: None)
+        ck = cfg.checkpoint
+        replaced: list[str] = []  # --overwrite-save: the earlier checkpoints under --save (rank 0 reads them)
+        if ck.save:
+            with launch.shared_outcome():  # a refusal is raised on every rank, before anything is built
+                if launch.rank() == 0:
+                    replaced = checkpointing.check_save_dir(ck.save, ck.load, ck.overwrite_save)
         set_random_seeds(cfg.training.seed, self.device)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, cfg.data.vocab_size)
         self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size,
@@ -103,6 +109,12 @@ class Trainer:
         if self.iteration < cfg.optimizer.lr_schedule_start_iter:  # its warmup would start in the past
             raise UserError(f"--lr-schedule-start-iter {cfg.optimizer.lr_schedule_start_iter} is after the iteration "
                             f"this run starts from, {self.iteration} (set it to the loaded iteration to re-warm there)")
+        if ck.overwrite_save:  # once the run is set up and its --load read: the last step before training
+            with launch.shared_outcome():
+                if replaced:
+                    checkpointing.remove_run_checkpoints(ck.save, replaced)
+                    shown = ", ".join(replaced[:4]) + (", ..." if len(replaced) > 4 else "")
+                    self.log(f"--overwrite-save: removed the earlier checkpoints under {ck.save} ({shown})")
         self.skip_run = torch.zeros((), device=self.device)  # consecutive non-finite steps, on the device
         self._train_threshold: float | None = None  # the last logged training threshold
         self.recovery = Recovery(cfg.faults, cfg.checkpoint.save)
