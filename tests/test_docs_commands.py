@@ -149,3 +149,26 @@ def test_launch_readme_dry_runs_print_what_it_shows(tmp_path):
         assert printed == expected, f"{command}\n{proc.stderr}"
         assert proc.returncode == (2 if expected[0].startswith("error:") else 0), command
     assert not os.path.exists(os.path.join(REPO, "runs", "gpt2_1.3b", "hostfile-4242")), "a dry run writes nothing"
+
+
+# a launch script as the docs run it: `launch_scripts/X.sh examples/R [pretrain flags]` (or `sbatch ...`)
+LAUNCH = re.compile(r"launch_scripts/(\w+\.(?:sh|sbatch))(?: (examples/[\w.]+))?([^`\n]*)")
+
+
+def test_documented_launch_script_commands_name_real_scripts_recipes_and_flags(monkeypatch):
+    """Every launch-script command in the docs names a script and a recipe folder that exist, with pretrain
+    flags only after it (test_launch_scripts.py dry-runs every script with every recipe folder)."""
+    monkeypatch.chdir(REPO)
+    found, wrong = 0, []
+    for doc in DOCS:
+        with open(os.path.join(REPO, doc)) as fh:
+            text = re.sub(r"\\\n\s*", " ", fh.read())
+        for script, recipe, rest in LAUNCH.findall(text):
+            found += 1
+            wrong += [f"{doc}: launch_scripts/{script} is missing"] * (not os.path.isfile(f"launch_scripts/{script}"))
+            wrong += [f"{doc}: {recipe} is missing"] * bool(recipe and not os.path.isfile(f"{recipe}/pretrain.json"))
+            flags = set(FLAG.findall(rest.split(" # ")[0]))
+            pretrain = set(FLAG.findall(help_text(PRETRAIN))) if flags else set()
+            wrong += [f"{doc}: launch_scripts/{script} {flag}" for flag in sorted(flags - pretrain)]
+    assert found >= 20
+    assert not wrong, "\n".join(wrong)
