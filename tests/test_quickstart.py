@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from megatron_eslm.output_dir import mark
+from megatron_eslm.training.checkpointing import TRACKER
+
 TINY = ["--train-iters", "4", "--log-interval", "3", "--corpus-mb", "0.3", "--vocab-size", "512",
         "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
         "--batch-size", "4", "--eval-iters", "1", "--generate-tokens", "20"]
@@ -15,7 +18,14 @@ NUMBER = r"([0-9.]+(?:e[+-]\d+)?)"
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_summarises_every_iteration(tmp_path):
+    """Into an earlier quickstart's output (its marker, a checkpoint of iteration 7): a re-run starts over, as
+    it does for the corpus and the tokenizer; its checkpoints replace the earlier run's (--overwrite-save)
+    instead of being refused or mixed with them."""
     out = tmp_path / "qs"
+    checkpoints = out / "checkpoints"
+    (checkpoints / "iter_0000007").mkdir(parents=True)
+    (checkpoints / TRACKER).write_text("7\n")
+    mark(str(out), "quickstart")
     proc = subprocess.run([sys.executable, "-m", "megatron_eslm.quickstart", "--output-dir", str(out), *TINY],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -34,10 +44,12 @@ def test_quickstart_runs_end_to_end_and_summarises_every_iteration(tmp_path):
     tok_s = re.search(rf"throughput: {NUMBER} tokens/s \(all iterations\)", summary)
     assert tok_s and float(tok_s[1]) > 0, summary
 
-    metrics, tensorboard, checkpoints = out / "metrics.jsonl", out / "tensorboard", out / "checkpoints"
+    metrics, tensorboard = out / "metrics.jsonl", out / "tensorboard"
     assert f"metrics: {metrics}  tensorboard: {tensorboard}" in summary
     assert f"checkpoint: {checkpoints}" in summary
-    assert os.listdir(tensorboard) and os.listdir(checkpoints)
+    assert os.listdir(tensorboard)
+    assert f"--overwrite-save: removed the earlier checkpoints under {checkpoints}" in proc.stdout, proc.stdout
+    assert sorted(os.listdir(checkpoints)) == ["iter_0000004", TRACKER]
     generated = summary.split("generated text:\n", 1)[1].splitlines()
     assert generated and generated[0].startswith("  | def "), summary
 
@@ -46,11 +58,3 @@ def test_quickstart_runs_end_to_end_and_summarises_every_iteration(tmp_path):
     train = [r for r in map(json.loads, metrics.read_text().splitlines()) if "split" not in r]
     assert [r["iteration"] for r in train] == [3, 4]
     assert dense == float(f"{4 * train[0]['dense_flops']:.3e}")
-
-    # A re-run into its own output directory starts over, as it does for the corpus and the tokenizer: its
-    # checkpoints replace the first run's (--overwrite-save) instead of being refused or mixed with them.
-    rerun = subprocess.run([sys.executable, "-m", "megatron_eslm.quickstart", "--output-dir", str(out), *TINY,
-                            "--train-iters", "2", "--log-interval", "1"], capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    assert f"--overwrite-save: removed the earlier checkpoints under {checkpoints}" in rerun.stdout, rerun.stdout
-    assert sorted(os.listdir(checkpoints)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]

@@ -31,7 +31,7 @@ def test_multi_domain_study_reports_domains_and_tail(tmp_path):
                            "--out-dir", str(out), "--seeds", "1",
                            "--variants", "dense", "eslm-is-0.5", "--dense-iters", "6", "--eval-interval", "3",
                            "--eval-iters", "1", "--vocab-size", "512", "--hidden-size", "32", "--seq-length", "32",
-                           "--micro-batch-size", "4", "--global-batch-size", "4"],
+                           "--micro-batch-size", "4", "--global-batch-size", "4", "--threads", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     markdown = (out / "selection_study.md").read_text()
