@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import forked
 from helpers import REPO, flags, run, without_timing
 from megatron_eslm.config import parse_args
 from megatron_eslm.errors import UserError
@@ -49,8 +50,8 @@ def test_sigterm_finishes_the_iteration_saves_and_exits_0(tiny_corpus, tmp_path)
     argv = flags(tiny_corpus, "--train-iters", str(iters), "--save", save, "--metrics-file", metrics,
                  "--exit-signal-handler")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = forked.Popen([sys.executable, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, env=env,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import forked
 from helpers import REPO, flags, without_timing
 from megatron_eslm.checkpoint import integrity
 from megatron_eslm.training.checkpointing import latest_iteration
@@ -28,7 +29,7 @@ def launch(corpus, tmp_path, name: str, *extra: str) -> tuple[list[subprocess.Po
                  "--snapshot-replicas", "1", "--distributed-timeout-minutes", "0.1", "--metrics-file", metrics,
                  "--hidden-dropout", "0", "--attention-dropout", "0", *extra)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, text=True,
+    procs = [forked.Popen([sys.executable, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, text=True,
                               env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                                    "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                                    "OMP_NUM_THREADS": "1"},

@@ -1,12 +1,12 @@
 """End-to-end training on one process: dense equivalence at alpha 0, learning, exact resume, CLI errors."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+import forked
 from helpers import flags, run, straight_and_resumed, without_timing
 from megatron_eslm.config import parse_args
 from megatron_eslm.data.builder import distinct_windows
@@ -83,7 +83,7 @@ def test_resume_is_exact(tiny_corpus, tmp_path, selection):
 
 
 def cli(*argv):
-    return subprocess.run([sys.executable, "-m", "megatron_eslm.pretrain", *argv], capture_output=True, text=True)
+    return forked.run([sys.executable, "-m", "megatron_eslm.pretrain", *argv])
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import forked
 from helpers import REPO, flags
 
 pytestmark = pytest.mark.slow  # the whole file (pytest.ini)
@@ -34,8 +35,8 @@ def start_ranks(corpus, tmp_path) -> tuple[list[subprocess.Popen], str]:
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(forked.Popen([sys.executable, "-m", "megatron_eslm.pretrain", *argv], cwd=REPO, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
 
     deadline = time.monotonic() + 120
     while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3):
