@@ -53,7 +53,7 @@ def test_multi_domain_study_reports_domains_and_tail(tmp_path):
 
 
 @pytest.mark.slow
-def test_sequence_variants_at_equal_paper_flops(tmp_path):
+def test_sequence_variants_at_equal_paper_flops(tmp_path, capsys):
     """--equal paper with sequence ESLM (keep 1/2 and 1/4, and keep 1/2 scored by a proxy) and the sequence
     random control, tiny and in this process: the table compares every variant at equal executed and at equal
     paper FLOPs, the CSV has both cumulative counts, the random control (k of dense under both counts) runs
@@ -79,6 +79,18 @@ def test_sequence_variants_at_equal_paper_flops(tmp_path):
     assert {row["variant"] for row in rows} == {"dense", "eslm-seq-0.5", "eslm-seq-0.75", "random-seq-0.5",
                                                "eslm-seq-proxy-0.5"}
     assert "The proxy scorer of eslm-seq-proxy (1 layers, hidden 16) is a dense model trained for 2 steps" in markdown
+
+    # tools/selection_study_summary.py over it: the ratios the study's own table has, at equal executed FLOPs
+    import selection_study_summary
+    capsys.readouterr()
+    selection_study_summary.main([str(out)])
+    summary = {line.split(" | ")[0][2:]: line.split(" | ")[1].removesuffix(" |")
+               for line in capsys.readouterr().out.splitlines()[2:]}
+    assert summary["dense"] == "1.000 (1.00–1.00) [1.000]"
+    table = {line.split(" | ")[0][2:]: line.split(" | ")[3] for line in markdown.splitlines()
+             if line.startswith("| ") and "seq" in line}
+    for variant in ("eslm-seq-0.5", "eslm-seq-0.75", "random-seq-0.5", "eslm-seq-proxy-0.5"):  # CSV rounding aside
+        assert float(summary[variant][:5]) == pytest.approx(float(table[variant][:5]), abs=2e-3), variant
     last = {row["variant"]: int(row["iteration"]) for row in rows}
     assert last["random-seq-0.5"] >= 2 * last["dense"] - 1
 
