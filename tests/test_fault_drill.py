@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+import forked
 from helpers import REPO, pretrain_in_process
 
 pytestmark = pytest.mark.slow  # the whole file (pytest.ini)
@@ -20,7 +21,7 @@ spec.loader.exec_module(fault_drill)
 def test_killed_runs_resume_exactly(tmp_path):
     lines = []
     rows = fault_drill.drill(trials=2, async_modes=[False, True], iters=8, seed=1, workdir=str(tmp_path),
-                             log=lines.append, run_here=pretrain_in_process)
+                             log=lines.append, run_here=pretrain_in_process, popen=forked.Popen)
 
     # every trial killed mid-run and resumed from a checkpoint, exactly; one kill of each mode during a write
     assert [(r["mode"], r["trials"], r["killed"], r["resumed"], r["exact"]) for r in rows] == [

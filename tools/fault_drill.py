@@ -116,13 +116,14 @@ def _writing(save: str) -> bool:
 
 
 def trial(workdir: str, argv_for, after: int | None = None, delay: float = 0.0, in_write: bool = False,
-          run_here=None) -> dict:
+          run_here=None, popen=subprocess.Popen) -> dict:
     """One run killed with SIGKILL (None `after`: not killed, the reference), once its first checkpoint is
     published and its `after`-th record is written: `delay` seconds later, or with `in_write` at the next save
-    in flight; then resumed to the end (`run_here`: see `_resume`); what happened."""
+    in flight; then resumed to the end (`run_here`: see `_resume`); what happened. `popen` starts the run's
+    process (the suite's forks a warm server: tests/forked.py)."""
     save, metrics = os.path.join(workdir, "ckpt"), os.path.join(workdir, "metrics.jsonl")
     command, env = _command(argv_for(save, metrics))
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed = writing = False
     if after is not None:
         tracker = os.path.join(save, TRACKER)
@@ -168,9 +169,9 @@ def _resume(command: list[str], env: dict, argv: list[str], run_here=None) -> st
 
 
 def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, workdir: str | None = None,
-          log=print, run_here=None) -> list[dict]:
+          log=print, run_here=None, popen=subprocess.Popen) -> list[dict]:
     """Run the kill drill; one summary row per mode: trials, killed mid-run, killed during a write, resumed
-    from a checkpoint, exact."""
+    from a checkpoint, exact (`run_here`, `popen`: see `trial`)."""
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="fault_drill_")
     vocab = 512
@@ -182,7 +183,7 @@ def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, 
             argv_for = lambda save, metrics: run_flags(prefix, vocab, iters, save, metrics, extra)  # noqa: E731
             ref_dir = os.path.join(workdir, f"reference-{async_save}")
             os.makedirs(ref_dir)
-            reference = trial(ref_dir, argv_for)
+            reference = trial(ref_dir, argv_for, popen=popen)
             if "error" in reference:
                 raise RuntimeError(f"the reference run failed: {reference['error']}")
             ref_records, ref_weights = records(reference["metrics"]), final_weights(reference["save"])
@@ -197,7 +198,7 @@ def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, 
                 # after a random record, at a random moment of the next iteration (its save included), or
                 # (odd trials) at the next save in flight
                 result = trial(trial_dir, argv_for, after=rng.randrange(1, iters - 1), delay=rng.uniform(0, iteration_s),
-                               in_write=t % 2 == 1, run_here=run_here)
+                               in_write=t % 2 == 1, run_here=run_here, popen=popen)
                 exact = "error" not in result and records(result["metrics"]) == ref_records and all(
                     torch.equal(a, b) for a, b in zip(final_weights(result["save"]).values(), ref_weights.values()))
                 outcome["killed"] += result["killed"]
