@@ -65,7 +65,7 @@ class Recovery:
         # emergency write needs when survivors hold different vettings (`snapshot_replicas.py`)
         self.kept = [Snapshot() for _ in range(2 if save_dir is not None and launch.world_size() > 1 else 1)]
         self.pending = Snapshot()
-        self.peer = snapshot_replicas.Mirror()  # the vetted snapshot of the rank one node behind (--snapshot-replicas)
+        self.peer = snapshot_replicas.Mirror()  # the vetted snapshots of the rank one node behind (--snapshot-replicas)
         self.loss_average: float | None = None
         if cfg.snapshot_replicas:
             snapshot_replicas.check_peers(cfg.snapshot_replicas)
