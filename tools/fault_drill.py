@@ -25,8 +25,11 @@ the survivors' stderr as it comes: "named" counts the trials in which every surv
 "error: " line naming the killed rank, "culprit s" is the time from the kill to the first such line.
 "published" counts the trials whose survivors published the emergency snapshot (`snapshot_replicas.py`:
 only with replicas can every shard be there). The run is then resumed on all ranks with --load;
-"from snapshot" counts the resumes that started from the published snapshot, "exact" those whose every
-final shard's weights equal the uninterrupted run's bit for bit and whose records equal its records.
+"from snapshot" counts the resumes that started from the newest snapshot the survivors held whole (the
+newest published), or, when they held none newer than the last checkpoint under --save (nothing is then
+written, by design), from that checkpoint: as recent, and as exact (`_as_recent`). "exact" counts those
+whose every final shard's weights equal the uninterrupted run's bit for bit and whose records equal its
+records.
 
 Save bench: one process builds the model of the size flags, takes two training steps (so AdamW's moments
 exist), then times `Trainer.save` three times each way: synchronous (the whole write, fsync, manifest and
@@ -293,19 +296,36 @@ def rank_trial(workdir: str, argv_for, ranks: int, after: int, delay: float, vic
     survivors = [rank for rank in range(ranks) if rank != victim]
     last = {rank: run.errors(rank)[-1] if run.errors(rank) else (None, "") for rank in survivors}
     named = [at for at, line in last.values() if _names(line, victim)]
-    saved = [re.search(r"snapshot of iteration (\d+) saved as", line) for _, line in last.values()]
-    snapshot = next((int(match[1]) for match in saved if match), None)
+    saved = [int(match[1]) for _, line in last.values()
+             if (match := re.search(r"snapshot of iteration (\d+) saved as", line))]
+    snapshot = max(saved, default=None)  # survivors may publish S - N and S: the tracker names the newest
     before = latest_iteration(save) if os.path.isdir(save) else None
     resumed = Ranks(argv_for(save, metrics), ranks)
     codes = resumed.wait()
     outcome = {"killed": True, "victim": victim, "named": len(named) == len(survivors),
                "culprit_s": min(named) - killed_at if named else None, "published": snapshot is not None,
                "snapshot": snapshot, "resumed_from": before, "save": save, "metrics": metrics,
+               "as_recent": _as_recent([line for _, line in last.values()], snapshot, before),
                "lines": {rank: line for rank, (_, line) in last.items()}}
     if any(codes):
         outcome["error"] = next(line for rank, code in enumerate(codes) if code
                                 for _, line in resumed.lines[rank][-1:]) if any(resumed.lines) else "exit code"
     return outcome
+
+
+def _as_recent(lines: list[str], published: int | None, resumed_from: int | None) -> bool:
+    """Whether the resume started from the newest snapshot the survivors (`lines`: their last lines) held
+    whole, or from a checkpoint at least as recent. That is the newest one `published`, if any; else each
+    writer's line names the newest iteration at which it held all of its shards, and as the survivors
+    publish whatever is complete and newer than the checkpoint, the newest whole one is no newer than the
+    oldest of those. A survivor's line that says neither (its write failed) fails the trial."""
+    if resumed_from is None or published is not None:
+        return resumed_from is not None and resumed_from == published
+    held = [re.search(r"snapshot of iteration (\d+)", line) for line in lines]
+    if not all(match or "written by other survivors" in line for match, line in zip(held, lines)):
+        return False
+    newest_whole = min((int(match[1]) for match in held if match), default=None)
+    return newest_whole is not None and resumed_from >= newest_whole
 
 
 def rank_drill(trials: int, ranks: int, iters: int = 16, seed: int = 0, workdir: str | None = None,
@@ -347,7 +367,7 @@ def rank_drill(trials: int, ranks: int, iters: int = 16, seed: int = 0, workdir:
                 exact = "error" not in result and records(result["metrics"]) == ref_records and all(
                     torch.equal(a, b) for name, shard in final_shards(result["save"]).items()
                     for a, b in zip(shard.values(), ref_shards[name].values()))
-                from_snapshot = result.get("snapshot") is not None and result["resumed_from"] == result["snapshot"]
+                from_snapshot = bool(result.get("as_recent"))
                 row["named"] += bool(result.get("named"))
                 row["culprit_s"] += [result["culprit_s"]] if result.get("culprit_s") is not None else []
                 row["published"] += bool(result.get("published"))
@@ -355,10 +375,10 @@ def rank_drill(trials: int, ranks: int, iters: int = 16, seed: int = 0, workdir:
                 row["exact"] += exact
                 culprit = "-" if result.get("culprit_s") is None else f"{result['culprit_s']:.1f} s"
                 log(f"{mode} trial {t}: killed rank {result.get('victim')}, named={result.get('named')} "
-                    f"culprit {culprit}, published={result.get('published')} resumed_from={result.get('resumed_from')} "
-                    f"exact={exact}" + (f" ({result['error']})" if "error" in result else "")
-                    + (f"; a survivor's line: {next(iter(result['lines'].values()))}" if result.get("named")
-                       else f" lines={result.get('lines')}"))
+                    f"culprit {culprit}, published={result.get('snapshot')} resumed_from={result.get('resumed_from')} "
+                    f"from_snapshot={from_snapshot} exact={exact}"
+                    + (f" ({result['error']})" if "error" in result else "")
+                    + f"; survivors' lines: {result.get('lines')}")
                 shutil.rmtree(trial_dir)
             rows.append(row)
     finally:

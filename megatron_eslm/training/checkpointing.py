@@ -177,11 +177,12 @@ def full_state(iteration: int, state: dict) -> dict:
 
 
 def glob_leftovers(root: str) -> list[str]:
-    """Temporary directories of saves that never finished (an emergency save's too: `snapshot_replicas.py`)."""
+    """Temporary directories of saves that never finished (an emergency save's too, also once a survivor
+    claimed it to publish: `snapshot_replicas.py`)."""
     if not os.path.isdir(root):
         return []
     return [os.path.join(root, name) for name in os.listdir(root)
-            if re.fullmatch(r"iter_\d{7}\.(tmp|old|emergency)", name)]
+            if re.fullmatch(r"iter_\d{7}\.(tmp|old|emergency(\..+\.part)?)", name)]
 
 
 def finish_save(root: str, tmp: str, iteration: int, entries: dict[str, dict] | None,
@@ -219,9 +220,14 @@ def publish(root: str, tmp: str, final: str, iteration: int, deepspeed_tag: bool
     else:
         os.replace(tmp, final)
     integrity.fsync_path(root)
-    _write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+    write_tracker(root, iteration)
     if deepspeed_tag:
         _write_text_atomic(os.path.join(root, DEEPSPEED_TRACKER), os.path.basename(final))
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    """Point `root`'s tracker at `iteration` (atomically: a temporary name, then a rename)."""
+    _write_text_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
 
 
 def latest_iteration(root: str) -> int | None:

@@ -22,8 +22,9 @@ takes the same decision without a collective.
             it whole. A snapshot holds its last update, whose effect on the loss shows only in the next
             interval, so it becomes the rollback target ("vetted") only after the next interval passes
             without a skip or a spike; until then the previous one stays the target. Two copies of the state
-            in CPU memory, at most (four with --snapshot-replicas: the peer's, and the buffers its next
-            snapshot arrives in).
+            in CPU memory (vetted, pending); three in a multi-rank run with --save, which keeps the vetted
+            one before too, for the emergency write when ranks die (the survivors may hold different
+            vettings: `snapshot_replicas.py`); five with --snapshot-replicas (the peer's last two).
 """
 from __future__ import annotations
 
@@ -60,8 +61,11 @@ class Recovery:
     def __init__(self, cfg: FaultsConfig, save_dir: str | None):
         self.cfg = cfg
         self.save_dir = save_dir
-        self.vetted, self.pending = Snapshot(), Snapshot()
-        self.peer = snapshot_replicas.Mirror()  # the vetted snapshot of the rank one node behind (--snapshot-replicas)
+        # the vetted snapshot first; in a multi-rank run with --save the one vetted before it too, which the
+        # emergency write needs when survivors hold different vettings (`snapshot_replicas.py`)
+        self.kept = [Snapshot() for _ in range(2 if save_dir is not None and launch.world_size() > 1 else 1)]
+        self.pending = Snapshot()
+        self.peer = snapshot_replicas.Mirror()  # the vetted snapshots of the rank one node behind (--snapshot-replicas)
         self.loss_average: float | None = None
         if cfg.snapshot_replicas:
             snapshot_replicas.check_peers(cfg.snapshot_replicas)
@@ -82,11 +86,11 @@ class Recovery:
         reason = self._reason(record)
         if reason is None:
             if record["skipped_iterations"] == 0 and self.pending.iteration is not None:
-                if self.cfg.snapshot_replicas:  # collective: every rank vets at the same iteration; before the
-                    # swap, so that a peer dying in the exchange leaves the previous pair (own, peer's) intact
-                    self.peer.exchange(self.pending.state())
-                self.vetted, self.pending = self.pending, self.vetted
+                self.kept.insert(0, self.pending)  # the oldest kept copy takes the next snapshot
+                self.pending = self.kept.pop()
                 self.pending.iteration = None
+                if self.cfg.snapshot_replicas:  # collective: every rank vets at the same iteration
+                    self.peer.exchange(self.vetted.state())
             loss = record["lm_loss"]
             if loss == loss and abs(loss) != float("inf"):
                 self.loss_average = loss if self.loss_average is None else \
@@ -101,6 +105,11 @@ class Recovery:
         return {"iteration": trainer.iteration, "event": "rollback", "reason": reason,
                 "restored_iteration": restored, "source": source,
                 "skipped_batches": (trainer.iteration - restored) * trainer.cfg.training.global_batch_size}
+
+    @property
+    def vetted(self) -> Snapshot:
+        """The rollback target."""
+        return self.kept[0]
 
     def _restore(self, trainer, reason: str) -> tuple[int, str]:
         if self.vetted.iteration is not None:
@@ -118,13 +127,13 @@ class Recovery:
         return restored, source
 
     def emergency_save(self, dead: set[int]) -> str | None:
-        """Ranks `dead` died: write the vetted snapshots this rank holds and is the one writer of as a
-        checkpoint under --save (`snapshot_replicas.py`); returns what happened, None without a snapshot or
-        --save."""
+        """Ranks `dead` died: write the vetted snapshots this rank holds (its own last two, its peer's) and is
+        the one writer of as a checkpoint under --save (`snapshot_replicas.py`); returns what happened, None
+        without a snapshot or --save."""
         if self.save_dir is None or self.vetted.iteration is None:
             return None
-        held = {launch.rank(): self.vetted.state()}
-        if self.peer.state is not None:
-            held[snapshot_replicas.peer_behind(launch.rank())] = self.peer.state
+        held = {launch.rank(): [kept.state() for kept in self.kept if kept.iteration is not None]}
+        if self.peer.held():
+            held[snapshot_replicas.peer_behind(launch.rank())] = self.peer.held()
         return snapshot_replicas.write_emergency_checkpoint(self.save_dir, held, dead,
                                                              mirrored=bool(self.cfg.snapshot_replicas))

@@ -4,22 +4,37 @@
 A snapshot is exactly what the rank's checkpoint file would hold (`checkpointing.full_state`: model, AdamW
 state, selection state, data position, every data-parallel replica's RNG states), plus the name of its
 shard directory. When the watchdog (`distributed/watchdog.py`) finds dead or stopped ranks, each shard of
-the layout is written into `iter_S.emergency/` under --save by one survivor (`writer`): the first living
-one, in an order every survivor computes alike, among the ranks holding it (data- and context-parallel
-replicas hold the same model and optimizer state, and a mirror its peer's). One writer per shard, not
-every holder: at a thousand ranks each shard would otherwise be written 2 x DP x CP times. The survivor
-that finds every shard of the layout there writes the manifest and
-publishes the directory as iteration S (rename, tracker), unless --save already holds a newer checkpoint.
-`--load` then resumes from S, so a lost node costs the iterations since the last snapshot, not since the
-last disk checkpoint. A shard is lost only when every rank holding it (its replicas and their peers) died.
+the layout is written under --save by one survivor (`writer`): the first living one, in an order every
+survivor computes alike, among the ranks holding it (data- and context-parallel replicas hold the same
+model and optimizer state, and a mirror its peer's). One writer per shard, not every holder: at a thousand
+ranks each shard would otherwise be written 2 x DP x CP times. A shard is lost only when every rank
+holding it (its replicas and their peers) died.
+
+Which iteration. A rank may die in the middle of the exchange at a vetting (snapshots every N iterations):
+the ranks that completed it then hold the new snapshot S of their own shard and of their peer's, while the
+peer of the dead rank holds only S - N of the dead rank's shard; the directory of S can never be complete.
+No agreement is needed (the store lives on rank 0's host, which may be the one gone): every rank keeps the
+previous vetted snapshot besides the vetted one (`rollback.Recovery.kept`), and the receiver the peer's
+previous one until the next exchange starts overwriting it (`Mirror.held`), so every survivor holds S - N
+of each shard it holds, and S of those whose exchange completed. Each writer writes every iteration at
+which it holds all of the shards it writes and that is newer than --save's checkpoint (S and S - N at most)
+into iter_<that>.emergency/, one file per shard through a temporary name and a rename. The writer that
+finds a directory complete claims it (renames it to a name of its own: one publisher, even when two
+writers finish together), writes its manifest and publishes it (rename, tracker). Two writers may publish
+S - N and S at once: each then re-reads the tracker after writing it and points it at the newest published
+one, so the last write names S (`_track_newest`). `--load` resumes from the newest snapshot every shard of
+which survived: a lost node costs the iterations since the last vetted snapshot (or the one before), not
+since the last disk checkpoint. A writer that holds nothing newer than --save's checkpoint writes nothing:
+that checkpoint is as recent, and the resume from it as exact. Its line names the newest iteration at
+which it holds all of its shards, which is what the drill checks (`tools/fault_drill.py`).
 
 The mirror is a point-to-point exchange on the host's gloo group at each vetting, ring-wise: even nodes
 send first, odd ones receive first. Only a small header is pickled (the state's structure with each tensor
 replaced by its dtype and shape, and the non-tensor values); the tensors go as they are, one `dist.send`
 each, straight from the snapshot's CPU buffers (pinned on a GPU), into exact-size buffers on the receiver,
 reused from exchange to exchange: no pickled copy of the state, nothing allocated once the sizes are known.
-The receiver keeps two sets of buffers, so that the previous snapshot of its peer stays intact until a new
-one has arrived whole (a peer dying mid-transfer is the case it is kept for). Not one flat buffer per copy:
+The receiver keeps two sets of buffers: the peer's last snapshot, and the previous one, which the next
+exchange overwrites (a peer dying mid-transfer leaves the last one whole). Not one flat buffer per copy:
 torch.save refuses tensors of different dtypes viewing one storage, so the emergency write would need a
 copy. It blocks training for its transfer (a copy of the rank's state over the network per vetted
 snapshot: choose --snapshot-interval accordingly).
@@ -96,11 +111,12 @@ def encode(state: dict) -> tuple[bytes, list[torch.Tensor]]:
 
 class Mirror:
     """The vetted snapshot of the rank one node behind (`state`), received at each vetting into one of two
-    sets of exact-size CPU buffers, reused from exchange to exchange: the other set holds the previous
-    snapshot until the new one has arrived whole."""
+    sets of exact-size CPU buffers, reused from exchange to exchange: the other set holds the previous one
+    (`previous`) until the next exchange starts receiving into it."""
 
     def __init__(self) -> None:
         self.state: dict | None = None
+        self.previous: dict | None = None
         self._buffers: list[list[torch.Tensor]] = [[], []]
         self._incoming = 0  # the set the next snapshot goes into
 
@@ -111,6 +127,10 @@ class Mirror:
                  else torch.empty(slot.shape, dtype=slot.dtype) for i, slot in enumerate(slots)]
         self._buffers[self._incoming] = fresh
         return fresh
+
+    def held(self) -> list[dict]:
+        """The peer's snapshots held whole, newest first (the emergency write's: `write_emergency_checkpoint`)."""
+        return [state for state in (self.state, self.previous) if state is not None]
 
     def exchange(self, state: dict) -> None:
         """Send `state` to the rank one node ahead, and receive the state of the rank one node behind."""
@@ -132,6 +152,7 @@ class Mirror:
             dist.recv(raw, src=source, group=group)
             leaves, spec = pytree.tree_flatten(pickle.loads(raw.numpy().tobytes()),
                                                is_leaf=lambda leaf: isinstance(leaf, TensorSlot))
+            self.previous = None  # its buffers are the incoming set, overwritten from here on
             buffers = iter(self._receive_buffers([leaf for leaf in leaves if isinstance(leaf, TensorSlot)]))
             filled = []
             for leaf in leaves:
@@ -148,42 +169,69 @@ class Mirror:
         else:
             received = receive()
             send()
-        self.state, self._incoming = received, 1 - self._incoming
+        self.state, self.previous, self._incoming = received, self.state, 1 - self._incoming
 
 
-def write_emergency_checkpoint(root: str, held: dict[int, dict], dead: set[int], mirrored: bool) -> str:
-    """Of the snapshots this rank holds (`held`: by the rank they are of, one iteration, each with its
-    "shard"; `mirrored` under --snapshot-replicas), write those it is the one `writer` of into
-    iter_S.emergency under `root`; publish it when every shard is there. Returns what happened, for the
-    rank's last line."""
-    iteration = next(iter(held.values()))["iteration"]
-    mine = list({state["shard"]: state for owner, state in held.items()  # own and peer's may be one shard
-                 if writer(owner, dead, mirrored) == launch.rank()}.values())
+def write_emergency_checkpoint(root: str, held: dict[int, list[dict]], dead: set[int], mirrored: bool) -> str:
+    """Of the snapshots this rank holds (`held`: by the rank they are of, each list newest first, each
+    snapshot with its "iteration" and "shard"; `mirrored` under --snapshot-replicas), write those of the
+    shards it is the one `writer` of, at every iteration at which it holds all of them and that is newer
+    than `root`'s checkpoint, into iter_<that>.emergency under `root`; publish the newest it finds complete.
+    Returns what happened, for the rank's line (module docstring: which iteration)."""
+    mine: dict[str, dict[int, dict]] = {}  # shard -> iteration -> state; own and peer's may be one shard
+    for owner, states in held.items():
+        if writer(owner, dead, mirrored) == launch.rank():
+            for state in states:
+                mine.setdefault(state["shard"], {})[state["iteration"]] = state
+    if not mine:
+        return "the snapshot shards it holds are written by other survivors"
+    common = set.intersection(*(set(states) for states in mine.values()))
+    if not common:
+        return f"snapshots not written: no iteration at which it holds all of its shards ({sorted(mine)})"
     try:
         latest = checkpointing.latest_iteration(root)
     except UserError:
         latest = None
-    if latest is not None and latest >= iteration:
-        return f"snapshot of iteration {iteration} not written: {root} holds iteration {latest}"
-    final = checkpointing.iteration_dir(root, iteration)
-    tmp = final + SUFFIX
-    if not mine:
-        return f"snapshot of iteration {iteration}: its shards are written by other survivors into {tmp}"
-    for state in mine:
-        directory = os.path.join(tmp, state["shard"])
-        os.makedirs(directory, exist_ok=True)
-        part = launch.temp_path(os.path.join(directory, checkpointing.FILENAME))
-        integrity.save_file({key: value for key, value in state.items() if key != "shard"}, part)
-        os.replace(part, os.path.join(directory, checkpointing.FILENAME))
-    sizes = mine[0]["layout"]
+    due = sorted((iteration for iteration in common if latest is None or iteration > latest), reverse=True)
+    if not due:
+        return f"snapshot of iteration {max(common)} not written: {root} holds iteration {latest}"
+    for iteration in due:  # the newest first: it is the one to complete soonest
+        for shard, states in mine.items():
+            directory = os.path.join(checkpointing.iteration_dir(root, iteration) + SUFFIX, shard)
+            os.makedirs(directory, exist_ok=True)
+            part = launch.temp_path(os.path.join(directory, checkpointing.FILENAME))
+            integrity.save_file({key: value for key, value in states[iteration].items() if key != "shard"}, part)
+            os.replace(part, os.path.join(directory, checkpointing.FILENAME))
+    sizes = next(iter(mine.values()))[due[0]]["layout"]
     tp, pp = sizes["tensor_model_parallel_size"], sizes["pipeline_model_parallel_size"]
     expected = [os.path.join(checkpointing.shard_dir_name(t, p, pp), checkpointing.FILENAME)
                 for p in range(pp) for t in range(tp)]
-    if not all(os.path.exists(os.path.join(tmp, name)) for name in expected):  # the last writer publishes
-        return f"snapshot of iteration {iteration} written to {tmp}, not complete yet (shards of other ranks)"
-    integrity.write_manifest(tmp, {name: integrity.checksum_file(os.path.join(tmp, name)) for name in expected})
-    try:
-        checkpointing.publish(root, tmp, final, iteration)
-    except OSError:  # another survivor published it first
-        pass
-    return f"snapshot of iteration {iteration} saved as {final}"
+    for iteration in due:
+        final = checkpointing.iteration_dir(root, iteration)
+        tmp = final + SUFFIX
+        if not all(os.path.exists(os.path.join(tmp, name)) for name in expected):
+            continue
+        claimed = launch.temp_path(tmp)
+        try:
+            os.rename(tmp, claimed)  # one publisher: of the writers that found it complete, the first
+        except OSError:
+            return f"snapshot of iteration {iteration} complete, published by another survivor"
+        integrity.write_manifest(claimed, {name: integrity.checksum_file(os.path.join(claimed, name))
+                                           for name in expected})
+        checkpointing.publish(root, claimed, final, iteration)
+        _track_newest(root, due)
+        return f"snapshot of iteration {iteration} saved as {final}"
+    older = f" (and of {', '.join(map(str, due[1:]))} beside it)" if len(due) > 1 else ""
+    return (f"snapshot of iteration {due[0]} written to {checkpointing.iteration_dir(root, due[0])}{SUFFIX}{older}, "
+            "not complete yet (shards of other ranks)")
+
+
+def _track_newest(root: str, iterations: list[int]) -> None:
+    """Point the tracker at the newest of `iterations` published. Two survivors may publish S - N and S at
+    once, and the tracker write that lands last could name the older: each publisher re-reads it after
+    writing and writes again while a newer one is published, so the last write of all names the newest."""
+    while True:
+        newest = max(i for i in iterations if os.path.isdir(checkpointing.iteration_dir(root, i)))
+        if checkpointing.latest_iteration(root) >= newest:
+            return
+        checkpointing.write_tracker(root, newest)
