@@ -54,10 +54,11 @@ def test_multi_domain_study_reports_domains_and_tail(tmp_path):
 
 @pytest.mark.slow
 def test_sequence_variants_at_equal_paper_flops(tmp_path, capsys):
-    """--equal paper with sequence ESLM (keep 1/2 and 1/4, and keep 1/2 scored by a proxy) and the sequence
-    random control, tiny and in this process: the table compares every variant at equal executed and at equal
-    paper FLOPs, the CSV has both cumulative counts, the random control (k of dense under both counts) runs
-    about twice dense's steps, and the proxy (1/8 of the model) is trained once and reported."""
+    """--equal paper with sequence ESLM (keep 1/2 and 1/4, and keep 1/2 scored by a proxy), the sequence
+    random control and dense at half the batch, tiny and in this process: the table compares every variant at
+    equal executed and at equal paper FLOPs, the CSV has both cumulative counts, the two controls (k of dense
+    under both counts) run about twice dense's steps, and the proxy (1/8 of the model) is trained once and
+    reported."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import selection_study
     rng = random.Random(0)
@@ -67,7 +68,7 @@ def test_sequence_variants_at_equal_paper_flops(tmp_path, capsys):
     out = tmp_path / "out"
     selection_study.main(["--text", str(text), "--work-dir", str(tmp_path / "work"), "--out-dir", str(out), "--seeds",
                           "1", "--variants", "dense", "eslm-seq-0.5", "eslm-seq-0.75", "random-seq-0.5",
-                          "eslm-seq-proxy-0.5", "--proxy-iters", "2", "--equal", "paper", "--dense-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--vocab-size",
+                          "eslm-seq-proxy-0.5", "dense-half-batch", "--proxy-iters", "2", "--equal", "paper", "--dense-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--vocab-size",
                           "320", "--hidden-size", "32", "--seq-length", "32", "--micro-batch-size", "4",
                           "--global-batch-size", "4", "--threads", "1"])
     markdown = (out / "selection_study.md").read_text()
@@ -77,7 +78,7 @@ def test_sequence_variants_at_equal_paper_flops(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "selection_study.csv")))
     assert {"executed_flops", "paper_flops", "tokens_trained"} <= set(rows[0])
     assert {row["variant"] for row in rows} == {"dense", "eslm-seq-0.5", "eslm-seq-0.75", "random-seq-0.5",
-                                               "eslm-seq-proxy-0.5"}
+                                               "eslm-seq-proxy-0.5", "dense-half-batch"}
     assert "The proxy scorer of eslm-seq-proxy (1 layers, hidden 16) is a dense model trained for 2 steps" in markdown
 
     # tools/selection_study_summary.py over it: the ratios the study's own table has, at equal executed FLOPs
@@ -92,7 +93,7 @@ def test_sequence_variants_at_equal_paper_flops(tmp_path, capsys):
     for variant in ("eslm-seq-0.5", "eslm-seq-0.75", "random-seq-0.5", "eslm-seq-proxy-0.5"):  # CSV rounding aside
         assert float(summary[variant][:5]) == pytest.approx(float(table[variant][:5]), abs=2e-3), variant
     last = {row["variant"]: int(row["iteration"]) for row in rows}
-    assert last["random-seq-0.5"] >= 2 * last["dense"] - 1
+    assert last["random-seq-0.5"] >= 2 * last["dense"] - 1 and last["dense-half-batch"] >= 2 * last["dense"] - 1
 
 
 @pytest.mark.slow

@@ -72,7 +72,9 @@ class Variant:
     min_keep: float  # lowest keep ratio the policy can reach: bounds its step count for the budget
     frozen_head_rows: float = -1.0  # reference/teacher LM-head rows per token (-1: no frozen model)
     kd_rows: float = 0.0  # distillation logits rows per token (lower bound)
-    sequence: str = ""  # --eslm-granularity sequence: scored by the "student" or a "proxy", or "random"
+    # a step trains min_keep of the global batch's sequences (a dense step on them), chosen by the "student"'s
+    # or a "proxy"'s scores (--eslm-granularity sequence), or "unscored": drawn at random, or a smaller batch
+    sequence: str = ""
     note: str = ""
 
 
@@ -110,7 +112,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
                                               *sequence_micro_batch], 1 - alpha, sequence="proxy")
           for alpha in (a, args.seq_alpha)),
         Variant(f"random-seq-{a}", ["--selection", "random", "--eslm-granularity", "sequence", "--eslm-alpha", str(a),
-                                    *sequence_micro_batch], 1 - a, sequence="random"),
+                                    *sequence_micro_batch], 1 - a, sequence="unscored"),
+        # dense at the kept sequences' batch: the sequence variants' optimizer steps are that many sequences, so
+        # twice (keep 1/2) as many steps at equal FLOPs; this separates the step count from the selection
+        Variant("dense-half-batch", ["--selection", "none", "--global-batch-size", str(args.global_batch_size // 2),
+                                     *sequence_micro_batch], 0.5, sequence="unscored"),
     ]
     chosen = [v for v in every if args.variants is None or v.name in args.variants]
     if args.variants and len(chosen) != len(args.variants):
