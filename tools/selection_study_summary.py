@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """One table over several selection studies (tools/selection_study.py outputs: model sizes, regimes): per
-variant and study, its validation perplexity over dense's with the same seed, at dense's budget of executed
-FLOPs and (in brackets) of the paper's FLOPs count, on the training corpora's validation documents and on
-each held-out domain: mean over seeds, min-max.
+variant and study, its validation perplexity over dense's with the same seed (or --baseline's: e.g.
+dense-half-batch, dense at the sequence variants' batch), at dense's budget of executed FLOPs and (in
+brackets) of the paper's FLOPs count, on the training corpora's validation documents and on each held-out
+domain: mean over seeds, min-max.
 
-    python tools/selection_study_summary.py docs/selection_study/L2-H128 docs/selection_study/L2-H128-passes8
+    python tools/selection_study_summary.py docs/selection_study/L2-H128-one-pass docs/selection_study/L2-H128-passes8
 
 Each study folder holds selection_study.md (whose header gives the budgets) and selection_study.csv (every
 evaluation of every run, with the cumulative FLOPs); the loss at a budget is interpolated linearly between
@@ -21,7 +22,7 @@ import statistics
 
 from megatron_eslm.errors import UserError, exit_on_user_error
 
-BUDGETS = re.compile(r"Budgets \(dense, (\d+) steps\): ([0-9.e+]+) executed FLOPs, ([0-9.e+]+) paper FLOPs")
+BUDGETS = re.compile(r"Budgets \(dense, (\d+) steps\)")
 HELD_OUT = re.compile(r"held-out domains? \(validation only, never trained on\): ([^.]+)\.")
 MODEL = re.compile(r"Model: (\d+) layers, hidden (\d+)")
 REGIME = re.compile(r"cut so that dense's budget passes over them (\S+) times")
@@ -43,7 +44,12 @@ def read_study(folder: str) -> tuple[str, dict[str, float], list[str], list[dict
     heldout = [name.strip() for name in held[1].split(",")] if held else []
     with open(paths[1]) as fh:
         rows = list(csv.DictReader(fh))
-    return label, {"executed": float(budgets[2]), "paper": float(budgets[3])}, heldout, rows
+    # the header rounds the budgets: dense's FLOPs per step (the same every step) times its steps, exactly
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    if dense is None:
+        raise UserError(f"{paths[1]}: no dense run (the budgets are dense's)")
+    steps = int(budgets[1]) / int(dense["iteration"])
+    return label, {m: float(dense[f"{m}_flops"]) * steps for m in ("executed", "paper")}, heldout, rows
 
 
 def loss_at(rows: list[dict], budget: float, measure: str, key: str) -> float:
@@ -57,15 +63,17 @@ def loss_at(rows: list[dict], budget: float, measure: str, key: str) -> float:
     raise UserError(f"a run stops at {points[-1][0]:.3g} {measure} FLOPs, before the budget {budget:.3g}")
 
 
-def ratios(rows: list[dict], budgets: dict[str, float], key: str) -> dict[str, dict[str, list[float]]]:
-    """variant -> measure -> [perplexity over dense's, per seed] of `key` at each budget."""
+def ratios(rows: list[dict], budgets: dict[str, float], key: str, baseline: str) -> dict[str, dict[str, list[float]]]:
+    """variant -> measure -> [perplexity over `baseline`'s, per seed] of `key` at each budget."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         runs.setdefault((row["variant"], row["seed"]), []).append(row)
     out: dict[str, dict[str, list[float]]] = {}
     for (variant, seed), run in runs.items():
         for measure, budget in budgets.items():
-            dense = loss_at(runs[("dense", seed)], budget, measure, key)
+            if (baseline, seed) not in runs:
+                raise UserError(f"--baseline {baseline}: no run of it with seed {seed} in the study")
+            dense = loss_at(runs[(baseline, seed)], budget, measure, key)
             out.setdefault(variant, {}).setdefault(measure, []).append(
                 math.exp(loss_at(run, budget, measure, key) - dense))
     return out
@@ -81,13 +89,14 @@ def cell(values: dict[str, list[float]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", help="selection study output folders (--out-dir of selection_study.py)")
+    p.add_argument("--baseline", default="dense", help="the variant the perplexities are divided by (same seed)")
     args = p.parse_args(argv)
     studies = [read_study(folder) for folder in args.folders]
     columns = []  # (title, study index, CSV key)
     for i, (label, _, heldout, _) in enumerate(studies):
         columns.append((f"{label}: validation documents", i, "val_loss"))
         columns += [(f"{label}: held-out {name}", i, f"loss {name}") for name in heldout]
-    tables = [{key: ratios(rows, budgets, key) for _, j, key in columns if j == i}
+    tables = [{key: ratios(rows, budgets, key, args.baseline) for _, j, key in columns if j == i}
               for i, (_, budgets, _, rows) in enumerate(studies)]
     variants = list(dict.fromkeys(row["variant"] for *_, rows in studies for row in rows))
     print("| variant | " + " | ".join(title for title, _, _ in columns) + " |")
