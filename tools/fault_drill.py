@@ -39,6 +39,7 @@ and the collective setup; the write follows in a background thread, timed until 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -53,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -171,19 +173,30 @@ def _resume(command: list[str], env: dict, argv: list[str], run_here=None) -> st
     return None
 
 
+VOCAB = 512  # the drills' random corpus and model
+
+
+@contextlib.contextmanager
+def drill_folder(workdir: str | None, name: str) -> Iterator[tuple[str, str]]:
+    """(a drill's folder, its random corpus): `workdir`, or a temporary folder removed at the end."""
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix=name)
+    try:
+        yield workdir, random_corpus(os.path.join(workdir, "corpus"), VOCAB)
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, workdir: str | None = None,
           log=print, run_here=None, popen=subprocess.Popen) -> list[dict]:
     """Run the kill drill; one summary row per mode: trials, killed mid-run, killed during a write, resumed
     from a checkpoint, exact (`run_here`, `popen`: see `trial`)."""
-    own = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="fault_drill_")
-    vocab = 512
-    prefix = random_corpus(os.path.join(workdir, "corpus"), vocab)
     rows = []
-    try:
+    with drill_folder(workdir, "fault_drill_") as (workdir, prefix):
         for async_save in async_modes:
             extra = ["--async-save"] if async_save else []
-            argv_for = lambda save, metrics: run_flags(prefix, vocab, iters, save, metrics, extra)  # noqa: E731
+            argv_for = lambda save, metrics: run_flags(prefix, VOCAB, iters, save, metrics, extra)  # noqa: E731
             ref_dir = os.path.join(workdir, f"reference-{async_save}")
             os.makedirs(ref_dir)
             reference = trial(ref_dir, argv_for, popen=popen)
@@ -213,9 +226,6 @@ def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, 
                                                                                 if "error" in result else ""))
                 shutil.rmtree(trial_dir)
             rows.append(outcome)
-    finally:
-        if own:
-            shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 
@@ -336,16 +346,12 @@ def rank_drill(trials: int, ranks: int, iters: int = 16, seed: int = 0, workdir:
     if iters < 8:
         raise UserError(f"--iters {iters}: the rank drill kills after the 5th record and before the last two; "
                         "give it at least 8")
-    own = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="fault_drill_ranks_")
-    vocab = 512
-    prefix = random_corpus(os.path.join(workdir, "corpus"), vocab)
     rows = []
-    try:
+    with drill_folder(workdir, "fault_drill_ranks_") as (workdir, prefix):
         for replicas in modes:
             extra = ["--tensor-model-parallel-size", str(ranks), *RANK_FLAGS,
                      *(["--snapshot-replicas", "1"] if replicas else [])]
-            argv_for = lambda save, metrics: run_flags(prefix, vocab, iters, save, metrics, extra)  # noqa: E731
+            argv_for = lambda save, metrics: run_flags(prefix, VOCAB, iters, save, metrics, extra)  # noqa: E731
             ref_dir = os.path.join(workdir, f"reference-{replicas}")
             os.makedirs(ref_dir)
             reference = Ranks(argv_for(os.path.join(ref_dir, "ckpt"), os.path.join(ref_dir, "metrics.jsonl")), ranks)
@@ -381,9 +387,6 @@ def rank_drill(trials: int, ranks: int, iters: int = 16, seed: int = 0, workdir:
                     + f"; survivors' lines: {result.get('lines')}")
                 shutil.rmtree(trial_dir)
             rows.append(row)
-    finally:
-        if own:
-            shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 
