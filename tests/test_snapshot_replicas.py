@@ -38,7 +38,7 @@ def launch(corpus, tmp_path, name: str, *extra: str) -> tuple[list[subprocess.Po
                           env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                                "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                                "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for rank in range(2)]
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for rank in range(2)]
     return procs, metrics
 
 
