@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from megatron_eslm import parallel_state
+from megatron_eslm.checkpoint.regroup import regrouped_state
 from megatron_eslm.config import Config, validate_layout
 from megatron_eslm.config.parallel import virtual_pipeline_size
 from megatron_eslm.data.builder import build_train_valid_test_datasets
@@ -442,6 +443,9 @@ class Trainer:
         try:
             if self.engine is None:
                 state = checkpointing.load_checkpoint(root, load_rng=load_rng, fallback=ck.ckpt_fallback, log=self.log)
+                if state is not None and checkpointing.saved_virtual_size(state["layout"]) != \
+                        parallel_state.virtual_pipeline_model_parallel_size():  # other layers on this rank
+                    state.update(regrouped_state(root, state["iteration"], self.cfg, load_optim and "optimizer" in state))
                 if state is not None:
                     self.model.load_state_dict(state["model"])
                     if load_optim:
