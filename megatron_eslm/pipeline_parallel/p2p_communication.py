@@ -23,6 +23,7 @@ from torch import Tensor
 
 from megatron_eslm import parallel_state
 from megatron_eslm.distributed import collectives
+from megatron_eslm.training.timers import get_timers
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ def exchange(spec: TensorSpec, send_next: Tensor | None = None, send_prev: Tenso
         from_next = spec.empty()
         ops.append(_recv(from_next, parallel_state.pipeline_next_rank(), GRADIENT))
     if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        with get_timers().phase("pp_comm"):  # the wait for the neighbour stages: the bubble, at level 2
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
     return from_prev, from_next
 
 
