@@ -11,7 +11,10 @@ Groups this rank belongs to:
   data          the dp replicas of one (tp rank, cp rank, stage) shard: they read different samples
   data-context  data x context: every rank holding a replica of this shard's parameters; gradients are
                 summed over it (Megatron's data group "with context parallel")
-  pipeline      the pp stages holding one model replica (same tp, cp and dp rank)
+  pipeline      the pp stages holding one model replica (same tp, cp and dp rank); under the interleaved
+                schedule (--num-layers-per-virtual-pipeline-stage) a ring: each rank holds vp model chunks,
+                chunk c of rank p is virtual stage c * pp + p, and the last rank's chunk c feeds the first
+                rank's chunk c + 1
   model         tensor x pipeline: every shard of one replica (the gradient norm is summed over it)
   embedding     first and last stage of this pipeline, which both hold the tied word embedding (unused
                 when the output layer is untied: the last stage then holds no copy)
@@ -19,6 +22,11 @@ Groups this rank belongs to:
                 stage (whole samples over dp, sequence shards of them over cp). TP ranks of the last stage
                 compute identical scores, so each runs the threshold over its own data-context group and
                 all get the same threshold, kept rows and counts.
+
+First and last stage: outside a `model_chunk` context, whether this rank holds the embedding (rank 0) and
+the LM head (rank pp - 1); inside one, whether that chunk is the first or last virtual stage (Megatron's
+virtual pipeline rank): the schedule enters the chunk it runs, so the step and the p2p code ask the same
+questions with or without interleaving.
 
 Without `initialize_model_parallel` (one process) every size is 1, every rank 0 and every group None, so
 the single-process code path never touches torch.distributed.
@@ -49,6 +57,7 @@ class Layout:
     dp_rank: int = 0
     cp: int = 1
     cp_rank: int = 0
+    vp: int = 1  # model chunks per pipeline rank (virtual pipeline size)
 
     def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int, cp_rank: int = 0) -> int:
         return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
@@ -70,10 +79,12 @@ class _Groups:
 
 _layout = Layout()
 _groups = _Groups()
+_chunk: int | None = None  # the model chunk the schedule runs (`model_chunk`), None outside one
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                              context_parallel_size: int = 1, self_group: bool = False) -> None:
+                              context_parallel_size: int = 1, self_group: bool = False,
+                              virtual_pipeline_model_parallel_size: int = 1) -> None:
     """Create every group of size > 1 of the layout (collectively: every rank must call this with the same
     arguments); with `self_group` (DeepSpeed's mpu) also a one-rank group per rank when any group a caller
     of `group_or_self` may ask for has size 1.
@@ -85,7 +96,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     dp = world // (tp * pp * cp)
     tp_rank, cp_rank, dp_rank, pp_rank = rank % tp, rank // tp % cp, rank // (tp * cp) % dp, rank // (tp * cp * dp)
-    layout = Layout(tp, pp, dp, tp_rank, pp_rank, dp_rank, cp, cp_rank)
+    layout = Layout(tp, pp, dp, tp_rank, pp_rank, dp_rank, cp, cp_rank, virtual_pipeline_model_parallel_size)
     groups = _Groups()
 
     def make(members: list[list[int]], singletons: bool = False) -> dist.ProcessGroup | None:
@@ -233,12 +244,32 @@ def selection_group() -> dist.ProcessGroup | None:
     return _groups.data_context if _layout.dp * _layout.cp > 1 else None
 
 
+def virtual_pipeline_model_parallel_size() -> int:
+    return _layout.vp
+
+
+def virtual_pipeline_model_parallel_rank() -> int | None:
+    """The model chunk being run (`model_chunk`), None outside one."""
+    return _chunk
+
+
+@contextlib.contextmanager
+def model_chunk(chunk: int) -> Iterator[None]:
+    """Run model chunk `chunk` of this rank: first/last stage mean its virtual stage's (module docstring)."""
+    global _chunk
+    saved, _chunk = _chunk, chunk
+    try:
+        yield
+    finally:
+        _chunk = saved
+
+
 def is_pipeline_first_stage() -> bool:
-    return _layout.pp_rank == 0
+    return _layout.pp_rank == 0 and _chunk in (None, 0)
 
 
 def is_pipeline_last_stage() -> bool:
-    return _layout.pp_rank == _layout.pp - 1
+    return _layout.pp_rank == _layout.pp - 1 and _chunk in (None, _layout.vp - 1)
 
 
 def pipeline_last_rank() -> int:
@@ -247,8 +278,10 @@ def pipeline_last_rank() -> int:
 
 
 def pipeline_next_rank() -> int:
-    return _groups.pipeline_ranks[_layout.pp_rank + 1]
+    """The next stage's global rank; the last stage's next is the first (the interleaved ring)."""
+    return _groups.pipeline_ranks[(_layout.pp_rank + 1) % _layout.pp]
 
 
 def pipeline_prev_rank() -> int:
+    """The previous stage's global rank; the first stage's previous is the last (the interleaved ring)."""
     return _groups.pipeline_ranks[_layout.pp_rank - 1]

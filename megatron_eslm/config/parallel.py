@@ -13,6 +13,7 @@ TITLE = "distributed (TP x CP x DP x PP = world size)"
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: int | None = None  # None: one model chunk per pipeline rank
     sequence_parallel: bool = False
     context_parallel_size: int = 1
     ddp_bucket_size: int = 25_000_000  # gradient elements per data-parallel all-reduce
@@ -23,6 +24,11 @@ class ParallelConfig:
 HELP = {
     "tensor_model_parallel_size": "ranks that split each layer's weights (Megatron's TP)",
     "pipeline_model_parallel_size": "pipeline stages; the layers are split evenly over them",
+    "num_layers_per_virtual_pipeline_stage": "with PP: the interleaved 1F1B schedule (Megatron's): the layers "
+                                             "in virtual stages of N, assigned round-robin to the pipeline ranks "
+                                             "(each holds num-layers / (PP x N) model chunks), which cuts the "
+                                             "pipeline bubble by that factor; needs the micro-batch count a "
+                                             "multiple of PP (docs/parallelism.md)",
     "sequence_parallel": "with TP: shard norms and dropout along the sequence (all-gather/reduce-scatter)",
     "context_parallel_size": "ranks that split every sequence (Megatron's CP): each holds 2 of its 2 x CP "
                              "chunks, chunks r and 2CP-1-r, and attention all-gathers the keys and values "
@@ -47,3 +53,12 @@ def validate_parallel(p: ParallelConfig) -> None:
                         (p.ddp_bucket_size, "--ddp-bucket-size"),
                         (p.distributed_timeout_minutes, "--distributed-timeout-minutes")):
         positive(value, flag)
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        positive(p.num_layers_per_virtual_pipeline_stage, "--num-layers-per-virtual-pipeline-stage")
+
+
+def virtual_pipeline_size(p: ParallelConfig, num_layers: int) -> int:
+    """Model chunks per pipeline rank (Megatron's virtual pipeline size): 1 without interleaving."""
+    if p.num_layers_per_virtual_pipeline_stage is None:
+        return 1
+    return num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)

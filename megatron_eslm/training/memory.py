@@ -25,6 +25,9 @@ and the LM head's hidden, log-sum-exp, labels and rows (all tokens: an upper bou
 Under --bf16 without DeepSpeed the parameters stay fp32, and the matmuls and LayerNorms save bf16 copies of
 their weights, per micro-batch (the LM head's once per step). 1F1B keeps PP - stage micro-batches in
 flight on a stage; under DeepSpeed it also keeps each sent output (DeepSpeed's backward reads it).
+Interleaved (VP model chunks a rank): (PP - stage - 1) x 2 + (VP - 1) x PP + 1 micro-batch-chunks of L / (PP
+VP) layers in flight (`pipeline_parallel/timetable.py`'s warmup and one), each counted with the stage's
+embedding or head: an upper bound (those belong to one chunk only).
 Activation recompute (--recompute-granularity full|selective, `layer_units`): a checkpointed block or
 group of blocks keeps only its input, and the backward adds one recomputed unit on top of the forward's
 end; selective drops the attention core's own tensors (under flash: its log-sum-exp).
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from megatron_eslm.config import Config, ModelConfig, validate_layout
+from megatron_eslm.config.parallel import virtual_pipeline_size
 from megatron_eslm.distributed import deepspeed_config
 from megatron_eslm.errors import UserError
 from megatron_eslm.model.gpt import padded_vocab_size
@@ -60,11 +64,13 @@ class Layout:
     dp: int = 1
     sequence_parallel: bool = False
     cp: int = 1  # context parallel: a rank holds s / cp tokens of each sequence
+    vp: int = 1  # model chunks per pipeline rank (the interleaved schedule)
 
     def describe(self) -> str:
-        """`TP2 x CP2 x PP2 x DP1, sequence parallel` (CP named when it splits): one spelling for the
-        estimate and the training run's start block."""
-        return (f"TP{self.tp}{f' x CP{self.cp}' if self.cp > 1 else ''} x PP{self.pp} x DP{self.dp}"
+        """`TP2 x CP2 x PP2 x DP1, sequence parallel` (CP named when it splits, VP when interleaved): one
+        spelling for the estimate and the training run's start block."""
+        return (f"TP{self.tp}{f' x CP{self.cp}' if self.cp > 1 else ''} x PP{self.pp}"
+                f"{f' x VP{self.vp}' if self.vp > 1 else ''} x DP{self.dp}"
                 f"{', sequence parallel' if self.sequence_parallel else ''}")
 
 
@@ -447,7 +453,7 @@ def activations(m: ModelConfig, vocab_size: int, layout: Layout, stage: int, mic
     `m`'s recompute config."""
     s = Shapes(m, layout, micro_batch, BF16 if bf16 else FP32, kernels)
     first, last = stage == 0, stage == layout.pp - 1
-    units = layer_units(s, m.num_layers // layout.pp)
+    units = layer_units(s, m.num_layers // (layout.pp * layout.vp))  # a model chunk's (the stage's without VP)
     saved = units.saved
     if m.position_embedding_type == "rope":
         saved += 2 * s.sequence * m.kv_channels * FP32  # the stage's cos and sin tables, this rank's positions
@@ -459,6 +465,8 @@ def activations(m: ModelConfig, vocab_size: int, layout: Layout, stage: int, mic
     recomputed = units.recomputed + (_weight_copies(s, units.layers_recomputed, False) if casts else 0)
     step_copies = BF16 * vocab_size // layout.tp * m.hidden_size if casts and last else 0
     in_flight = min(layout.pp - stage, micro_batches)
+    if layout.vp > 1:  # micro-batch-chunks: the interleaved warmup and one
+        in_flight = min((layout.pp - stage - 1) * 2 + (layout.vp - 1) * layout.pp + 1, layout.vp * micro_batches)
     return Activations(saved, weight_copies, recomputed, step_copies, in_flight)
 
 
@@ -494,7 +502,7 @@ def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: K
     dp = validate_layout(cfg, world_size)
     p, t, m = cfg.parallel, cfg.training, cfg.model
     layout = Layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, dp, p.sequence_parallel,
-                    p.context_parallel_size)
+                    p.context_parallel_size, virtual_pipeline_size(p, m.num_layers))
     replicas = dp * layout.cp  # the data x context ranks: ZeRO partitions, and our reduction sums, over them
     zero: dict = {}
     if cfg.deepspeed.deepspeed:

@@ -23,6 +23,8 @@ less what runs outside every phase (the log interval's stats reduction and recor
            checkpoint      saving a checkpoint
   level 2  threshold_comm  the threshold's collectives (all-gathers and all-reduces over the selection
                            group), out of `threshold`. Forward and backward are not separable under 1F1B.
+           pp_comm         the pipeline's sends and receives, out of `forward_backward`: the wait for a
+                           neighbour stage (the 1F1B bubble) and the transfer
 
 On CUDA every phase boundary synchronises the device (torch.cuda.synchronize), so a phase holds the device
 work it queued rather than the time to queue it; that costs overlap, which is why level 0 (the default)
@@ -38,7 +40,7 @@ from typing import Iterator, TypeVar
 import torch
 
 PHASES = {"data": 1, "forward_backward": 1, "threshold": 1, "grads_reduce": 1, "optimizer": 1, "eval": 1,
-          "checkpoint": 1, "threshold_comm": 2}  # phase -> the level that times it
+          "checkpoint": 1, "threshold_comm": 2, "pp_comm": 2}  # phase -> the level that times it
 T = TypeVar("T")
 
 

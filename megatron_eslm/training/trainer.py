@@ -10,7 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from megatron_eslm import parallel_state
+from megatron_eslm.checkpoint.regroup import regrouped_state
 from megatron_eslm.config import Config, validate_layout
+from megatron_eslm.config.parallel import virtual_pipeline_size
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler, SkippingBatchSampler
 from megatron_eslm.distributed import collectives, deepspeed_config, launch
@@ -57,7 +59,9 @@ class Trainer:
         p = cfg.parallel
         if world > 1:
             parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                                     p.context_parallel_size, self_group=cfg.deepspeed.deepspeed)
+                                                     p.context_parallel_size, self_group=cfg.deepspeed.deepspeed,
+                                                     virtual_pipeline_model_parallel_size=virtual_pipeline_size(
+                                                         p, cfg.model.num_layers))
         # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
         self.is_logging_rank = launch.rank() == 0
         self.log = log if self.is_logging_rank else (lambda *args: None)
@@ -439,6 +443,9 @@ class Trainer:
         try:
             if self.engine is None:
                 state = checkpointing.load_checkpoint(root, load_rng=load_rng, fallback=ck.ckpt_fallback, log=self.log)
+                if state is not None and checkpointing.saved_virtual_size(state["layout"]) != \
+                        parallel_state.virtual_pipeline_model_parallel_size():  # other layers on this rank
+                    state.update(regrouped_state(root, state["iteration"], self.cfg, load_optim and "optimizer" in state))
                 if state is not None:
                     self.model.load_state_dict(state["model"])
                     if load_optim:
