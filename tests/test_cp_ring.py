@@ -99,3 +99,55 @@ def test_ring_equals_causal_attention_float64(cp):
         expected_shards = torch.cat([shard_sequence(expected, cp, r) for r in range(cp)], 1)
         got = torch.cat([result[i] for result in per_rank], 1)
         torch.testing.assert_close(got, expected_shards, rtol=0, atol=1e-13)
+
+
+def test_ring_with_keyed_dropout_equals_masked_attention_float64():
+    """Two simulated ranks with attention dropout keyed by position (`model/keyed_dropout.py`): each rank
+    draws its blocks' masks from (site, row, head, query and key positions), and the merged output and its
+    gradients equal one process's softmax(causal scores) * mask / (1 - p) @ V with the mask of the whole
+    sequence from the same keys."""
+    from megatron_eslm.model.keyed_dropout import attention_dropout, keep_mask
+    cp, p = 2, 0.3
+    gen = torch.Generator().manual_seed(1)
+    b, s, heads, groups, d = 2, 2 * cp * 3, 4, 2, 8
+    q = torch.randn(b, s, heads, d, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(b, s, groups, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(b, s, heads, d, generator=gen, dtype=torch.float64)
+
+    torch.manual_seed(5)
+    dropout = attention_dropout(p, q, groups)  # draws the site's key from the default generator
+    torch.manual_seed(5)
+    key = torch.randint(0, 1 << 62, (), dtype=torch.int64)  # the same draw
+    positions = torch.arange(s)
+    mask = keep_mask(key, p, torch.arange(b).view(b, 1, 1, 1), torch.arange(heads).view(1, heads, 1, 1),
+                     positions.view(-1, 1), positions.view(1, -1))
+    assert abs(float(mask.tril().sum() / torch.ones(s, s).tril().sum() / (b * heads)) - (1 - p)) < 0.1
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    qh, kh, vh = (t.transpose(1, 2) for t in full)
+    kh, vh = (t.repeat_interleave(heads // groups, dim=1) for t in (kh, vh))
+    scores = (qh @ kh.transpose(-1, -2) / d ** 0.5).masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(),
+                                                               float("-inf"))
+    want = ((scores.softmax(-1) * mask / (1 - p)) @ vh).transpose(1, 2)
+    want_grads = torch.autograd.grad(want, full, dout)
+
+    def work(rank, r):
+        mine = [shard_sequence(t, cp, rank).requires_grad_() for t in (q, k, v)]
+        out = ring.grouped_attention(*mine, r, dropout)
+        return (out.detach(), *torch.autograd.grad(out, mine, shard_sequence(dout, cp, rank)))
+
+    per_rank = run_ranks(cp, work)
+    for i, expected in enumerate((want.detach(), *want_grads)):
+        expected_shards = torch.cat([shard_sequence(expected, cp, r) for r in range(cp)], 1)
+        torch.testing.assert_close(torch.cat([result[i] for result in per_rank], 1), expected_shards, rtol=0,
+                                   atol=1e-13)
+
+
+def test_keep_mask_is_keyed_by_index_alone():
+    """A slice of the indices gives the slice of the mask (what each shard computes of the whole), another
+    key another mask, and the kept fraction is 1 - p."""
+    from megatron_eslm.model.keyed_dropout import keep_mask
+    key, rows, positions = torch.tensor(11), torch.arange(4).view(4, 1), torch.arange(4096).view(1, -1)
+    whole = keep_mask(key, 0.25, rows, positions)
+    assert torch.equal(keep_mask(key, 0.25, rows[1:3], positions[:, 100:200]), whole[1:3, 100:200])
+    assert not torch.equal(keep_mask(torch.tensor(12), 0.25, rows, positions), whole)
+    assert abs(float(whole.double().mean()) - 0.75) < 0.01

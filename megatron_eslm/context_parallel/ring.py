@@ -145,7 +145,7 @@ class GroupExchange:
 
     def start(self, tensors: list[Tensor]) -> None:
         ops = []
-        self.received = [torch.empty_like(t) for t in tensors]
+        self.received = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         for sent, received in zip(tensors, self.received):
             collectives.record(collectives.CP_SEND, collectives.nbytes(sent))
             collectives.record(collectives.CP_RECV, collectives.nbytes(received))
@@ -264,7 +264,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, ring: Ring, dropout: Drop
     b, s, heads, d = q.shape
     groups = k.shape[2]
     grouped_q = q.view(b, s, groups, heads // groups, d).permute(0, 2, 3, 1, 4)  # [b, g, n, s, d]
-    kv = torch.stack([k, v]).permute(0, 1, 3, 2, 4).unsqueeze(3)  # [2, b, g, 1, s, d]
+    kv = torch.stack([k, v]).permute(0, 1, 3, 2, 4).unsqueeze(3).contiguous()  # [2, b, g, 1, s, d]: sent whole
     out = _RingAttention.apply(grouped_q, kv, ring, 1.0 / math.sqrt(d), dropout)
     return out.permute(0, 3, 1, 2, 4).reshape(b, s, heads, d)
 

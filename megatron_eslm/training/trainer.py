@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from megatron_eslm import parallel_state
 from megatron_eslm.config import Config, validate_layout
+from megatron_eslm.config.parallel import cp_comm_type
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler, SkippingBatchSampler
 from megatron_eslm.distributed import collectives, deepspeed_config, launch
@@ -57,7 +58,8 @@ class Trainer:
         p = cfg.parallel
         if world > 1:
             parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                                     p.context_parallel_size, self_group=cfg.deepspeed.deepspeed)
+                                                     p.context_parallel_size, self_group=cfg.deepspeed.deepspeed,
+                                                     cp_comm_type=cp_comm_type(p, self.device.type))
         # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
         self.is_logging_rank = launch.rank() == 0
         self.log = log if self.is_logging_rank else (lambda *args: None)
