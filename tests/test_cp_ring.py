@@ -75,15 +75,15 @@ def test_schedule_covers_every_causal_block_once(cp):
     assert len(set(work)) == 1, work
 
 
-@pytest.mark.parametrize("cp", [1, 2, 4])
-def test_ring_equals_causal_attention_float64(cp):
-    """Forward and backward of C ranks' ring attention, grouped queries (4 heads over 2 key/value groups),
-    against `scaled_dot_product_attention(is_causal=True)` of the whole sequence."""
-    gen = torch.Generator().manual_seed(0)
-    b, s, heads, groups, d = 2, 2 * cp * 3, 4, 2, 8
-    q = torch.randn(b, s, heads, d, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(b, s, groups, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    dout = torch.randn(b, s, heads, d, generator=gen, dtype=torch.float64)
+def ring_errors(device: str, dtype: torch.dtype, cp: int, b: int, s: int, heads: int, groups: int,
+                d: int) -> list[float]:
+    """C simulated ranks' ring attention (forward, then backward of a random output gradient) against
+    `scaled_dot_product_attention(is_causal=True, enable_gqa=True)` of the whole sequence: the largest
+    errors of the output and the q, k, v gradients, each relative to the reference's largest magnitude."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, s, heads, d, generator=gen, device=device, dtype=dtype)
+    k, v = (torch.randn(b, s, groups, d, generator=gen, device=device, dtype=dtype) for _ in range(2))
+    dout = torch.randn(b, s, heads, d, generator=gen, device=device, dtype=dtype)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in full), is_causal=True,
                                           enable_gqa=True).transpose(1, 2)
@@ -95,10 +95,30 @@ def test_ring_equals_causal_attention_float64(cp):
         return (out.detach(), *torch.autograd.grad(out, mine, shard_sequence(dout, cp, rank)))
 
     per_rank = run_ranks(cp, work)
+    errors = []
     for i, expected in enumerate((want.detach(), *want_grads)):
-        expected_shards = torch.cat([shard_sequence(expected, cp, r) for r in range(cp)], 1)
-        got = torch.cat([result[i] for result in per_rank], 1)
-        torch.testing.assert_close(got, expected_shards, rtol=0, atol=1e-13)
+        expected_shards = torch.cat([shard_sequence(expected, cp, r) for r in range(cp)], 1).double()
+        got = torch.cat([result[i] for result in per_rank], 1).double()
+        errors.append(float((got - expected_shards).abs().max() / expected_shards.abs().max()))
+    return errors
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_ring_equals_causal_attention_float64(cp):
+    """Forward and backward of C ranks' ring attention, grouped queries (4 heads over 2 key/value groups),
+    against one process's causal attention."""
+    errors = ring_errors("cpu", torch.float64, cp, b=2, s=2 * cp * 3, heads=4, groups=2, d=8)
+    assert max(errors) <= 1e-14, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the ring's blocks on the GPU against fused SDPA)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_ring_with_grouped_queries(dtype):
+    """On CUDA, the Llama shape (head dim 128, 4 queries per key/value head), CP4: the ring's blocks (the
+    diagonal ones causal to the lower right) and merge equal fused causal SDPA (bf16 to its rounding)."""
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5  # of the largest magnitude
+    errors = ring_errors("cuda", dtype, cp=4, b=2, s=1024, heads=8, groups=2, d=128)
+    assert max(errors) <= tolerance, errors
 
 
 def test_ring_with_keyed_dropout_equals_masked_attention_float64():
