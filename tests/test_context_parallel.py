@@ -2,7 +2,8 @@
 runs and checks: in float64, the logged numbers (the kept fraction exactly) and every parameter.
 
 Layouts: CP2, and CP2 with selective recompute (2 ranks); CP2xDP2, CP2xTP2 (with sequence parallelism for
-Llama) and CP2xPP2 (4 ranks).
+Llama) and CP2xPP2 (4 ranks), in the CPU's default all-gather form; the ring (--cp-comm-type p2p) at CP2
+(also with selective recompute), CP4 and CP2xTP2+SP, with and without --keyed-dropout (`test_ring`).
 Selections: dense, ESLM by loss (sketch-exact threshold) and by entropy (exact threshold), the previous
 step's threshold (--eslm-threshold-scope previous-step), eslm-is (its draws are keyed by the token's
 global position) and Ada-ESLM; GPT-2 and Llama shapes. Besides: the
@@ -205,6 +206,16 @@ def test_bad_context_parallel_layouts_fail_in_one_line(tiny_corpus, world, extra
     cfg = parse_args(tpt.flags(tiny_corpus, 2, *extra))
     with pytest.raises(UserError, match=re.escape(message)):
         validate_layout(cfg, world)
+
+
+def test_cp_comm_type_flag(tiny_corpus):
+    """--cp-comm-type takes p2p or all_gather; unset, the ring on CUDA and the all-gather form on the CPU."""
+    from megatron_eslm.config import ParallelConfig
+    from megatron_eslm.config.parallel import cp_comm_type
+    with pytest.raises(UserError, match=re.escape("--cp-comm-type must be one of p2p, all_gather, got 'ring'")):
+        parse_args(tpt.flags(tiny_corpus, 2, "--cp-comm-type", "ring"))
+    assert [cp_comm_type(ParallelConfig(), device) for device in ("cuda", "cpu")] == ["p2p", "all_gather"]
+    assert cp_comm_type(parse_args(tpt.flags(tiny_corpus, 2, "--cp-comm-type", "p2p")).parallel, "cpu") == "p2p"
 
 
 # ----------------------------------------------------------------------------------------- ranks
