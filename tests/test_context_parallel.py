@@ -3,7 +3,8 @@ runs and checks: in float64, the logged numbers (the kept fraction exactly) and 
 
 Layouts: CP2, and CP2 with selective recompute (2 ranks); CP2xDP2, CP2xTP2 (with sequence parallelism for
 Llama) and CP2xPP2 (4 ranks), in the CPU's default all-gather form; the ring (--cp-comm-type p2p) at CP2
-(also with selective recompute), CP4 and CP2xTP2+SP, with and without --keyed-dropout (`test_ring`).
+(GPT-2 ESLM; Llama dense with keyed dropout and selective recompute), CP4 (Llama ESLM, keyed dropout) and
+CP2xTP2+SP (GPT-2 dense, keyed dropout) (`test_ring`).
 Selections: dense, ESLM by loss (sketch-exact threshold) and by entropy (exact threshold), the previous
 step's threshold (--eslm-threshold-scope previous-step), eslm-is (its draws are keyed by the token's
 global position) and Ada-ESLM; GPT-2 and Llama shapes. Besides: the
@@ -69,9 +70,8 @@ CASES = {
 }
 # the ring (--cp-comm-type p2p), with keyed dropout, per world size
 RING_CASES = {
-    2: [("gpt2", "cp2-ring", "eslm-loss-dropout"), ("llama", "cp2-ring-recompute", "dense-dropout")],
-    4: [("gpt2", "cp4-ring", "dense"), ("llama", "cp4-ring", "eslm-loss-dropout"),
-        ("gpt2", "cp2tp2-sp-ring", "dense-dropout")],
+    2: [("gpt2", "cp2-ring", "eslm-loss"), ("llama", "cp2-ring-recompute", "dense-dropout")],
+    4: [("llama", "cp4-ring", "eslm-loss-dropout"), ("gpt2", "cp2tp2-sp-ring", "dense-dropout")],
 }
 
 
@@ -277,9 +277,9 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring(tiny_corpus, references, world):
     """The ring (--cp-comm-type p2p) at CP2 and CP4 equals one process (and so the all-gather form, which
-    equals it too), GPT-2 and Llama (grouped queries, rope), dense and ESLM, with keyed hidden and attention
-    dropout (against one process with --keyed-dropout): under selective recompute, and with sequence
-    parallelism's shards of the chunks."""
+    equals it too), GPT-2 and Llama (grouped queries, rope), dense and ESLM, without and with keyed hidden
+    and attention dropout (against one process with --keyed-dropout): under selective recompute, and with
+    sequence parallelism's shards of the chunks."""
     per_rank = tpt.spawn(world, jobs_for(world, tiny_corpus, RING_CASES))
     tpt.check_equivalence(RING_CASES[world], per_rank, references)
     for model, layout, selection in RING_CASES[world]:
