@@ -7,7 +7,8 @@ values every layer), then data-parallel, then pipeline stages.
 Groups this rank belongs to:
   tensor        the tp ranks that split each layer of one stage
   context       the cp ranks that hold the sequence shards of the same samples (same tp, dp and pp rank):
-                attention all-gathers their keys and values (`context_parallel/attention.py`)
+                attention passes their keys and values around the ring or all-gathers them
+                (`context_parallel/`; which one: `context_parallel_comm_type`)
   data          the dp replicas of one (tp rank, cp rank, stage) shard: they read different samples
   data-context  data x context: every rank holding a replica of this shard's parameters; gradients are
                 summed over it (Megatron's data group "with context parallel")
@@ -74,6 +75,7 @@ class _Groups:
     embedding: dist.ProcessGroup | None = None
     self: dist.ProcessGroup | None = None  # only this rank (`self_group`)
     pipeline_ranks: tuple[int, ...] = (0,)
+    context_comm_type: str = "all_gather"  # --cp-comm-type as resolved for the device
     owned: list[dist.ProcessGroup] = field(default_factory=list)  # every group this rank joined, to destroy
 
 
@@ -84,7 +86,8 @@ _chunk: int | None = None  # the model chunk the schedule runs (`model_chunk`), 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                               context_parallel_size: int = 1, self_group: bool = False,
-                              virtual_pipeline_model_parallel_size: int = 1) -> None:
+                              virtual_pipeline_model_parallel_size: int = 1,
+                              cp_comm_type: str = "all_gather") -> None:
     """Create every group of size > 1 of the layout (collectively: every rank must call this with the same
     arguments); with `self_group` (DeepSpeed's mpu) also a one-rank group per rank when any group a caller
     of `group_or_self` may ask for has size 1.
@@ -128,6 +131,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     if self_group and 1 in (tp, pp, dp, dp * cp, tp * pp):
         groups.self = make([[r] for r in range(world)], singletons=True)
     groups.pipeline_ranks = tuple(next(ranks for ranks in pipelines if rank in ranks))
+    groups.context_comm_type = cp_comm_type
     _layout, _groups = layout, groups
 
 
@@ -211,6 +215,11 @@ def context_parallel_rank() -> int:
 
 def context_parallel_group() -> dist.ProcessGroup | None:
     return _groups.context
+
+
+def context_parallel_comm_type() -> str:
+    """"p2p" (the ring) or "all_gather": how attention gets the other context ranks' keys and values."""
+    return _groups.context_comm_type
 
 
 def data_context_parallel_size() -> int:

@@ -81,7 +81,7 @@ def test_device_check_dry_run(tmp_path):
     subprocess.run(["bash", str(REPO / "tools" / "device_check.sh")], env=env, check=True, capture_output=True)
     report = (tmp_path / "report.md").read_text()
     steps = re.findall(r"^\| (\w+) \| dry run \(timeout (\d+) s\)", report, re.M)
-    assert [name for name, _ in steps] == ["env", "install", "nccl_faults", "cuda_tests",
+    assert [name for name, _ in steps] == ["env", "install", "nccl_faults", "cuda_tests", "cp_attention",
                                             "triton_tests", "lm_head_bench", "gpt2_step_triton",
                                            "gpt2_step_torch", "llama_step", "llama_memory", "save_bench",
                                            "quickstart", "quickstart_bf16", "selection_study"]

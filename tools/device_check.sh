@@ -18,9 +18,12 @@
 #                    --distributed-timeout-minutes 0.1 and the stream blocked by torch.cuda._sleep under an
 #                    all-reduce, where the watchdog's line must come before NCCL's own timeout; a checkpoint
 #                    whose rng["cuda"] holds 8 devices' states loading on this one
-#   cuda_tests       the CUDA-only tests but the Triton ones (the test files with a CUDA skipif, `-k cuda`):
+#   cuda_tests       the CUDA-only tests but the Triton and CP ones (the test files with a CUDA skipif, `-k cuda`):
 #                    training steps per policy under torch.cuda.set_sync_debug_mode("error") (any host sync
 #                    outside the inherent ones raises), recompute on CUDA
+#   cp_attention     context parallelism's attention on CUDA (tests/test_context_parallel.py, test_cp_ring.py
+#                    -k cuda): the all-gather form's lower-right masks and the ring's blocks and log-sum-exp
+#                    merge (C = 4 simulated ranks) with grouped queries, bf16 and fp32, against fused causal SDPA
 #   triton_tests     the compiled Triton LM-head kernels against torch in bf16 and fp32 (`TestOnGPU`); slow on a
 #                    fresh machine (the autotuner compiles every tile for every dtype)
 #   lm_head_bench    tools/bench_lm_head_triton.py (quick shapes)
@@ -191,8 +194,12 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "import megatron_eslm.kernels" 2>/dev/null; the
 fi
 step nccl_faults 90 "torch pytest megatron_eslm" "$PY" -m pytest -q -s -rfE -p no:cacheprovider \
     tests/test_nccl_readiness.py -k gpu
+CUDA_TESTS=${TESTS//tests\/test_lm_head_triton.py/}  # triton_tests' file, and cp_attention's (their own steps)
+CUDA_TESTS=${CUDA_TESTS//tests\/test_context_parallel.py/}
 step cuda_tests 150 "torch triton pytest sentencepiece megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
-    ${TESTS//tests\/test_lm_head_triton.py/} -k cuda
+    ${CUDA_TESTS//tests\/test_cp_ring.py/} -k cuda
+step cp_attention 90 "torch pytest megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
+    tests/test_context_parallel.py tests/test_cp_ring.py -k cuda
 step triton_tests 180 "torch triton pytest megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
     tests/test_lm_head_triton.py -k OnGPU
 step lm_head_bench 120 "torch triton megatron_eslm" "$PY" tools/bench_lm_head_triton.py

@@ -31,6 +31,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    keyed_dropout: bool = False
     init_method_std: float = 0.02
     norm_epsilon: float = 1e-5
     position_embedding_type: str = "learned_absolute"
@@ -60,6 +61,11 @@ HELP = {
     "make_vocab_size_divisible_by": "pad the tokenizer vocabulary to a multiple of this",
     "hidden_dropout": "dropout after attention/MLP and on embeddings",
     "attention_dropout": "dropout on attention probabilities",
+    "keyed_dropout": "draw every dropout mask from a hash of one number drawn per dropout site and the "
+                     "elements' global token positions (and heads), not from the generator's stream: masks "
+                     "that do not depend on how the sequence is split, so a --context-parallel-size run "
+                     "(which needs it for dropout) equals one process with it; attention then runs the math "
+                     "path of context_parallel/ring.py instead of fused SDPA",
     "init_method_std": "std of the normal weight init",
     "norm_epsilon": "epsilon of every LayerNorm or RMSNorm (--layernorm-epsilon is the same flag)",
     "position_embedding_type": f"{' or '.join(POSITION_EMBEDDING_TYPES)}: a learned position table, or rotary "

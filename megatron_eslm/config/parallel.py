@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_eslm.config.checks import positive
+from megatron_eslm.config.checks import one_of, positive
 
 TITLE = "distributed (TP x CP x DP x PP = world size)"
+CP_COMM_TYPES = ("p2p", "all_gather")
 
 
 @dataclass
@@ -16,6 +17,7 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = None  # None: one model chunk per pipeline rank
     sequence_parallel: bool = False
     context_parallel_size: int = 1
+    cp_comm_type: str | None = None  # None: p2p on CUDA, all_gather on the CPU (`cp_comm_type`)
     ddp_bucket_size: int = 25_000_000  # gradient elements per data-parallel all-reduce
     overlap_grad_reduce: bool = False
     distributed_timeout_minutes: float = 10  # Megatron's default
@@ -32,7 +34,13 @@ HELP = {
     "sequence_parallel": "with TP: shard norms and dropout along the sequence (all-gather/reduce-scatter)",
     "context_parallel_size": "ranks that split every sequence (Megatron's CP): each holds 2 of its 2 x CP "
                              "chunks, chunks r and 2CP-1-r, and attention all-gathers the keys and values "
-                             "(docs/parallelism.md); needs --seq-length divisible by 2 x CP and no dropout",
+                             "(docs/parallelism.md); needs --seq-length divisible by 2 x CP, and with dropout "
+                             "--keyed-dropout",
+    "cp_comm_type": f"{' or '.join(CP_COMM_TYPES)}: how context-parallel attention gets the other chunks' keys "
+                    "and values: passed around the ring, overlapped with each block's attention and never held "
+                    "whole (p2p), or all-gathered once per layer (all_gather: the fused SDPA kernels, the whole "
+                    "sequence's keys and values held and saved); unset means p2p on CUDA and all_gather on the "
+                    "CPU (p2p with attention dropout, which the all-gather form does not run)",
     "ddp_bucket_size": "gradient elements per data-parallel all-reduce bucket",
     "overlap_grad_reduce": "launch each bucket's data-parallel all-reduce from the last micro-batch's backward, "
                            "as soon as its gradients are final, instead of after the backward (nothing to "
@@ -55,6 +63,8 @@ def validate_parallel(p: ParallelConfig) -> None:
         positive(value, flag)
     if p.num_layers_per_virtual_pipeline_stage is not None:
         positive(p.num_layers_per_virtual_pipeline_stage, "--num-layers-per-virtual-pipeline-stage")
+    if p.cp_comm_type is not None:
+        one_of(p.cp_comm_type, CP_COMM_TYPES, "--cp-comm-type")
 
 
 def virtual_pipeline_size(p: ParallelConfig, num_layers: int) -> int:
@@ -62,3 +72,10 @@ def virtual_pipeline_size(p: ParallelConfig, num_layers: int) -> int:
     if p.num_layers_per_virtual_pipeline_stage is None:
         return 1
     return num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
+
+
+def cp_comm_type(p: ParallelConfig, device_type: str) -> str:
+    """--cp-comm-type, or its default on `device_type`: the ring on CUDA (Megatron's default: the exchange
+    hides behind the attention, no whole-sequence copy); on the CPU the all-gather, whose gloo collectives
+    are two a layer where the ring's are 2C (the CPU runs are tests and tiny studies)."""
+    return p.cp_comm_type or ("p2p" if device_type == "cuda" else "all_gather")

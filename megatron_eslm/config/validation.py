@@ -95,11 +95,13 @@ def validate_context_parallel(cfg: Config, cp: int) -> None:
         raise UserError(f"--sequence-parallel with --context-parallel-size {cp}: a rank's {m.seq_length // cp} "
                         f"tokens of --seq-length {m.seq_length} are not divisible by --tensor-model-parallel-size "
                         f"{p.tensor_model_parallel_size}")
-    if m.hidden_dropout or m.attention_dropout:
-        raise UserError(f"--context-parallel-size {cp} needs --hidden-dropout 0 and --attention-dropout 0 (got "
-                        f"{m.hidden_dropout} and {m.attention_dropout}): the masks of sequence shards would come "
-                        "from per-rank streams, so neither one process's numbers nor a checkpoint independent "
-                        "of CP")
+    if (m.hidden_dropout or m.attention_dropout) and not m.keyed_dropout:
+        raise UserError(f"--context-parallel-size {cp} with --hidden-dropout {m.hidden_dropout} and "
+                        f"--attention-dropout {m.attention_dropout} needs --keyed-dropout: masks drawn from a "
+                        "stream would differ with the sequence's split over the ranks")
+    if m.attention_dropout and p.cp_comm_type == "all_gather":
+        raise UserError(f"--cp-comm-type all_gather with --attention-dropout {m.attention_dropout}: the keyed "
+                        "attention dropout runs in the ring (--cp-comm-type p2p)")
     if cfg.selection.selection == "lfr":
         raise UserError(f"--selection lfr does not run with --context-parallel-size {cp}: it ranks whole samples "
                         "by perplexity, and context parallelism splits every sample over ranks")

@@ -37,13 +37,14 @@ from torch import nn
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig, finalize_model
 from megatron_eslm.context_parallel.sharding import positions as sequence_positions
+from megatron_eslm.model.keyed_dropout import build_hidden_dropout
 from megatron_eslm.model.lm_head import LMHeadOutput, Selector, selective_lm_head_loss
 from megatron_eslm.model.norms import build_norm
 from megatron_eslm.model.rotary import rotary_tables
 from megatron_eslm.model.transformer import TransformerBlock
 from megatron_eslm.tensor_parallel import mappings
-from megatron_eslm.tensor_parallel.layers import (ShardedDropout, VocabParallelEmbedding, activation_dtype,
-                                                  mark_sequence_parallel, master_normal, to_activation_dtype)
+from megatron_eslm.tensor_parallel.layers import (VocabParallelEmbedding, activation_dtype, mark_sequence_parallel,
+                                                  master_normal, to_activation_dtype)
 from megatron_eslm.tensor_parallel.lm_head import vocab_parallel_lm_head_loss
 from megatron_eslm.training import recompute
 
@@ -81,7 +82,7 @@ class GPTModel(nn.Module):
                 self.position_embeddings = nn.Embedding.from_pretrained(
                     master_normal((cfg.max_position_embeddings, cfg.hidden_size), cfg.init_method_std,
                                   embedding_generator), freeze=False)
-            self.embedding_dropout = (ShardedDropout if sequence_parallel else nn.Dropout)(cfg.hidden_dropout)
+            self.embedding_dropout = build_hidden_dropout(cfg.hidden_dropout, cfg.keyed_dropout, sequence_parallel)
         elif self.post_process and self.tied:
             # The last stage's copy of the tied embedding: its gradient is summed with the first stage's,
             # and it is left out of the gradient norm (counted once, on the first stage).

@@ -18,7 +18,8 @@ DP below is DP x CP):
                           parameters of at most stage3_param_persistence_threshold elements also whole
                           (padded to DP x ceil(n / DP)); a bf16 reduce bucket held for the whole run.
 Activations, per micro-batch, with the layout's shards (TP heads and MLP width, SP rows, CP's s / CP tokens
-of each sequence, with the whole sequence's keys and values gathered in each layer): each layer's
+of each sequence, with the whole sequence's keys and values gathered in each layer by the all-gather form,
+only its own by the ring): each layer's
 norm inputs and statistics, the QKV input and output, the rotated queries and keys, flash attention's
 output and log-sum-exp, the MLP's intermediates, dropout masks; the embedding's indices, the final norm,
 and the LM head's hidden, log-sum-exp, labels and rows (all tokens: an upper bound on the kept ones).
@@ -31,7 +32,8 @@ embedding or head: an upper bound (those belong to one chunk only).
 Activation recompute (--recompute-granularity full|selective, `layer_units`): a checkpointed block or
 group of blocks keeps only its input, and the backward adds one recomputed unit on top of the forward's
 end; selective drops the attention core's own tensors (under flash: its log-sum-exp).
-Attention is assumed to run a flash kernel (no [s, s] probabilities saved). Not counted: the PyTorch dense
+Attention is assumed to run a flash kernel (no [s, s] probabilities saved; nor does the ring's math path,
+which one process also runs with --keyed-dropout and attention dropout, counted as flash). Not counted: the PyTorch dense
 LM head's fused gradients (--selection none with --lm-head-impl torch), the frozen models of eslm-kd and
 rho1, ZeRO-3's gathered parameters, the CUDA context and the allocator's fragmentation.
 """
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from megatron_eslm.config import Config, ModelConfig, validate_layout
-from megatron_eslm.config.parallel import virtual_pipeline_size
+from megatron_eslm.config.parallel import cp_comm_type, virtual_pipeline_size
 from megatron_eslm.distributed import deepspeed_config
 from megatron_eslm.errors import UserError
 from megatron_eslm.model.gpt import padded_vocab_size
@@ -65,6 +67,7 @@ class Layout:
     sequence_parallel: bool = False
     cp: int = 1  # context parallel: a rank holds s / cp tokens of each sequence
     vp: int = 1  # model chunks per pipeline rank (the interleaved schedule)
+    cp_comm_type: str = "p2p"  # --cp-comm-type as the device resolves it: the ring, or the all-gather form
 
     def describe(self) -> str:
         """`TP2 x CP2 x PP2 x DP1, sequence parallel` (CP named when it splits, VP when interleaved): one
@@ -254,10 +257,11 @@ class Kernels:
     """What the device's kernels save where CUDA and the CPU differ (the tests measure on the CPU)."""
     dropout_mask_bytes: int | None  # per element; None: the activation's (the CPU keeps the scaled mask)
     layernorm_stats_fp32: bool  # CUDA's layer_norm keeps mean and rstd in fp32, the CPU's in its input dtype
+    device_type: str  # which --cp-comm-type an unset flag means (`config.parallel.cp_comm_type`)
 
 
-CUDA = Kernels(dropout_mask_bytes=1, layernorm_stats_fp32=True)
-CPU = Kernels(dropout_mask_bytes=None, layernorm_stats_fp32=False)
+CUDA = Kernels(dropout_mask_bytes=1, layernorm_stats_fp32=True, device_type="cuda")
+CPU = Kernels(dropout_mask_bytes=None, layernorm_stats_fp32=False, device_type="cpu")
 
 
 @dataclass(frozen=True)
@@ -312,11 +316,14 @@ def _attention_saved(s: Shapes) -> int:
     """Everything a layer's attention saves, nothing recomputed. One sequence on one rank: the above, and
     flash attention's fp32 log-sum-exp (its output is the projection's input).
 
-    Under context parallelism (`context_parallel/attention.py`) the core's keys and values are the whole
-    sequence's, gathered ([2, b, s, groups, d], one storage, saved by both chunks' SDPA calls), and its
-    output is the two chunks' SDPA outputs, saved by them, plus their concatenation, the projection's
-    input. Its local keys and values go into the all-gather, which saves nothing: the rotated keys are not
-    saved, nor the QKV output, unless the queries are views of it (no rope, no grouped-query copy)."""
+    Under context parallelism's all-gather form (`context_parallel/attention.py`) the core's keys and
+    values are the whole sequence's, gathered ([2, b, s, groups, d], one storage, saved by both chunks' SDPA
+    calls), and its output is the two chunks' SDPA outputs, saved by them, plus their concatenation, the
+    projection's input. Its local keys and values go into the all-gather, which saves nothing: the rotated
+    keys are not saved, nor the QKV output, unless the queries are views of it (no rope, no grouped-query
+    copy). The ring (`context_parallel/ring.py`) saves the same but for the keys and values: only this
+    rank's, stacked ([2, b, groups, s / CP, d]), the other ranks' pass through; its output in the grouped
+    layout and the projection's input (a copy) are the two outputs' worth."""
     m, t, n = s.m, s.tokens, s.m.num_attention_heads // s.layout.tp
     lse = t * n * FP32
     if s.layout.cp == 1:
@@ -324,8 +331,8 @@ def _attention_saved(s: Shapes) -> int:
     g, d = m.num_query_groups // s.layout.tp, m.kv_channels
     rope = m.position_embedding_type == "rope"
     queries = t * n * d * s.act if rope or n != g else t * (n + 2 * g) * d * s.act  # a copy, or the QKV output
-    gathered = 2 * s.micro_batch * m.seq_length * g * d * s.act
-    return t * m.hidden_size * s.act + queries + gathered + 2 * t * n * d * s.act + lse
+    keys_values = 2 * (t if s.layout.cp_comm_type == "p2p" else s.micro_batch * m.seq_length) * g * d * s.act
+    return t * m.hidden_size * s.act + queries + keys_values + 2 * t * n * d * s.act + lse
 
 
 def _mlp_saved(s: Shapes) -> int:
@@ -359,8 +366,9 @@ def _attention_core_saved(s: Shapes) -> int:
     [b, heads, s, s] softmax output, the dropout mask and the dropped probabilities; under selective
     recompute the checkpoint keeps q, k, v themselves (the QKV output's storage, whole, without rope) and
     none of those. The estimate assumes flash throughout, so it counts none of them.
-    Under context parallelism it also drops the gathered keys and values and the chunks' SDPA outputs,
-    and keeps the rotated keys and the QKV output as its inputs: what stays is what it keeps without CP."""
+    Under context parallelism it also drops the (gathered or own) keys and values and the chunks'
+    outputs, and keeps the rotated keys and the QKV output as its inputs: what stays is what it keeps
+    without CP."""
     return _attention_saved(s) - _attention_kept_by_selective(s)
 
 
@@ -501,8 +509,10 @@ def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: K
     checks every rank runs first) or the run is one this model does not cover."""
     dp = validate_layout(cfg, world_size)
     p, t, m = cfg.parallel, cfg.training, cfg.model
+    keyed_attention_dropout = m.attention_dropout and m.keyed_dropout  # runs in the ring (`CoreAttention`)
     layout = Layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, dp, p.sequence_parallel,
-                    p.context_parallel_size, virtual_pipeline_size(p, m.num_layers))
+                    p.context_parallel_size, virtual_pipeline_size(p, m.num_layers),
+                    "p2p" if keyed_attention_dropout else cp_comm_type(p, kernels.device_type))
     replicas = dp * layout.cp  # the data x context ranks: ZeRO partitions, and our reduction sums, over them
     zero: dict = {}
     if cfg.deepspeed.deepspeed:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from megatron_eslm import parallel_state
 from megatron_eslm.checkpoint.regroup import regrouped_state
 from megatron_eslm.config import Config, validate_layout
-from megatron_eslm.config.parallel import virtual_pipeline_size
+from megatron_eslm.config.parallel import cp_comm_type, virtual_pipeline_size
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler, SkippingBatchSampler
 from megatron_eslm.distributed import collectives, deepspeed_config, launch
@@ -61,7 +61,8 @@ class Trainer:
             parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                                      p.context_parallel_size, self_group=cfg.deepspeed.deepspeed,
                                                      virtual_pipeline_model_parallel_size=virtual_pipeline_size(
-                                                         p, cfg.model.num_layers))
+                                                         p, cfg.model.num_layers),
+                                                     cp_comm_type=cp_comm_type(p, self.device.type))
         # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
         self.is_logging_rank = launch.rank() == 0
         self.log = log if self.is_logging_rank else (lambda *args: None)
