@@ -20,7 +20,7 @@ weight-decay groups, fused on CUDA, foreach on the CPU). Every row's TFLOP/s cou
 shape (`training/flops.py`, the dense count: 3x the forward's matmuls, a 4hV head backward), so the MFU and
 ratio columns compare time alone. The params column shows that the peers hold the same model.
 
-    python tools/bench_peers.py --tiny                       # CPU: a few seconds a row (compiles take longer)
+    python tools/bench_peers.py --tiny --threads 1           # CPU: about a minute, most of it compiling a peer
     python tools/bench_peers.py --preset gpt2-124m           # a GPU
     python tools/bench_peers.py --preset llama-1b --steps 5
 
@@ -90,7 +90,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float,
                    help="the device's dense peak TFLOP/s for the MFU column (default: training/throughput.py's "
                         "table of GPUs; none on a CPU)")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch's CPU threads (default all cores; on a busy CPU 1 gives steadier times)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.tiny:
