@@ -38,6 +38,19 @@ def test_tiny_table_on_cpu(capsys):
     assert column["note"][4].startswith(("n/a on cpu", "not importable"))
 
 
+def test_rows_without_the_peer_packages(monkeypatch):
+    """Where transformers and megatron-core do not import, their rows say so."""
+    find_spec = bench_peers.importlib.util.find_spec
+    monkeypatch.setattr(bench_peers.importlib.util, "find_spec",
+                        lambda name: None if name.split(".")[0] in ("transformers", "megatron") else find_spec(name))
+    cfg = bench_peers.model_config(bench_peers.parse(["--tiny", "--preset", "llama-1b"]))
+    rows = dict(bench_peers.plan(cfg, bench_peers.torch.device("cpu")))
+    assert rows == {"ours": "", "ours, --compile": rows["ours, --compile"],
+                    "transformers LlamaForCausalLM": "not importable (pip install transformers)",
+                    "transformers LlamaForCausalLM, compiled": "not importable (pip install transformers)",
+                    "megatron-core GPTModel (local spec)": "not importable (pip install megatron-core)"}
+
+
 def test_tiny_under_a_preset_keeps_its_options():
     """--tiny's sizes over llama-1b's (query groups that divide the tiny heads), its Llama options kept,
     a size flag given winning; --warmup 0 refused (the compiled rows would time their compile)."""

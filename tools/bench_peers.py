@@ -29,6 +29,7 @@ transformers is needed for its rows (the `test` extra); megatron-core's row says
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -141,20 +142,34 @@ def transformers_model(cfg: ModelConfig, vocab_size: int, device: torch.device) 
     return model.train()
 
 
-def megatron_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> nn.Module:
-    """megatron-core's GPTModel of our shape with its local (non-Transformer-Engine) layer spec, on one rank
-    (its model-parallel state initialised here, torn down by `megatron_teardown`), in training mode."""
+@contextlib.contextmanager
+def megatron_one_rank(device: torch.device) -> Iterator[None]:
+    """megatron-core's model-parallel state (and its RNG tracker) on a process group of one rank, torn down
+    after; the process group too when made here."""
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
+
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    parallel_state.initialize_model_parallel()
+    try:
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if made:
+            dist.destroy_process_group()
+
+
+def megatron_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> nn.Module:
+    """megatron-core's GPTModel of our shape with its local (non-Transformer-Engine) layer spec, in training
+    mode; within `megatron_one_rank`."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
     activation = F.silu if cfg.swiglu else functools.partial(F.gelu, approximate="tanh")  # ours: gelu_new
     config = TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
@@ -170,22 +185,6 @@ def megatron_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> n
                      share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
                      position_embedding_type=cfg.position_embedding_type, rotary_base=cfg.rotary_base)
     return model.to(device).train()
-
-
-def megatron_teardown() -> None:
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
-
-
-def megatron_unavailable(device: torch.device) -> str | None:
-    """Why megatron-core's row cannot run here, or None."""
-    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
-        return "not importable (pip install megatron-core)"
-    if device.type != "cuda":
-        return "n/a on cpu: its attention and rotary embedding allocate on the current CUDA device"
-    return None
 
 
 def time_peer(name: str, module: nn.Module, batches: list[dict], device: torch.device, bf16: bool,
@@ -208,11 +207,25 @@ def time_peer(name: str, module: nn.Module, batches: list[dict], device: torch.d
     return Result(name, seconds, sum(p.numel() for p in module.parameters()))
 
 
+def plan(cfg: ModelConfig, device: torch.device) -> list[tuple[str, str]]:
+    """The rows, in order: each name with why it cannot run here ("" where it runs)."""
+    peer = "GPT2LMHeadModel" if architecture(cfg) == GPT2 else "LlamaForCausalLM"
+    transformers = "" if importlib.util.find_spec("transformers") else "not importable (pip install transformers)"
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        megatron = "not importable (pip install megatron-core)"
+    elif device.type != "cuda":
+        megatron = "n/a on cpu: its attention and rotary embedding allocate on the current CUDA device"
+    else:
+        megatron = ""
+    return [("ours", ""), ("ours, --compile", "" if hasattr(cfg, "compile") else "n/a (--compile not built)"),
+            (f"transformers {peer}", transformers), (f"transformers {peer}, compiled", transformers),
+            ("megatron-core GPTModel (local spec)", megatron)]
+
+
 def results(args: argparse.Namespace, cfg: ModelConfig, vocab_size: int, device: torch.device,
             bf16: bool) -> Iterator[Result]:
-    """Every row, measured one after the other (each model freed before the next is built)."""
+    """Every row of `plan`, measured one after the other (each model freed before the next is built)."""
     batches = random_batches(args, args.warmup + args.steps)
-    peer = "GPT2LMHeadModel" if architecture(cfg) == GPT2 else "LlamaForCausalLM"
 
     def ours(name: str, options: dict) -> Result:
         model = build_model(cfg, vocab_size, device)
@@ -220,35 +233,21 @@ def results(args: argparse.Namespace, cfg: ModelConfig, vocab_size: int, device:
                               resolve_impl("auto", device), bf16, args.warmup)
         return Result(name, timing.step, sum(p.numel() for p in model.parameters()))
 
-    rows: list[Callable[[], Result]] = [lambda: ours("ours", {})]
-    if hasattr(cfg, "compile"):
-        rows.append(lambda: ours("ours, --compile", {"compile": True}))
-    else:
-        rows.append(lambda: Result("ours, --compile", note="n/a (--compile not built)"))
-    if importlib.util.find_spec("transformers") is None:
-        rows += [lambda: Result(f"transformers {peer}{kind}", note="not importable (pip install transformers)")
-                 for kind in ("", ", compiled")]
-    else:
-        rows += [lambda: time_peer(f"transformers {peer}", CausalLMLoss(transformers_model(cfg, vocab_size, device)),
-                                   batches, device, bf16, args.warmup),
-                 lambda: time_peer(f"transformers {peer}, compiled",
-                                   CausalLMLoss(transformers_model(cfg, vocab_size, device)), batches, device, bf16,
-                                   args.warmup, args.compile_backend)]
-    megatron = "megatron-core GPTModel (local spec)"
-    why = megatron_unavailable(device)
-    if why:
-        rows.append(lambda: Result(megatron, note=why))
-    else:
-        def megatron_row() -> Result:
+    def transformers(name: str, compile_backend: str | None = None) -> Result:
+        module = CausalLMLoss(transformers_model(cfg, vocab_size, device))
+        return time_peer(name, module, batches, device, bf16, args.warmup, compile_backend)
+
+    def megatron(name: str) -> Result:
+        with megatron_one_rank(device):
             module = MegatronLoss(megatron_model(cfg, vocab_size, device), args.micro_batch_size, args.seq_length,
                                   device)
-            try:
-                return time_peer(megatron, module, batches, device, bf16, args.warmup)
-            finally:
-                megatron_teardown()
-        rows.append(megatron_row)
-    for row in rows:
-        yield row()
+            return time_peer(name, module, batches, device, bf16, args.warmup)
+
+    runs: list[Callable[[str], Result]] = [
+        functools.partial(ours, options={}), functools.partial(ours, options={"compile": True}), transformers,
+        functools.partial(transformers, compile_backend=args.compile_backend), megatron]
+    for (name, why_not), run in zip(plan(cfg, device), runs, strict=True):
+        yield Result(name, note=why_not) if why_not else run(name)
         gc.collect()  # the row's model and optimizer before the next row builds its own
         if device.type == "cuda":
             torch.cuda.empty_cache()
