@@ -84,7 +84,7 @@ def test_device_check_dry_run(tmp_path):
     assert [name for name, _ in steps] == ["env", "install", "nccl_faults", "cuda_tests", "cp_attention",
                                             "triton_tests", "lm_head_bench", "gpt2_step_triton",
                                            "gpt2_step_torch", "llama_step", "llama_memory", "save_bench",
-                                           "quickstart", "quickstart_bf16", "selection_study"]
+                                           "peers", "quickstart", "quickstart_bf16", "selection_study"]
     assert "tests/test_lm_head_triton.py" in report and "tests/test_host_syncs.py" in report
     # the study's flags parse (a GPU session cannot afford to find a typo there)
     import selection_study

@@ -47,6 +47,7 @@ import dataclasses
 import os
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -111,10 +112,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model and micro-batch of a recipe: " + "; ".join(
                        f"{name}: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in values.items())
                        for name, values in PRESETS.items()))
-    for name, default in DEFAULTS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int,
-                       help=f"default {'derived, as the trainer does' if default is None else default}, "
-                            "or the preset's")
+    add_shape_flags(p)
     p.add_argument("--lm-head-impl", choices=["auto", "torch", "triton"], default="torch",
                    help="LM-head kernels, passed to forward_backward (default torch; auto: triton on CUDA "
                         "when triton is installed, else torch, as the trainer's --lm-head-impl)")
@@ -137,6 +135,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return fill_shape(p.parse_args(argv))
+
+
+def add_shape_flags(p: argparse.ArgumentParser, defaults: dict = DEFAULTS) -> None:
+    """The size flags (`defaults`' keys), each None unless given: `fill_shape` fills them."""
+    for name, default in defaults.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int,
+                       help=f"default {'derived, as the trainer does' if default is None else default}, "
+                            "or the preset's")
 
 
 def fill_shape(args: argparse.Namespace, defaults: dict = DEFAULTS) -> argparse.Namespace:
@@ -163,6 +169,22 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> GPTM
     same shape has the same weights, whatever the recompute fields."""
     with torch.device(device):
         return GPTModel(cfg, vocab_size)
+
+
+def random_batches(args: argparse.Namespace, count: int) -> list[dict]:
+    """`count` micro-batches of random tokens (seeded: every run and every tool draws the same), on the CPU."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(count):
+        seq = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=g)
+        batches.append({"tokens": seq[:, :-1], "labels": seq[:, 1:]})
+    return batches
+
+
+def autocast_factory(device: torch.device, bf16: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """The trainer's precision as forward_backward takes it: a fresh bf16 autocast context for each forward
+    (the backward runs outside it), or none."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
@@ -205,10 +227,25 @@ class Clock:
         return start.elapsed_time(end) / 1000 if self.cuda else end - start
 
 
+def median_seconds(run: Callable[[], object], device: torch.device, calls: int, warmup: int = 0) -> float:
+    """The median wall time of `run()` over `calls` calls after `warmup` untimed ones, each between
+    synchronizations of the device (whose kernels the host only queues)."""
+    times = []
+    for i in range(warmup + calls):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
 def time_variant(base: GPTModel, variant: Variant, batches: list[dict], device: torch.device,
                  lm_head_impl: str = "torch", bf16: bool = False, warmup: int = 2) -> Timing:
-    def autocast():  # the trainer's: the forward only, backward outside it
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = autocast_factory(device, bf16)
 
     def step(batch: dict) -> tuple[StepStats, object]:  # the stats, a Clock mark before the optimizer
         optimizer.zero_grad(set_to_none=True)
@@ -276,11 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = peak_tflops(device, args.peak_tflops)
     cfg = model_config(args)
     model = build_model(cfg, args.vocab_size, device)
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(args.steps + 2):
-        seq = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=g)
-        batches.append({"tokens": seq[:, :-1], "labels": seq[:, 1:]})
+    batches = random_batches(args, args.steps + 2)
     llama = ", Llama (rope, RMSNorm, SwiGLU, untied head, no biases)" if cfg.swiglu else ""
     print(f"device {device}, threads {args.threads}, layers {cfg.num_layers}, hidden {cfg.hidden_size}, "
           f"heads {cfg.num_attention_heads} ({cfg.num_query_groups} query groups), ffn {cfg.ffn_hidden_size}{llama}, "

@@ -10,8 +10,8 @@
 # DEVICE_CHECK_BUDGET_S, default 540 s, is spent; a failing step does not stop the later ones):
 #   env              the GPU, torch, triton and the optional packages present
 #   install          this checkout into the machine's python (PYTHON, default python3: it holds a CUDA torch
-#                    and triton), --no-deps: there is no package index to reach, and deepspeed and
-#                    megatron-core are not needed here. Where pip cannot install it (the H200 image's pip runs
+#                    and triton), --no-deps: there is no package index to reach, deepspeed is not
+#                    needed here (megatron-core only for a row of peers). Where pip cannot install it (the H200 image's pip runs
 #                    `setup.py develop`, which fetches build dependencies), the checkout is used in place:
 #                    megatron_eslm/kernels links to kernels/ for the run (removed at exit), PYTHONPATH=.
 #   nccl_faults      issue 29's GPU checks (tests/test_nccl_readiness.py -k gpu): a one-rank NCCL group with
@@ -35,6 +35,11 @@
 #   llama_memory     tools/bench_memory.py --preset llama-1b on cuda: saved activations per recompute variant
 #   save_bench       tools/fault_drill.py --save-bench: how long a save of the GPT-2 124M shape (weights and
 #                    AdamW moments, ~1.4 GiB) blocks training, synchronous and --async-save
+#   peers            tools/bench_peers.py at the GPT-2 124M and Llama-1B shapes in bf16: our step (and --compile)
+#                    against transformers' GPT2LMHeadModel / LlamaForCausalLM, eager and torch.compile'd, and
+#                    megatron-core's GPTModel (local spec), tokens/s, TFLOP/s and MFU. Needs transformers (and
+#                    megatron-core for its row) on the machine: carry their wheels (docs/benchmarks.md, "Peers").
+#                    Past the default budget with the steps before it: run it alone, DEVICE_CHECK_ONLY=peers
 #   quickstart       the quickstart's data and a 20-iteration run on cuda (fp32), then quickstart_bf16: the
 #                    same model for 20 iterations with --bf16 --timing-log-level 1, printing its metrics
 #                    record (time_*_ms, tflops_per_gpu, mfu, max_memory_allocated)
@@ -143,7 +148,7 @@ step() {  # step NAME TIMEOUT_S "MODULES NEEDED" COMMAND...: run it with its tim
 environment() {  # the GPU, python, torch and the packages the steps may need
     nvidia-smi
     "$PYTHON" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'
-    "$PYTHON" -m pip list 2>/dev/null | grep -i -E '^(triton|sentencepiece|pytest|hypothesis|deepspeed|transformers|tensorboard|numpy|setuptools) '
+    "$PYTHON" -m pip list 2>/dev/null | grep -i -E '^(triton|sentencepiece|pytest|hypothesis|deepspeed|transformers|megatron-core|tensorboard|numpy|setuptools) '
 }
 export -f environment
 
@@ -173,6 +178,14 @@ sys.exit(1 if bad or abs(share - 1) > 0.05 else 0)
 EOF
 }
 export -f quickstart_bf16
+
+peers() {  # both presets, the second run even when the first fails
+    local rc=0
+    "$PYTHON" tools/bench_peers.py --preset gpt2-124m --steps 10 || rc=$?
+    "$PYTHON" tools/bench_peers.py --preset llama-1b --steps 5 || rc=$?
+    return $rc
+}
+export -f peers
 
 TESTS=$(grep -l "skipif(not torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')  # the CUDA-only tests' files
 [ -n "$TESTS" ] || TESTS=tests/test_lm_head_triton.py  # never the whole suite
@@ -210,6 +223,7 @@ step gpt2_step_torch 90 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset 
 step llama_step 150 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto --steps 6
 step llama_memory 90 "torch megatron_eslm" "$PY" tools/bench_memory.py --preset llama-1b --bf16 --device cuda
 step save_bench 120 "torch megatron_eslm" "$PY" tools/fault_drill.py --save-bench --vocab-size 32768
+step peers 420 "torch transformers megatron_eslm" bash -c peers
 step quickstart 120 "torch sentencepiece megatron_eslm" "$PY" -m megatron_eslm.quickstart --output-dir "$WORK/quickstart" \
     --train-iters 20 --log-interval 5 --corpus-mb 1 --eval-iters 1 --generate-tokens 20
 step quickstart_bf16 120 "torch sentencepiece megatron_eslm" bash -c quickstart_bf16
