@@ -209,13 +209,13 @@ def test_bad_context_parallel_layouts_fail_in_one_line(tiny_corpus, world, extra
 
 
 def test_cp_comm_type_flag(tiny_corpus):
-    """--cp-comm-type takes p2p or all_gather; unset, the ring on CUDA and the all-gather form on the CPU."""
+    """--cp-comm-type takes p2p or all_gather; unset, the all-gather form (the ring is opt-in)."""
     from megatron_eslm.config import ParallelConfig
     from megatron_eslm.config.parallel import cp_comm_type
     with pytest.raises(UserError, match=re.escape("--cp-comm-type must be one of p2p, all_gather, got 'ring'")):
         parse_args(tpt.flags(tiny_corpus, 2, "--cp-comm-type", "ring"))
-    assert [cp_comm_type(ParallelConfig(), device) for device in ("cuda", "cpu")] == ["p2p", "all_gather"]
-    assert cp_comm_type(parse_args(tpt.flags(tiny_corpus, 2, "--cp-comm-type", "p2p")).parallel, "cpu") == "p2p"
+    assert cp_comm_type(ParallelConfig()) == "all_gather"
+    assert cp_comm_type(parse_args(tpt.flags(tiny_corpus, 2, "--cp-comm-type", "p2p")).parallel) == "p2p"
 
 
 # ----------------------------------------------------------------------------------------- ranks

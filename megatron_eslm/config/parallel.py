@@ -17,7 +17,7 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = None  # None: one model chunk per pipeline rank
     sequence_parallel: bool = False
     context_parallel_size: int = 1
-    cp_comm_type: str | None = None  # None: p2p on CUDA, all_gather on the CPU (`cp_comm_type`)
+    cp_comm_type: str | None = None  # None: all_gather, p2p with attention dropout (`cp_comm_type`)
     ddp_bucket_size: int = 25_000_000  # gradient elements per data-parallel all-reduce
     overlap_grad_reduce: bool = False
     distributed_timeout_minutes: float = 10  # Megatron's default
@@ -39,8 +39,9 @@ HELP = {
     "cp_comm_type": f"{' or '.join(CP_COMM_TYPES)}: how context-parallel attention gets the other chunks' keys "
                     "and values: passed around the ring, overlapped with each block's attention and never held "
                     "whole (p2p), or all-gathered once per layer (all_gather: the fused SDPA kernels, the whole "
-                    "sequence's keys and values held and saved); unset means p2p on CUDA and all_gather on the "
-                    "CPU (p2p with attention dropout, which the all-gather form does not run)",
+                    "sequence's keys and values held and saved); unset means all_gather (the ring's blocks run "
+                    "the math path, not a fused kernel, so it is opt-in until measured on GPUs), and p2p with "
+                    "attention dropout, which the all-gather form does not run",
     "ddp_bucket_size": "gradient elements per data-parallel all-reduce bucket",
     "overlap_grad_reduce": "launch each bucket's data-parallel all-reduce from the last micro-batch's backward, "
                            "as soon as its gradients are final, instead of after the backward (nothing to "
@@ -74,8 +75,10 @@ def virtual_pipeline_size(p: ParallelConfig, num_layers: int) -> int:
     return num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
 
 
-def cp_comm_type(p: ParallelConfig, device_type: str) -> str:
-    """--cp-comm-type, or its default on `device_type`: the ring on CUDA (Megatron's default: the exchange
-    hides behind the attention, no whole-sequence copy); on the CPU the all-gather, whose gloo collectives
-    are two a layer where the ring's are 2C (the CPU runs are tests and tiny studies)."""
-    return p.cp_comm_type or ("p2p" if device_type == "cuda" else "all_gather")
+def cp_comm_type(p: ParallelConfig) -> str:
+    """--cp-comm-type, or its default: the all-gather form, whose two SDPA calls per layer run the fused
+    kernels. Megatron defaults to the ring, but ours computes each block on the math path, holding an
+    [L, 2L] float32 score block per head (4 GiB a block at the llama3_8b_32k recipe's shape): it is opt-in
+    until a fused block kernel is measured on GPUs. Attention dropout runs in the ring whatever this says
+    (`CoreAttention`)."""
+    return p.cp_comm_type or "all_gather"

@@ -67,7 +67,7 @@ class Layout:
     sequence_parallel: bool = False
     cp: int = 1  # context parallel: a rank holds s / cp tokens of each sequence
     vp: int = 1  # model chunks per pipeline rank (the interleaved schedule)
-    cp_comm_type: str = "p2p"  # --cp-comm-type as the device resolves it: the ring, or the all-gather form
+    cp_comm_type: str = "all_gather"  # --cp-comm-type as resolved: the ring (p2p), or the all-gather form
 
     def describe(self) -> str:
         """`TP2 x CP2 x PP2 x DP1, sequence parallel` (CP named when it splits, VP when interleaved): one
@@ -257,11 +257,10 @@ class Kernels:
     """What the device's kernels save where CUDA and the CPU differ (the tests measure on the CPU)."""
     dropout_mask_bytes: int | None  # per element; None: the activation's (the CPU keeps the scaled mask)
     layernorm_stats_fp32: bool  # CUDA's layer_norm keeps mean and rstd in fp32, the CPU's in its input dtype
-    device_type: str  # which --cp-comm-type an unset flag means (`config.parallel.cp_comm_type`)
 
 
-CUDA = Kernels(dropout_mask_bytes=1, layernorm_stats_fp32=True, device_type="cuda")
-CPU = Kernels(dropout_mask_bytes=None, layernorm_stats_fp32=False, device_type="cpu")
+CUDA = Kernels(dropout_mask_bytes=1, layernorm_stats_fp32=True)
+CPU = Kernels(dropout_mask_bytes=None, layernorm_stats_fp32=False)
 
 
 @dataclass(frozen=True)
@@ -512,7 +511,7 @@ def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: K
     keyed_attention_dropout = m.attention_dropout and m.keyed_dropout  # runs in the ring (`CoreAttention`)
     layout = Layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, dp, p.sequence_parallel,
                     p.context_parallel_size, virtual_pipeline_size(p, m.num_layers),
-                    "p2p" if keyed_attention_dropout else cp_comm_type(p, kernels.device_type))
+                    "p2p" if keyed_attention_dropout else cp_comm_type(p))
     replicas = dp * layout.cp  # the data x context ranks: ZeRO partitions, and our reduction sums, over them
     zero: dict = {}
     if cfg.deepspeed.deepspeed:

@@ -62,7 +62,7 @@ class Trainer:
                                                      p.context_parallel_size, self_group=cfg.deepspeed.deepspeed,
                                                      virtual_pipeline_model_parallel_size=virtual_pipeline_size(
                                                          p, cfg.model.num_layers),
-                                                     cp_comm_type=cp_comm_type(p, self.device.type))
+                                                     cp_comm_type=cp_comm_type(p))
         # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
         self.is_logging_rank = launch.rank() == 0
         self.log = log if self.is_logging_rank else (lambda *args: None)
