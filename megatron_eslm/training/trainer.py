@@ -261,6 +261,7 @@ class Trainer:
         try:
             while self.iteration < t.train_iters and stop is None:
                 interval = self.train_step(batches, interval)
+                timers.start("logging")  # the work between two steps; eval and checkpoint nest in it
                 self.iteration += 1
                 # the host all-reduces that agree on a pending async save and a stop run per log interval
                 at_log = self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters
@@ -274,13 +275,16 @@ class Trainer:
                 stop = exits.reason(self.iteration, agree=at_log)
                 if at_log or stop:
                     stats = reduce_step_stats(interval)  # the interval's one host read: waits for the device
-                    record = self._train_record(stats, time.perf_counter() - tic)
+                    # the interval ends here, for the wall clock and the phases (read in the record) alike:
+                    # the rest of this line's logging is the next interval's
+                    now = time.perf_counter()
+                    record = self._train_record(stats, now - tic)
                     self._train_threshold = record["threshold"]  # the evaluation's val_above_threshold
                     records.append(record)
                     self.metrics.write(record)
                     self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
                     self._recover(record)
-                    interval, tic, self._outside_steps = None, time.perf_counter(), 0.0
+                    interval, tic, self._outside_steps = None, now, 0.0
                 elif self.iteration == start_iteration + 1:  # a first sign of life: host time only, no device read
                     self.log(self._first_iteration_line(time.perf_counter() - start, start_iteration))
                 save = cfg.checkpoint
@@ -298,6 +302,7 @@ class Trainer:
                     self._outside_steps += time.perf_counter() - outside
                     if watchdog is not None:
                         watchdog.progress(self.iteration)
+                timers.stop("logging")
             if self.async_saver is not None:
                 self.async_saver.wait()  # the last checkpoint is on disk when train() returns
         except RuntimeError as err:  # torch.distributed's errors among them: a peer gone?
