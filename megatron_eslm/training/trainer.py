@@ -20,6 +20,7 @@ from megatron_eslm.distributed.grads import finalize_model_grads
 from megatron_eslm.distributed.watchdog import Watchdog
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
+from megatron_eslm.model.attention_backend import check_attention_device
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
 from megatron_eslm.model.lm_head import resolve_impl
 from megatron_eslm.tensor_parallel.random import set_random_seeds
@@ -73,6 +74,7 @@ class Trainer:
                                             cfg.model.make_vocab_size_divisible_by * p.tensor_model_parallel_size)
         dp = parallel_state.data_parallel_size()
         ds_config = deepspeed_config.resolve(cfg, dp) if cfg.deepspeed.deepspeed else None
+        check_attention_device(cfg.model.attention_backend, self.device)
         self.model = build_model(cfg, self.vocab_size, self.device, ds_config)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lm_head_impl = resolve_impl(cfg.selection.lm_head_impl, self.device)
