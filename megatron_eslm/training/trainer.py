@@ -23,6 +23,7 @@ from megatron_eslm.eslm.build import build_policy
 from megatron_eslm.model.attention_backend import check_attention_device
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
 from megatron_eslm.model.lm_head import resolve_impl
+from megatron_eslm.tensor_parallel.fp8 import convert_to_fp8
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import checkpointing, evaluation, throughput
@@ -76,6 +77,8 @@ class Trainer:
         ds_config = deepspeed_config.resolve(cfg, dp) if cfg.deepspeed.deepspeed else None
         check_attention_device(cfg.model.attention_backend, self.device)
         self.model = build_model(cfg, self.vocab_size, self.device, ds_config)
+        if cfg.training.fp8_format is not None:
+            convert_to_fp8(self.model, cfg.training.fp8_format, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lm_head_impl = resolve_impl(cfg.selection.lm_head_impl, self.device)
         self.iteration = 0
