@@ -35,6 +35,9 @@ def finalize(cfg: Config) -> Config:
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_training(cfg.training)
+    if cfg.model.attention_backend in ("flash", "cudnn") and not cfg.training.bf16:
+        raise UserError(f"--attention-backend {cfg.model.attention_backend} needs --bf16 (its kernels take "
+                        "16-bit inputs only)")
     validate_logging(cfg.logging)
     validate_selection(cfg.selection)
     validate_optimizer(cfg.optimizer)
@@ -105,6 +108,9 @@ def validate_context_parallel(cfg: Config, cp: int) -> None:
     if cfg.selection.selection == "lfr":
         raise UserError(f"--selection lfr does not run with --context-parallel-size {cp}: it ranks whole samples "
                         "by perplexity, and context parallelism splits every sample over ranks")
+    if m.attention_backend == "cudnn":
+        raise UserError(f"--attention-backend cudnn does not run with --context-parallel-size {cp}: cuDNN has no "
+                        "kernel for the lower-right causal mask of a rank's chunks (flash and efficient do)")
 
 
 def sequence_keep(alpha: float, global_batch_size: int) -> int:
