@@ -1,4 +1,4 @@
-"""Batch, step count, precision, seed and evaluation flags."""
+"""Batch, step count, precision, compilation, seed and evaluation flags."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ class TrainingConfig:
     global_batch_size: int | None = None  # None: micro_batch_size (no accumulation)
     train_iters: int = 1000
     bf16: bool = False
+    compile: bool = False  # torchtitan's name; Megatron-LM has no such flag
     seed: int = 1234
     eval_interval: int = 1000
     eval_iters: int = 10
@@ -25,6 +26,10 @@ HELP = {
     "global_batch_size": "samples per optimizer step (accumulates micro-batches)",
     "train_iters": "optimizer steps",
     "bf16": "bfloat16 autocast for the model (fp32 master weights)",
+    "compile": "torch.compile each transformer layer (inductor, static shapes); the collectives, the attention "
+               "core, dropout, the LM head and the selection stay eager between the compiled regions "
+               "(docs/performance.md). Compiling takes the first iteration (logged once); expected to help "
+               "on GPU",
     "seed": "seed for init, dropout, data order and random selection",
     "eval_interval": "evaluate every N iterations (and at the end)",
     "eval_iters": "validation batches per evaluation",

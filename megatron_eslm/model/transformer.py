@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_eslm import parallel_state
+from megatron_eslm.compiled_regions import outside_compiled_regions
 from megatron_eslm.config import ModelConfig
 from megatron_eslm.context_parallel.attention import context_parallel_attention
 from megatron_eslm.model.norms import build_norm
 from megatron_eslm.model.rotary import RotaryTables, apply_rotary
-from megatron_eslm.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, ShardedDropout,
+from megatron_eslm.tensor_parallel.layers import (ColumnParallelLinear, Dropout, RowParallelLinear, ShardedDropout,
                                                   mark_sequence_parallel)
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
@@ -29,13 +30,15 @@ from megatron_eslm.tensor_parallel.random import get_rng_tracker
 class CoreAttention(nn.Module):
     """softmax(QK^T / sqrt(d) + causal mask), its dropout, times V: the part whose saved tensors grow with
     the square of the sequence. A module of its own, without parameters, so that selective recompute
-    wraps it from outside (`training/recompute.py`) and the state dict does not change."""
+    wraps it from outside (`training/recompute.py`) and the state dict does not change. Under --compile it
+    runs eagerly between the layer's compiled regions (`compiled_regions.py`)."""
 
     def __init__(self, dropout: float, grouped: bool):
         super().__init__()
         self.dropout = dropout
         self.sdpa_options = {"enable_gqa": True} if grouped else {}  # torch >= 2.5, only for GQA
 
+    @outside_compiled_regions
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [b, s, heads, d], k and v [b, s, groups, d] -> [b, s, heads, d]. Under context parallelism s is
         this rank's two chunks, and the keys and values of the whole sequence are gathered (no dropout:
@@ -70,7 +73,10 @@ class CausalSelfAttention(nn.Module):
         self.dense = RowParallelLinear(cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size, output_std,
                                        generator, sequence_parallel, bias=bias)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryTables | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rotary: RotaryTables | None = None) -> tuple[torch.Tensor, ...]:
+        """The queries [b, s, heads, d], keys and values [b, s, groups, d] of x [b, s, h], rotated under rope.
+        The block runs the attention in its three steps, `project`, `core_attention`, `dense` (output [b, s,
+        heads x d] -> [b, s, h]), itself: see `TransformerBlock.forward`."""
         qkv = self.query_key_value(x)
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.local_groups, self.queries_per_group + 2, self.head_dim)
@@ -80,8 +86,7 @@ class CausalSelfAttention(nn.Module):
         k, v = k.squeeze(3), v.squeeze(3)
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        out = self.core_attention(q, k, v)
-        return self.dense(out.reshape(b, s, -1))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -116,11 +121,15 @@ class TransformerBlock(nn.Module):
         self.self_attention = CausalSelfAttention(cfg, output_std, generator, sequence_parallel)
         self.post_attention_layernorm = build_norm(cfg)
         self.mlp = MLP(cfg, output_std, generator, sequence_parallel)
-        self.hidden_dropout = (ShardedDropout if sequence_parallel else nn.Dropout)(cfg.hidden_dropout)
+        self.hidden_dropout = (ShardedDropout if sequence_parallel else Dropout)(cfg.hidden_dropout)
         if sequence_parallel:
             mark_sequence_parallel([*self.input_layernorm.parameters(), *self.post_attention_layernorm.parameters()])
 
     def forward(self, x: torch.Tensor, rotary: RotaryTables | None = None) -> torch.Tensor:
-        """`rotary`: the stage's cos/sin tables under --position-embedding-type rope."""
-        x = x + self.hidden_dropout(self.self_attention(self.input_layernorm(x), rotary))
+        """`rotary`: the stage's cos/sin tables under --position-embedding-type rope. The attention core is
+        called from this frame: under --compile it runs eagerly, and dynamo resumes after a graph break in
+        the frame it compiles, so the layer is two regions (before and after the core), not four."""
+        attention = self.self_attention
+        out = attention.core_attention(*attention.project(self.input_layernorm(x), rotary))
+        x = x + self.hidden_dropout(attention.dense(out.flatten(2)))
         return x + self.hidden_dropout(self.mlp(self.post_attention_layernorm(x)))
