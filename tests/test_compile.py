@@ -2,7 +2,7 @@
 attention core, dropout, the LM head and the selection eager between the regions. A compiled run equals the
 eager one in float32 over 5 steps: the logged numbers and every parameter within 1e-5 relative, the kept
 fractions exactly; with one process under inductor's C++ backend (dense, ESLM by loss, sequence ESLM, full
-and selective recompute), with TP2 + sequence parallelism, PP2 and DeepSpeed ZeRO-3 on two gloo ranks under
+and selective recompute), with TP2 + sequence parallelism, PP2 and DeepSpeed ZeRO-1 and ZeRO-3 on two gloo ranks under
 aot_eager (the same regions, graph breaks and collectives, the graphs run by eager kernels: a cold inductor
 compile costs a process some 20 s of CPU, and its kernels are the one-process test's). The compile time is logged once, and sequence selection's
 scoring pass compiles once, not every step.
@@ -10,6 +10,8 @@ scoring pass compiles once, not every step.
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,9 @@ from megatron_eslm.config import parse_args
 from megatron_eslm.training.trainer import Trainer
 from rank_pool import run_on_ranks
 from test_parallel_training import SELECTIONS, assemble, flags, layout_flags, relative, shards
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_train_step  # noqa: E402
 
 STEPS = 5
 TOLERANCE = 1e-5  # float32 round-off over 5 steps (measured: inductor 1.0e-7 logged, 1.9e-6 parameters; aot_eager 0)
@@ -33,8 +38,8 @@ ONE_PROCESS = {
 }
 # name -> (micro-batch, flags): 4 a step on one data-parallel rank, 2 on each of two
 TWO_RANKS = {"tp2-sp": (4, layout_flags(2, 1, True)), "pp2": (4, layout_flags(1, 2, False))}
-if importlib.util.find_spec("deepspeed"):  # ZeRO-3's hooks gather each module's parameters inside the layers
-    TWO_RANKS["dp2 zero3"] = (2, ["--zero-stage", "3"])
+if importlib.util.find_spec("deepspeed"):  # ZeRO-1: the recipes'; ZeRO-3: its hooks gather parameters in the layers
+    TWO_RANKS.update({f"dp2 zero{stage}": (2, ["--zero-stage", str(stage)]) for stage in (1, 3)})
 
 
 def run(argv: list[str]) -> dict:
@@ -109,11 +114,31 @@ def test_one_process_compiled_equals_eager(tiny_corpus):
 @pytest.mark.slow
 def test_two_ranks_compiled_equal_eager(tiny_corpus):
     """TP2 with sequence parallelism (the collectives between the regions), PP2 (a stage's layers compiled,
-    the sends and receives between them) and DeepSpeed ZeRO-3 on DP2 (its hooks, which DeepSpeed keeps out
+    the sends and receives between them) and DeepSpeed ZeRO-1 and ZeRO-3 on DP2 (ZeRO-3's hooks, which DeepSpeed keeps out
     of compiled graphs, gather the parameters between the regions), compiled against eager, same layout."""
     cases = {name: case_flags(tiny_corpus, micro_batch, [*SELECTIONS["eslm-loss"], *extra])
              for name, (micro_batch, extra) in TWO_RANKS.items()}
     check(cases, run_on_ranks(2, eager_and_compiled, cases, "aot_eager"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (tools/device_check.sh: cuda_tests)")
+def test_compiled_bf16_step_on_cuda(tiny_corpus):
+    """On a GPU (inductor's Triton kernels) under --bf16, dense and ESLM: compiled equals eager within bf16
+    round-off (the kernels fuse differently, so not within float32's)."""
+    cases = {name: [*case_flags(tiny_corpus, 4, SELECTIONS[name]), "--bf16"] for name in ("dense", "eslm-loss")}
+    results = eager_and_compiled(cases, "inductor")
+    for name in cases:
+        eager, compiled = results[(name, False)], results[(name, True)]
+        for got, want in zip(compiled["records"], eager["records"]):
+            assert relative(got["lm_loss"], want["lm_loss"]) < 2e-2, name
+
+
+def test_bench_compiled_rows():
+    """tools/bench_train_step.py --compile adds the dense and the first ESLM row, compiled."""
+    args = bench_train_step.parse(["--alphas", "0.7", "--optimizer-impls", "--recompute", "--compile"])
+    rows = bench_train_step.variants(args)
+    assert [(row.name, row.compiled) for row in rows if row.compiled] == [
+        ("dense, compiled", True), ("eslm a=0.7 sketch-exact, compiled", True)]
 
 
 def test_compile_flag(tmp_path):

@@ -14,6 +14,10 @@ AdamW) on the same random token batches, from the same initial weights. The rows
   random sequence a=0.5          its control: half the sequences drawn at random, nothing scored
   dense, optimizer IMPL          --optimizer-impls: AdamW fused / foreach / loop (`training/optimizer.py`)
   dense, recompute KIND          --recompute: selective (the attention core), full (uniform, 1 layer a chunk)
+  dense, compiled / eslm a=ALPHA MODE, compiled
+                                 --compile: the dense row and the first ESLM row with each layer compiled as
+                                 the trainer's --compile does (`megatron_eslm/compiled_regions.py`); their 2
+                                 warmup steps compile, the timed steps do not
 
 Columns: the median step time and its ratio to dense; the optimizer step alone (clip + AdamW) and its
 ratio; the executed FLOPs (`training/flops.py`: what ran, a recomputed forward included, so under
@@ -37,6 +41,8 @@ bf16 autocast as the trainer runs it, with the LM head the trainer would pick (a
     # 42.3 GiB, fp32 weights, gradients and AdamW states and bf16 activations; here 4.1 GiB more for the
     # spare copy of the initial weights)
     python tools/bench_train_step.py --preset llama-1b --bf16 --lm-head-impl auto --alphas 0.7
+    python tools/bench_train_step.py --preset gpt2-124m --bf16 --lm-head-impl auto --alphas 0.7 --compile \
+        --optimizer-impls --recompute   # dense and ESLM, eager and compiled
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ import time
 
 import torch
 
+from megatron_eslm.compiled_regions import compile_layers
 from megatron_eslm.config import ModelConfig, OptimizerConfig, finalize_model
 from megatron_eslm.errors import UserError, exit_on_user_error
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, RandomPolicy
@@ -87,11 +94,13 @@ RECOMPUTE_NAMES = {kind: recompute_name(ModelConfig(**options)) for kind, option
 
 @dataclasses.dataclass
 class Variant:
-    """One row: a selection policy (None: dense), ModelConfig fields over the base model's, an optimizer."""
+    """One row: a selection policy (None: dense), ModelConfig fields over the base model's, an optimizer,
+    whether its layers are compiled (--compile)."""
     name: str
     policy: Policy | None = None
     model_options: dict = dataclasses.field(default_factory=dict)
     optimizer_impl: str = "auto"
+    compiled: bool = False
 
 
 @dataclasses.dataclass
@@ -130,6 +139,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute", nargs="*", choices=list(RECOMPUTE), default=list(RECOMPUTE),
                    help="a dense row per activation recompute: selective, full (uniform, 1 layer a chunk) "
                         "(default both; the flag alone: none)")
+    p.add_argument("--compile", action="store_true",
+                   help="also the dense row and the first ESLM row with the layers compiled, as the trainer's "
+                        "--compile (each compiles in its warmup steps)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's dense peak TFLOP/s for the MFU column (default: the built-in table of "
                         "training/throughput.py, bf16 peaks of A100/H100/H200; no MFU on other devices)")
@@ -178,6 +190,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     rows += [Variant(f"dense, optimizer {impl}", optimizer_impl=impl) for impl in args.optimizer_impls]
     rows += [Variant(f"dense, recompute {RECOMPUTE_NAMES[kind]}", model_options=RECOMPUTE[kind])
              for kind in args.recompute]
+    if args.compile:
+        rows.append(Variant("dense, compiled", compiled=True))
+        if args.alphas:
+            alpha, mode = args.alphas[0], args.thresholds[0]
+            rows.append(Variant(f"eslm a={alpha} {mode}, compiled", ESLMPolicy(alpha, "loss", mode), compiled=True))
     return rows
 
 
@@ -225,6 +242,8 @@ def time_variant(base: GPTModel, variant: Variant, batches: list[dict], device: 
 
     model = (build_model(dataclasses.replace(base.cfg, **variant.model_options), base.vocab_size, device)
              if variant.model_options else copy.deepcopy(base))
+    if variant.compiled:
+        compile_layers(model.layers)
     optimizer = build_optimizer(model, OptimizerConfig(optimizer_impl=variant.optimizer_impl))
     clock, cuda = Clock(device), device.type == "cuda"
     max_memory_allocated(device)  # resets the peak: the next call gives this variant's

@@ -29,6 +29,9 @@
 #                    AdamW implementations
 #   llama_step       the same at the Llama-1B shape: dense, ESLM keep 0.3, AdamW implementations, recompute
 #                    (none / selective / full uniform 1), time and peak memory
+#   compile_*        tools/bench_train_step.py --compile at the GPT-2 124M (compile_gpt2) and the Llama-1B
+#                    (compile_llama) shapes in bf16: dense and ESLM keep 0.3, eager and with each layer compiled
+#                    (--compile; the compiled rows' warmup steps compile), the Triton head
 #   llama_memory     tools/bench_memory.py --preset llama-1b on cuda: saved activations per recompute variant
 #   save_bench       tools/fault_drill.py --save-bench: how long a save of the GPT-2 124M shape (weights and
 #                    AdamW moments, ~1.4 GiB) blocks training, synchronous and --async-save
@@ -201,6 +204,10 @@ step gpt2_step_triton 90 "torch triton megatron_eslm" "$PY" "${TRAIN_STEP[@]}" -
 step gpt2_step_torch 90 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl torch \
     --thresholds sketch sketch-exact exact --steps 10 --recompute
 step llama_step 150 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto --steps 6
+step compile_gpt2 150 "torch triton megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl auto \
+    --steps 6 --optimizer-impls --recompute --compile
+step compile_llama 150 "torch triton megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto \
+    --steps 4 --optimizer-impls --recompute --compile
 step llama_memory 90 "torch megatron_eslm" "$PY" tools/bench_memory.py --preset llama-1b --bf16 --device cuda
 step save_bench 120 "torch megatron_eslm" "$PY" tools/fault_drill.py --save-bench --vocab-size 32768
 step quickstart 120 "torch sentencepiece megatron_eslm" "$PY" -m megatron_eslm.quickstart --output-dir "$WORK/quickstart" \
