@@ -83,6 +83,9 @@ def difference(eager: list[dict], compiled: list[dict]) -> tuple[float, float]:
 
 
 def check(cases: dict[str, list[str]], per_rank: list[dict]) -> None:
+    """Each case compiled against eager; the first built graphs (the later ones may reuse them: the cache
+    is the process's)."""
+    assert per_rank[0][(next(iter(cases)), True)]["graphs_after_training"] > 0
     for name in cases:
         eager, compiled = ([r[(name, c)] for r in per_rank] for c in (False, True))
         logged, params = difference(eager, compiled)
@@ -90,7 +93,7 @@ def check(cases: dict[str, list[str]], per_rank: list[dict]) -> None:
         assert logged <= TOLERANCE and params <= TOLERANCE, f"{name}: {logged:.1e} logged, {params:.1e} parameters"
         assert not eager[0]["compile_lines"]
         line, = compiled[0]["compile_lines"]  # once
-        assert "graphs compiled in" in line and compiled[0]["graphs_after_training"] > 0
+        assert "graphs compiled in" in line
 
 
 def case_flags(corpus, micro_batch: int, extra: list[str]) -> list[str]:
