@@ -83,7 +83,8 @@ def test_device_check_dry_run(tmp_path):
     steps = re.findall(r"^\| (\w+) \| dry run \(timeout (\d+) s\)", report, re.M)
     assert [name for name, _ in steps] == ["env", "install", "nccl_faults", "cuda_tests",
                                             "triton_tests", "lm_head_bench", "gpt2_step_triton",
-                                           "gpt2_step_torch", "llama_step", "llama_memory", "save_bench",
+                                           "gpt2_step_torch", "llama_step", "compile_gpt2", "compile_llama",
+                                           "llama_memory", "save_bench",
                                            "quickstart", "quickstart_bf16", "selection_study"]
     assert "tests/test_lm_head_triton.py" in report and "tests/test_host_syncs.py" in report
     # the study's flags parse (a GPU session cannot afford to find a typo there)
