@@ -84,7 +84,8 @@ def test_device_check_dry_run(tmp_path):
     fp8_steps = ("fp8_tests", "llama_fp8_step", "fp8_loss")  # dry runs with torchao, else skipped and named
     assert [name for name, _ in steps if name not in fp8_steps] == [
         "env", "install", "wheels", "nccl_faults", "cuda_tests", "cp_attention", "attention_tests", "triton_tests",
-        "lm_head_bench", "gpt2_step_triton", "gpt2_step_torch", "llama_step", "llama_memory", "save_bench", "peers",
+        "lm_head_bench", "gpt2_step_triton", "gpt2_step_torch", "llama_step", "compile_gpt2",
+        "compile_llama", "llama_memory", "save_bench", "peers",
         "quickstart", "quickstart_bf16", "selection_study"]
     assert "tests/test_lm_head_triton.py" in report and "tests/test_host_syncs.py" in report
     assert [re.search(rf"^\| {name} \| (dry run|skipped: needs python module\(s\) torchao)", report, re.M) is not None

@@ -16,6 +16,10 @@ AdamW) on the same random token batches, from the same initial weights. The rows
   dense, recompute KIND          --recompute: selective (the attention core), full (uniform, 1 layer a chunk)
   dense, fp8 FORMAT              --fp8-format hybrid / e4m3: the blocks' linears in FP8 through torchao
                                  (`tensor_parallel/fp8.py`; needs --bf16, a GPU of capability 8.9+, torchao)
+  dense, compiled / eslm a=ALPHA MODE, compiled
+                                 --compile: the dense row and the first ESLM row with each layer compiled as
+                                 the trainer's --compile does (`megatron_eslm/compiled_regions.py`); their 2
+                                 warmup steps compile, the timed steps do not
 
 Columns: the median step time and its ratio to dense; the optimizer step alone (clip + AdamW) and its
 ratio; the executed FLOPs (`training/flops.py`: what ran, a recomputed forward included, so under
@@ -42,6 +46,8 @@ bf16 autocast as the trainer runs it, with the LM head the trainer would pick (a
     # FP8 against bf16 at the Llama-1B shape, dense rows only
     python tools/bench_train_step.py --preset llama-1b --bf16 --lm-head-impl auto --alphas --optimizer-impls \
         --recompute --fp8-format hybrid e4m3
+    python tools/bench_train_step.py --preset gpt2-124m --bf16 --lm-head-impl auto --alphas 0.7 --compile \
+        --optimizer-impls --recompute   # dense and ESLM, eager and compiled
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ from typing import Callable
 
 import torch
 
+from megatron_eslm.compiled_regions import compile_layers
 from megatron_eslm.config import ModelConfig, OptimizerConfig, finalize_model
 from megatron_eslm.config.training import FP8_FORMATS
 from megatron_eslm.errors import UserError, exit_on_user_error
@@ -96,12 +103,13 @@ RECOMPUTE_NAMES = {kind: recompute_name(ModelConfig(**options)) for kind, option
 @dataclasses.dataclass
 class Variant:
     """One row: a selection policy (None: dense), ModelConfig fields over the base model's, an optimizer,
-    an FP8 format (None: none)."""
+    an FP8 format (None: none), whether its layers are compiled (--compile)."""
     name: str
     policy: Policy | None = None
     model_options: dict = dataclasses.field(default_factory=dict)
     optimizer_impl: str = "auto"
     fp8_format: str | None = None
+    compiled: bool = False
 
 
 @dataclasses.dataclass
@@ -139,6 +147,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default both; the flag alone: none)")
     p.add_argument("--fp8-format", nargs="*", choices=FP8_FORMATS, default=[],
                    help="a dense row per FP8 format, the blocks' linears in FP8 (needs --bf16; default none)")
+    p.add_argument("--compile", action="store_true",
+                   help="also the dense row and the first ESLM row with the layers compiled, as the trainer's "
+                        "--compile (each compiles in its warmup steps)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's dense peak TFLOP/s for the MFU column (default: the built-in table of "
                         "training/throughput.py, bf16 peaks of A100/H100/H200; no MFU on other devices)")
@@ -214,6 +225,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     rows += [Variant(f"dense, recompute {RECOMPUTE_NAMES[kind]}", model_options=RECOMPUTE[kind])
              for kind in args.recompute]
     rows += [Variant(f"dense, fp8 {fp8_format}", fp8_format=fp8_format) for fp8_format in args.fp8_format]
+    if args.compile:
+        rows.append(Variant("dense, compiled", compiled=True))
+        if args.alphas:
+            alpha, mode = args.alphas[0], args.thresholds[0]
+            rows.append(Variant(f"eslm a={alpha} {mode}, compiled", ESLMPolicy(alpha, "loss", mode), compiled=True))
     return rows
 
 
@@ -278,6 +294,8 @@ def time_variant(base: GPTModel, variant: Variant, batches: list[dict], device: 
              if variant.model_options else copy.deepcopy(base))
     if variant.fp8_format is not None:
         convert_to_fp8(model, variant.fp8_format, device)
+    if variant.compiled:
+        compile_layers(model.layers)
     optimizer = build_optimizer(model, OptimizerConfig(optimizer_impl=variant.optimizer_impl))
     clock, cuda = Clock(device), device.type == "cuda"
     max_memory_allocated(device)  # resets the peak: the next call gives this variant's

@@ -41,6 +41,9 @@
 #   llama_step       the same at the Llama-1B shape: dense, ESLM keep 0.3, AdamW implementations, recompute
 #                    (none / selective / full uniform 1), time and peak memory
 #   llama_fp8_step   bench_train_step.py at the Llama-1B shape: dense bf16 against --fp8-format hybrid and e4m3
+#   compile_*        tools/bench_train_step.py --compile at the GPT-2 124M (compile_gpt2) and the Llama-1B
+#                    (compile_llama) shapes in bf16: dense and ESLM keep 0.3, eager and with each layer compiled
+#                    (--compile; the compiled rows' warmup steps compile), the Triton head
 #   llama_memory     tools/bench_memory.py --preset llama-1b on cuda: saved activations per recompute variant
 #   save_bench       tools/fault_drill.py --save-bench: how long a save of the GPT-2 124M shape (weights and
 #                    AdamW moments, ~1.4 GiB) blocks training, synchronous and --async-save
@@ -267,6 +270,10 @@ step gpt2_step_torch 90 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset 
 step llama_step 150 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto --steps 6
 step llama_fp8_step 150 "torch torchao megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto \
     --alphas --optimizer-impls --recompute --steps 6 --fp8-format hybrid e4m3
+step compile_gpt2 150 "torch triton megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl auto \
+    --steps 6 --optimizer-impls --recompute --compile
+step compile_llama 150 "torch triton megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto \
+    --steps 4 --optimizer-impls --recompute --compile
 step llama_memory 90 "torch megatron_eslm" "$PY" tools/bench_memory.py --preset llama-1b --bf16 --device cuda
 step save_bench 120 "torch megatron_eslm" "$PY" tools/fault_drill.py --save-bench --vocab-size 32768
 step peers 420 "torch transformers megatron_eslm" bash -c peers

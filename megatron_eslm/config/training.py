@@ -1,4 +1,4 @@
-"""Batch, step count, precision, seed and evaluation flags."""
+"""Batch, step count, precision, compilation, seed and evaluation flags."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ class TrainingConfig:
     train_iters: int = 1000
     bf16: bool = False
     fp8_format: str | None = None  # None: no FP8
+    compile: bool = False  # torchtitan's name; Megatron-LM has no such flag
     seed: int = 1234
     eval_interval: int = 1000
     eval_iters: int = 10
@@ -31,6 +32,10 @@ HELP = {
                   "float8 training (dynamic per-tensor scales; hybrid: e4m3 forward, e5m2 gradients; e4m3: e4m3 "
                   "throughout); the LM head, embeddings, norms and attention stay bf16, the master weights "
                   "fp32. Needs --bf16, torchao and a GPU of compute capability 8.9 or more (docs/performance.md)",
+    "compile": "torch.compile each transformer layer (inductor, static shapes); the collectives, the attention "
+               "core, dropout, the LM head and the selection stay eager between the compiled regions "
+               "(docs/performance.md). Compiling takes the first iteration (logged once); expected to help "
+               "on GPU",
     "seed": "seed for init, dropout, data order and random selection",
     "eval_interval": "evaluate every N iterations (and at the end)",
     "eval_iters": "validation batches per evaluation",

@@ -19,7 +19,8 @@ from megatron_eslm import parallel_state
 from megatron_eslm.context_parallel.ring import Dropout
 from megatron_eslm.context_parallel.sharding import positions as sequence_positions
 from megatron_eslm.keyed_random import below, mix
-from megatron_eslm.tensor_parallel.layers import ShardedDropout
+from megatron_eslm.compiled_regions import outside_compiled_regions
+from megatron_eslm.tensor_parallel import layers
 
 
 def site_key(device: torch.device) -> Tensor:
@@ -47,6 +48,10 @@ class KeyedDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
+        return self.drop(x)
+
+    @outside_compiled_regions  # the site's draw from the generator, in eager's order (`compiled_regions.py`)
+    def drop(self, x: Tensor) -> Tensor:
         b, s, h = x.shape
         if self.sequence_parallel:
             tp_rank = parallel_state.tensor_model_parallel_rank()
@@ -64,7 +69,7 @@ def build_hidden_dropout(p: float, keyed: bool, sequence_parallel: bool) -> nn.M
     model-parallel one for sequence-parallel shards)."""
     if keyed:
         return KeyedDropout(p, sequence_parallel)
-    return (ShardedDropout if sequence_parallel else nn.Dropout)(p)
+    return (layers.ShardedDropout if sequence_parallel else layers.Dropout)(p)
 
 
 def attention_dropout(p: float, q: Tensor, groups: int) -> Dropout:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_eslm import parallel_state
+from megatron_eslm.compiled_regions import outside_compiled_regions
 from megatron_eslm.config import ModelConfig
 from megatron_eslm.context_parallel.attention import context_parallel_attention
 from megatron_eslm.context_parallel.ring import ring_attention
@@ -31,7 +32,8 @@ from megatron_eslm.tensor_parallel.random import get_rng_tracker
 class CoreAttention(nn.Module):
     """softmax(QK^T / sqrt(d) + causal mask), its dropout, times V: the part whose saved tensors grow with
     the square of the sequence. A module of its own, without parameters, so that selective recompute
-    wraps it from outside (`training/recompute.py`) and the state dict does not change."""
+    wraps it from outside (`training/recompute.py`) and the state dict does not change. Under --compile it
+    runs eagerly between the layer's compiled regions (`compiled_regions.py`)."""
 
     def __init__(self, dropout: float, grouped: bool, keyed: bool, backend: str):
         super().__init__()
@@ -39,6 +41,7 @@ class CoreAttention(nn.Module):
         self.sdpa_options = {"enable_gqa": True} if grouped else {}  # torch >= 2.5, only for GQA
         self.backend = backend  # --attention-backend (`attention_backend.py`)
 
+    @outside_compiled_regions
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [b, s, heads, d], k and v [b, s, groups, d] -> [b, s, heads, d]. Under context parallelism s is
         this rank's two chunks (`context_parallel/`). Dropout keyed by position (--keyed-dropout) runs the
@@ -78,7 +81,10 @@ class CausalSelfAttention(nn.Module):
         self.dense = RowParallelLinear(cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size, output_std,
                                        generator, sequence_parallel, bias=bias)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryTables | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rotary: RotaryTables | None = None) -> tuple[torch.Tensor, ...]:
+        """The queries [b, s, heads, d], keys and values [b, s, groups, d] of x [b, s, h], rotated under rope.
+        The block runs the attention in its three steps, `project`, `core_attention`, `dense` (output [b, s,
+        heads x d] -> [b, s, h]), itself: see `TransformerBlock.forward`."""
         qkv = self.query_key_value(x)
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, self.local_groups, self.queries_per_group + 2, self.head_dim)
@@ -88,8 +94,7 @@ class CausalSelfAttention(nn.Module):
         k, v = k.squeeze(3), v.squeeze(3)
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
-        out = self.core_attention(q, k, v)
-        return self.dense(out.reshape(b, s, -1))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -129,6 +134,10 @@ class TransformerBlock(nn.Module):
             mark_sequence_parallel([*self.input_layernorm.parameters(), *self.post_attention_layernorm.parameters()])
 
     def forward(self, x: torch.Tensor, rotary: RotaryTables | None = None) -> torch.Tensor:
-        """`rotary`: the stage's cos/sin tables under --position-embedding-type rope."""
-        x = x + self.hidden_dropout(self.self_attention(self.input_layernorm(x), rotary))
+        """`rotary`: the stage's cos/sin tables under --position-embedding-type rope. The attention core is
+        called from this frame: under --compile it runs eagerly, and dynamo resumes after a graph break in
+        the frame it compiles, so the layer is two regions (before and after the core), not four."""
+        attention = self.self_attention
+        out = attention.core_attention(*attention.project(self.input_layernorm(x), rotary))
+        x = x + self.hidden_dropout(attention.dense(out.flatten(2)))
         return x + self.hidden_dropout(self.mlp(self.post_attention_layernorm(x)))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_eslm import parallel_state
+from megatron_eslm.compiled_regions import outside_compiled_regions
 from megatron_eslm.tensor_parallel import mappings
 from megatron_eslm.tensor_parallel.initialization import normal_chunk
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
@@ -147,12 +148,26 @@ class VocabParallelEmbedding(nn.Module):
         return mappings.reduce_from_tensor_model_parallel_region(to_activation_dtype(out))
 
 
-class ShardedDropout(nn.Dropout):
-    """Dropout on an activation each TP rank holds a different part of (a sequence shard): the mask comes
-    from the model-parallel RNG stream, distinct per rank and reproducible."""
+class Dropout(nn.Dropout):
+    """nn.Dropout whose mask, under --compile, is drawn between the compiled regions (`compiled_regions.py`):
+    from the generators the run seeds and checkpoints, in eager's order. Without dropout (p = 0, or in
+    evaluation) the input itself, and no graph break."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
+        return self.drop(x)
+
+    @outside_compiled_regions
+    def drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, True, self.inplace)
+
+
+class ShardedDropout(Dropout):
+    """Dropout on an activation each TP rank holds a different part of (a sequence shard): the mask comes
+    from the model-parallel RNG stream, distinct per rank and reproducible."""
+
+    @outside_compiled_regions
+    def drop(self, x: Tensor) -> Tensor:
         with get_rng_tracker().fork():
-            return super().forward(x)
+            return F.dropout(x, self.p, True, self.inplace)

@@ -11,7 +11,8 @@ its backward needs, over the tensor-parallel group.
   reduce_scatter_to_sequence_parallel_region    reduce-scatter seq | all-gather seq
 
 Activations are [batch, seq, hidden], so the sequence dimension is 1. With one tensor-parallel rank every
-mapping is the identity and no autograd node is added.
+mapping is the identity and no autograd node is added. Under --compile the collectives run eagerly between
+the compiled regions (`compiled_regions.py`); with one rank the identity adds no graph break.
 
 What the layout costs. The collectives work on one contiguous buffer with the ranks' pieces along its
 first dimension ([T, *piece]). Megatron's [seq, batch, hidden] puts the sequence there, so its sequence
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from megatron_eslm import parallel_state
+from megatron_eslm.compiled_regions import outside_compiled_regions
 from megatron_eslm.distributed import collectives
 
 SEQUENCE_DIM = 1
@@ -142,38 +144,44 @@ def _parallel() -> bool:
     return parallel_state.tensor_model_parallel_size() > 1
 
 
+@outside_compiled_regions
+def _apply(function: type[torch.autograd.Function], *args) -> Tensor:
+    """`function` between compiled regions (--compile): its collectives run as they do eagerly."""
+    return function.apply(*args)
+
+
 def copy_to_tensor_model_parallel_region(x: Tensor) -> Tensor:
     """Input of a column-parallel layer: each rank's gradient is partial, so the backward sums them."""
-    return _CopyToTensorModelParallelRegion.apply(x) if _parallel() else x
+    return _apply(_CopyToTensorModelParallelRegion, x) if _parallel() else x
 
 
 def reduce_from_tensor_model_parallel_region(x: Tensor) -> Tensor:
     """Output of a row-parallel layer: each rank holds a partial sum."""
-    return _ReduceFromTensorModelParallelRegion.apply(x) if _parallel() else x
+    return _apply(_ReduceFromTensorModelParallelRegion, x) if _parallel() else x
 
 
 def scatter_to_tensor_model_parallel_region(x: Tensor) -> Tensor:
     """This rank's slice of the last dimension."""
-    return _ScatterToTensorModelParallelRegion.apply(x) if _parallel() else x
+    return _apply(_ScatterToTensorModelParallelRegion, x) if _parallel() else x
 
 
 def gather_from_tensor_model_parallel_region(x: Tensor) -> Tensor:
     """Concatenate the ranks' slices of the last dimension (e.g. vocab-parallel logits)."""
-    return _GatherFromTensorModelParallelRegion.apply(x) if _parallel() else x
+    return _apply(_GatherFromTensorModelParallelRegion, x) if _parallel() else x
 
 
 def scatter_to_sequence_parallel_region(x: Tensor) -> Tensor:
     """Enter a sequence-parallel region: keep this rank's share of the sequence."""
-    return _ScatterToSequenceParallelRegion.apply(x) if _parallel() else x
+    return _apply(_ScatterToSequenceParallelRegion, x) if _parallel() else x
 
 
 def gather_from_sequence_parallel_region(x: Tensor, output_grad_is_partial: bool = True) -> Tensor:
     """Leave a sequence-parallel region: the whole sequence on every rank. `output_grad_is_partial`: the
     consumer is tensor-parallel, so each rank's gradient is a partial sum (reduce-scatter it); False when
     the consumer already returns the complete gradient on every rank (then the backward just splits)."""
-    return _GatherFromSequenceParallelRegion.apply(x, output_grad_is_partial) if _parallel() else x
+    return _apply(_GatherFromSequenceParallelRegion, x, output_grad_is_partial) if _parallel() else x
 
 
 def reduce_scatter_to_sequence_parallel_region(x: Tensor) -> Tensor:
     """Output of a row-parallel layer under sequence parallelism: sum the partials, keep this rank's share."""
-    return _ReduceScatterToSequenceParallelRegion.apply(x) if _parallel() else x
+    return _apply(_ReduceScatterToSequenceParallelRegion, x) if _parallel() else x

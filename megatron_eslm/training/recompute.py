@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megatron_eslm.compiled_regions import outside_compiled_regions
 from megatron_eslm.config import ModelConfig
 from megatron_eslm.model.rotary import RotaryTables
 from megatron_eslm.tensor_parallel.random import checkpoint
@@ -34,13 +35,16 @@ class LayerGroup:
 
 class Recomputed(nn.Module):
     """A module that keeps only its inputs for the backward. The wrapped module must have no parameters or
-    buffers, so that the state dict does not change (selective recompute wraps `CoreAttention`)."""
+    buffers, so that the state dict does not change (selective recompute wraps `CoreAttention`). Under
+    --compile it runs between the compiled regions: dynamo does not trace the checkpoint's replay of the
+    tracker's streams."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         assert not module.state_dict(), "a recomputed module must hold no state"
         self.module = module
 
+    @outside_compiled_regions
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         return checkpoint(self.module, *args)
 

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from megatron_eslm import parallel_state
 from megatron_eslm.checkpoint.regroup import regrouped_state
+from megatron_eslm.compiled_regions import CompileClock, compile_layers
 from megatron_eslm.config import Config, validate_layout
 from megatron_eslm.config.parallel import cp_comm_type, virtual_pipeline_size
 from megatron_eslm.data.builder import build_train_valid_test_datasets
@@ -44,10 +45,14 @@ from megatron_eslm.training.timers import get_timers, install_timers, uninstall_
 
 def build_model(cfg: Config, vocab_size: int, device: torch.device, ds_config: dict | None) -> GPTModel:
     """This rank's part of the model, its parameters created on `device` rather than built on the CPU and
-    moved, and under ZeRO-3 partitioned module by module as they are built (`partitioned_construction`).
+    moved, and under ZeRO-3 partitioned module by module as they are built (`partitioned_construction`);
+    with --compile its layers compiled (`compiled_regions.py`).
     No rank holds a whole weight it keeps only a tensor-parallel shard of (`tensor_parallel/initialization.py`)."""
     with torch.device(device), partitioned_construction(ds_config):
-        return GPTModel(cfg.model, vocab_size, cfg.training.seed, cfg.parallel.sequence_parallel)
+        model = GPTModel(cfg.model, vocab_size, cfg.training.seed, cfg.parallel.sequence_parallel)
+    if cfg.training.compile:
+        compile_layers(model.layers)
+    return model
 
 
 class Trainer:
@@ -81,6 +86,7 @@ class Trainer:
         dp = parallel_state.data_parallel_size()
         ds_config = deepspeed_config.resolve(cfg, dp) if cfg.deepspeed.deepspeed else None
         check_attention_device(cfg.model.attention_backend, self.device)
+        self.compile_clock = CompileClock() if cfg.training.compile else None  # --compile: logged once
         self.model = build_model(cfg, self.vocab_size, self.device, ds_config)
         if cfg.training.fp8_format is not None:
             convert_to_fp8(self.model, cfg.training.fp8_format, self.device)
@@ -297,6 +303,8 @@ class Trainer:
                     interval, tic, self._outside_steps = None, now, 0.0
                 elif self.iteration == start_iteration + 1:  # a first sign of life: host time only, no device read
                     self.log(self._first_iteration_line(time.perf_counter() - start, start_iteration))
+                if self.compile_clock is not None and self.iteration == start_iteration + 1:
+                    self.log(self.compile_clock.line())
                 save = cfg.checkpoint
                 evaluate = self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters
                 checkpoint = save.save and ((save.save_interval and self.iteration % save.save_interval == 0)
