@@ -23,7 +23,10 @@
 #                    outside the inherent ones raises), recompute on CUDA
 #   triton_tests     the compiled Triton LM-head kernels against torch in bf16 and fp32 (`TestOnGPU`); slow on a
 #                    fresh machine (the autotuner compiles every tile for every dtype)
-#   lm_head_bench    tools/bench_lm_head_triton.py (quick shapes)
+#   wheels           pip-installs (--no-deps --no-index) the wheels carried in wheels/, ignored by git: Liger-Kernel
+#                    and Cut Cross-Entropy for lm_head_bench's rows. Prepared where there is network, then
+#                    carried (`carry: ["wheels"]`): pip download --no-deps liger-kernel cut-cross-entropy -d wheels/
+#   lm_head_bench    tools/bench_lm_head_triton.py (quick shapes), with the Liger and CCE rows when installed
 #   gpt2_step_*      tools/bench_train_step.py at the GPT-2 124M shape in bf16: dense vs ESLM keep 0.3
 #                    (alpha 0.7, the three threshold modes) with MFU, Triton head, then torch head with the
 #                    AdamW implementations
@@ -144,6 +147,17 @@ environment() {  # the GPU, python, torch and the packages the steps may need
 }
 export -f environment
 
+install_wheels() {  # the wheels carried in wheels/ (the header says how they get there), offline
+    shopt -s nullglob
+    local wheels=(wheels/*.whl)
+    if [ ${#wheels[@]} -eq 0 ]; then
+        echo "no wheels/*.whl carried: lm_head_bench runs without the Liger and CCE rows"
+        return 0
+    fi
+    "$PYTHON" -m pip install --no-deps --no-index "${wheels[@]}"
+}
+export -f install_wheels
+
 # The quickstart's model for 20 iterations under --bf16 with phase timers, on its data (the quickstart step's),
 # then the last training record of its metrics file, checked for the timing and throughput fields.
 quickstart_bf16() {
@@ -195,6 +209,7 @@ step cuda_tests 150 "torch triton pytest sentencepiece megatron_eslm" "$PY" -m p
     ${TESTS//tests\/test_lm_head_triton.py/} -k cuda
 step triton_tests 180 "torch triton pytest megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
     tests/test_lm_head_triton.py -k OnGPU
+step wheels 60 "pip" bash -c install_wheels
 step lm_head_bench 120 "torch triton megatron_eslm" "$PY" tools/bench_lm_head_triton.py
 step gpt2_step_triton 90 "torch triton megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl triton \
     --thresholds sketch sketch-exact exact --steps 10 --optimizer-impls --recompute
