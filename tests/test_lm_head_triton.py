@@ -267,18 +267,21 @@ class TestOnGPU:
     def test_error_bounded_by_torch_error(self, shape, dtype):
         hidden, weight, labels = make_inputs(shape, dtype)
         rows = kept_rows(labels, 0.3)
+        valid_rows = (labels != IGNORE).nonzero().squeeze(1)
         expected = reference(hidden, weight, labels, rows, 1.0 / len(rows))
         outputs = {}
         for name, impl in (("torch", lm_head_torch), ("triton", lm_head_triton)):
             scores = impl.lm_head_scores(hidden, weight, labels, IGNORE)
             grads = impl.lm_head_backward_rows(hidden, weight, labels, rows, scores[1], 1.0 / len(rows))
-            leaf = weight.detach().requires_grad_()  # dense through the head: loss = sum of the token losses
-            dense = selective_lm_head_loss(hidden, leaf, labels, None, IGNORE, impl=name, normalizer=1.0)
+            # dense through the head (the fused pass): loss = sum of the token losses
+            leaves = [hidden.detach().requires_grad_(), weight.detach().requires_grad_()]
+            dense = selective_lm_head_loss(*leaves, labels, None, IGNORE, impl=name, normalizer=1.0)
             dense.loss.backward()
-            outputs[impl] = (*scores, *grads, dense.scores.loss, leaf.grad)
-        dense_expected = reference(hidden, weight, labels, (labels != IGNORE).nonzero().squeeze(1), 1.0)
-        expected = (*expected, dense_expected[0], dense_expected[4])
-        names = ("loss", "lse", "entropy", "grad_hidden", "grad_weight", "dense loss", "dense grad_weight")
+            outputs[impl] = (*scores, *grads, dense.scores.loss, leaves[0].grad[valid_rows], leaves[1].grad)
+        dense_expected = reference(hidden, weight, labels, valid_rows, 1.0)
+        expected = (*expected, dense_expected[0], dense_expected[3], dense_expected[4])
+        names = ("loss", "lse", "entropy", "grad_hidden", "grad_weight", "dense loss", "dense grad_hidden",
+                 "dense grad_weight")
         for name, ours, theirs, want in zip(names, outputs[lm_head_triton], outputs[lm_head_torch], expected):
             ours_err, torch_err = relative_error(ours, want), relative_error(theirs, want)
             assert ours_err <= torch_err + self.MARGIN[dtype], (name, ours_err, torch_err)
