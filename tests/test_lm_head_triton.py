@@ -124,17 +124,18 @@ def test_backward_rows_float64():
     assert_all_close(grads, expected[3:], torch.float64)
 
 
-@pytest.mark.parametrize("shape, dtype", [(SHAPES[0], torch.float32), (SHAPES[1], torch.float64)])
-def test_fused_dense(monkeypatch, shape, dtype):
-    """The fused dense pass: scores and both gradients of grad_scale * sum(valid losses), over chunks of
-    rows whose vocabulary pass 1 splits over programs (each writing its columns of the logits buffer)."""
+def test_fused_dense(monkeypatch):
+    """The fused dense pass: scores and both gradients of grad_scale * sum(valid losses), over ragged chunks
+    of rows whose vocabulary pass 1 splits over programs (each writing its columns of the logits buffer).
+    Float64, and unsplit in one chunk: `test_dense_through_the_head`."""
     monkeypatch.setattr(lm_head_triton, "_vocab_splits", lambda *_: 2)
-    hidden, weight, labels = make_inputs(shape, dtype)
+    dtype = torch.float32
+    hidden, weight, labels = make_inputs(SHAPES[0], dtype)
     valid_rows = (labels != IGNORE).nonzero().squeeze(1)
     expected = reference(hidden, weight, labels, valid_rows, 2.5)
     *scores, grad_hidden, grad_weight = lm_head_triton.lm_head_fused_dense(
-        hidden, weight, labels, torch.tensor(2.5, dtype=dtype), IGNORE, chunk_rows=5)
-    assert_all_close((*scores, grad_hidden[valid_rows], grad_weight), (*expected[:3], *expected[3:]), dtype)
+        hidden, weight, labels, torch.tensor(2.5, dtype=dtype, device=DEVICE), IGNORE, chunk_rows=5)
+    assert_all_close((*scores, grad_hidden[valid_rows], grad_weight), expected, dtype)
     assert not grad_hidden[labels == IGNORE].any()
 
 
@@ -180,7 +181,7 @@ def test_no_grad_runs_no_fused_pass(monkeypatch):
 def coarse_interpreter_tiles(monkeypatch):
     """64-wide interpreter tiles, for a test whose shapes need not be ragged against them: the interpreter's
     cost is per program, and a training run's head has a few hundred rows and columns (about 10x faster)."""
-    monkeypatch.setattr(lm_head_triton, "INTERPRETER_TILE", (64, 64, 32, 1, 1))
+    monkeypatch.setattr(lm_head_triton, "INTERPRETER_TILE", (64, 512, 64, 1, 1))
     lm_head_triton._kernels.cache_clear()  # the kernels are decorated with their tiles on first launch
     yield
     lm_head_triton._kernels.cache_clear()
