@@ -181,7 +181,7 @@ def test_no_grad_runs_no_fused_pass(monkeypatch):
 def coarse_interpreter_tiles(monkeypatch):
     """Interpreter tiles of 64 rows and 512 vocabulary columns, for a test whose shapes need not be ragged
     against them: the interpreter's cost is per program and per tile, and a training run's head has 64
-    rows and 320 columns (one tile: about 20x faster than 16-wide tiles)."""
+    rows and 320 columns (one tile: the fused pass 8x faster than with 16-wide tiles, measured)."""
     monkeypatch.setattr(lm_head_triton, "INTERPRETER_TILE", (64, 512, 64, 1, 1))
     lm_head_triton._kernels.cache_clear()  # the kernels are decorated with their tiles on first launch
     yield
