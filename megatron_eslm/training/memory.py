@@ -28,9 +28,9 @@ flight on a stage; under DeepSpeed it also keeps each sent output (DeepSpeed's b
 Activation recompute (--recompute-granularity full|selective, `layer_units`): a checkpointed block or
 group of blocks keeps only its input, and the backward adds one recomputed unit on top of the forward's
 end; selective drops the attention core's own tensors (under flash: its log-sum-exp).
-Attention is assumed to run a flash kernel (no [s, s] probabilities saved). Not counted: the PyTorch dense
-LM head's fused gradients (--selection none with --lm-head-impl torch), the frozen models of eslm-kd and
-rho1, ZeRO-3's gathered parameters, the CUDA context and the allocator's fragmentation.
+Attention is assumed to run a flash kernel (no [s, s] probabilities saved). Not counted: the dense LM
+head's fused gradients (--selection none on one tensor-parallel rank, either --lm-head-impl), the frozen
+models of eslm-kd and rho1, ZeRO-3's gathered parameters, the CUDA context and the allocator's fragmentation.
 """
 from __future__ import annotations
 
