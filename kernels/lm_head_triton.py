@@ -21,8 +21,9 @@ Design (why each pass looks the way it does):
   dtype) in a ``[chunk, V]`` buffer, and once the chunk's lse is known the pass-2 kernels turn that buffer
   into ``d_logits`` and the two gradient GEMMs, with the gradient scale of the mean loss assumed. Three
   logits-sized GEMMs instead of four: no recompute. The backward only rescales by the incoming gradient
-  (``model/lm_head.py``). The buffer holds float32 logits, not 16-bit ones (as a 16-bit GEMM output, or
-  Liger-Kernel's chunks, would), so the gradient is the two-pass one's up to summation order.
+  (``model/lm_head.py``). The buffer holds float32 logits, not 16-bit ones (as a 16-bit GEMM output
+  would), so the gradient is the two-pass one's up to summation order; the price is that buffer (plus a
+  16-bit ``d_logits`` one for 16-bit inputs), at least FUSED_MIN_ROWS rows on a GPU.
 
 Precision: tiles are accumulated in the score dtype (float32, float64 for float64 inputs). Float32 dots
 use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` allows it for torch matmuls.
