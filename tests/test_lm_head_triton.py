@@ -173,8 +173,8 @@ def test_no_grad_runs_no_fused_pass(monkeypatch):
     hidden, weight, labels = make_inputs(SHAPES[0], torch.float32)
     with torch.no_grad():
         loss = selective_lm_head_loss(hidden.requires_grad_(), weight, labels, None, IGNORE, impl="triton").loss
-    assert_all_close((loss,), (reference(hidden, weight, labels, labels[:0], 1.0)[0].sum() / (labels != IGNORE).sum(),),
-                     torch.float32)
+    expected = reference(hidden, weight, labels, labels[:0], 1.0)[0].sum() / (labels != IGNORE).sum()
+    assert_all_close((loss,), (expected,), torch.float32)
 
 
 @pytest.fixture
@@ -194,8 +194,17 @@ def test_dense_training_fused_equals_two_pass(tiny_corpus, monkeypatch, coarse_i
     incoming gradient is 1/2), logs the losses of the two-pass head it replaces."""
     argv = flags(tiny_corpus, "--selection", "none", "--lm-head-impl", "triton", "--train-iters", "2",
                  "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "0")
+    fused_calls = []
+
+    def fused_dense(*args, **kwargs):
+        fused_calls.append(args[0].shape[0])
+        return fused_pass(*args, **kwargs)
+
+    fused_pass = lm_head_triton.lm_head_fused_dense
+    monkeypatch.setattr(lm_head_triton, "lm_head_fused_dense", fused_dense)
     monkeypatch.setitem(IMPLEMENTATIONS, "triton", lm_head_triton)
     _, fused = run(argv)
+    assert fused_calls == [2 * 32] * 4  # each micro-batch's rows, 2 steps of 2
     monkeypatch.setitem(IMPLEMENTATIONS, "triton", two_pass_triton())
     _, two_pass = run(argv)
     assert len(fused) == len(two_pass) == 2
