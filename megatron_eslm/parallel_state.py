@@ -7,11 +7,15 @@ values every layer), then data-parallel, then pipeline stages.
 Groups this rank belongs to:
   tensor        the tp ranks that split each layer of one stage
   context       the cp ranks that hold the sequence shards of the same samples (same tp, dp and pp rank):
-                attention all-gathers their keys and values (`context_parallel/attention.py`)
+                attention passes their keys and values around the ring or all-gathers them
+                (`context_parallel/`; which one: `context_parallel_comm_type`)
   data          the dp replicas of one (tp rank, cp rank, stage) shard: they read different samples
   data-context  data x context: every rank holding a replica of this shard's parameters; gradients are
                 summed over it (Megatron's data group "with context parallel")
-  pipeline      the pp stages holding one model replica (same tp, cp and dp rank)
+  pipeline      the pp stages holding one model replica (same tp, cp and dp rank); under the interleaved
+                schedule (--num-layers-per-virtual-pipeline-stage) a ring: each rank holds vp model chunks,
+                chunk c of rank p is virtual stage c * pp + p, and the last rank's chunk c feeds the first
+                rank's chunk c + 1
   model         tensor x pipeline: every shard of one replica (the gradient norm is summed over it)
   embedding     first and last stage of this pipeline, which both hold the tied word embedding (unused
                 when the output layer is untied: the last stage then holds no copy)
@@ -19,6 +23,11 @@ Groups this rank belongs to:
                 stage (whole samples over dp, sequence shards of them over cp). TP ranks of the last stage
                 compute identical scores, so each runs the threshold over its own data-context group and
                 all get the same threshold, kept rows and counts.
+
+First and last stage: outside a `model_chunk` context, whether this rank holds the embedding (rank 0) and
+the LM head (rank pp - 1); inside one, whether that chunk is the first or last virtual stage (Megatron's
+virtual pipeline rank): the schedule enters the chunk it runs, so the step and the p2p code ask the same
+questions with or without interleaving.
 
 Without `initialize_model_parallel` (one process) every size is 1, every rank 0 and every group None, so
 the single-process code path never touches torch.distributed.
@@ -49,6 +58,7 @@ class Layout:
     dp_rank: int = 0
     cp: int = 1
     cp_rank: int = 0
+    vp: int = 1  # model chunks per pipeline rank (virtual pipeline size)
 
     def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int, cp_rank: int = 0) -> int:
         return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
@@ -65,15 +75,19 @@ class _Groups:
     embedding: dist.ProcessGroup | None = None
     self: dist.ProcessGroup | None = None  # only this rank (`self_group`)
     pipeline_ranks: tuple[int, ...] = (0,)
+    context_comm_type: str = "all_gather"  # --cp-comm-type as resolved for the device
     owned: list[dist.ProcessGroup] = field(default_factory=list)  # every group this rank joined, to destroy
 
 
 _layout = Layout()
 _groups = _Groups()
+_chunk: int | None = None  # the model chunk the schedule runs (`model_chunk`), None outside one
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                              context_parallel_size: int = 1, self_group: bool = False) -> None:
+                              context_parallel_size: int = 1, self_group: bool = False,
+                              virtual_pipeline_model_parallel_size: int = 1,
+                              cp_comm_type: str = "all_gather") -> None:
     """Create every group of size > 1 of the layout (collectively: every rank must call this with the same
     arguments); with `self_group` (DeepSpeed's mpu) also a one-rank group per rank when any group a caller
     of `group_or_self` may ask for has size 1.
@@ -85,7 +99,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
     dp = world // (tp * pp * cp)
     tp_rank, cp_rank, dp_rank, pp_rank = rank % tp, rank // tp % cp, rank // (tp * cp) % dp, rank // (tp * cp * dp)
-    layout = Layout(tp, pp, dp, tp_rank, pp_rank, dp_rank, cp, cp_rank)
+    layout = Layout(tp, pp, dp, tp_rank, pp_rank, dp_rank, cp, cp_rank, virtual_pipeline_model_parallel_size)
     groups = _Groups()
 
     def make(members: list[list[int]], singletons: bool = False) -> dist.ProcessGroup | None:
@@ -117,6 +131,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_mode
     if self_group and 1 in (tp, pp, dp, dp * cp, tp * pp):
         groups.self = make([[r] for r in range(world)], singletons=True)
     groups.pipeline_ranks = tuple(next(ranks for ranks in pipelines if rank in ranks))
+    groups.context_comm_type = cp_comm_type
     _layout, _groups = layout, groups
 
 
@@ -202,6 +217,11 @@ def context_parallel_group() -> dist.ProcessGroup | None:
     return _groups.context
 
 
+def context_parallel_comm_type() -> str:
+    """"p2p" (the ring) or "all_gather": how attention gets the other context ranks' keys and values."""
+    return _groups.context_comm_type
+
+
 def data_context_parallel_size() -> int:
     """Ranks holding a replica of this rank's parameters: data x context."""
     return _layout.dp * _layout.cp
@@ -233,12 +253,32 @@ def selection_group() -> dist.ProcessGroup | None:
     return _groups.data_context if _layout.dp * _layout.cp > 1 else None
 
 
+def virtual_pipeline_model_parallel_size() -> int:
+    return _layout.vp
+
+
+def virtual_pipeline_model_parallel_rank() -> int | None:
+    """The model chunk being run (`model_chunk`), None outside one."""
+    return _chunk
+
+
+@contextlib.contextmanager
+def model_chunk(chunk: int) -> Iterator[None]:
+    """Run model chunk `chunk` of this rank: first/last stage mean its virtual stage's (module docstring)."""
+    global _chunk
+    saved, _chunk = _chunk, chunk
+    try:
+        yield
+    finally:
+        _chunk = saved
+
+
 def is_pipeline_first_stage() -> bool:
-    return _layout.pp_rank == 0
+    return _layout.pp_rank == 0 and _chunk in (None, 0)
 
 
 def is_pipeline_last_stage() -> bool:
-    return _layout.pp_rank == _layout.pp - 1
+    return _layout.pp_rank == _layout.pp - 1 and _chunk in (None, _layout.vp - 1)
 
 
 def pipeline_last_rank() -> int:
@@ -247,8 +287,10 @@ def pipeline_last_rank() -> int:
 
 
 def pipeline_next_rank() -> int:
-    return _groups.pipeline_ranks[_layout.pp_rank + 1]
+    """The next stage's global rank; the last stage's next is the first (the interleaved ring)."""
+    return _groups.pipeline_ranks[(_layout.pp_rank + 1) % _layout.pp]
 
 
 def pipeline_prev_rank() -> int:
+    """The previous stage's global rank; the first stage's previous is the last (the interleaved ring)."""
     return _groups.pipeline_ranks[_layout.pp_rank - 1]

@@ -85,11 +85,14 @@ def test_device_check_dry_run(tmp_path):
     subprocess.run(["bash", str(REPO / "tools" / "device_check.sh")], env=env, check=True, capture_output=True)
     report = (tmp_path / "report.md").read_text()
     steps = re.findall(r"^\| (\w+) \| dry run \(timeout (\d+) s\)", report, re.M)
-    assert [name for name, _ in steps] == ["env", "install", "nccl_faults", "cuda_tests",
-                                            "triton_tests", "wheels", "lm_head_bench", "gpt2_step_triton",
-                                           "gpt2_step_torch", "llama_step", "llama_memory", "save_bench",
-                                           "quickstart", "quickstart_bf16", "selection_study"]
+    fp8_steps = ("fp8_tests", "llama_fp8_step", "fp8_loss")  # dry runs with torchao, else skipped and named
+    assert [name for name, _ in steps if name not in fp8_steps] == [
+        "env", "install", "wheels", "nccl_faults", "cuda_tests", "cp_attention", "attention_tests", "triton_tests",
+        "lm_head_bench", "gpt2_step_triton", "gpt2_step_torch", "llama_step", "llama_memory", "save_bench", "peers",
+        "quickstart", "quickstart_bf16", "selection_study"]
     assert "tests/test_lm_head_triton.py" in report and "tests/test_host_syncs.py" in report
+    assert [re.search(rf"^\| {name} \| (dry run|skipped: needs python module\(s\) torchao)", report, re.M) is not None
+            for name in fp8_steps] == [True] * 3
     # the study's flags parse (a GPU session cannot afford to find a typo there)
     import selection_study
     study = re.search(r"`\S+ tools/selection_study.py (.*?)` \(", report).group(1)

@@ -16,6 +16,7 @@ import torch
 from megatron_eslm import parallel_state
 from megatron_eslm.checkpoint.full_state import FullCheckpoint
 from megatron_eslm.checkpoint.reader import read_checkpoint
+from megatron_eslm.checkpoint.regroup import regrouped_state
 from megatron_eslm.checkpoint.writer import write_checkpoint
 from megatron_eslm.errors import UserError
 from megatron_eslm.parallel_state import Layout
@@ -98,6 +99,15 @@ def test_layouts_a_checkpoint_loads_on(tiny_corpus, tmp_path):
             load_checkpoint(trained)
         assert load_checkpoint(trained, load_rng=False)["iteration"] == 2
         assert load_checkpoint(written)["layout"]["data_parallel_size"] is None
+    # two model chunks of one layer (the interleaved layout's record): read back alike, and regrouped for a
+    # run without chunks as the plain layout's file holds it (tests/test_interleaved_pipeline.py: PP2 x VP2)
+    chunked = str(tmp_path / "chunked")
+    write_checkpoint(full, chunked, num_layers_per_virtual_pipeline_stage=1)
+    assert_same(read_checkpoint(chunked), full, exact=True)
+    plain = load_checkpoint(written)
+    regrouped = regrouped_state(chunked, 2, full.config, optimizer=True)
+    assert all(torch.equal(regrouped["model"][name], value) for name, value in plain["model"].items())
+    assert regrouped["optimizer"]["state"].keys() == plain["optimizer"]["state"].keys()
     with pytest.raises(UserError, match="--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"):
         write_checkpoint(full, str(tmp_path / "tp3"), 3, 1)
     with pytest.raises(UserError, match="--num-layers 2 is not divisible by --pipeline-model-parallel-size 4"):

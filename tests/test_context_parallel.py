@@ -2,7 +2,9 @@
 runs and checks: in float64, the logged numbers (the kept fraction exactly) and every parameter.
 
 Layouts: CP2, and CP2 with selective recompute (2 ranks); CP2xDP2, CP2xTP2 (with sequence parallelism for
-Llama) and CP2xPP2 (4 ranks).
+Llama) and CP2xPP2 (4 ranks), in the CPU's default all-gather form; the ring (--cp-comm-type p2p) at CP2
+(GPT-2 ESLM; Llama dense with keyed dropout and selective recompute), CP4 (Llama ESLM, keyed dropout) and
+CP2xTP2+SP (GPT-2 dense, keyed dropout) (`test_ring`).
 Selections: dense, ESLM by loss (sketch-exact threshold) and by entropy (exact threshold), the previous
 step's threshold (--eslm-threshold-scope previous-step), eslm-is (its draws are keyed by the token's
 global position) and Ada-ESLM; GPT-2 and Llama shapes. Besides: the
@@ -30,6 +32,7 @@ import test_parallel_training as tpt  # noqa: E402  (its runs, spawn and checks)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import bench_comm  # noqa: E402
 
+DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--keyed-dropout"]
 SELECTIONS = {
     "dense": ["--selection", "none"],
     "eslm-loss": ["--selection", "eslm", "--eslm-alpha", "0.6", "--eslm-score", "loss"],
@@ -39,13 +42,21 @@ SELECTIONS = {
     "ada-eslm": tpt.LLAMA_SELECTIONS["ada-eslm"],
     # each step's threshold from the previous step's sketch, merged over the data x context group
     "eslm-previous-step": ["--selection", "eslm", "--eslm-alpha", "0.6", "--eslm-threshold-scope", "previous-step"],
+    # hidden and attention dropout keyed by position: the one-process reference runs them too
+    "eslm-loss-dropout": ["--selection", "eslm", "--eslm-alpha", "0.6", "--eslm-score", "loss", *DROPOUT],
+    "dense-dropout": ["--selection", "none", *DROPOUT],
 }
 MODELS = {"gpt2": [], "llama": tpt.LLAMA_FLAGS}
 # name -> (world, tp, pp, cp, sequence parallel)
 LAYOUTS = {"cp2": (2, 1, 1, 2, False), "cp2-recompute": (2, 1, 1, 2, False), "cp2dp2": (4, 1, 1, 2, False),
-           "cp2tp2": (4, 2, 1, 2, False), "cp2tp2-sp": (4, 2, 1, 2, True), "cp2pp2": (4, 1, 2, 2, False)}
-# more flags of a layout: the attention core (and its gathered keys and values) recomputed in the backward
-LAYOUT_EXTRA = {"cp2-recompute": ["--recompute-granularity", "selective"]}
+           "cp2tp2": (4, 2, 1, 2, False), "cp2tp2-sp": (4, 2, 1, 2, True), "cp2pp2": (4, 1, 2, 2, False),
+           "cp2-ring": (2, 1, 1, 2, False), "cp2-ring-recompute": (2, 1, 1, 2, False), "cp4-ring": (4, 1, 1, 4, False),
+           "cp2tp2-sp-ring": (4, 2, 1, 2, True)}
+RING = ["--cp-comm-type", "p2p", "--timing-log-level", "2"]  # and log the bytes of each kind of collective
+# more flags of a layout: the attention core (and its gathered keys and values) recomputed in the backward;
+# the ring (the CPU's default is the all-gather form)
+LAYOUT_EXTRA = {"cp2-recompute": ["--recompute-granularity", "selective"], "cp2-ring": RING, "cp4-ring": RING,
+                "cp2-ring-recompute": [*RING, "--recompute-granularity", "selective"], "cp2tp2-sp-ring": RING}
 # (model, layout, selection) per world size
 CASES = {
     2: [(model, "cp2", selection) for model in MODELS for selection in
@@ -56,6 +67,11 @@ CASES = {
         ("gpt2", "cp2tp2", "eslm-loss"), ("gpt2", "cp2tp2", "eslm-is"),
         ("llama", "cp2tp2-sp", "eslm-entropy-exact"), ("llama", "cp2tp2-sp", "ada-eslm"),
         ("gpt2", "cp2pp2", "dense"), ("llama", "cp2pp2", "eslm-loss")],
+}
+# the ring (--cp-comm-type p2p), with keyed dropout, per world size
+RING_CASES = {
+    2: [("gpt2", "cp2-ring", "eslm-loss"), ("llama", "cp2-ring-recompute", "dense-dropout")],
+    4: [("llama", "cp4-ring", "eslm-loss-dropout"), ("gpt2", "cp2tp2-sp-ring", "dense-dropout")],
 }
 
 
@@ -71,9 +87,9 @@ def layout_flags(layout: str) -> tuple[int, list[str]]:
                                              *LAYOUT_EXTRA.get(layout, [])]
 
 
-def jobs_for(world: int, corpus) -> list[tuple]:
+def jobs_for(world: int, corpus, cases: dict = CASES) -> list[tuple]:
     jobs = []
-    for model, layout, selection in CASES[world]:
+    for model, layout, selection in cases[world]:
         micro, extra = layout_flags(layout)
         argv = run_flags(corpus, micro, model, selection, *extra)
         jobs.append(((model, layout, selection), "train", argv, tpt.DTYPE))
@@ -83,7 +99,8 @@ def jobs_for(world: int, corpus) -> list[tuple]:
 @pytest.fixture(scope="module")
 def references(tiny_corpus):
     torch.set_num_threads(1)
-    needed = {(model, selection) for cases in CASES.values() for model, _, selection in cases}
+    needed = {(model, selection) for table in (CASES, RING_CASES) for cases in table.values()
+              for model, _, selection in cases}
     return {(model, selection): tpt.train(run_flags(tiny_corpus, tpt.REFERENCE_MICRO_BATCH, model, selection), tpt.DTYPE)
             for model, selection in sorted(needed)}
 
@@ -178,7 +195,10 @@ def test_chunk_attention_with_grouped_queries_float64():
      "world size 6 is not divisible by --tensor-model-parallel-size 1 x --pipeline-model-parallel-size 1 x "
      "--context-parallel-size 4"),
     (2, ["--context-parallel-size", "2", "--hidden-dropout", "0.1"],
-     "--context-parallel-size 2 needs --hidden-dropout 0 and --attention-dropout 0"),
+     "--context-parallel-size 2 with --hidden-dropout 0.1 and --attention-dropout 0.0 needs --keyed-dropout"),
+    (2, ["--context-parallel-size", "2", "--attention-dropout", "0.1", "--keyed-dropout", "--cp-comm-type",
+         "all_gather"],
+     "--cp-comm-type all_gather with --attention-dropout 0.1: the keyed attention dropout runs in the ring"),
     (2, ["--context-parallel-size", "2", "--selection", "lfr"],
      "--selection lfr does not run with --context-parallel-size 2"),
 ])
@@ -186,6 +206,16 @@ def test_bad_context_parallel_layouts_fail_in_one_line(tiny_corpus, world, extra
     cfg = parse_args(tpt.flags(tiny_corpus, 2, *extra))
     with pytest.raises(UserError, match=re.escape(message)):
         validate_layout(cfg, world)
+
+
+def test_cp_comm_type_flag(tiny_corpus):
+    """--cp-comm-type takes p2p or all_gather; unset, the all-gather form (the ring is opt-in)."""
+    from megatron_eslm.config import ParallelConfig
+    from megatron_eslm.config.parallel import cp_comm_type
+    with pytest.raises(UserError, match=re.escape("--cp-comm-type must be one of p2p, all_gather, got 'ring'")):
+        parse_args(tpt.flags(tiny_corpus, 2, "--cp-comm-type", "ring"))
+    assert cp_comm_type(ParallelConfig()) == "all_gather"
+    assert cp_comm_type(parse_args(tpt.flags(tiny_corpus, 2, "--cp-comm-type", "p2p")).parallel) == "p2p"
 
 
 # ----------------------------------------------------------------------------------------- ranks
@@ -241,3 +271,21 @@ def test_four_ranks(tiny_corpus, references, tmp_path):
     tpt.check_equivalence(CASES[4], per_rank, references)
     for name, setups in comm.items():
         assert bench_comm.mismatches(setups, [r[("comm", name)] for r in per_rank]) == [], name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring(tiny_corpus, references, world):
+    """The ring (--cp-comm-type p2p) at CP2 and CP4 equals one process (and so the all-gather form, which
+    equals it too), GPT-2 and Llama (grouped queries, rope), dense and ESLM, without and with keyed hidden
+    and attention dropout (against one process with --keyed-dropout): under selective recompute, and with
+    sequence parallelism's shards of the chunks."""
+    per_rank = tpt.spawn(world, jobs_for(world, tiny_corpus, RING_CASES))
+    tpt.check_equivalence(RING_CASES[world], per_rank, references)
+    for model, layout, selection in RING_CASES[world]:
+        if selection.endswith("-dropout"):  # dropout was on: the run differs from the one without
+            without = references[(model, selection.removesuffix("-dropout"))]["records"]
+            assert per_rank[0][(model, layout, selection)]["records"][-1]["lm_loss"] != without[-1]["lm_loss"]
+        record = per_rank[0][(model, layout, selection)]["records"][-1]
+        if "ring" in layout:  # the keys and values went round the ring, never all-gathered
+            assert record["comm_bytes_cp_send"] > 0 and record["comm_bytes_cp_all_gather"] == 0

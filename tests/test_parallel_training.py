@@ -120,7 +120,7 @@ def shards(trainer: Trainer) -> dict:
     """This rank's parameters under their one-process names, with what is needed to put them together."""
     out = {}
     for name, param in trainer.model.named_parameters():
-        name = re.sub(r"^layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + trainer.model.layer_offset}.",
+        name = re.sub(r"^layers\.(\d+)\.", lambda m: f"layers.{trainer.model.layer_numbers[int(m.group(1))]}.",
                       name)
         split = getattr(param, "partition_dim", None)
         out[name] = (param.detach().clone(), split, getattr(param, "tied_copy", False))

@@ -156,3 +156,24 @@ def test_context_parallel_sizes_cross_the_layouts(tmp_path):
     assert "- 2 ranks tp2cp2pp1 z0 none: invalid: world size 2" in scaling_study.markdown([invalid], [])
     _, auto = sweep("--world-sizes", "4", "--layouts", "auto", "--context-parallel-sizes", "2")
     assert sorted((p.tp, p.cp, p.pp, p.dp) for p, _ in auto) == [(1, 2, 1, 2), (1, 2, 2, 1), (2, 2, 1, 1)]
+
+
+def test_virtual_stages_cross_the_pipelined_layouts(tmp_path):
+    """--virtual-stages: every layout with PP > 1 at every V (PP 1 only at V 1), the point's flag
+    --num-layers-per-virtual-pipeline-stage = layers / (PP x V), its name and model point carry V, and a V
+    the layers do not fit is an invalid row (nothing runs)."""
+    recipe = tmp_path / "pretrain.json"
+    recipe.write_text(json.dumps({"num-layers": 4, "hidden-size": 32, "num-attention-heads": 4, "seq-length": 32,
+                                  "micro-batch-size": 1, "global-batch-size": 4}))
+    extra = ["--", "--data-path", "x", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128"]
+    args = scaling_study.parse(["--config", str(recipe), "--out-dir", str(tmp_path / "out"), "--world-sizes", "2",
+                                "--layouts", "tp1pp1", "tp1pp2", "--virtual-stages", "1", "2", "4", *extra])
+    points = scaling_study.sweep(args, scaling_study.parse_args(["--config", str(recipe), *extra[1:]]))
+    assert [(p.name, reason is None) for p, reason in points] == [
+        ("w2-tp1pp1dp2-z0-mbs1-gbs4-none", True), ("w2-tp1pp2dp1-z0-mbs1-gbs4-none", True),
+        ("w2-tp1pp2vp2dp1-z0-mbs1-gbs4-none", True), ("w2-tp1pp2vp4dp1-z0-mbs1-gbs4-none", False)]
+    p = points[2][0]
+    argv = scaling_study.point_argv(args, p, "metrics.jsonl", None)
+    assert argv[argv.index("--num-layers-per-virtual-pipeline-stage") + 1] == "1"
+    assert scaling_study.model_point(args, p).vp == 2
+    assert "--num-layers-per-virtual-pipeline-stage" not in scaling_study.point_argv(args, points[1][0], "m", None)

@@ -1,8 +1,9 @@
 """Per-phase timers (--timing-log-level) and the throughput fields of the training records (tflops_per_gpu,
 mfu, max_memory_allocated; --peak-tflops).
 
-The phases are disjoint (a nested phase pauses its parent), so on a tiny CPU run with an evaluation and a
-checkpoint inside each logged interval their sum is within 5% of iteration_time_ms; level 0 makes no timer,
+The phases are disjoint (a nested phase pauses its parent) and the work between steps is a phase too
+(`logging`), so on a tiny CPU run logged at every iteration, with an evaluation and a checkpoint every
+second one, their sum is within 5% of iteration_time_ms; level 0 makes no timer,
 adds no time_ field and calls no torch.cuda.synchronize, while a timer on a CUDA device synchronises at
 every phase boundary (checked with torch.cuda.synchronize replaced by a counter).
 """
@@ -50,6 +51,19 @@ def test_nested_phases_are_disjoint_and_sum_to_the_wall_time(monkeypatch):
         t.stop("optimizer")
 
 
+def test_a_phase_running_at_the_log_line_is_split_there(monkeypatch):
+    """The trainer reads the phases inside `logging`: its stretch so far is this line's, the rest the next's."""
+    clock = iter(range(100))
+    monkeypatch.setattr(timers.time, "perf_counter", lambda: float(next(clock)))
+    t = Timers(1, torch.device("cpu"))
+    t.start("logging")  # 0
+    assert t.interval_ms(1)["time_logging_ms"] == 1000.0  # read at 1
+    with t.phase("eval"):  # 2 .. 3
+        pass
+    t.stop("logging")  # 4
+    assert t.interval_ms(1) == {**dict.fromkeys(LEVEL1, 0.0), "time_logging_ms": 2000.0, "time_eval_ms": 1000.0}
+
+
 def test_level_0_times_nothing_and_synchronises_nothing(synchronizations):
     off = Timers(0, torch.device("cuda"))
     with off.phase("forward_backward"), off.phase("threshold"):
@@ -65,8 +79,8 @@ def test_level_0_times_nothing_and_synchronises_nothing(synchronizations):
 
 
 def run_timed(tiny_corpus, tmp_path, level: int, *extra: str) -> list[dict]:
-    """8 iterations logged every 4, with an evaluation and a checkpoint every 2 (inside each interval)."""
-    return run(flags(tiny_corpus, "--train-iters", "8", "--log-interval", "4", "--eval-interval", "2",
+    """8 iterations, each logged, with an evaluation and a checkpoint after every second one."""
+    return run(flags(tiny_corpus, "--train-iters", "8", "--log-interval", "1", "--eval-interval", "2",
                      "--save", str(tmp_path / "ckpt"), "--save-interval", "2", "--timing-log-level", str(level),
                      *extra))[1]
 
@@ -76,9 +90,13 @@ def test_level_1_phases_cover_the_iteration_time(tiny_corpus, tmp_path):
     for r in records:
         assert set(r) & LEVEL2 == LEVEL1
         assert r["mfu"] is None  # CPU without --peak-tflops
-        assert all(r[f] > 0 for f in LEVEL1 - {"time_grads_reduce_ms"}), r  # one process: no reduction work
-        phases = sum(r[f] for f in LEVEL1)
+        # one process: no reduction work; evaluations and saves are timed where they run (below)
+        assert all(r[f] > 0 for f in LEVEL1 - {"time_grads_reduce_ms", "time_eval_ms", "time_checkpoint_ms"}), r
+        phases = sum(r[f] for f in LEVEL1)  # the logging of every line included: it holds at --log-interval 1
         assert abs(phases - r["iteration_time_ms"]) <= 0.05 * r["iteration_time_ms"], (phases, r)
+    # the evaluation and the save after iterations 2, 4 and 6 are in the next line's interval (8's in none)
+    for phase in ("time_eval_ms", "time_checkpoint_ms"):
+        assert [r[phase] > 0 for r in records] == [False, False, True, False, True, False, True, False], phase
     assert get_timers().level == 0  # the trainer's close() put the inert timers back
 
 

@@ -169,7 +169,8 @@ def ring_factors(s: Setup) -> dict[str, float]:
 
     n = s.selection_ranks
     return {c.TP_ALL_REDUCE: all_reduce(s.tp), c.TP_ALL_GATHER: s.tp - 1, c.TP_REDUCE_SCATTER: (s.tp - 1) / s.tp,
-            c.CP_ALL_GATHER: s.cp - 1, c.CP_REDUCE_SCATTER: (s.cp - 1) / s.cp, c.PP_SEND: 1.0, c.PP_RECV: 0.0,
+            c.CP_ALL_GATHER: s.cp - 1, c.CP_REDUCE_SCATTER: (s.cp - 1) / s.cp, c.CP_SEND: 1.0, c.CP_RECV: 0.0,
+            c.PP_SEND: 1.0, c.PP_RECV: 0.0,
             c.DP_ALL_REDUCE: all_reduce(n), c.EMBEDDING_ALL_REDUCE: all_reduce(2), c.ESLM_THRESHOLD: n - 1,
             c.DENSE_NORMALIZER: all_reduce(n), c.GRAD_NORM: all_reduce(s.tp * s.pp), c.METRICS: 1.0}
 

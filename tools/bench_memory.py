@@ -31,17 +31,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import (PRESETS, RECOMPUTE, RECOMPUTE_NAMES, build_model, fill_shape,  # noqa: E402
-                              model_config)
+from bench_train_step import (PRESETS, RECOMPUTE, RECOMPUTE_NAMES, add_shape_flags, autocast_factory,  # noqa: E402
+                              build_model, fill_shape, median_seconds, model_config, random_batches)
 
 from megatron_eslm.config import ModelConfig  # noqa: E402
 from megatron_eslm.errors import exit_on_user_error  # noqa: E402
@@ -100,10 +99,7 @@ class Row:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a model and micro-batch of tools/bench_train_step.py")
-    for name, default in DEFAULTS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int,
-                       help=f"default {'derived, as the trainer does' if default is None else default}, "
-                            "or the preset's")
+    add_shape_flags(p, DEFAULTS)
     defaults = ModelConfig()
     p.add_argument("--hidden-dropout", type=float, default=defaults.hidden_dropout)
     p.add_argument("--attention-dropout", type=float, default=defaults.attention_dropout,
@@ -118,16 +114,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def run(model: GPTModel, batch: dict, device: torch.device, bf16: bool,
         saved: SavedActivations | None = None) -> None:
     """One micro-batch's forward and backward, the forward inside `saved` when given."""
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
     def forward(*args, **kwargs):
         with saved or contextlib.nullcontext():
             return model(*args, **kwargs)
 
     model.zero_grad(set_to_none=False)
     forward_backward(model, ESLMPolicy(0.5, "loss"), iter([batch]), 1, device, resolve_impl("auto", device),
-                     autocast, forward=forward)
+                     autocast_factory(device, bf16), forward=forward)
 
 
 def measure(model: GPTModel, batch: dict, device: torch.device, bf16: bool) -> int:
@@ -145,34 +138,19 @@ def measure(model: GPTModel, batch: dict, device: torch.device, bf16: bool) -> i
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def timed(model: GPTModel, batch: dict, device: torch.device, bf16: bool, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        tic = time.perf_counter()
-        run(model, batch, device, bf16)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
-
-
 def bench(args: argparse.Namespace) -> list[Row]:
     device = torch.device(args.device)
     set_random_seeds(1, device)  # the dropout streams
     base = dataclasses.replace(model_config(args), hidden_dropout=args.hidden_dropout,
                                attention_dropout=args.attention_dropout)
-    seq = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1),
-                        generator=torch.Generator().manual_seed(1))
-    batch = {"tokens": seq[:, :-1], "labels": seq[:, 1:]}
+    batch = random_batches(args, 1)[0]
     kernels = memory.CUDA if device.type == "cuda" else memory.CPU
     rows: list[Row] = []
     for variant, fields in VARIANTS.items():
         cfg = dataclasses.replace(base, **fields)
         model = build_model(cfg, args.vocab_size, device)
         nbytes = measure(model, batch, device, args.bf16)
-        step = timed(model, batch, device, args.bf16, args.steps)
+        step = median_seconds(functools.partial(run, model, batch, device, args.bf16), device, args.steps)
         del model
         est = memory.activations(cfg, args.vocab_size, memory.Layout(), 0, args.micro_batch_size, 1, args.bf16,
                                  False, kernels)

@@ -14,6 +14,8 @@ AdamW) on the same random token batches, from the same initial weights. The rows
   random sequence a=0.5          its control: half the sequences drawn at random, nothing scored
   dense, optimizer IMPL          --optimizer-impls: AdamW fused / foreach / loop (`training/optimizer.py`)
   dense, recompute KIND          --recompute: selective (the attention core), full (uniform, 1 layer a chunk)
+  dense, fp8 FORMAT              --fp8-format hybrid / e4m3: the blocks' linears in FP8 through torchao
+                                 (`tensor_parallel/fp8.py`; needs --bf16, a GPU of capability 8.9+, torchao)
 
 Columns: the median step time and its ratio to dense; the optimizer step alone (clip + AdamW) and its
 ratio; the executed FLOPs (`training/flops.py`: what ran, a recomputed forward included, so under
@@ -37,6 +39,9 @@ bf16 autocast as the trainer runs it, with the LM head the trainer would pick (a
     # 42.3 GiB, fp32 weights, gradients and AdamW states and bf16 activations; here 4.1 GiB more for the
     # spare copy of the initial weights)
     python tools/bench_train_step.py --preset llama-1b --bf16 --lm-head-impl auto --alphas 0.7
+    # FP8 against bf16 at the Llama-1B shape, dense rows only
+    python tools/bench_train_step.py --preset llama-1b --bf16 --lm-head-impl auto --alphas --optimizer-impls \
+        --recompute --fp8-format hybrid e4m3
 """
 from __future__ import annotations
 
@@ -47,16 +52,19 @@ import dataclasses
 import os
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 from megatron_eslm.config import ModelConfig, OptimizerConfig, finalize_model
+from megatron_eslm.config.training import FP8_FORMATS
 from megatron_eslm.errors import UserError, exit_on_user_error
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, RandomPolicy
 from megatron_eslm.eslm.sequence import SequencePolicy
 from megatron_eslm.host_syncs import HostSyncCounter
 from megatron_eslm.model.gpt import GPTModel
 from megatron_eslm.model.lm_head import resolve_impl
+from megatron_eslm.tensor_parallel.fp8 import convert_to_fp8
 from megatron_eslm.training.recompute import recompute_name
 from megatron_eslm.training.optimizer import build_optimizer
 from megatron_eslm.training.step import (StepStats, forward_backward, optimizer_step, reduce_step_stats,
@@ -87,11 +95,13 @@ RECOMPUTE_NAMES = {kind: recompute_name(ModelConfig(**options)) for kind, option
 
 @dataclasses.dataclass
 class Variant:
-    """One row: a selection policy (None: dense), ModelConfig fields over the base model's, an optimizer."""
+    """One row: a selection policy (None: dense), ModelConfig fields over the base model's, an optimizer,
+    an FP8 format (None: none)."""
     name: str
     policy: Policy | None = None
     model_options: dict = dataclasses.field(default_factory=dict)
     optimizer_impl: str = "auto"
+    fp8_format: str | None = None
 
 
 @dataclasses.dataclass
@@ -111,10 +121,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model and micro-batch of a recipe: " + "; ".join(
                        f"{name}: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in values.items())
                        for name, values in PRESETS.items()))
-    for name, default in DEFAULTS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int,
-                       help=f"default {'derived, as the trainer does' if default is None else default}, "
-                            "or the preset's")
+    add_shape_flags(p)
     p.add_argument("--lm-head-impl", choices=["auto", "torch", "triton"], default="torch",
                    help="LM-head kernels, passed to forward_backward (default torch; auto: triton on CUDA "
                         "when triton is installed, else torch, as the trainer's --lm-head-impl)")
@@ -130,6 +137,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute", nargs="*", choices=list(RECOMPUTE), default=list(RECOMPUTE),
                    help="a dense row per activation recompute: selective, full (uniform, 1 layer a chunk) "
                         "(default both; the flag alone: none)")
+    p.add_argument("--fp8-format", nargs="*", choices=FP8_FORMATS, default=[],
+                   help="a dense row per FP8 format, the blocks' linears in FP8 (needs --bf16; default none)")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's dense peak TFLOP/s for the MFU column (default: the built-in table of "
                         "training/throughput.py, bf16 peaks of A100/H100/H200; no MFU on other devices)")
@@ -137,6 +146,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return fill_shape(p.parse_args(argv))
+
+
+def add_shape_flags(p: argparse.ArgumentParser, defaults: dict = DEFAULTS) -> None:
+    """The size flags (`defaults`' keys), each None unless given: `fill_shape` fills them."""
+    for name, default in defaults.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int,
+                       help=f"default {'derived, as the trainer does' if default is None else default}, "
+                            "or the preset's")
 
 
 def fill_shape(args: argparse.Namespace, defaults: dict = DEFAULTS) -> argparse.Namespace:
@@ -148,6 +165,8 @@ def fill_shape(args: argparse.Namespace, defaults: dict = DEFAULTS) -> argparse.
             setattr(args, name, preset.get(name, default))
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.fp8_format and not args.bf16:
+        raise UserError("--fp8-format needs --bf16, as the trainer's")
     return args
 
 
@@ -165,6 +184,22 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> GPTM
         return GPTModel(cfg, vocab_size)
 
 
+def random_batches(args: argparse.Namespace, count: int) -> list[dict]:
+    """`count` micro-batches of random tokens (seeded: every run and every tool draws the same), on the CPU."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(count):
+        seq = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=g)
+        batches.append({"tokens": seq[:, :-1], "labels": seq[:, 1:]})
+    return batches
+
+
+def autocast_factory(device: torch.device, bf16: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """The trainer's precision as forward_backward takes it: a fresh bf16 autocast context for each forward
+    (the backward runs outside it), or none."""
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 def variants(args: argparse.Namespace) -> list[Variant]:
     rows = [Variant("dense")]
     for alpha in args.alphas:
@@ -178,6 +213,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     rows += [Variant(f"dense, optimizer {impl}", optimizer_impl=impl) for impl in args.optimizer_impls]
     rows += [Variant(f"dense, recompute {RECOMPUTE_NAMES[kind]}", model_options=RECOMPUTE[kind])
              for kind in args.recompute]
+    rows += [Variant(f"dense, fp8 {fp8_format}", fp8_format=fp8_format) for fp8_format in args.fp8_format]
     return rows
 
 
@@ -205,10 +241,25 @@ class Clock:
         return start.elapsed_time(end) / 1000 if self.cuda else end - start
 
 
+def median_seconds(run: Callable[[], object], device: torch.device, calls: int, warmup: int = 0) -> float:
+    """The median wall time of `run()` over `calls` calls after `warmup` untimed ones, each between
+    synchronizations of the device (whose kernels the host only queues)."""
+    times = []
+    for i in range(warmup + calls):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
 def time_variant(base: GPTModel, variant: Variant, batches: list[dict], device: torch.device,
                  lm_head_impl: str = "torch", bf16: bool = False, warmup: int = 2) -> Timing:
-    def autocast():  # the trainer's: the forward only, backward outside it
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = autocast_factory(device, bf16)
 
     def step(batch: dict) -> tuple[StepStats, object]:  # the stats, a Clock mark before the optimizer
         optimizer.zero_grad(set_to_none=True)
@@ -225,6 +276,8 @@ def time_variant(base: GPTModel, variant: Variant, batches: list[dict], device: 
 
     model = (build_model(dataclasses.replace(base.cfg, **variant.model_options), base.vocab_size, device)
              if variant.model_options else copy.deepcopy(base))
+    if variant.fp8_format is not None:
+        convert_to_fp8(model, variant.fp8_format, device)
     optimizer = build_optimizer(model, OptimizerConfig(optimizer_impl=variant.optimizer_impl))
     clock, cuda = Clock(device), device.type == "cuda"
     max_memory_allocated(device)  # resets the peak: the next call gives this variant's
@@ -276,11 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = peak_tflops(device, args.peak_tflops)
     cfg = model_config(args)
     model = build_model(cfg, args.vocab_size, device)
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(args.steps + 2):
-        seq = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1), generator=g)
-        batches.append({"tokens": seq[:, :-1], "labels": seq[:, 1:]})
+    batches = random_batches(args, args.steps + 2)
     llama = ", Llama (rope, RMSNorm, SwiGLU, untied head, no biases)" if cfg.swiglu else ""
     print(f"device {device}, threads {args.threads}, layers {cfg.num_layers}, hidden {cfg.hidden_size}, "
           f"heads {cfg.num_attention_heads} ({cfg.num_query_groups} query groups), ffn {cfg.ffn_hidden_size}{llama}, "

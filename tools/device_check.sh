@@ -10,34 +10,53 @@
 # DEVICE_CHECK_BUDGET_S, default 540 s, is spent; a failing step does not stop the later ones):
 #   env              the GPU, torch, triton and the optional packages present
 #   install          this checkout into the machine's python (PYTHON, default python3: it holds a CUDA torch
-#                    and triton), --no-deps: there is no package index to reach, and deepspeed and
-#                    megatron-core are not needed here. Where pip cannot install it (the H200 image's pip runs
+#                    and triton), --no-deps: there is no package index to reach, deepspeed is not
+#                    needed here (megatron-core only for a row of peers). Where pip cannot install it (the H200 image's pip runs
 #                    `setup.py develop`, which fetches build dependencies), the checkout is used in place:
 #                    megatron_eslm/kernels links to kernels/ for the run (removed at exit), PYTHONPATH=.
+#   wheels           the wheels under wheels/ (git-ignored) installed --no-deps, for packages the machine lacks
+#                    and cannot download: the coordinator fills it beforehand, e.g.
+#                      pip download --no-deps torchao -d wheels/      # then carry: ["wheels"]
+#                    (lm_head_bench's Liger-Kernel and Cut Cross-Entropy rows: pip download --no-deps liger-kernel
+#                    cut-cross-entropy -d wheels/, both pure-Python wheels; docs/benchmarks.md)
 #   nccl_faults      issue 29's GPU checks (tests/test_nccl_readiness.py -k gpu): a one-rank NCCL group with
 #                    --distributed-timeout-minutes 0.1 and the stream blocked by torch.cuda._sleep under an
 #                    all-reduce, where the watchdog's line must come before NCCL's own timeout; a checkpoint
 #                    whose rng["cuda"] holds 8 devices' states loading on this one
-#   cuda_tests       the CUDA-only tests but the Triton ones (the test files with a CUDA skipif, `-k cuda`):
+#   cuda_tests       the CUDA-only tests but the Triton and CP ones (the test files with a CUDA skipif, `-k cuda`):
 #                    training steps per policy under torch.cuda.set_sync_debug_mode("error") (any host sync
 #                    outside the inherent ones raises), recompute on CUDA
+#   cp_attention     context parallelism's attention on CUDA (tests/test_context_parallel.py, test_cp_ring.py
+#                    -k cuda): the all-gather form's lower-right masks and the ring's blocks and log-sum-exp
+#                    merge (C = 4 simulated ranks) with grouped queries, bf16 and fp32, against fused causal SDPA
+#   attention_tests  --attention-backend on CUDA (tests/test_attention_backend.py -k cuda): two bf16 steps under
+#                    each backend against math, and context parallelism's lower-right mask (CausalBias) under
+#                    auto, flash (grouped queries) and efficient running without being materialised
+#   fp8_tests        --fp8-format's CUDA tests (tests/test_fp8.py -k cuda: FP8 steps against bf16); needs
+#                    torchao (the wheels step) and a GPU of compute capability 8.9+
 #   triton_tests     the compiled Triton LM-head kernels against torch in bf16 and fp32 (`TestOnGPU`); slow on a
 #                    fresh machine (the autotuner compiles every tile for every dtype)
-#   wheels           pip-installs (--no-deps --no-index) the wheels carried in wheels/, ignored by git: Liger-Kernel
-#                    and Cut Cross-Entropy for lm_head_bench's rows. Prepared where there is network, then
-#                    carried (`carry: ["wheels"]`): pip download --no-deps liger-kernel cut-cross-entropy -d wheels/
 #   lm_head_bench    tools/bench_lm_head_triton.py (quick shapes), with the Liger and CCE rows when installed
 #   gpt2_step_*      tools/bench_train_step.py at the GPT-2 124M shape in bf16: dense vs ESLM keep 0.3
 #                    (alpha 0.7, the three threshold modes) with MFU, Triton head, then torch head with the
 #                    AdamW implementations
 #   llama_step       the same at the Llama-1B shape: dense, ESLM keep 0.3, AdamW implementations, recompute
 #                    (none / selective / full uniform 1), time and peak memory
+#   llama_fp8_step   bench_train_step.py at the Llama-1B shape: dense bf16 against --fp8-format hybrid and e4m3
 #   llama_memory     tools/bench_memory.py --preset llama-1b on cuda: saved activations per recompute variant
 #   save_bench       tools/fault_drill.py --save-bench: how long a save of the GPT-2 124M shape (weights and
 #                    AdamW moments, ~1.4 GiB) blocks training, synchronous and --async-save
+#   peers            tools/bench_peers.py at the GPT-2 124M and Llama-1B shapes in bf16: our step (and --compile)
+#                    against transformers' GPT2LMHeadModel / LlamaForCausalLM, eager and torch.compile'd, and
+#                    megatron-core's GPTModel (local spec), tokens/s, TFLOP/s and MFU. Needs transformers (and
+#                    megatron-core for its row) on the machine: carry their wheels (docs/benchmarks.md, "Peers").
+#                    Past the default budget with the steps before it: run it alone, DEVICE_CHECK_ONLY=peers
 #   quickstart       the quickstart's data and a 20-iteration run on cuda (fp32), then quickstart_bf16: the
 #                    same model for 20 iterations with --bf16 --timing-log-level 1, printing its metrics
 #                    record (time_*_ms, tflops_per_gpu, mfu, max_memory_allocated)
+#   fp8_loss         200 iterations on the quickstart's data (its step first), bf16 then --fp8-format hybrid:
+#                    the mean lm_loss of the last 20 within 1% of bf16's. Not reached within the default
+#                    budget: DEVICE_CHECK_ONLY="install wheels fp8_tests llama_fp8_step quickstart fp8_loss"
 #   selection_study  issue 28's comparison at the GPT-2 124M shape in bf16 (tools/selection_study.py, seed 1):
 #                    STUDY_VARIANTS (default dense, sequence ESLM at keep 0.5, sequence random at keep 0.5) at
 #                    dense's executed FLOPs in 600 steps of 32 x 1024 tokens, on the standard library (train)
@@ -143,20 +162,9 @@ step() {  # step NAME TIMEOUT_S "MODULES NEEDED" COMMAND...: run it with its tim
 environment() {  # the GPU, python, torch and the packages the steps may need
     nvidia-smi
     "$PYTHON" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())'
-    "$PYTHON" -m pip list 2>/dev/null | grep -i -E '^(triton|sentencepiece|pytest|hypothesis|deepspeed|transformers|tensorboard|numpy|setuptools) '
+    "$PYTHON" -m pip list 2>/dev/null | grep -i -E '^(triton|sentencepiece|pytest|hypothesis|deepspeed|transformers|megatron-core|tensorboard|numpy|setuptools) '
 }
 export -f environment
-
-install_wheels() {  # the wheels carried in wheels/ (the header says how they get there), offline
-    shopt -s nullglob
-    local wheels=(wheels/*.whl)
-    if [ ${#wheels[@]} -eq 0 ]; then
-        echo "no wheels/*.whl carried: lm_head_bench runs without the Liger and CCE rows"
-        return 0
-    fi
-    "$PYTHON" -m pip install --no-deps --no-index "${wheels[@]}"
-}
-export -f install_wheels
 
 # The quickstart's model for 20 iterations under --bf16 with phase timers, on its data (the quickstart step's),
 # then the last training record of its metrics file, checked for the timing and throughput fields.
@@ -185,7 +193,42 @@ EOF
 }
 export -f quickstart_bf16
 
-TESTS=$(grep -l "skipif(not torch.cuda.is_available()" tests/test_*.py | tr '\n' ' ')  # the CUDA-only tests' files
+peers() {  # both presets, the second run even when the first fails
+    local rc=0
+    "$PYTHON" tools/bench_peers.py --preset gpt2-124m --steps 10 || rc=$?
+    "$PYTHON" tools/bench_peers.py --preset llama-1b --steps 5 || rc=$?
+    return $rc
+}
+export -f peers
+
+# --fp8-format against bf16 over 200 iterations of a model whose linears are multiples of 16, on the
+# quickstart's data: the mean lm_loss of the last 20 iterations within 1%.
+fp8_loss() {
+    local qs=$WORK/quickstart format
+    [ -f "$qs/stdlib_text_document.idx" ] || { echo "no quickstart data in $qs (the quickstart step failed)"; return 2; }
+    for format in none hybrid; do
+        "$PYTHON" -m megatron_eslm.pretrain --num-layers 4 --hidden-size 512 --num-attention-heads 8 \
+            --seq-length 256 --micro-batch-size 16 --global-batch-size 16 --train-iters 200 --lr 1e-3 \
+            --lr-warmup-iters 20 --hidden-dropout 0.0 --attention-dropout 0.0 --data-path "$qs/stdlib_text_document" \
+            --split 95,5,0 --tokenizer-type SentencePieceTokenizer --tokenizer-model "$qs/tokenizer.model" \
+            --eval-iters 0 --log-interval 1 --num-workers 0 --bf16 --metrics-file "$qs/fp8_$format.jsonl" \
+            $([ "$format" = none ] || echo --fp8-format $format) || return
+    done
+    "$PYTHON" - "$qs/fp8_none.jsonl" "$qs/fp8_hybrid.jsonl" <<'EOF'
+import json, sys
+losses = [[json.loads(line)["lm_loss"] for line in open(path) if '"lm_loss"' in line][-20:] for path in sys.argv[1:]]
+bf16, fp8 = (sum(values) / len(values) for values in losses)
+ratio = fp8 / bf16
+print(f"mean lm_loss of the last 20 of 200 iterations: bf16 {bf16:.4f}, fp8 hybrid {fp8:.4f}, ratio {ratio:.4f} "
+      "(must be within 1%)")
+sys.exit(0 if abs(ratio - 1) <= 0.01 else 1)
+EOF
+}
+export -f fp8_loss
+
+# the CUDA-only tests' files but those of their own steps
+TESTS=$(grep -l "skipif(not torch.cuda.is_available()" tests/test_*.py \
+        | grep -v -e test_attention_backend.py -e test_fp8.py | tr '\n' ' ')
 [ -n "$TESTS" ] || TESTS=tests/test_lm_head_triton.py  # never the whole suite
 TRAIN_STEP=(tools/bench_train_step.py --bf16 --alphas 0.7)
 STUDY_DATA=${STUDY_DATA:-runs/device_study}
@@ -203,23 +246,35 @@ if [ "$DRY" != 1 ] && ! "$PY" -c "import megatron_eslm.kernels" 2>/dev/null; the
     record install_in_place "$("$PY" -c "import megatron_eslm.kernels" 2>&1 && echo ok || echo failed)" 0 \
         "ln -s ../kernels $LINK; export PYTHONPATH=$PWD"
 fi
+step wheels 60 "pip" bash -c 'shopt -s nullglob; w=(wheels/*.whl); [ ${#w[@]} -eq 0 ] && { echo "no wheels under wheels/"; exit 0; }; "$PYTHON" -m pip install -q --no-deps --no-index "${w[@]}"'
 step nccl_faults 90 "torch pytest megatron_eslm" "$PY" -m pytest -q -s -rfE -p no:cacheprovider \
     tests/test_nccl_readiness.py -k gpu
+CUDA_TESTS=${TESTS//tests\/test_lm_head_triton.py/}  # triton_tests' file, and cp_attention's (their own steps)
+CUDA_TESTS=${CUDA_TESTS//tests\/test_context_parallel.py/}
 step cuda_tests 150 "torch triton pytest sentencepiece megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
-    ${TESTS//tests\/test_lm_head_triton.py/} -k cuda
+    ${CUDA_TESTS//tests\/test_cp_ring.py/} -k cuda
+step cp_attention 90 "torch pytest megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
+    tests/test_context_parallel.py tests/test_cp_ring.py -k cuda
+step attention_tests 90 "torch pytest sentencepiece megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
+    tests/test_attention_backend.py -k cuda
+step fp8_tests 90 "torch torchao pytest sentencepiece megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
+    tests/test_fp8.py -k cuda
 step triton_tests 180 "torch triton pytest megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
     tests/test_lm_head_triton.py -k OnGPU
-step wheels 60 "pip" bash -c install_wheels
 step lm_head_bench 120 "torch triton megatron_eslm" "$PY" tools/bench_lm_head_triton.py
 step gpt2_step_triton 90 "torch triton megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl triton \
     --thresholds sketch sketch-exact exact --steps 10 --optimizer-impls --recompute
 step gpt2_step_torch 90 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset gpt2-124m --lm-head-impl torch \
     --thresholds sketch sketch-exact exact --steps 10 --recompute
 step llama_step 150 "torch megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto --steps 6
+step llama_fp8_step 150 "torch torchao megatron_eslm" "$PY" "${TRAIN_STEP[@]}" --preset llama-1b --lm-head-impl auto \
+    --alphas --optimizer-impls --recompute --steps 6 --fp8-format hybrid e4m3
 step llama_memory 90 "torch megatron_eslm" "$PY" tools/bench_memory.py --preset llama-1b --bf16 --device cuda
 step save_bench 120 "torch megatron_eslm" "$PY" tools/fault_drill.py --save-bench --vocab-size 32768
+step peers 420 "torch transformers megatron_eslm" bash -c peers
 step quickstart 120 "torch sentencepiece megatron_eslm" "$PY" -m megatron_eslm.quickstart --output-dir "$WORK/quickstart" \
     --train-iters 20 --log-interval 5 --corpus-mb 1 --eval-iters 1 --generate-tokens 20
 step quickstart_bf16 120 "torch sentencepiece megatron_eslm" bash -c quickstart_bf16
+step fp8_loss 150 "torch torchao sentencepiece megatron_eslm" bash -c fp8_loss
 step selection_study 560 "torch sentencepiece megatron_eslm" "$PY" "${STUDY[@]}"
 echo "report: $OUT/report.md; logs: $OUT/logs.tar.gz"

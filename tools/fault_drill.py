@@ -18,9 +18,10 @@ the kills that found a temporary checkpoint directory.
 
 Rank drill (--ranks 2 or 4): the same small run with tensor parallelism over every rank (each rank holds a
 shard nobody else has), plain processes on one host faking two nodes (LOCAL_WORLD_SIZE = ranks / 2), a
-checkpoint every 4 iterations, a snapshot every 2, --distributed-timeout-minutes 0.1; with and without
---snapshot-replicas 1. Each trial kills one random rank with SIGKILL after a random record (at least the
-5th: a vetted snapshot and a checkpoint exist) plus a delay drawn over an iteration's wall time, and reads
+checkpoint every 8 iterations, a snapshot every 2 (checkpoints rarer than snapshots, as in a real run: with a
+checkpoint every 4 the snapshot vetted 2 later was never newer than it, and no trial showed what replicas
+save), --distributed-timeout-minutes 0.1; with and without --snapshot-replicas 1. Each trial kills one
+random rank with SIGKILL after a random record (at least the 5th: a vetted snapshot exists) plus a delay drawn over an iteration's wall time, and reads
 the survivors' stderr as it comes: "named" counts the trials in which every survivor's last line is one
 "error: " line naming the killed rank, "culprit s" is the time from the kill to the first such line.
 "published" counts the trials whose survivors published the emergency snapshot (`snapshot_replicas.py`:
@@ -229,7 +230,7 @@ def drill(trials: int, async_modes: list[bool], iters: int = 12, seed: int = 0, 
     return rows
 
 
-RANK_FLAGS = ["--save-interval", "4", "--snapshot-interval", "2", "--distributed-timeout-minutes", "0.1",
+RANK_FLAGS = ["--save-interval", "8", "--snapshot-interval", "2", "--distributed-timeout-minutes", "0.1",
               "--hidden-dropout", "0", "--attention-dropout", "0"]
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Re-shard a checkpoint for another tensor x pipeline layout, optimizer moments included, so that training
+"""Re-shard a checkpoint for another tensor x pipeline (x virtual pipeline) layout, optimizer moments included, so that training
 continues on the new layout exactly as a fresh run on it would from those weights and moments.
 
     python tools/reshape_checkpoint.py --load ckpt --save ckpt_tp1 \\
@@ -36,6 +36,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="write into --save even though it holds files this tool did not write")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                        help="write the interleaved schedule's model chunks of N layers (default: none; a run "
+                             "with another number of chunks on the same TP x PP regroups them itself)")
     return parser.parse_args(argv)
 
 
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     ours = check_checkpoint_save(args.save, "--load", args.load, TOOL, args.force)
     full = read_checkpoint(args.load, args.iteration)
-    path = write_checkpoint(full, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    path = write_checkpoint(full, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                            num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage)
     if ours:
         mark(args.save, TOOL)
     moments = "with" if full.moments is not None else "without"

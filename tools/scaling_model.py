@@ -44,7 +44,10 @@ What is MODELLED (`predict`), per rank of the slowest pipeline stage, every term
                  rounds; per step one all-reduce over DP x CP per --ddp-bucket-size bucket (default 25M
                  elements), the gradient norm's all-reduce over TP x PP (in optimizer) and the embedding's
                  (PP > 1).
-  bubble         1F1B: (PP - 1) / micro-batches x the slowest stage's compute + TP + CP + PP time.
+  bubble         1F1B: (PP - 1) / micro-batches x the slowest stage's compute + TP + CP + PP time; interleaved
+                 with VP model chunks a rank, divided by VP (`pipeline_parallel/timetable.py` counts the same
+                 by construction), while the PP messages grow: a rank sends and receives across every one
+                 of its 2 VP chunk boundaries, less the pipeline's two ends.
   dp comm        over the DP x CP ranks, not overlapped: the whole all-reduce of the gradients after the
                  backward. With `overlap_grad_reduce` (and under ZeRO-2/3, whose reduction runs inside the
                  backward) only what does not fit under the last micro-batch's backward (2/3 of its compute),
@@ -101,7 +104,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_comm  # noqa: E402  (the communication volumes the code issues)
 
 from megatron_eslm.config import Config, ModelConfig  # noqa: E402
-from megatron_eslm.config.parallel import ParallelConfig  # noqa: E402
+from megatron_eslm.config.parallel import ParallelConfig, virtual_pipeline_size  # noqa: E402
 from megatron_eslm.config.selection import SelectionConfig  # noqa: E402
 from megatron_eslm.distributed import collectives as c  # noqa: E402
 from megatron_eslm.model.gpt import padded_vocab_size  # noqa: E402
@@ -142,6 +145,7 @@ class Layout:
     world_size: int
     tp: int
     cp: int = field(default=1, kw_only=True)
+    vp: int = field(default=1, kw_only=True)  # model chunks per pipeline rank (the interleaved schedule)
     pp: int
     dp: int
     zero_stage: int
@@ -187,7 +191,8 @@ class Point(Layout):
                    t.micro_batch_size, t.global_batch_size,
                    "none" if sel.selection == "none" else f"{sel.selection}:{sel.eslm_alpha}", cfg.model,
                    padded_vocab_size(tokenizer_vocab_size, cfg.model.make_vocab_size_divisible_by * tp),
-                   p.sequence_parallel, p.overlap_grad_reduce, sel.eslm_threshold, sel.eslm_sketch_size, cp=cp)
+                   p.sequence_parallel, p.overlap_grad_reduce, sel.eslm_threshold, sel.eslm_sketch_size, cp=cp,
+                   vp=virtual_pipeline_size(p, cfg.model.num_layers))
 
     @property
     def micro_batches(self) -> int:
@@ -236,7 +241,7 @@ def stage_flops(point: Point, stage: int) -> float:
     tokens (`Setup.tokens`, a CP rank's micro-batch x sequence / CP)."""
     cfg, s = point.model, point.setup()
     tokens = s.tokens * s.micro_batches
-    per_token = 3 * transformer_forward_flops_per_token(cfg) + recompute_flops_per_token(cfg, point.pp)
+    per_token = 3 * transformer_forward_flops_per_token(cfg) + recompute_flops_per_token(cfg, point.pp * point.vp)
     flops = per_token / point.pp * tokens
     if stage == point.pp - 1:
         unit = 2.0 * cfg.hidden_size * point.vocab_size  # one row's head forward (flops.py)
@@ -350,10 +355,12 @@ def predict(point: Point, calibration: Calibration, network: Network) -> dict[st
         if point.pp > 1:  # the rank waits for its receives as for its sends: both count
             moved = volume[c.PP_SEND] + volume[c.PP_RECV]
             messages = moved / ((s.tokens // s.tp if s.sp else s.tokens) * s.hidden * bench_comm.FLOAT)
-            pp_comm = _time(moved, 1.0, messages, 1, links["pp"])
+            ends = (stage == 0) + (stage == point.pp - 1)  # interleaved: every chunk's boundaries but the ends
+            boundaries = (2 * point.vp - ends) / (2 - ends)
+            pp_comm = _time(moved * boundaries, 1.0, messages * boundaries, 1, links["pp"])
         stages.append((compute + tp_comm + cp_comm + pp_comm, compute, tp_comm, cp_comm, pp_comm, stage, volume))
     total, compute, tp_comm, cp_comm, pp_comm, stage, volume = max(stages)
-    bubble = (point.pp - 1) / m * total
+    bubble = (point.pp - 1) / (m * point.vp) * total
     parameters = s.local_parameters(stage)
 
     # the gradient reduction over the data x context ranks (or ZeRO's collectives)

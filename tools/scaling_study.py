@@ -66,7 +66,7 @@ TOOL = "scaling_study"
 FINAL = ("ok", "oom")  # statuses a rerun of the same command keeps; "failed" points run again
 PHASE_FIELDS = [f"time_{name}_ms" for name in PHASES if name not in ("eval", "checkpoint")]
 COMM_FIELDS = [field_name(kind) for kind in KINDS]
-COLUMNS = ["world_size", "tp", "cp", "pp", "dp", "zero_stage", "micro_batch_size", "global_batch_size", "selection",
+COLUMNS = ["world_size", "tp", "cp", "pp", "vp", "dp", "zero_stage", "micro_batch_size", "global_batch_size", "selection",
            "status", "tokens_per_sec", "tokens_per_sec_per_gpu", "tflops_per_gpu", "mfu", "step_ms", *PHASE_FIELDS,
            "max_memory_allocated", *COMM_FIELDS, "kept_fraction", "scaling_efficiency", "predicted_step_ms",
            "projection_error", "heldout_error", "message"]
@@ -81,16 +81,18 @@ class StudyPoint(Layout):
 
     @property
     def name(self) -> str:
-        return (f"w{self.world_size}-{self.split}dp{self.dp}-z{self.zero_stage}-mbs{self.micro_batch_size}"
+        vp = f"vp{self.vp}" if self.vp > 1 else ""  # names from before the interleaved schedule stay
+        return (f"w{self.world_size}-{self.split}{vp}dp{self.dp}-z{self.zero_stage}-mbs{self.micro_batch_size}"
                 f"-gbs{self.global_batch_size}-{self.selection.replace(':', '')}")
 
     @property
     def shape(self) -> tuple:
         """What stays fixed along a scaling curve: all but the world size (and so DP and the batch)."""
-        return self.tp, self.cp, self.pp, self.zero_stage, self.micro_batch_size, self.selection
+        return self.tp, self.cp, self.pp, self.vp, self.zero_stage, self.micro_batch_size, self.selection
 
     def label(self) -> str:
-        return f"{self.split} z{self.zero_stage} mbs{self.micro_batch_size} {self.selection}"
+        vp = f" vp{self.vp}" if self.vp > 1 else ""
+        return f"{self.split}{vp} z{self.zero_stage} mbs{self.micro_batch_size} {self.selection}"
 
 
 # ----------------------------------------------------------------------------------------- the sweep
@@ -109,10 +111,21 @@ def schedule(warmup: int, timed: int) -> tuple[int, int]:
     return warmup, warmup
 
 
+def chunk_layers(args: argparse.Namespace, p: StudyPoint) -> int | None:
+    """Layers per virtual stage of a point with V > 1 model chunks per pipeline rank (the recipe's layers over
+    PP x V; 0 when they do not split so); None for the plain schedule."""
+    if p.vp == 1:
+        return None
+    layers = parse_args(["--config", args.config, *args.pretrain]).model.num_layers
+    return layers // (p.pp * p.vp) if layers % (p.pp * p.vp) == 0 else 0
+
+
 def point_argv(args: argparse.Namespace, p: StudyPoint, metrics: str, ds_config: str | None) -> list[str]:
     """The point's pretrain flags (the recipe, the user's extras, then the point's own)."""
     warmup, interval = schedule(args.warmup_iters, args.timed_iters)
     zero = [] if p.zero_stage == 0 else ["--zero-stage", str(p.zero_stage)]
+    chunk = chunk_layers(args, p)
+    interleaved = ["--num-layers-per-virtual-pipeline-stage", str(chunk)] if chunk else []
     if zero and ds_config:
         zero += ["--deepspeed", "--deepspeed_config", ds_config]
     return ["--config", args.config, *args.pretrain, "--tensor-model-parallel-size", str(p.tp),
@@ -120,7 +133,7 @@ def point_argv(args: argparse.Namespace, p: StudyPoint, metrics: str, ds_config:
             "--micro-batch-size", str(p.micro_batch_size),
             "--global-batch-size", str(p.global_batch_size), "--train-iters", str(warmup + args.timed_iters),
             "--log-interval", str(interval), "--eval-iters", "0", "--timing-log-level", "2",
-            "--metrics-file", metrics, *selection_flags(p.selection), *zero]
+            "--metrics-file", metrics, *selection_flags(p.selection), *zero, *interleaved]
 
 
 def parse_layout(text: str) -> tuple[int, int]:
@@ -132,7 +145,7 @@ def parse_layout(text: str) -> tuple[int, int]:
 
 def sweep(args: argparse.Namespace, recipe: Config) -> list[tuple[StudyPoint, str | None]]:
     """Every point of the sweep with the reason it cannot run (None: it can): each layout at each
-    --context-parallel-sizes C. `auto` layouts that do not fit the model are left out (at C, the TP x PP x
+    --context-parallel-sizes C, and each pipelined one (PP > 1) at each --virtual-stages V. `auto` layouts that do not fit the model are left out (at C, the TP x PP x
     DP of world / C); named ones stay, as invalid rows."""
     smallest = min(args.world_sizes)
     points = []
@@ -146,10 +159,12 @@ def sweep(args: argparse.Namespace, recipe: Config) -> list[tuple[StudyPoint, st
         gbs = recipe.training.global_batch_size
         if args.scaling == "weak":
             gbs = gbs * world // smallest
-        for (tp, pp), zero, mbs, selection in itertools.product(
-                layouts, args.zero_stages, args.micro_batch_sizes or [recipe.training.micro_batch_size],
-                args.selections):
-            p = StudyPoint(world, tp, pp, max(world // (tp * cp * pp), 1), zero, mbs, gbs, selection, cp=cp)
+        for (tp, pp), vp, zero, mbs, selection in itertools.product(
+                layouts, args.virtual_stages, args.zero_stages,
+                args.micro_batch_sizes or [recipe.training.micro_batch_size], args.selections):
+            if vp > 1 and pp == 1:
+                continue  # no pipeline, nothing to interleave
+            p = StudyPoint(world, tp, pp, max(world // (tp * cp * pp), 1), zero, mbs, gbs, selection, cp=cp, vp=vp)
             reason = check(args, p)
             if reason is None or args.layouts != ["auto"]:
                 points.append((p, reason))
@@ -159,6 +174,8 @@ def sweep(args: argparse.Namespace, recipe: Config) -> list[tuple[StudyPoint, st
 def check(args: argparse.Namespace, p: StudyPoint) -> str | None:
     """The launch scripts' pre-launch check (parse_args + validate_layout) on the point's flags (a ZeRO point's
     DeepSpeed JSON is checked when it starts)."""
+    if chunk_layers(args, p) == 0:
+        return f"--virtual-stages {p.vp}: the layers do not split into PP {p.pp} x {p.vp} model chunks"
     try:
         validate_layout(parse_args(point_argv(args, p, os.devnull, None)), p.world_size)
     except UserError as err:
@@ -419,7 +436,7 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict], projected: list[dict]) -> str:
-    key = ["world_size", "tp", "cp", "pp", "dp", "zero_stage", "micro_batch_size", "global_batch_size", "selection"]
+    key = ["world_size", "tp", "cp", "pp", "vp", "dp", "zero_stage", "micro_batch_size", "global_batch_size", "selection"]
     main = [*key, "status", "tokens_per_sec", "tokens_per_sec_per_gpu", "tflops_per_gpu", "step_ms",
             "scaling_efficiency", "predicted_step_ms", "projection_error", "heldout_error"]
     phases = [*key, "step_ms", *PHASE_FIELDS]
@@ -538,6 +555,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "fits the model")
     p.add_argument("--context-parallel-sizes", type=int, nargs="+", default=[1], metavar="C",
                    help="--context-parallel-size of the points, each C crossed with every layout")
+    p.add_argument("--virtual-stages", type=int, nargs="+", default=[1], metavar="V",
+                   help="model chunks per pipeline rank (the interleaved 1F1B schedule: "
+                        "--num-layers-per-virtual-pipeline-stage = layers / (PP x V)); layouts with PP > 1 run at "
+                        "each V, PP 1 only at V 1")
     p.add_argument("--zero-stages", type=int, nargs="+", default=[0], choices=[0, 1, 2, 3],
                    help="0: our data parallelism; 1-3: DeepSpeed ZeRO through the deepspeed launcher")
     p.add_argument("--micro-batch-sizes", type=int, nargs="+", help="default: the recipe's")
@@ -563,6 +584,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.timed_iters < 1 or args.warmup_iters < 0:
         raise UserError(f"--timed-iters must be >= 1 and --warmup-iters >= 0, got {args.timed_iters}, "
                         f"{args.warmup_iters}")
+    if min(args.virtual_stages) < 1:
+        raise UserError(f"--virtual-stages must be >= 1, got {args.virtual_stages}")
     if min(args.context_parallel_sizes) < 1:
         raise UserError(f"--context-parallel-sizes must be >= 1, got {args.context_parallel_sizes}")
     return args

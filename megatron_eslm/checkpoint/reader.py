@@ -1,4 +1,4 @@
-"""Read any checkpoint of ours into whole tensors: every TP x PP layout of our format, and DeepSpeed ZeRO
+"""Read any checkpoint of ours into whole tensors: every TP x PP (x virtual pipeline) layout of our format, and DeepSpeed ZeRO
 1-3 directories (`deepspeed_reader.py`). Used by export, reshape, averaging and generation."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from megatron_eslm.checkpoint import integrity
 from megatron_eslm.checkpoint.full_state import MOMENTS, FullCheckpoint, config_from_dict
 from megatron_eslm.checkpoint.shards import TIED_COPY, shard_spec
 from megatron_eslm.errors import UserError
-from megatron_eslm.training.checkpointing import FILENAME, TRACKER, iteration_dir, latest_iteration, shard_dir_name
+from megatron_eslm.training.checkpointing import (FILENAME, TRACKER, iteration_dir, latest_iteration,
+                                                  saved_virtual_size, shard_dir_name)
 
 
 def shard_path(directory: str, tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -60,6 +61,7 @@ def _read_our_shards(directory: str, optimizer: bool) -> dict[tuple[int, int], d
     pipelined = not os.path.isdir(os.path.join(directory, "mp_rank_00"))  # then its first file is mp_rank_00_000
     first = load_file(shard_path(directory, 0, 0, 2 if pipelined else 1))
     tp, pp = first["layout"]["tensor_model_parallel_size"], first["layout"]["pipeline_model_parallel_size"]
+    vp = saved_virtual_size(first["layout"])
     model_cfg = config_from_dict(first["config"]).model
     shards = {}
     for pp_rank in range(pp):
@@ -67,7 +69,7 @@ def _read_our_shards(directory: str, optimizer: bool) -> dict[tuple[int, int], d
             state = load_file(shard_path(directory, tp_rank, pp_rank, pp))
             moments, step = None, None
             if optimizer and "optimizer" in state:
-                order = shard_spec(model_cfg, tp, pp, tp_rank, pp_rank).optimizer_order
+                order = shard_spec(model_cfg, tp, pp, tp_rank, pp_rank, vp).optimizer_order
                 saved = state["optimizer"]["state"]
                 moments = {order[index]: {key: saved[index][key] for key in MOMENTS} for index in saved}
                 step = int(next(iter(saved.values()))["step"]) if saved else 0
@@ -82,11 +84,12 @@ def merge_shards(shards: dict[tuple[int, int], dict], iteration: int) -> FullChe
     client = shards[0, 0]["client"]
     config = config_from_dict(client["config"])
     tp, pp = client["layout"]["tensor_model_parallel_size"], client["layout"]["pipeline_model_parallel_size"]
+    vp = saved_virtual_size(client["layout"])
     with_moments = all(shard["moments"] is not None for shard in shards.values())
     model: dict[str, Tensor] = {}
     moments: dict[str, dict[str, Tensor]] = {}
     for pp_rank in range(pp):
-        specs = [shard_spec(config.model, tp, pp, tp_rank, pp_rank) for tp_rank in range(tp)]
+        specs = [shard_spec(config.model, tp, pp, tp_rank, pp_rank, vp) for tp_rank in range(tp)]
         for name in specs[0].names:
             if specs[0].has_tied_copy and name == TIED_COPY:
                 continue  # the last stage's copy of the first stage's embedding

@@ -29,7 +29,7 @@ class ShardSpec:
     names: list[str]  # the shard's state_dict keys (its local layer indices)
     partition_dims: dict[str, int | None]  # None: replicated over the tensor-parallel ranks
     optimizer_order: list[str]  # AdamW's parameter indices 0, 1, ... in name form
-    layer_offset: int  # global index of the stage's layer 0
+    layer_numbers: tuple[int, ...]  # global index of each local layer (non-contiguous under interleaving)
     has_tied_copy: bool  # a later stage's own copy of the tied word embedding (the LM head)
 
     def canonical(self, name: str) -> str:
@@ -37,7 +37,7 @@ class ShardSpec:
         match = LAYER.match(name)
         if match is None:
             return name
-        return f"layers.{int(match.group(1)) + self.layer_offset}.{name[match.end():]}"
+        return f"layers.{self.layer_numbers[int(match.group(1))]}.{name[match.end():]}"
 
 
 def miniature(cfg: ModelConfig, tp: int) -> ModelConfig:
@@ -48,13 +48,14 @@ def miniature(cfg: ModelConfig, tp: int) -> ModelConfig:
         max_position_embeddings=1, recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
 
 
-def shard_spec(cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int) -> ShardSpec:
-    with parallel_state.offline_layout(Layout(tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank)):
+def shard_spec(cfg: ModelConfig, tp: int, pp: int, tp_rank: int, pp_rank: int, vp: int = 1) -> ShardSpec:
+    """Shard (tp_rank, pp_rank) of a TP x PP layout with `vp` model chunks per pipeline rank."""
+    with parallel_state.offline_layout(Layout(tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank, vp=vp)):
         model = GPTModel(miniature(cfg, tp), vocab_size=tp)
     names = {id(param): name for name, param in model.named_parameters()}
     order = [names[id(param)] for group in param_groups(model, 0.0) for param in group["params"]]
     dims = {name: (param.partition_dim if getattr(param, "tensor_model_parallel", False) else None)
             for name, param in model.named_parameters()}
     return ShardSpec(names=list(model.state_dict()), partition_dims=dims, optimizer_order=order,
-                     layer_offset=model.layer_offset,
+                     layer_numbers=model.layer_numbers,
                      has_tied_copy=pp_rank > 0 and model.tied and model.post_process)

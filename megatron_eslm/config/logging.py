@@ -26,7 +26,7 @@ HELP = {
     "metrics_file": "append JSON lines of metrics here",
     "timing_log_level": "0: no phase timers (no added device syncs); 1: time_<phase>_ms per iteration in the "
                         "training records (data, forward_backward, threshold, grads_reduce, optimizer, eval, "
-                        "checkpoint), each phase boundary synchronising the GPU; 2: also threshold_comm",
+                        "checkpoint, logging: they add up to iteration_time_ms), each phase boundary synchronising the GPU; 2: also threshold_comm",
     "peak_tflops": "peak TFLOP/s of one GPU for the mfu field; unset: the built-in dense bf16 table "
                    "(A100, H100, H200), none on other devices",
 }

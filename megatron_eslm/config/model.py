@@ -13,11 +13,15 @@ POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")  # model/attention_backend.py
 
 # Flags with more than one spelling (the first names the field); Megatron-LM still reads the old one.
 FLAG_NAMES = {"norm_epsilon": ("--norm-epsilon", "--layernorm-epsilon")}
 # Fields renamed since checkpoints stored their config: old name -> new name.
 RENAMED_FIELDS = {"layernorm_epsilon": "norm_epsilon"}
+# Fields a stored config keeps that are the training run's, not the model's: a tool that rebuilds the model
+# (generation, a frozen KD model, conversion) takes the defaults, e.g. SDPA's kernel for its own device.
+RUN_SETTINGS = ("attention_backend",)
 
 
 @dataclass
@@ -31,6 +35,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    keyed_dropout: bool = False
     init_method_std: float = 0.02
     norm_epsilon: float = 1e-5
     position_embedding_type: str = "learned_absolute"
@@ -45,6 +50,7 @@ class ModelConfig:
     recompute_granularity: str | None = None  # None: keep every activation (see training/recompute.py)
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
+    attention_backend: str = "auto"
 
 
 HELP = {
@@ -60,6 +66,11 @@ HELP = {
     "make_vocab_size_divisible_by": "pad the tokenizer vocabulary to a multiple of this",
     "hidden_dropout": "dropout after attention/MLP and on embeddings",
     "attention_dropout": "dropout on attention probabilities",
+    "keyed_dropout": "draw every dropout mask from a hash of one number drawn per dropout site and the "
+                     "elements' global token positions (and heads), not from the generator's stream: masks "
+                     "that do not depend on how the sequence is split, so a --context-parallel-size run "
+                     "(which needs it for dropout) equals one process with it; attention then runs the math "
+                     "path of context_parallel/ring.py instead of fused SDPA",
     "init_method_std": "std of the normal weight init",
     "norm_epsilon": "epsilon of every LayerNorm or RMSNorm (--layernorm-epsilon is the same flag)",
     "position_embedding_type": f"{' or '.join(POSITION_EMBEDDING_TYPES)}: a learned position table, or rotary "
@@ -84,13 +95,19 @@ HELP = {
                         "--recompute-num-layers layers of each stage one by one and keeps the rest",
     "recompute_num_layers": "layers per recomputed group (uniform) or recomputed layers per pipeline stage "
                             "(block); at most the layers of a stage",
+    "attention_backend": f"{', '.join(ATTENTION_BACKENDS)}: the attention kernel (PyTorch SDPA's backends). "
+                         "auto: on CUDA the fastest the shape allows (cuDNN first on Hopper, else flash; "
+                         "context parallelism's lower-right mask on flash or efficient), elsewhere SDPA's own "
+                         "choice; flash and cudnn need --bf16, efficient one key/value head per query head; "
+                         "flash, cudnn and efficient need CUDA (docs/performance.md)",
 }
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:
     """A ModelConfig from a stored `Config.to_dict()["model"]`, including those saved before a field was
     renamed (checkpoints keep the config they were trained with)."""
-    return ModelConfig(**{RENAMED_FIELDS.get(key, key): value for key, value in values.items()})
+    return ModelConfig(**{RENAMED_FIELDS.get(key, key): value for key, value in values.items()
+                          if key not in RUN_SETTINGS})
 
 
 def finalize_model(m: ModelConfig) -> ModelConfig:
@@ -143,6 +160,19 @@ def validate_model(m: ModelConfig) -> None:
         if not 0.0 <= value < 1.0:
             raise UserError(f"{flag} must be in [0, 1), got {value}")
     validate_recompute(m)
+    validate_attention_backend(m)
+
+
+def validate_attention_backend(m: ModelConfig) -> None:
+    """The shapes an explicit --attention-backend has no kernel for (its dtype: `validation.py`)."""
+    one_of(m.attention_backend, ATTENTION_BACKENDS, "--attention-backend")
+    if m.attention_backend == "efficient" and m.num_query_groups != m.num_attention_heads:
+        raise UserError(f"--attention-backend efficient needs a key/value head per query head (PyTorch's "
+                        f"memory-efficient kernel has no grouped-query form), got --num-query-groups "
+                        f"{m.num_query_groups} of {m.num_attention_heads} heads: use auto, flash, cudnn or math")
+    if m.attention_backend == "flash" and m.kv_channels > 256:
+        raise UserError(f"--attention-backend flash runs head dimensions up to 256, got --kv-channels "
+                        f"{m.kv_channels}")
 
 
 def validate_recompute(m: ModelConfig) -> None:

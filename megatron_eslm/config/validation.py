@@ -9,7 +9,7 @@ from megatron_eslm.config.faults import refuse_under_deepspeed, validate_faults
 from megatron_eslm.config.logging import validate_logging
 from megatron_eslm.config.model import ModelConfig, finalize_model, validate_model
 from megatron_eslm.config.optimizer import validate_optimizer
-from megatron_eslm.config.parallel import validate_parallel
+from megatron_eslm.config.parallel import validate_parallel, virtual_pipeline_size
 from megatron_eslm.config.selection import validate_selection
 from megatron_eslm.config.training import validate_training
 from megatron_eslm.config.tree import Config
@@ -35,6 +35,9 @@ def finalize(cfg: Config) -> Config:
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     validate_training(cfg.training)
+    if cfg.model.attention_backend in ("flash", "cudnn") and not cfg.training.bf16:
+        raise UserError(f"--attention-backend {cfg.model.attention_backend} needs --bf16 (its kernels take "
+                        "16-bit inputs only)")
     validate_logging(cfg.logging)
     validate_selection(cfg.selection)
     validate_optimizer(cfg.optimizer)
@@ -58,13 +61,16 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         raise UserError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
                         f"--pipeline-model-parallel-size {pp}{context}")
     dp = world_size // (tp * pp * cp)
-    validate_model_split(m, tp, pp)
-    if m.recompute_num_layers is not None and m.recompute_num_layers > m.num_layers // pp:
-        raise UserError(f"--recompute-num-layers {m.recompute_num_layers} exceeds the {m.num_layers // pp} layers "
-                        "of a pipeline stage")
+    validate_model_split(m, tp, pp, p.num_layers_per_virtual_pipeline_stage)
+    chunk = m.num_layers // (pp * virtual_pipeline_size(p, m.num_layers))  # the layers a model chunk runs
+    if m.recompute_num_layers is not None and m.recompute_num_layers > chunk:
+        what = "model chunk" if p.num_layers_per_virtual_pipeline_stage else "pipeline stage"
+        raise UserError(f"--recompute-num-layers {m.recompute_num_layers} exceeds the {chunk} layers of a {what}")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
                         f"{t.micro_batch_size} x data-parallel size {dp}")
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        validate_virtual_pipeline(cfg, t.global_batch_size // (t.micro_batch_size * dp))
     if p.sequence_parallel and tp == 1:
         raise UserError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if p.sequence_parallel and m.seq_length % tp:
@@ -92,14 +98,19 @@ def validate_context_parallel(cfg: Config, cp: int) -> None:
         raise UserError(f"--sequence-parallel with --context-parallel-size {cp}: a rank's {m.seq_length // cp} "
                         f"tokens of --seq-length {m.seq_length} are not divisible by --tensor-model-parallel-size "
                         f"{p.tensor_model_parallel_size}")
-    if m.hidden_dropout or m.attention_dropout:
-        raise UserError(f"--context-parallel-size {cp} needs --hidden-dropout 0 and --attention-dropout 0 (got "
-                        f"{m.hidden_dropout} and {m.attention_dropout}): the masks of sequence shards would come "
-                        "from per-rank streams, so neither one process's numbers nor a checkpoint independent "
-                        "of CP")
+    if (m.hidden_dropout or m.attention_dropout) and not m.keyed_dropout:
+        raise UserError(f"--context-parallel-size {cp} with --hidden-dropout {m.hidden_dropout} and "
+                        f"--attention-dropout {m.attention_dropout} needs --keyed-dropout: masks drawn from a "
+                        "stream would differ with the sequence's split over the ranks")
+    if m.attention_dropout and p.cp_comm_type == "all_gather":
+        raise UserError(f"--cp-comm-type all_gather with --attention-dropout {m.attention_dropout}: the keyed "
+                        "attention dropout runs in the ring (--cp-comm-type p2p)")
     if cfg.selection.selection == "lfr":
         raise UserError(f"--selection lfr does not run with --context-parallel-size {cp}: it ranks whole samples "
                         "by perplexity, and context parallelism splits every sample over ranks")
+    if m.attention_backend == "cudnn":
+        raise UserError(f"--attention-backend cudnn does not run with --context-parallel-size {cp}: cuDNN has no "
+                        "kernel for the lower-right causal mask of a rank's chunks (flash and efficient do)")
 
 
 def sequence_keep(alpha: float, global_batch_size: int) -> int:
@@ -128,13 +139,41 @@ def validate_sequence_granularity(cfg: Config, dp: int) -> None:
         raise UserError(f"--eslm-granularity sequence: --eslm-alpha {cfg.selection.eslm_alpha} keeps {keep} of the "
                         f"{t.global_batch_size} sequences of a global batch, not a multiple of --micro-batch-size "
                         f"{t.micro_batch_size} x data-parallel size {dp} (whole micro-batches on every rank)")
+    if p.num_layers_per_virtual_pipeline_stage is not None and keep // (t.micro_batch_size * dp) \
+            % p.pipeline_model_parallel_size:
+        raise UserError(f"--eslm-granularity sequence with --num-layers-per-virtual-pipeline-stage: --eslm-alpha "
+                        f"{cfg.selection.eslm_alpha} keeps {keep // (t.micro_batch_size * dp)} micro-batches a rank, "
+                        f"not a multiple of --pipeline-model-parallel-size {p.pipeline_model_parallel_size} (the "
+                        "interleaved schedule's rule)")
 
 
-def validate_model_split(m: ModelConfig, tp: int, pp: int) -> None:
-    """Reject a tensor x pipeline split of this model's layers, heads, groups and MLP (also for the
-    checkpoint tools, which write layouts no run has launched yet)."""
+def validate_virtual_pipeline(cfg: Config, num_micro_batches: int) -> None:
+    """What the interleaved schedule (--num-layers-per-virtual-pipeline-stage) cannot run with, each in one
+    line with the reason (the layer split is `validate_model_split`'s)."""
+    p, flag = cfg.parallel, f"--num-layers-per-virtual-pipeline-stage {cfg.parallel.num_layers_per_virtual_pipeline_stage}"
+    if p.pipeline_model_parallel_size == 1:
+        raise UserError(f"{flag} needs --pipeline-model-parallel-size > 1")
+    if num_micro_batches % p.pipeline_model_parallel_size:
+        raise UserError(f"{flag}: the {num_micro_batches} micro-batches of a step (--global-batch-size / "
+                        "(--micro-batch-size x data-parallel size)) are not a multiple of "
+                        f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size} (Megatron's rule for the "
+                        "interleaved schedule)")
+    if cfg.deepspeed.deepspeed:
+        raise UserError(f"{flag} does not run with --deepspeed: the engine takes one forward and one backward per "
+                        "micro-batch, the interleaved schedule runs one per model chunk")
+    if p.context_parallel_size > 1:
+        raise UserError(f"{flag} does not run with --context-parallel-size {p.context_parallel_size}: not tested "
+                        "together yet")
+
+
+def validate_model_split(m: ModelConfig, tp: int, pp: int, layers_per_virtual_stage: int | None = None) -> None:
+    """Reject a tensor x pipeline (x virtual pipeline) split of this model's layers, heads, groups and MLP
+    (also for the checkpoint tools, which write layouts no run has launched yet)."""
     if m.num_layers % pp:
         raise UserError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if layers_per_virtual_stage is not None and m.num_layers % (pp * layers_per_virtual_stage):
+        raise UserError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp} x "
+                        f"--num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage}")
     if m.num_attention_heads % tp:
         raise UserError(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
                         f"--tensor-model-parallel-size {tp}")

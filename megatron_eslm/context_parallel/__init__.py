@@ -3,5 +3,6 @@ and rank r of the context-parallel group holds chunks r and 2C-1-r, so that caus
 balanced (an early chunk attends to few keys, a late one to many).
 
   sharding.py   which tokens a rank holds: the batch's shard and the tokens' global positions
-  attention.py  causal attention of the local queries over the whole sequence's keys and values
+  attention.py  causal attention of the local queries over the whole sequence's keys and values, all-gathered
+                or (ring.py) passed around the ring (--cp-comm-type)
 """

@@ -1,7 +1,8 @@
 """Causal attention of this rank's queries (chunks r and 2C-1-r of each sequence) over the keys and values
-of the whole sequence: one all-gather of the keys and values over the context-parallel group per layer,
-their gradients reduce-scattered back in the backward (the "all-gather" form of context parallelism, as
-Transformer Engine's cp_comm_type="all_gather"; docs/parallelism.md says why this form and not the ring).
+of the whole sequence, in the form --cp-comm-type names (`parallel_state.context_parallel_comm_type`):
+p2p passes the keys and values around the ring (`ring.py`); all_gather, here, all-gathers them over the
+context-parallel group once per layer and reduce-scatters their gradients back in the backward (Transformer
+Engine's cp_comm_type="all_gather"; docs/parallelism.md compares the two).
 
 Chunk c of length L attends to the keys of chunks 0..c: a query at local offset i (global position cL + i)
 sees keys 0..cL + i, i.e. the causal mask aligned to the lower right of its [L, (c+1)L] score block
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_eslm import parallel_state
+from megatron_eslm.context_parallel.ring import ring_attention
 from megatron_eslm.context_parallel.sharding import chunk_ids, shard_sequence
 from megatron_eslm.distributed import collectives
 
@@ -67,6 +69,8 @@ class _GatherKeysValues(torch.autograd.Function):
 
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, **sdpa_options) -> Tensor:
     """q [b, 2L, heads, d], k and v [b, 2L, groups, d] of this rank's two chunks -> [b, 2L, heads, d]."""
+    if parallel_state.context_parallel_comm_type() == "p2p":
+        return ring_attention(q, k, v)
     cp = parallel_state.context_parallel_size()
     keys, values = _GatherKeysValues.apply(torch.stack([k, v])).transpose(2, 3).unbind(0)  # [b, g, 2C L, d]
     length = q.shape[1] // 2

@@ -18,6 +18,8 @@ TP_ALL_GATHER = "tp all-gather"
 TP_REDUCE_SCATTER = "tp reduce-scatter"
 CP_ALL_GATHER = "cp all-gather"
 CP_REDUCE_SCATTER = "cp reduce-scatter"
+CP_SEND = "cp send"  # the ring (--cp-comm-type p2p): keys and values, and their gradients, to the next rank
+CP_RECV = "cp recv"
 PP_SEND = "pp send"
 PP_RECV = "pp recv"
 DP_ALL_REDUCE = "dp all-reduce"
@@ -27,7 +29,8 @@ DENSE_NORMALIZER = "dense normalizer"
 GRAD_NORM = "grad norm"
 METRICS = "metrics"
 SEQUENCE_SELECTION = "sequence selection"  # --eslm-granularity sequence: scores, kept ids, kept sequences' tokens
-KINDS = (TP_ALL_REDUCE, TP_ALL_GATHER, TP_REDUCE_SCATTER, CP_ALL_GATHER, CP_REDUCE_SCATTER, PP_SEND, PP_RECV,
+KINDS = (TP_ALL_REDUCE, TP_ALL_GATHER, TP_REDUCE_SCATTER, CP_ALL_GATHER, CP_REDUCE_SCATTER, CP_SEND, CP_RECV,
+         PP_SEND, PP_RECV,
          DP_ALL_REDUCE, EMBEDDING_ALL_REDUCE, ESLM_THRESHOLD, DENSE_NORMALIZER, GRAD_NORM, METRICS, SEQUENCE_SELECTION)
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn); torch >= 2.3 has the old ones.

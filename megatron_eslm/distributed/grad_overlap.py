@@ -27,13 +27,18 @@ At launch the bucket's gradients are copied into one flat buffer and each `.grad
 sums land in `.grad` with no copy back, and the old gradients are freed. A bucket with a parameter that got
 no gradient (unused) is launched by `finish` with the gradients that exist, as the after-backward path.
 
+Interleaved pipeline (model chunks): a chunk's gradients are final once its own last micro-batch's
+backward is through, which comes before the earlier chunks' (they run backwards in reverse), so each
+chunk's parameters are armed by the backward of that chunk's last micro-batch (Megatron launches each
+chunk's reduction the same way).
+
 The sequence-parallel and tied-embedding sums (`finalize_model_grads`) run after these: sums commute, so
 the result equals the after-backward order up to rounding, and replicas stay bitwise equal (an all-reduce
 hands every rank the same result).
 """
 from __future__ import annotations
 
-import itertools
+import collections
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,26 +61,30 @@ class OverlappedGradReducer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.buckets: list[list[nn.Parameter]] = split_into_buckets(list(reversed(params)), bucket_elements)
         self._bucket_of = {param: index for index, bucket in enumerate(self.buckets) for param in bucket}
+        self._chunk_of = model.parameter_chunks()
         shares_head = model.tied and model.pre_process  # the input embedding is the head's weight too
         self._head_weight = model.output_weight if model.post_process and not shares_head else None
         for param in params:
             if param is not self._head_weight:
                 param.register_post_accumulate_grad_hook(self._arrived)
-        self._armed = False  # from the start of the step's last backward to `finish`
+        self._armed: set[int] = set()  # the chunks whose last backward has started, until `finish`
         self._waiting = [set(bucket) for bucket in self.buckets]
         self._launched = 0  # buckets launched this step: always a prefix, in index order
         self._works: list[dist.Work] = []
 
     def launching(self, forward_step: ForwardStep, num_micro_batches: int) -> ForwardStep:
-        """`forward_step` (called once per micro-batch by the schedules, in the order of their backwards),
-        whose last output arms the launches as its backward starts: the schedules' `backward` stays as it
-        is (1F1B frees sent outputs under the plain autograd one only)."""
-        calls = itertools.count(1)
+        """`forward_step` (called once per micro-batch and model chunk by the schedules, a chunk's
+        micro-batches in the order of their backwards), whose last output of each chunk arms that chunk's
+        launches as its backward starts: the schedules' `backward` stays as it is (1F1B frees sent outputs
+        under the plain autograd one only)."""
+        calls: collections.Counter[int] = collections.Counter()
 
         def step(input_tensor: Tensor | None) -> Tensor:
             output = forward_step(input_tensor)
-            if next(calls) == num_micro_batches and output.requires_grad:
-                output.register_hook(self._arm)
+            chunk = parallel_state.virtual_pipeline_model_parallel_rank() or 0
+            calls[chunk] += 1
+            if calls[chunk] == num_micro_batches and output.requires_grad:
+                output.register_hook(lambda grad: self._armed.add(chunk))
             return output
         return step
 
@@ -91,16 +100,13 @@ class OverlappedGradReducer:
             self._launch_next()
         for work in self._works:
             work.wait()
-        self._armed = False
+        self._armed = set()
         self._waiting = [set(bucket) for bucket in self.buckets]
         self._launched = 0
         self._works = []
 
-    def _arm(self, grad: Tensor) -> None:
-        self._armed = True
-
     def _arrived(self, param: nn.Parameter) -> None:
-        if not self._armed:
+        if self._chunk_of[param] not in self._armed:
             return
         self._waiting[self._bucket_of[param]].discard(param)
         # In index order only: NCCL needs every rank to issue the same collectives in the same order, and

@@ -24,35 +24,15 @@ from megatron_eslm.context_parallel.sharding import positions as sequence_positi
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.distributed_threshold import group_collectives
 from megatron_eslm.eslm.policies import ESLMPolicy, Policy, token_score
+from megatron_eslm.keyed_random import mix, shift_right
 from megatron_eslm.model.lm_head import Selection, TokenScores
-
-
-def _signed(value: int) -> int:
-    """A 64-bit constant as torch's int64 holds it."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
-
-
-def _shift(z: Tensor, bits: int) -> Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _mix(z: Tensor) -> Tensor:
-    """splitmix64's finaliser: int64 arithmetic wraps modulo 2^64 as the uint64 original does."""
-    z = z + _GOLDEN
-    z = (z ^ _shift(z, 30)) * _MIX1
-    z = (z ^ _shift(z, 27)) * _MIX2
-    return z ^ _shift(z, 31)
 
 
 def token_uniforms(seed: int, iteration: int, index: Tensor, positions: Tensor) -> Tensor:
     """[len(index) * len(positions)] float64 in [0, 1): one per (sample index, position), batch-major."""
-    key = _mix(_mix(torch.full_like(index, seed)) ^ iteration)
-    key = _mix(key ^ index).unsqueeze(1)
-    return _shift(_mix(key ^ positions.to(torch.int64).unsqueeze(0)), 11).double().mul_(2.0 ** -53).reshape(-1)
+    key = mix(mix(torch.full_like(index, seed)) ^ iteration)
+    key = mix(key ^ index).unsqueeze(1)
+    return shift_right(mix(key ^ positions.to(torch.int64).unsqueeze(0)), 11).double().mul_(2.0 ** -53).reshape(-1)
 
 
 class ESLMISPolicy(Policy):

@@ -12,7 +12,12 @@ Parallel layouts hold a part of this model (`parallel_state` says which):
              the whole sequence's keys and values;
   pipeline   stage p holds layers [p * L/pp, (p+1) * L/pp); the first stage also the embeddings, the last
              the final norm and the LM head: the output layer, or its own copy of the tied word embedding
-             (first and last stage sum their gradients of it, so the copies stay equal).
+             (first and last stage sum their gradients of it, so the copies stay equal). Interleaved
+             (--num-layers-per-virtual-pipeline-stage N): stage p holds vp = L / (pp N) model chunks, chunk
+             c the N layers of virtual stage c * pp + p (Megatron's round-robin); the embeddings sit on
+             rank 0's chunk 0, the head on the last rank's last chunk. One module holds a rank's chunks,
+             its `layers` in chunk order, and `forward` runs the chunk the schedule entered
+             (`parallel_state.model_chunk`); `layer_numbers` are their global indices.
 Every weight is drawn from a generator seeded by (seed, which part it belongs to: 0 the embeddings, 1 + i
 layer i, 1 + L the output layer), in blocks of rows of which each rank keeps its shard
 (`tensor_parallel/initialization.py`), so every layout holds exactly the weights of one process with the
@@ -32,13 +37,14 @@ from torch import nn
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig, finalize_model
 from megatron_eslm.context_parallel.sharding import positions as sequence_positions
+from megatron_eslm.model.keyed_dropout import build_hidden_dropout
 from megatron_eslm.model.lm_head import LMHeadOutput, Selector, selective_lm_head_loss
 from megatron_eslm.model.norms import build_norm
 from megatron_eslm.model.rotary import rotary_tables
 from megatron_eslm.model.transformer import TransformerBlock
 from megatron_eslm.tensor_parallel import mappings
-from megatron_eslm.tensor_parallel.layers import (ShardedDropout, VocabParallelEmbedding, activation_dtype,
-                                                  mark_sequence_parallel, master_normal, to_activation_dtype)
+from megatron_eslm.tensor_parallel.layers import (VocabParallelEmbedding, activation_dtype, mark_sequence_parallel,
+                                                  master_normal, to_activation_dtype)
 from megatron_eslm.tensor_parallel.lm_head import vocab_parallel_lm_head_loss
 from megatron_eslm.training import recompute
 
@@ -76,18 +82,20 @@ class GPTModel(nn.Module):
                 self.position_embeddings = nn.Embedding.from_pretrained(
                     master_normal((cfg.max_position_embeddings, cfg.hidden_size), cfg.init_method_std,
                                   embedding_generator), freeze=False)
-            self.embedding_dropout = (ShardedDropout if sequence_parallel else nn.Dropout)(cfg.hidden_dropout)
+            self.embedding_dropout = build_hidden_dropout(cfg.hidden_dropout, cfg.keyed_dropout, sequence_parallel)
         elif self.post_process and self.tied:
             # The last stage's copy of the tied embedding: its gradient is summed with the first stage's,
             # and it is left out of the gradient norm (counted once, on the first stage).
             self.word_embeddings.weight.tied_copy = True
             self.word_embeddings.weight.ds_pipe_replicated = True  # DeepSpeed's name for the same
-        layers_per_stage = cfg.num_layers // parallel_state.pipeline_model_parallel_size()
-        self.layer_offset = parallel_state.pipeline_model_parallel_rank() * layers_per_stage
-        self.layers = nn.ModuleList(
-            TransformerBlock(cfg, init_generator(init_seed, 1 + self.layer_offset + i), sequence_parallel)
-            for i in range(layers_per_stage))
-        self.layer_groups = recompute.configure(self.layers, cfg)
+        pp, chunks = parallel_state.pipeline_model_parallel_size(), parallel_state.virtual_pipeline_model_parallel_size()
+        self.chunk_size = cfg.num_layers // (pp * chunks)  # layers of a model chunk (of the stage without VP)
+        stage = parallel_state.pipeline_model_parallel_rank()
+        self.layer_numbers = tuple((chunk * pp + stage) * self.chunk_size + i
+                                   for chunk in range(chunks) for i in range(self.chunk_size))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, init_generator(init_seed, 1 + number), sequence_parallel)
+                                    for number in self.layer_numbers)
+        self.layer_groups = recompute.configure(self.layers, cfg, chunks)
         if self.post_process:
             self.final_layernorm = build_norm(cfg)
             if sequence_parallel:
@@ -95,6 +103,18 @@ class GPTModel(nn.Module):
             if not self.tied:  # Megatron's output_layer: [V, h] by vocabulary rows, like the embedding
                 self.output_layer = VocabParallelEmbedding(vocab_size, cfg.hidden_size, cfg.init_method_std,
                                                            init_generator(init_seed, 1 + cfg.num_layers))
+
+    def parameter_chunks(self) -> dict[nn.Parameter, int]:
+        """The model chunk each parameter belongs to: a layer's, its chunk's; the embeddings, chunk 0's; the
+        final norm and the head, the last chunk's (all 0 without interleaving)."""
+        chunks = {param: parallel_state.virtual_pipeline_model_parallel_size() - 1 for param in self.parameters()}
+        for index, layer in enumerate(self.layers):
+            chunks.update((param, index // self.chunk_size) for param in layer.parameters())
+        if self.pre_process:
+            chunks[self.word_embeddings.weight] = 0
+            if self.position_embeddings is not None:
+                chunks[self.position_embeddings.weight] = 0
+        return chunks
 
     @property
     def _head(self) -> VocabParallelEmbedding:
@@ -115,8 +135,12 @@ class GPTModel(nn.Module):
         """First stage: tokens [b, s]; later stages: the previous stage's output. Returns the activation
         to send ([b, s / TP, h] under sequence parallelism), or on the last stage the final hidden states
         [b, s, h], or `head(hidden)` when given: the training step computes its loss (`loss`) there, inside
-        the forward, where DeepSpeed ZeRO-3 has gathered the head's weight."""
-        if self.pre_process:
+        the forward, where DeepSpeed ZeRO-3 has gathered the head's weight. Interleaved, each of these is
+        the chunk's (`parallel_state.model_chunk`): the embedding on the first virtual stage only, the head
+        on the last."""
+        chunk = parallel_state.virtual_pipeline_model_parallel_rank() or 0
+        last = self.post_process and parallel_state.is_pipeline_last_stage()
+        if self.pre_process and parallel_state.is_pipeline_first_stage():
             x = self.word_embeddings(tokens)
             if self.position_embeddings is not None:
                 x = x + to_activation_dtype(self.position_embeddings(sequence_positions(tokens.shape[1], x.device)))
@@ -130,8 +154,9 @@ class GPTModel(nn.Module):
             seq_length = x.shape[1] * (parallel_state.tensor_model_parallel_size() if self.sequence_parallel else 1)
             rotary = rotary_tables(sequence_positions(seq_length, x.device), self.cfg.kv_channels,
                                    self.cfg.rotary_base)
-        x = recompute.forward_layers(self.layers, self.layer_groups, x, rotary)
-        if not self.post_process:
+        layers = self.layers[chunk * self.chunk_size:(chunk + 1) * self.chunk_size]
+        x = recompute.forward_layers(layers, self.layer_groups, x, rotary)
+        if not last:
             return x
         x = self.final_layernorm(x)
         if self.sequence_parallel:

@@ -19,10 +19,12 @@ from torch import nn
 from megatron_eslm import parallel_state
 from megatron_eslm.config import ModelConfig
 from megatron_eslm.context_parallel.attention import context_parallel_attention
+from megatron_eslm.context_parallel.ring import ring_attention
+from megatron_eslm.model.keyed_dropout import attention_dropout, build_hidden_dropout
+from megatron_eslm.model.attention_backend import attention_backends
 from megatron_eslm.model.norms import build_norm
 from megatron_eslm.model.rotary import RotaryTables, apply_rotary
-from megatron_eslm.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, ShardedDropout,
-                                                  mark_sequence_parallel)
+from megatron_eslm.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_sequence_parallel
 from megatron_eslm.tensor_parallel.random import get_rng_tracker
 
 
@@ -31,22 +33,27 @@ class CoreAttention(nn.Module):
     the square of the sequence. A module of its own, without parameters, so that selective recompute
     wraps it from outside (`training/recompute.py`) and the state dict does not change."""
 
-    def __init__(self, dropout: float, grouped: bool):
+    def __init__(self, dropout: float, grouped: bool, keyed: bool, backend: str):
         super().__init__()
-        self.dropout = dropout
+        self.dropout, self.keyed = dropout, keyed
         self.sdpa_options = {"enable_gqa": True} if grouped else {}  # torch >= 2.5, only for GQA
+        self.backend = backend  # --attention-backend (`attention_backend.py`)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [b, s, heads, d], k and v [b, s, groups, d] -> [b, s, heads, d]. Under context parallelism s is
-        this rank's two chunks, and the keys and values of the whole sequence are gathered (no dropout:
-        refused with CP)."""
-        if parallel_state.context_parallel_size() > 1:
-            return context_parallel_attention(q, k, v, **self.sdpa_options)
+        this rank's two chunks (`context_parallel/`). Dropout keyed by position (--keyed-dropout) runs the
+        ring's math path at any context-parallel size, one process included; the rest runs SDPA under the
+        --attention-backend's kernels (`attention_backend.py`)."""
         dropout = self.dropout if self.training else 0.0
-        # Each TP rank holds different heads: their dropout masks come from the model-parallel stream.
-        with get_rng_tracker().fork() if dropout else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, dropout_p=dropout, **self.sdpa_options)
+        if dropout and self.keyed:
+            return ring_attention(q, k, v, attention_dropout(dropout, q, k.shape[2]))
+        with attention_backends(self.backend, q.device):
+            if parallel_state.context_parallel_size() > 1:
+                return context_parallel_attention(q, k, v, **self.sdpa_options)
+            # Each TP rank holds different heads: their dropout masks come from the model-parallel stream.
+            with get_rng_tracker().fork() if dropout else contextlib.nullcontext():
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True, dropout_p=dropout, **self.sdpa_options)
         return out.transpose(1, 2)
 
 
@@ -66,7 +73,8 @@ class CausalSelfAttention(nn.Module):
         qkv_features = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
         self.query_key_value = ColumnParallelLinear(cfg.hidden_size, qkv_features, cfg.init_method_std, generator,
                                                     sequence_parallel, bias=bias)
-        self.core_attention = CoreAttention(cfg.attention_dropout, grouped=self.queries_per_group > 1)
+        self.core_attention = CoreAttention(cfg.attention_dropout, grouped=self.queries_per_group > 1,
+                                            keyed=cfg.keyed_dropout, backend=cfg.attention_backend)
         self.dense = RowParallelLinear(cfg.num_attention_heads * cfg.kv_channels, cfg.hidden_size, output_std,
                                        generator, sequence_parallel, bias=bias)
 
@@ -116,7 +124,7 @@ class TransformerBlock(nn.Module):
         self.self_attention = CausalSelfAttention(cfg, output_std, generator, sequence_parallel)
         self.post_attention_layernorm = build_norm(cfg)
         self.mlp = MLP(cfg, output_std, generator, sequence_parallel)
-        self.hidden_dropout = (ShardedDropout if sequence_parallel else nn.Dropout)(cfg.hidden_dropout)
+        self.hidden_dropout = build_hidden_dropout(cfg.hidden_dropout, cfg.keyed_dropout, sequence_parallel)
         if sequence_parallel:
             mark_sequence_parallel([*self.input_layernorm.parameters(), *self.post_attention_layernorm.parameters()])
 

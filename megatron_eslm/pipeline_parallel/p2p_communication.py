@@ -2,6 +2,11 @@
 isend/irecv per exchange (Megatron's p2p_communication): a stage that sends and receives in the same call
 posts both before waiting, so neighbours that exchange in opposite directions cannot deadlock.
 
+Activations and gradients travel with tags of their own, and every exchange posts the activations' ops
+before the gradients': under the interleaved schedule the pipeline is a ring, so with two stages a rank's
+previous and next stage are the same rank, and one exchange may carry an activation and a gradient each
+way between them (gloo matches by tag, NCCL by the order of the ops between a pair).
+
 Every op names the pipeline group, so NCCL runs the batch on that group's communicator (the P stages of
 one replica) instead of the world's; `peer` stays a global rank, which P2POp maps into the group.
 
@@ -18,6 +23,7 @@ from torch import Tensor
 
 from megatron_eslm import parallel_state
 from megatron_eslm.distributed import collectives
+from megatron_eslm.training.timers import get_timers
 
 
 @dataclass(frozen=True)
@@ -30,36 +36,48 @@ class TensorSpec:
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
 
+ACTIVATION, GRADIENT = 0, 1  # the tags
+
+
 def _communicate(spec: TensorSpec, send_next: Tensor | None = None, send_prev: Tensor | None = None,
                  recv_prev: bool = False, recv_next: bool = False) -> tuple[Tensor | None, Tensor | None]:
-    """Post every requested send and receive, then wait for all; returns (from_prev, from_next)."""
+    """`exchange`, leaving out what the pipeline's ends (this chunk's, when interleaved) do not do."""
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    return exchange(spec, None if last else send_next, None if first else send_prev, recv_prev and not first,
+                    recv_next and not last)
+
+
+def exchange(spec: TensorSpec, send_next: Tensor | None = None, send_prev: Tensor | None = None,
+             recv_prev: bool = False, recv_next: bool = False) -> tuple[Tensor | None, Tensor | None]:
+    """Post every requested send and receive (activations forward, then gradients backward), then wait for
+    all; returns (from_prev, from_next). The caller decides what its stage sends and receives."""
     ops, from_prev, from_next = [], None, None
-    if send_prev is not None and not first:
-        ops.append(_send(send_prev, parallel_state.pipeline_prev_rank()))
-    if recv_prev and not first:
+    if send_next is not None:
+        ops.append(_send(send_next, parallel_state.pipeline_next_rank(), ACTIVATION))
+    if recv_prev:
         from_prev = spec.empty()
-        ops.append(_recv(from_prev, parallel_state.pipeline_prev_rank()))
-    if send_next is not None and not last:
-        ops.append(_send(send_next, parallel_state.pipeline_next_rank()))
-    if recv_next and not last:
+        ops.append(_recv(from_prev, parallel_state.pipeline_prev_rank(), ACTIVATION))
+    if send_prev is not None:
+        ops.append(_send(send_prev, parallel_state.pipeline_prev_rank(), GRADIENT))
+    if recv_next:
         from_next = spec.empty()
-        ops.append(_recv(from_next, parallel_state.pipeline_next_rank()))
+        ops.append(_recv(from_next, parallel_state.pipeline_next_rank(), GRADIENT))
     if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        with get_timers().phase("pp_comm"):  # the wait for the neighbour stages: the bubble, at level 2
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
     return from_prev, from_next
 
 
-def _send(tensor: Tensor, peer: int) -> dist.P2POp:
+def _send(tensor: Tensor, peer: int, tag: int) -> dist.P2POp:
     tensor = tensor.detach().contiguous()
     collectives.record(collectives.PP_SEND, collectives.nbytes(tensor))
-    return dist.P2POp(dist.isend, tensor, peer, group=parallel_state.pipeline_model_parallel_group())
+    return dist.P2POp(dist.isend, tensor, peer, group=parallel_state.pipeline_model_parallel_group(), tag=tag)
 
 
-def _recv(tensor: Tensor, peer: int) -> dist.P2POp:
+def _recv(tensor: Tensor, peer: int, tag: int) -> dist.P2POp:
     collectives.record(collectives.PP_RECV, collectives.nbytes(tensor))
-    return dist.P2POp(dist.irecv, tensor, peer, group=parallel_state.pipeline_model_parallel_group())
+    return dist.P2POp(dist.irecv, tensor, peer, group=parallel_state.pipeline_model_parallel_group(), tag=tag)
 
 
 def recv_forward(spec: TensorSpec) -> Tensor | None:

@@ -1,4 +1,5 @@
-"""Micro-batch schedules (Megatron's): all micro-batches on one stage, or 1F1B across a pipeline.
+"""Micro-batch schedules (Megatron's): all micro-batches on one stage, 1F1B across a pipeline, or
+interleaved 1F1B across a pipeline of model chunks (virtual stages: `timetable.py` says when what runs).
 
 `forward_step(input_tensor)` runs this stage's forward on the next micro-batch. `input_tensor` is the
 previous stage's activation (None on the first stage); it returns the activation for the next stage, or
@@ -22,6 +23,7 @@ from torch.autograd import Variable
 from megatron_eslm import parallel_state
 from megatron_eslm.pipeline_parallel import p2p_communication as p2p
 from megatron_eslm.pipeline_parallel.p2p_communication import TensorSpec
+from megatron_eslm.pipeline_parallel.timetable import timetable
 
 ForwardStep = Callable[[Tensor | None], Tensor]
 # backward(output, output_grad): accumulate this stage's gradients of `output` (a loss when output_grad is
@@ -113,7 +115,53 @@ def forward_backward_pipelining_without_interleaving(forward_step: ForwardStep, 
         p2p.send_backward(_backward_step(backward, inputs.pop(0), outputs.pop(0), output_grad), spec)
 
 
+def forward_backward_pipelining_with_interleaving(forward_step: ForwardStep, num_micro_batches: int,
+                                                  forward_only: bool, spec: TensorSpec | None = None,
+                                                  backward: Backward = autograd_backward) -> None:
+    """Interleaved 1F1B: each slot of this rank's row of the `timetable` (an op or idle), then one exchange
+    with both ring neighbours of what that slot produced (the table tells each side what the other sends).
+    `forward_step` and `backward` run inside `parallel_state.model_chunk(c)`: `forward_step` must take
+    chunk c's next micro-batch. Sent outputs are freed chunk by chunk, as plain 1F1B frees them."""
+    pp, vp = parallel_state.pipeline_model_parallel_size(), parallel_state.virtual_pipeline_model_parallel_size()
+    rank, stages = parallel_state.pipeline_model_parallel_rank(), pp * vp
+    prev_rank, next_rank = (rank - 1) % pp, (rank + 1) % pp
+    table = timetable(pp, vp, num_micro_batches, forward_only)
+    inputs: dict[tuple[int, int], Tensor] = {}  # received activations, by (chunk, micro-batch)
+    grads: dict[tuple[int, int], Tensor] = {}  # received output gradients
+    kept: dict[tuple[int, int], tuple[Tensor | None, Tensor]] = {}  # (input, output) awaiting their backward
+    free = backward is autograd_backward and not forward_only
+    for slot in range(len(table[rank])):
+        op, send_next, send_prev = table[rank][slot], None, None
+        if op is not None:
+            key, stage = (op.chunk, op.micro_batch), op.chunk * pp + rank
+            with parallel_state.model_chunk(op.chunk):
+                if op.forward:
+                    input_tensor = inputs.pop(key, None)
+                    if input_tensor is not None and not forward_only:
+                        input_tensor.requires_grad_()
+                    output = forward_step(input_tensor)
+                    send_next = output if stage < stages - 1 else None
+                    if not forward_only:
+                        kept[key] = (input_tensor, output)
+                else:
+                    input_tensor, output = kept.pop(key)
+                    input_grad = _backward_step(backward, input_tensor, output, grads.pop(key, None))
+                    send_prev = input_grad if stage > 0 else None
+        before, after = table[prev_rank][slot], table[next_rank][slot]
+        recv_prev = before is not None and before.forward and before.chunk * pp + prev_rank < stages - 1
+        recv_next = after is not None and not after.forward and after.chunk * pp + next_rank > 0
+        from_prev, from_next = p2p.exchange(spec, send_next, send_prev, recv_prev, recv_next)
+        if from_prev is not None:  # the previous virtual stage's output; on rank 0, for the next chunk
+            inputs[(before.chunk + (rank == 0), before.micro_batch)] = from_prev
+        if from_next is not None:  # the next virtual stage's input gradient; on the last rank, the chunk before
+            grads[(after.chunk - (rank == pp - 1), after.micro_batch)] = from_next
+        if send_next is not None and free:
+            _free_data(send_next)  # its values live on the next stage now
+
+
 def get_forward_backward_func() -> Callable[..., None]:
+    if parallel_state.virtual_pipeline_model_parallel_size() > 1:
+        return forward_backward_pipelining_with_interleaving
     if parallel_state.pipeline_model_parallel_size() > 1:
         return forward_backward_pipelining_without_interleaving
     return forward_backward_no_pipelining

@@ -14,6 +14,8 @@ autocast leaves alone, are cast here, so the residual stream stays bf16 as in Me
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -66,6 +68,15 @@ def _tensor_parallel(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
     return param
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, fp8_matmul: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """x W^T (+ b), the matmul in FP8 where --fp8-format gave the layer one (`fp8.py`: x W^T only, the bias
+    added here in the output's dtype, as F.linear under autocast would)."""
+    if fp8_matmul is None:
+        return F.linear(x, weight, bias)
+    out = fp8_matmul(x)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 def mark_sequence_parallel(params) -> None:
     """Replicated parameters applied to sequence shards: their gradients get summed over TP ranks."""
     for param in params:
@@ -83,13 +94,14 @@ class ColumnParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.weight = normal_shard_parameter((out_features, in_features), init_std, generator, 0)
         self.bias = shard_parameter(torch.zeros(out_features), 0) if bias else None
+        self.fp8_matmul: Callable[[Tensor], Tensor] | None = None  # set by --fp8-format (`fp8.py`)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_parallel_region(x)
         else:
             x = mappings.copy_to_tensor_model_parallel_region(x)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.fp8_matmul)
 
 
 class RowParallelLinear(nn.Module):
@@ -105,9 +117,10 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         if sequence_parallel and bias:
             mark_sequence_parallel([self.bias])
+        self.fp8_matmul: Callable[[Tensor], Tensor] | None = None  # set by --fp8-format (`fp8.py`)
 
     def forward(self, x: Tensor) -> Tensor:
-        partial = F.linear(x, self.weight)
+        partial = linear(x, self.weight, None, self.fp8_matmul)
         if self.sequence_parallel:
             out = mappings.reduce_scatter_to_sequence_parallel_region(partial)
         else:

@@ -71,10 +71,18 @@ def checkpoint_file(root: str, iteration: int) -> str:
     return os.path.join(iteration_dir(root, iteration), shard_dir(), FILENAME)
 
 
+VIRTUAL_SIZE = "virtual_pipeline_model_parallel_size"  # model chunks per pipeline rank; absent in older files: 1
+
+
 def _layout_sizes() -> dict[str, int]:
     layout = parallel_state.layout()
     return {"tensor_model_parallel_size": layout.tp, "pipeline_model_parallel_size": layout.pp,
-            "data_parallel_size": layout.dp}
+            "data_parallel_size": layout.dp, VIRTUAL_SIZE: layout.vp}
+
+
+def saved_virtual_size(layout: dict) -> int:
+    """The model chunks per pipeline rank a checkpoint's layout record names."""
+    return layout.get(VIRTUAL_SIZE) or 1
 
 
 def rng_state() -> dict:
@@ -309,7 +317,8 @@ def load_checkpoint(root: str, read: Reader = _read_shard, load_rng: bool = True
     file, or with `fallback` (--ckpt-fallback) the newest older checkpoint that checks out is loaded instead.
     `read(directory)` reads it (DeepSpeed's engine reads its own format), raising FileNotFoundError(path)
     when this rank's file is not there. The tensor and pipeline sizes must be the ones it was saved with
-    (`tools/reshape_checkpoint.py` changes them). The RNG states are restored with `load_rng` (then the
+    (`tools/reshape_checkpoint.py` changes them); the model chunks per rank may differ (the caller regroups
+the model and optimizer state: `checkpoint/regroup.py`). The RNG states are restored with `load_rng` (then the
     data-parallel size must match too: one state per replica); a checkpoint without them (written by the
     offline tools) leaves the RNG as seeded, like a fresh run."""
     candidates = _candidates(root, fallback)
@@ -334,7 +343,8 @@ def load_checkpoint(root: str, read: Reader = _read_shard, load_rng: bool = True
                         "(saved with another parallel layout?)", rank_local=True) from None
     saved, current = state["layout"], _layout_sizes()
     restore_rng = load_rng and "rng" in state
-    sizes = [key for key in current if key != "data_parallel_size" or restore_rng]
+    # Another number of model chunks is regrouped by the caller (`checkpoint/regroup.py`)
+    sizes = [key for key in current if (key != "data_parallel_size" or restore_rng) and key != VIRTUAL_SIZE]
     differing = [key for key in sizes if saved[key] != current[key]]
     if differing:
         shown = ", ".join(f"{key}={saved[key]}" for key in sizes)

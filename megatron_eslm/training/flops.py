@@ -72,7 +72,8 @@ def transformer_forward_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def recompute_flops_per_token(cfg: ModelConfig, pipeline_stages: int) -> float:
-    """The forward work recompute runs again, over the whole model of `pipeline_stages` stages."""
+    """The forward work recompute runs again, over the whole model of `pipeline_stages` stages (model chunks
+    under the interleaved schedule: recompute's groups are a chunk's)."""
     if cfg.recompute_granularity == "selective":
         return cfg.num_layers * _attention_core_flops_per_token(cfg)
     groups = [g for g in layer_groups(cfg, cfg.num_layers // pipeline_stages) if g.recomputed]
@@ -100,7 +101,8 @@ def micro_batch_flops(cfg: ModelConfig, vocab_size: int, num_tokens: int, num_va
     valid tokens, without recompute (which `cfg` may ask for, on this run's pipeline stages); `paper` is
     ESLM's count (module docstring)."""
     body = 3.0 * transformer_forward_flops_per_token(cfg) * num_tokens
-    recomputed = recompute_flops_per_token(cfg, parallel_state.pipeline_model_parallel_size()) * num_tokens
+    chunks = parallel_state.pipeline_model_parallel_size() * parallel_state.virtual_pipeline_model_parallel_size()
+    recomputed = recompute_flops_per_token(cfg, chunks) * num_tokens
     head_unit = 2.0 * cfg.hidden_size * vocab_size
     head_forward = head_unit * num_tokens
     dense_backward = 2.0 * head_unit * num_valid

@@ -18,19 +18,25 @@ DP below is DP x CP):
                           parameters of at most stage3_param_persistence_threshold elements also whole
                           (padded to DP x ceil(n / DP)); a bf16 reduce bucket held for the whole run.
 Activations, per micro-batch, with the layout's shards (TP heads and MLP width, SP rows, CP's s / CP tokens
-of each sequence, with the whole sequence's keys and values gathered in each layer): each layer's
+of each sequence, with the whole sequence's keys and values gathered in each layer by the all-gather form,
+only its own by the ring): each layer's
 norm inputs and statistics, the QKV input and output, the rotated queries and keys, flash attention's
 output and log-sum-exp, the MLP's intermediates, dropout masks; the embedding's indices, the final norm,
 and the LM head's hidden, log-sum-exp, labels and rows (all tokens: an upper bound on the kept ones).
 Under --bf16 without DeepSpeed the parameters stay fp32, and the matmuls and LayerNorms save bf16 copies of
 their weights, per micro-batch (the LM head's once per step). 1F1B keeps PP - stage micro-batches in
 flight on a stage; under DeepSpeed it also keeps each sent output (DeepSpeed's backward reads it).
+Interleaved (VP model chunks a rank): (PP - stage - 1) x 2 + (VP - 1) x PP + 1 micro-batch-chunks of L / (PP
+VP) layers in flight (`pipeline_parallel/timetable.py`'s warmup and one), each counted with the stage's
+embedding or head: an upper bound (those belong to one chunk only).
 Activation recompute (--recompute-granularity full|selective, `layer_units`): a checkpointed block or
 group of blocks keeps only its input, and the backward adds one recomputed unit on top of the forward's
 end; selective drops the attention core's own tensors (under flash: its log-sum-exp).
-Attention is assumed to run a flash kernel (no [s, s] probabilities saved). Not counted: the dense LM
-head's fused gradients (--selection none on one tensor-parallel rank, either --lm-head-impl), the frozen
-models of eslm-kd and rho1, ZeRO-3's gathered parameters, the CUDA context and the allocator's fragmentation.
+Attention is assumed to run a flash kernel (no [s, s] probabilities saved; nor does the ring's math path,
+which one process also runs with --keyed-dropout and attention dropout, counted as flash). Not counted: the
+dense LM head's fused gradients (--selection none on one tensor-parallel rank, either --lm-head-impl), the
+frozen models of eslm-kd and rho1, ZeRO-3's gathered parameters, the CUDA context and the allocator's
+fragmentation.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from megatron_eslm.config import Config, ModelConfig, validate_layout
+from megatron_eslm.config.parallel import cp_comm_type, virtual_pipeline_size
 from megatron_eslm.distributed import deepspeed_config
 from megatron_eslm.errors import UserError
 from megatron_eslm.model.gpt import padded_vocab_size
@@ -60,11 +67,14 @@ class Layout:
     dp: int = 1
     sequence_parallel: bool = False
     cp: int = 1  # context parallel: a rank holds s / cp tokens of each sequence
+    vp: int = 1  # model chunks per pipeline rank (the interleaved schedule)
+    cp_comm_type: str = "all_gather"  # --cp-comm-type as resolved: the ring (p2p), or the all-gather form
 
     def describe(self) -> str:
-        """`TP2 x CP2 x PP2 x DP1, sequence parallel` (CP named when it splits): one spelling for the
-        estimate and the training run's start block."""
-        return (f"TP{self.tp}{f' x CP{self.cp}' if self.cp > 1 else ''} x PP{self.pp} x DP{self.dp}"
+        """`TP2 x CP2 x PP2 x DP1, sequence parallel` (CP named when it splits, VP when interleaved): one
+        spelling for the estimate and the training run's start block."""
+        return (f"TP{self.tp}{f' x CP{self.cp}' if self.cp > 1 else ''} x PP{self.pp}"
+                f"{f' x VP{self.vp}' if self.vp > 1 else ''} x DP{self.dp}"
                 f"{', sequence parallel' if self.sequence_parallel else ''}")
 
 
@@ -306,11 +316,14 @@ def _attention_saved(s: Shapes) -> int:
     """Everything a layer's attention saves, nothing recomputed. One sequence on one rank: the above, and
     flash attention's fp32 log-sum-exp (its output is the projection's input).
 
-    Under context parallelism (`context_parallel/attention.py`) the core's keys and values are the whole
-    sequence's, gathered ([2, b, s, groups, d], one storage, saved by both chunks' SDPA calls), and its
-    output is the two chunks' SDPA outputs, saved by them, plus their concatenation, the projection's
-    input. Its local keys and values go into the all-gather, which saves nothing: the rotated keys are not
-    saved, nor the QKV output, unless the queries are views of it (no rope, no grouped-query copy)."""
+    Under context parallelism's all-gather form (`context_parallel/attention.py`) the core's keys and
+    values are the whole sequence's, gathered ([2, b, s, groups, d], one storage, saved by both chunks' SDPA
+    calls), and its output is the two chunks' SDPA outputs, saved by them, plus their concatenation, the
+    projection's input. Its local keys and values go into the all-gather, which saves nothing: the rotated
+    keys are not saved, nor the QKV output, unless the queries are views of it (no rope, no grouped-query
+    copy). The ring (`context_parallel/ring.py`) saves the same but for the keys and values: only this
+    rank's, stacked ([2, b, groups, s / CP, d]), the other ranks' pass through; its output in the grouped
+    layout and the projection's input (a copy) are the two outputs' worth."""
     m, t, n = s.m, s.tokens, s.m.num_attention_heads // s.layout.tp
     lse = t * n * FP32
     if s.layout.cp == 1:
@@ -318,8 +331,8 @@ def _attention_saved(s: Shapes) -> int:
     g, d = m.num_query_groups // s.layout.tp, m.kv_channels
     rope = m.position_embedding_type == "rope"
     queries = t * n * d * s.act if rope or n != g else t * (n + 2 * g) * d * s.act  # a copy, or the QKV output
-    gathered = 2 * s.micro_batch * m.seq_length * g * d * s.act
-    return t * m.hidden_size * s.act + queries + gathered + 2 * t * n * d * s.act + lse
+    keys_values = 2 * (t if s.layout.cp_comm_type == "p2p" else s.micro_batch * m.seq_length) * g * d * s.act
+    return t * m.hidden_size * s.act + queries + keys_values + 2 * t * n * d * s.act + lse
 
 
 def _mlp_saved(s: Shapes) -> int:
@@ -353,8 +366,9 @@ def _attention_core_saved(s: Shapes) -> int:
     [b, heads, s, s] softmax output, the dropout mask and the dropped probabilities; under selective
     recompute the checkpoint keeps q, k, v themselves (the QKV output's storage, whole, without rope) and
     none of those. The estimate assumes flash throughout, so it counts none of them.
-    Under context parallelism it also drops the gathered keys and values and the chunks' SDPA outputs,
-    and keeps the rotated keys and the QKV output as its inputs: what stays is what it keeps without CP."""
+    Under context parallelism it also drops the (gathered or own) keys and values and the chunks'
+    outputs, and keeps the rotated keys and the QKV output as its inputs: what stays is what it keeps
+    without CP."""
     return _attention_saved(s) - _attention_kept_by_selective(s)
 
 
@@ -447,7 +461,7 @@ def activations(m: ModelConfig, vocab_size: int, layout: Layout, stage: int, mic
     `m`'s recompute config."""
     s = Shapes(m, layout, micro_batch, BF16 if bf16 else FP32, kernels)
     first, last = stage == 0, stage == layout.pp - 1
-    units = layer_units(s, m.num_layers // layout.pp)
+    units = layer_units(s, m.num_layers // (layout.pp * layout.vp))  # a model chunk's (the stage's without VP)
     saved = units.saved
     if m.position_embedding_type == "rope":
         saved += 2 * s.sequence * m.kv_channels * FP32  # the stage's cos and sin tables, this rank's positions
@@ -459,6 +473,8 @@ def activations(m: ModelConfig, vocab_size: int, layout: Layout, stage: int, mic
     recomputed = units.recomputed + (_weight_copies(s, units.layers_recomputed, False) if casts else 0)
     step_copies = BF16 * vocab_size // layout.tp * m.hidden_size if casts and last else 0
     in_flight = min(layout.pp - stage, micro_batches)
+    if layout.vp > 1:  # micro-batch-chunks: the interleaved warmup and one
+        in_flight = min((layout.pp - stage - 1) * 2 + (layout.vp - 1) * layout.pp + 1, layout.vp * micro_batches)
     return Activations(saved, weight_copies, recomputed, step_copies, in_flight)
 
 
@@ -493,8 +509,10 @@ def estimate(cfg: Config, tokenizer_vocab_size: int, world_size: int, kernels: K
     checks every rank runs first) or the run is one this model does not cover."""
     dp = validate_layout(cfg, world_size)
     p, t, m = cfg.parallel, cfg.training, cfg.model
+    keyed_attention_dropout = m.attention_dropout and m.keyed_dropout  # runs in the ring (`CoreAttention`)
     layout = Layout(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, dp, p.sequence_parallel,
-                    p.context_parallel_size)
+                    p.context_parallel_size, virtual_pipeline_size(p, m.num_layers),
+                    "p2p" if keyed_attention_dropout else cp_comm_type(p))
     replicas = dp * layout.cp  # the data x context ranks: ZeRO partitions, and our reduction sums, over them
     zero: dict = {}
     if cfg.deepspeed.deepspeed:

@@ -63,13 +63,14 @@ def recompute_name(m: ModelConfig) -> str:
     return m.recompute_granularity or "none"
 
 
-def configure(layers: nn.ModuleList, cfg: ModelConfig) -> tuple[LayerGroup, ...]:
+def configure(layers: nn.ModuleList, cfg: ModelConfig, chunks: int = 1) -> tuple[LayerGroup, ...]:
     """Apply `cfg`'s recompute to a stage's transformer layers: selective wraps each layer's attention core;
-    returns the groups `forward_layers` runs them in."""
+    returns the groups `forward_layers` runs each of its `chunks` model chunks in (interleaved pipeline:
+    the groups are a chunk's, as Megatron applies --recompute-num-layers to each model chunk)."""
     if cfg.recompute_granularity == "selective":
         for layer in layers:
             layer.self_attention.core_attention = Recomputed(layer.self_attention.core_attention)
-    return layer_groups(cfg, len(layers))
+    return layer_groups(cfg, len(layers) // chunks)
 
 
 def _run(layers: list[nn.Module], x: torch.Tensor, rotary: RotaryTables | None) -> torch.Tensor:

@@ -36,7 +36,7 @@ def start_block(trainer: "Trainer") -> list[str]:
     per_token = micro_batch_flops(m, trainer.vocab_size, 1, 1, 1, selective=False).dense
     layout = Layout(parallel_state.tensor_model_parallel_size(), parallel_state.pipeline_model_parallel_size(),
                     parallel_state.data_parallel_size(), cfg.parallel.sequence_parallel,
-                    parallel_state.context_parallel_size())
+                    parallel_state.context_parallel_size(), parallel_state.virtual_pipeline_model_parallel_size())
     valid = "none" if trainer.valid_ds is None else f"{len(trainer.valid_ds)} samples"
     sinks = [f"metrics file {cfg.logging.metrics_file}"] if cfg.logging.metrics_file else []
     sinks += [f"TensorBoard {cfg.logging.tensorboard_dir}"] if cfg.logging.tensorboard_dir else []

@@ -227,7 +227,8 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
         return stats
     batches = map(shard_batch, batches)  # this context-parallel rank's chunks of every sequence
     first = next(batches)
-    batches = itertools.chain([first], batches)
+    # Interleaved pipeline: every model chunk runs every micro-batch, in order: one stream of them per chunk.
+    streams = itertools.tee(itertools.chain([first], batches), parallel_state.virtual_pipeline_model_parallel_size())
     micro_batch, seq_length = first["tokens"].shape
     if model.sequence_parallel:
         seq_length //= parallel_state.tensor_model_parallel_size()
@@ -237,7 +238,7 @@ def forward_backward(model: GPTModel, policy: Policy | None, batches: Iterator[d
     forward = forward or model
 
     def forward_step(input_tensor: torch.Tensor | None) -> torch.Tensor:
-        batch = next(batches)
+        batch = next(streams[parallel_state.virtual_pipeline_model_parallel_rank() or 0])
         tokens = batch["tokens"].to(device, non_blocking=True)
 
         def head(hidden: torch.Tensor) -> tuple[torch.Tensor, LMHeadOutput]:

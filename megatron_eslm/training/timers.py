@@ -3,8 +3,11 @@ one `Timers` for its run and any module (the ESLM threshold, the DeepSpeed engin
 the global accessor, without objects threaded through the step.
 
 The phases are disjoint: starting one pauses the phase running (a stack), and stopping it resumes that one,
-so a nested phase's time is not also its parent's and the phases of an interval add up to its wall time,
-less what runs outside every phase (the log interval's stats reduction and record writing, a few ms).
+so a nested phase's time is not also its parent's. Every stretch of the loop is in one phase, the work
+between two steps included (`logging`), and a log interval's record reads the phases at the same moment it
+reads the wall clock (`interval_ms` closes the running stretch there), so the phases of an interval add up
+to its wall time at any --log-interval, 1 included: what the logging of a line costs after that moment
+(writing the record, the console line) belongs to the next line's interval, as its wall time does.
 
   level 1  data            next() on the training batch iterator
            forward_backward the step's micro-batches (forward, loss, backward; on the last stage the LM
@@ -21,8 +24,15 @@ less what runs outside every phase (the log interval's stats reduction and recor
            optimizer       gradient clipping and the optimizer step
            eval            an evaluation (its own data included)
            checkpoint      saving a checkpoint
+           logging         the loop's work between the optimizer step and the next step's first
+                           micro-batch: at a log interval the stats reduction (the interval's one host
+                           read, an all-reduce on more ranks), the record, the metrics file, TensorBoard,
+                           the console line and the snapshot/rollback check; at every step the
+                           exit-condition and async-save agreements and the watchdog's heartbeat
   level 2  threshold_comm  the threshold's collectives (all-gathers and all-reduces over the selection
                            group), out of `threshold`. Forward and backward are not separable under 1F1B.
+           pp_comm         the pipeline's sends and receives, out of `forward_backward`: the wait for a
+                           neighbour stage (the 1F1B bubble) and the transfer
 
 On CUDA every phase boundary synchronises the device (torch.cuda.synchronize), so a phase holds the device
 work it queued rather than the time to queue it; that costs overlap, which is why level 0 (the default)
@@ -38,7 +48,7 @@ from typing import Iterator, TypeVar
 import torch
 
 PHASES = {"data": 1, "forward_backward": 1, "threshold": 1, "grads_reduce": 1, "optimizer": 1, "eval": 1,
-          "checkpoint": 1, "threshold_comm": 2}  # phase -> the level that times it
+          "checkpoint": 1, "logging": 1, "threshold_comm": 2, "pp_comm": 2}  # phase -> the level that times it
 T = TypeVar("T")
 
 
@@ -87,7 +97,13 @@ class Timers:
 
     def interval_ms(self, iterations: int) -> dict[str, float]:
         """`time_<phase>_ms` per iteration (the mean over `iterations`) of every timed phase since the last
-        call, which it resets; {} at level 0."""
+        call, which it resets; {} at level 0. The running phase's stretch so far counts in this interval,
+        the rest of it in the next."""
+        if self._stack:
+            now = self._now()
+            running = self._stack[-1]
+            self._seconds[running[0]] += now - running[1]
+            running[1] = now
         out = {f"time_{name}_ms": 1000.0 * seconds / iterations for name, seconds in self._seconds.items()}
         self._seconds = dict.fromkeys(self._seconds, 0.0)
         return out

@@ -10,7 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from megatron_eslm import parallel_state
+from megatron_eslm.checkpoint.regroup import regrouped_state
 from megatron_eslm.config import Config, validate_layout
+from megatron_eslm.config.parallel import cp_comm_type, virtual_pipeline_size
 from megatron_eslm.data.builder import build_train_valid_test_datasets
 from megatron_eslm.data.samplers import ResumableBatchSampler, SkippingBatchSampler
 from megatron_eslm.distributed import collectives, deepspeed_config, launch
@@ -20,8 +22,10 @@ from megatron_eslm.distributed.grads import finalize_model_grads
 from megatron_eslm.distributed.watchdog import Watchdog
 from megatron_eslm.errors import UserError
 from megatron_eslm.eslm.build import build_policy
+from megatron_eslm.model.attention_backend import check_attention_device
 from megatron_eslm.model.gpt import GPTModel, padded_vocab_size
 from megatron_eslm.model.lm_head import resolve_impl
+from megatron_eslm.tensor_parallel.fp8 import convert_to_fp8
 from megatron_eslm.tensor_parallel.random import set_random_seeds
 from megatron_eslm.tokenizer import build_tokenizer
 from megatron_eslm.training import checkpointing, evaluation, throughput
@@ -57,7 +61,10 @@ class Trainer:
         p = cfg.parallel
         if world > 1:
             parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                                     p.context_parallel_size, self_group=cfg.deepspeed.deepspeed)
+                                                     p.context_parallel_size, self_group=cfg.deepspeed.deepspeed,
+                                                     virtual_pipeline_model_parallel_size=virtual_pipeline_size(
+                                                         p, cfg.model.num_layers),
+                                                     cp_comm_type=cp_comm_type(p))
         # Rank 0 sits on the first stage, which (after `reduce_step_stats`) knows every logged number.
         self.is_logging_rank = launch.rank() == 0
         self.log = log if self.is_logging_rank else (lambda *args: None)
@@ -73,7 +80,10 @@ class Trainer:
                                             cfg.model.make_vocab_size_divisible_by * p.tensor_model_parallel_size)
         dp = parallel_state.data_parallel_size()
         ds_config = deepspeed_config.resolve(cfg, dp) if cfg.deepspeed.deepspeed else None
+        check_attention_device(cfg.model.attention_backend, self.device)
         self.model = build_model(cfg, self.vocab_size, self.device, ds_config)
+        if cfg.training.fp8_format is not None:
+            convert_to_fp8(self.model, cfg.training.fp8_format, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lm_head_impl = resolve_impl(cfg.selection.lm_head_impl, self.device)
         self.iteration = 0
@@ -261,6 +271,7 @@ class Trainer:
         try:
             while self.iteration < t.train_iters and stop is None:
                 interval = self.train_step(batches, interval)
+                timers.start("logging")  # the work between two steps; eval and checkpoint nest in it
                 self.iteration += 1
                 # the host all-reduces that agree on a pending async save and a stop run per log interval
                 at_log = self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters
@@ -274,13 +285,16 @@ class Trainer:
                 stop = exits.reason(self.iteration, agree=at_log)
                 if at_log or stop:
                     stats = reduce_step_stats(interval)  # the interval's one host read: waits for the device
-                    record = self._train_record(stats, time.perf_counter() - tic)
+                    # the interval ends here, for the wall clock and the phases (read in the record) alike:
+                    # the rest of this line's logging is the next interval's
+                    now = time.perf_counter()
+                    record = self._train_record(stats, now - tic)
                     self._train_threshold = record["threshold"]  # the evaluation's val_above_threshold
                     records.append(record)
                     self.metrics.write(record)
                     self.log(self._console_line(record, time.perf_counter() - start, start_iteration))
                     self._recover(record)
-                    interval, tic, self._outside_steps = None, time.perf_counter(), 0.0
+                    interval, tic, self._outside_steps = None, now, 0.0
                 elif self.iteration == start_iteration + 1:  # a first sign of life: host time only, no device read
                     self.log(self._first_iteration_line(time.perf_counter() - start, start_iteration))
                 save = cfg.checkpoint
@@ -298,6 +312,7 @@ class Trainer:
                     self._outside_steps += time.perf_counter() - outside
                     if watchdog is not None:
                         watchdog.progress(self.iteration)
+                timers.stop("logging")
             if self.async_saver is not None:
                 self.async_saver.wait()  # the last checkpoint is on disk when train() returns
         except RuntimeError as err:  # torch.distributed's errors among them: a peer gone?
@@ -439,6 +454,9 @@ class Trainer:
         try:
             if self.engine is None:
                 state = checkpointing.load_checkpoint(root, load_rng=load_rng, fallback=ck.ckpt_fallback, log=self.log)
+                if state is not None and checkpointing.saved_virtual_size(state["layout"]) != \
+                        parallel_state.virtual_pipeline_model_parallel_size():  # other layers on this rank
+                    state.update(regrouped_state(root, state["iteration"], self.cfg, load_optim and "optimizer" in state))
                 if state is not None:
                     self.model.load_state_dict(state["model"])
                     if load_optim:
