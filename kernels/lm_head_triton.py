@@ -16,10 +16,14 @@ Design (why each pass looks the way it does):
   rounded to 16 bits between chunks. The grid only covers kept rows: dropped rows cost nothing. The
   weight gradient can go straight into an existing accumulator (``grad_weight_out``: the weight's
   ``.grad``), so a micro-batch allocates no [V, H] gradient of its own.
-* No single-pass dense function (``lm_head_torch.lm_head_fused_dense``): here dense training would be pass
-  1 then pass 2 over every valid row anyway (one logits GEMM more than a true single pass, in exchange for
-  never holding float32 logits), so the selective head runs pass 2 in its backward instead, where the
-  incoming gradient is known and the weight gradient can be accumulated in place.
+* Dense training (``lm_head_fused_dense``, every valid row trained on: nothing to select) runs in the
+  forward, chunk by chunk over the rows: the pass-1 kernel also stores the chunk's logit tiles (score
+  dtype) in a ``[chunk, V]`` buffer, and once the chunk's lse is known the pass-2 kernels turn that buffer
+  into ``d_logits`` and the two gradient GEMMs, with the gradient scale of the mean loss assumed. Three
+  logits-sized GEMMs instead of four: no recompute. The backward only rescales by the incoming gradient
+  (``model/lm_head.py``). The buffer holds float32 logits, not 16-bit ones (as a 16-bit GEMM output
+  would), so the gradient is the two-pass one's up to summation order; the price is that buffer (plus a
+  16-bit ``d_logits`` one for 16-bit inputs), at least FUSED_MIN_ROWS rows on a GPU.
 
 Precision: tiles are accumulated in the score dtype (float32, float64 for float64 inputs). Float32 dots
 use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` allows it for torch matmuls.
@@ -43,10 +47,14 @@ from megatron_eslm.kernels.lm_head_partials import (Partials, combine_partials, 
                                                     rescale_partials)
 from megatron_eslm.kernels.lm_head_torch import score_dtype, weight_grad_buffer
 
-# Bytes of the [chunk, V] d_logits buffer of pass 2. Large chunks matter on GPUs: every chunk re-reads
-# and re-writes the [V, H] float32 weight gradient, which must stay small next to the chunk's GEMMs.
+# Bytes of the [chunk, V] d_logits buffer of pass 2 (on CPU also of the fused pass's buffers). Large chunks
+# matter on GPUs: every chunk re-reads and re-writes the [V, H] float32 weight gradient, which must stay
+# small next to the chunk's GEMMs.
 CHUNK_BYTES = {"cpu": 2**20}
 DEFAULT_CHUNK_BYTES = 2**30
+# Fewest rows a chunk of the fused dense pass holds on a GPU, for the same reason: the weight-gradient
+# traffic of a chunk against its GEMMs shrinks with the row count alone (both scale with V * H).
+FUSED_MIN_ROWS = 2048
 PROGRAMS_PER_SM = 2  # pass 1 splits the vocabulary until this many programs per SM exist
 MIN_SPLIT_COLUMNS = 4096  # ... but never into ranges narrower than this
 # Autotune candidates (three block sizes, warps, stages) for Hopper: (rows, vocab, hidden) tiles of the
@@ -88,10 +96,12 @@ def _logits_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask, H, stride_h, stri
     return acc
 
 
-def _partials_kernel(h_ptr, w_ptr, label_ptr, max_ptr, sumexp_ptr, target_ptr, shifted_ptr,
-                     N, V, H, split_width, stride_h, stride_w, DOT_PRECISION: tl.constexpr,
+def _partials_kernel(h_ptr, w_ptr, label_ptr, max_ptr, sumexp_ptr, target_ptr, shifted_ptr, logits_ptr,
+                     N, V, H, split_width, stride_h, stride_w, stride_l, DOT_PRECISION: tl.constexpr,
+                     STORE_LOGITS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Grid (row blocks, vocab splits): Partials of BLOCK_N rows over columns [split * split_width, +width)."""
+    """Grid (row blocks, vocab splits): Partials of BLOCK_N rows over columns [split * split_width, +width);
+    with STORE_LOGITS also the logit tiles, into logits[N, V] (the fused dense pass's chunk buffer)."""
     acc_dtype = max_ptr.dtype.element_ty
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,6 +119,9 @@ def _partials_kernel(h_ptr, w_ptr, label_ptr, max_ptr, sumexp_ptr, target_ptr, s
         col_mask = cols < v_end
         logits = _logits_tile(h_ptr, w_ptr, rows, row_mask, cols, col_mask, H, stride_h, stride_w,
                               acc_dtype, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        if STORE_LOGITS:
+            tl.store(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + cols[None, :], logits,
+                     mask=row_mask[:, None] & col_mask[None, :])
         logits = tl.where(col_mask[None, :], logits, -1e30)
         is_target = (cols[None, :] == labels[:, None]) & col_mask[None, :]
         target += tl.sum(tl.where(is_target, logits, 0.0), axis=1)
@@ -127,12 +140,15 @@ def _partials_kernel(h_ptr, w_ptr, label_ptr, max_ptr, sumexp_ptr, target_ptr, s
     tl.store(shifted_ptr + out, sum_shifted, mask=row_mask)
 
 
-def _logit_grad_kernel(h_ptr, w_ptr, rows_ptr, label_ptr, lse_ptr, scale_ptr, d_ptr, K, V, H,
-                       stride_h, stride_w, stride_d, DOT_PRECISION: tl.constexpr,
+def _logit_grad_kernel(h_ptr, w_ptr, rows_ptr, label_ptr, lse_ptr, scale_ptr, logits_ptr, d_ptr, K, V, H,
+                       stride_h, stride_w, stride_l, stride_d, DOT_PRECISION: tl.constexpr,
+                       LOGITS_IN_MEMORY: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """d[k, v] = (softmax - onehot(label))[rows[k], v] * scale for K gathered rows; 1-D grid over tiles.
 
-    Row blocks vary fastest, so programs running together share a weight tile through L2.
+    The logits are recomputed, or with LOGITS_IN_MEMORY read from logits[k, v] (which d may overwrite in
+    place: each program reads its tile before it writes it). Row blocks vary fastest, so programs running
+    together share a weight tile through L2.
     """
     row_blocks = tl.cdiv(K, BLOCK_N)
     pid = tl.program_id(0)
@@ -143,8 +159,12 @@ def _logit_grad_kernel(h_ptr, w_ptr, rows_ptr, label_ptr, lse_ptr, scale_ptr, d_
     lse = tl.load(lse_ptr + rows, mask=k_mask, other=0.0)
     cols = (pid // row_blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    logits = _logits_tile(h_ptr, w_ptr, rows, k_mask, cols, col_mask, H, stride_h, stride_w,
-                          lse_ptr.dtype.element_ty, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    if LOGITS_IN_MEMORY:
+        logits = tl.load(logits_ptr + ks.to(tl.int64)[:, None] * stride_l + cols[None, :],
+                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+    else:
+        logits = _logits_tile(h_ptr, w_ptr, rows, k_mask, cols, col_mask, H, stride_h, stride_w,
+                              lse_ptr.dtype.element_ty, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     d = tl.exp(logits - lse[:, None]) - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
     d = d * tl.load(scale_ptr)
     tl.store(d_ptr + ks.to(tl.int64)[:, None] * stride_d + cols[None, :], d.to(d_ptr.dtype.element_ty),
@@ -186,20 +206,25 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    # The kernel bodies above resolve these module globals when triton compiles or interprets them.
-    globals().update(tl=tl, _logits_tile=triton.jit(_logits_tile))
+    # The kernel bodies above resolve these module globals when triton compiles or interprets them (after a
+    # cache_clear, as a test's other interpreter tiles need, the decorated function is decorated afresh).
+    globals().update(tl=tl, _logits_tile=triton.jit(getattr(_logits_tile, "fn", _logits_tile)))
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
 
-    def tuned(kernel, names: tuple[str, str, str], tiles: list[tuple[int, ...]], **kwargs):
-        """Autotuned on the problem width (H, V), never on the row count, which changes every step."""
+    def tuned(kernel, names: tuple[str, str, str], tiles: list[tuple[int, ...]], switches: tuple[str, ...] = (),
+              **kwargs):
+        """Autotuned on the problem width (H, V) and the kernel's constexpr ``switches`` (a tile good for a
+        GEMM is not one for a memory-bound variant), never on the row count, which changes every step."""
         configs = [triton.Config(dict(zip(names, tile[:3])), num_warps=tile[3], num_stages=tile[4])
                    for tile in ([INTERPRETER_TILE] if interpret else tiles)]
-        return triton.autotune(configs, key=["H", "V"], **kwargs)(triton.jit(kernel))
+        return triton.autotune(configs, key=["H", "V", *switches], **kwargs)(triton.jit(kernel))
 
     logit_blocks = ("BLOCK_N", "BLOCK_V", "BLOCK_H")
     return SimpleNamespace(
-        partials=tuned(_partials_kernel, logit_blocks, LOGIT_TILES),
-        logit_grad=tuned(_logit_grad_kernel, logit_blocks, LOGIT_TILES),
+        partials=tuned(_partials_kernel, logit_blocks, LOGIT_TILES, ("STORE_LOGITS",)),
+        # restore_value: the fused pass writes d_logits over the logits it reads, and tuning runs it repeatedly.
+        logit_grad=tuned(_logit_grad_kernel, logit_blocks, LOGIT_TILES, ("LOGITS_IN_MEMORY",),
+                         restore_value=["logits_ptr"]),
         # restore_value: tuning runs the accumulating kernel several times on the real gradient.
         grad_weight=tuned(_grad_weight_kernel, ("BLOCK_V", "BLOCK_H", "BLOCK_K"), GRAD_WEIGHT_TILES,
                           restore_value=["gw_ptr"]))
@@ -227,9 +252,10 @@ def _vocab_splits(num_rows: int, vocab: int, device: torch.device) -> int:
     return max(1, min(wanted, vocab // MIN_SPLIT_COLUMNS))
 
 
-def _split_partials(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, ignore_index: int
-                    ) -> Partials:
-    """[S, N] Partials over S contiguous ranges of the shard ``weight`` (head rows vocab_start..)."""
+def _split_partials(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, ignore_index: int,
+                    logits_out: Tensor | None = None) -> Partials:
+    """[S, N] Partials over S contiguous ranges of the shard ``weight`` (head rows vocab_start..); the logits
+    also go to ``logits_out`` ([N, V], score dtype, unit column stride) when given."""
     (num_rows, hidden_size), vocab = hidden.shape, weight.shape[0]
     local_labels = torch.where(labels == ignore_index, -1, labels - vocab_start)  # -1 never matches a column
     width = _cdiv(vocab, _vocab_splits(num_rows, vocab, hidden.device))
@@ -237,8 +263,11 @@ def _split_partials(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start:
     partials = Partials(*(hidden.new_empty(splits, num_rows, dtype=score_dtype(hidden.dtype)) for _ in range(4)))
     if num_rows:
         grid = lambda meta: (_cdiv(num_rows, meta["BLOCK_N"]), splits)  # noqa: E731
-        _kernels().partials[grid](hidden, weight, local_labels, *partials, num_rows, vocab, hidden_size, width,
-                               hidden.stride(0), weight.stride(0), DOT_PRECISION=_dot_precision(hidden.dtype))
+        store = logits_out is not None
+        logits = logits_out if store else partials.row_max  # a pointer the kernel never touches when not storing
+        _kernels().partials[grid](hidden, weight, local_labels, *partials, logits, num_rows, vocab, hidden_size,
+                               width, hidden.stride(0), weight.stride(0), logits.stride(0),
+                               DOT_PRECISION=_dot_precision(hidden.dtype), STORE_LOGITS=store)
     return partials
 
 
@@ -271,6 +300,27 @@ def _chunk_rows(num_rows: int, vocab: int, hidden: Tensor) -> int:
     return max(1, min(num_rows, budget // (vocab * hidden.element_size())))
 
 
+def _chunk_backward(hidden: Tensor, weight: Tensor, rows: Tensor, labels: Tensor, lse: Tensor, scale: Tensor,
+                    d_logits: Tensor, grad_hidden_out: Tensor, grad_weight: Tensor, logits: Tensor | None = None
+                    ) -> None:
+    """One chunk of ``rows``: d_logits[:K] = (softmax - onehot) * scale, from ``logits`` [K, V] when given,
+    else recomputed; grad_hidden_out = d_logits @ weight (cuBLAS, fp32 accumulation inside); grad_weight +=
+    d_logits.T @ hidden[rows] (Triton, gathering the rows and accumulating in the score dtype)."""
+    (size,), (vocab, hidden_size) = rows.shape, weight.shape
+    d_logits = d_logits[:size]
+    in_memory = logits is not None
+    source = logits if in_memory else scale  # a pointer the kernel never touches when recomputing
+    grid = lambda meta: (_cdiv(size, meta["BLOCK_N"]) * _cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
+    precision = _dot_precision(hidden.dtype)
+    _kernels().logit_grad[grid](hidden, weight, rows, labels, lse, scale, source, d_logits, size, vocab, hidden_size,
+                             hidden.stride(0), weight.stride(0), source.stride(0) if in_memory else 0,
+                             d_logits.stride(0), DOT_PRECISION=precision, LOGITS_IN_MEMORY=in_memory)
+    torch.mm(d_logits, weight, out=grad_hidden_out)
+    grid = lambda meta: (_cdiv(vocab, meta["BLOCK_V"]) * _cdiv(hidden_size, meta["BLOCK_H"]),)  # noqa: E731
+    _kernels().grad_weight[grid](d_logits, hidden, rows, grad_weight, size, vocab, hidden_size, d_logits.stride(0),
+                              hidden.stride(0), grad_weight.stride(0), DOT_PRECISION=precision)
+
+
 @torch.no_grad()
 def lm_head_backward_rows(hidden: Tensor, weight: Tensor, labels: Tensor, rows: Tensor, lse: Tensor,
                           grad_scale: float | Tensor, chunk_rows: int | None = None,
@@ -290,18 +340,55 @@ def lm_head_backward_rows(hidden: Tensor, weight: Tensor, labels: Tensor, rows: 
     d_logits = hidden.new_empty(max(1, min(chunk_rows, num_kept)), vocab)
     scale = torch.as_tensor(grad_scale, dtype=acc_dtype, device=hidden.device).reshape(1)
     labels, lse = labels.contiguous(), lse.to(acc_dtype).contiguous()
-    precision = _dot_precision(hidden.dtype)
     grad_hidden = hidden.new_empty(num_kept, hidden_size)
     for start in range(0, num_kept, chunk_rows):
-        chunk = rows[start:start + chunk_rows].contiguous()
-        size = chunk.shape[0]
-        grid = lambda meta: (_cdiv(size, meta["BLOCK_N"]) * _cdiv(vocab, meta["BLOCK_V"]),)  # noqa: E731
-        _kernels().logit_grad[grid](hidden, weight, chunk, labels, lse, scale, d_logits, size, vocab, hidden_size,
-                                 hidden.stride(0), weight.stride(0), d_logits.stride(0), DOT_PRECISION=precision)
-        torch.mm(d_logits[:size], weight, out=grad_hidden[start:start + size])
-        grid = lambda meta: (  # noqa: E731
-            _cdiv(vocab, meta["BLOCK_V"]) * _cdiv(hidden_size, meta["BLOCK_H"]),)
-        _kernels().grad_weight[grid](d_logits, hidden, chunk, grad_weight, size, vocab, hidden_size,
-                                  d_logits.stride(0), hidden.stride(0), grad_weight.stride(0),
-                                  DOT_PRECISION=precision)
+        part = slice(start, start + chunk_rows)
+        _chunk_backward(hidden, weight, rows[part].contiguous(), labels, lse, scale, d_logits, grad_hidden[part],
+                        grad_weight)
     return grad_hidden, grad_weight
+
+
+def _fused_chunk_rows(num_rows: int, weight: Tensor, hidden: Tensor) -> int:
+    """Rows per chunk of the fused dense pass, whose buffers hold a chunk's score-dtype logits and, for
+    16-bit inputs, its d_logits besides. On a GPU they may take the bytes of the [V, H] weight gradient the
+    pass returns anyway (so at most double its own memory), but hold at least FUSED_MIN_ROWS rows."""
+    vocab, hidden_size = weight.shape
+    acc_size = torch.empty((), dtype=score_dtype(hidden.dtype)).element_size()
+    row_bytes = vocab * (acc_size + (0 if score_dtype(hidden.dtype) == hidden.dtype else hidden.element_size()))
+    budget = CHUNK_BYTES.get(hidden.device.type, max(FUSED_MIN_ROWS * row_bytes, vocab * hidden_size * acc_size))
+    return max(1, min(num_rows, budget // row_bytes))
+
+
+@torch.no_grad()
+def lm_head_fused_dense(hidden: Tensor, weight: Tensor, labels: Tensor, grad_scale: float | Tensor,
+                        ignore_index: int = -100, chunk_rows: int | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Scores and gradients of grad_scale * sum(valid losses) in one pass, for dense training (the same
+    contract as ``lm_head_torch.lm_head_fused_dense``, its readable reference).
+
+    Per chunk of rows: pass 1 with the logits kept in a [chunk, V] buffer, their lse, then pass 2's
+    kernels reading that buffer instead of recomputing it. Ignored rows get zero gradient (their lse is
+    taken as +inf, their label as no column). Returns (loss, lse, entropy, grad_hidden [N, H] hidden dtype,
+    grad_weight [V, H] score dtype).
+    """
+    grad_weight = weight_grad_buffer(weight, hidden)
+    hidden, weight = _operands(hidden, weight)
+    num_rows, acc_dtype = hidden.shape[0], score_dtype(hidden.dtype)
+    chunk_rows = chunk_rows or _fused_chunk_rows(num_rows, weight, hidden)
+    logits = hidden.new_empty(max(1, min(chunk_rows, num_rows)), weight.shape[0], dtype=acc_dtype)
+    d_logits = logits if acc_dtype == hidden.dtype else torch.empty_like(logits, dtype=hidden.dtype)
+    valid = labels != ignore_index
+    grad_labels = torch.where(valid, labels, -1)  # -1 never matches a column: no one-hot term
+    scale = torch.as_tensor(grad_scale, dtype=acc_dtype, device=hidden.device).reshape(1)
+    loss, lse, entropy = (hidden.new_empty(num_rows, dtype=acc_dtype) for _ in range(3))
+    chunk_index = torch.arange(logits.shape[0], device=hidden.device)
+    grad_hidden = torch.empty_like(hidden)
+    for start in range(0, num_rows, chunk_rows):
+        part = slice(start, start + chunk_rows)
+        size = hidden[part].shape[0]
+        partials = _split_partials(hidden[part], weight, labels[part], 0, ignore_index, logits_out=logits[:size])
+        loss[part], lse[part], entropy[part] = combine_partials(partials, valid[part])
+        grad_lse = lse[part].masked_fill(~valid[part], float("inf"))  # softmax 0: ignored rows get no gradient
+        _chunk_backward(hidden[part], weight, chunk_index[:size], grad_labels[part], grad_lse, scale, d_logits,
+                        grad_hidden[part], grad_weight, logits=logits[:size])
+    return loss, lse, entropy, grad_hidden, grad_weight

@@ -9,14 +9,18 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from megatron_eslm.config import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+import bench_lm_head_triton  # noqa: E402
 import bench_train_step  # noqa: E402
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
@@ -96,3 +100,45 @@ def test_device_check_dry_run(tmp_path):
     args = selection_study.parse(shlex.split(study))
     assert (args.num_layers, args.hidden_size, args.seq_length, args.run_flags) == (12, 768, 1024, "--bf16")
     assert (tmp_path / "logs.tar.gz").exists()
+
+
+def test_lm_head_bench_rows_of_the_published_fused_losses(monkeypatch):
+    """The GPU benchmark's Liger and Cut Cross-Entropy rows, with stand-ins for the packages (which this CPU
+    lacks): each row calls its package as documented (weight and hidden in its order), none without it, and
+    a CCE without ``cce_exact`` (its PyPI release 25.1.1) gets its unfiltered ``cce`` instead."""
+    calls = []
+
+    def mean_loss(hidden, weight, labels):
+        return F.cross_entropy(hidden @ weight.t(), labels)  # shapes [N, H] and [V, H]: no swap goes unnoticed
+
+    class Liger(torch.nn.Module):
+        def forward(self, lin_weight, _input, target):
+            calls.append("liger")
+            return mean_loss(_input, lin_weight, target)
+
+    def linear_cross_entropy(e, c, targets, impl, **options):
+        calls.append((impl, options))
+        return mean_loss(e, c, targets)
+
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(10, 4, requires_grad=True)
+    labels = torch.randint(0, 10, (6,))
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
+    assert list(bench_lm_head_triton.baselines(hidden, weight, labels, False)) == ["eager"]
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers",
+                        types.SimpleNamespace(LigerFusedLinearCrossEntropyLoss=Liger))
+    rows = {}
+    for release, impls in (("github", ["CCE", "CCE_EXACT"]), ("25.1.1", ["CCE"])):
+        cce = types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy,
+                                    LinearCrossEntropyImpl=types.SimpleNamespace(**dict.fromkeys(impls)))
+        monkeypatch.setitem(sys.modules, "cut_cross_entropy", cce)
+        steps = bench_lm_head_triton.baselines(hidden, weight, labels, False)
+        rows[release] = list(steps)
+        for step in steps.values():
+            step()
+    assert rows == {"github": ["eager", "liger fused CE", "cce", "cce_exact"],
+                    "25.1.1": ["eager", "liger fused CE", "cce", "cce filter_eps=None"]}
+    assert calls == ["liger", ("cce", {}), ("cce_exact", {}), "liger", ("cce", {}), ("cce", {"filter_eps": None})]
+    assert torch.allclose(weight.grad, 8 * torch.autograd.grad(mean_loss(hidden, weight, labels), weight)[0])

@@ -4,9 +4,14 @@ For each (tokens, hidden, vocab) shape it measures the median time (triton.testi
 memory above the inputs (torch.cuda.max_memory_allocated) of:
 
 * eager PyTorch: ``F.cross_entropy(F.linear(h, w).float(), y)`` with full logits, and its torch.compile;
-* Liger-Kernel's LigerFusedLinearCrossEntropyLoss, when liger_kernel imports;
+* the published fused linear + cross-entropy losses, each when its package imports: Liger-Kernel's
+  LigerFusedLinearCrossEntropyLoss (``liger_kernel``) and Apple's Cut Cross-Entropy (``cut_cross_entropy``,
+  arXiv 2411.09009) with impl ``cce`` (its default: the backward skips softmax entries below a threshold)
+  and ``cce_exact`` (nothing skipped, float32 gradient sums; in the PyPI release 25.1.1, which has no
+  ``cce_exact``, the row ``cce filter_eps=None``: nothing skipped). A machine without network installs them from wheels downloaded beforehand
+  (docs/benchmarks.md; tools/device_check.sh installs ``wheels/*.whl``);
 * our selective head (``selective_lm_head_loss``) with impl "torch" and "triton", keeping the top-loss
-  fraction 1.0 (the dense fused path), 0.5, 0.3 and 0.1 of the tokens.
+  fraction 1.0 (dense training: the fused single pass), 0.5, 0.3 and 0.1 of the tokens.
 
 It also measures the bf16 (``--dtype``) matmul TFLOP/s of the shape's logits GEMM, the GEMM TFLOP/s each
 variant achieves, and, per head, the time and TFLOP/s of pass 1 (scores, one GEMM over all rows) and pass 2
@@ -101,12 +106,31 @@ def baselines(hidden, weight, labels, compile_: bool) -> dict[str, Callable[[], 
     if compile_:
         compiled = torch.compile(eager, dynamic=False)
         steps["torch.compile"] = lambda: compiled(hidden, weight, labels).backward()
+    return {**steps, **published_fused(hidden, weight, labels)}
+
+
+def published_fused(hidden, weight, labels) -> dict[str, Callable[[], None]]:
+    """Liger-Kernel's and Cut Cross-Entropy's fused linear + cross-entropy steps (mean loss), for each
+    package that imports."""
+    steps = {}
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
+        pass
+    else:
+        liger = LigerFusedLinearCrossEntropyLoss()
+        steps["liger fused CE"] = lambda: liger(weight, hidden, labels).backward()
+    try:
+        from cut_cross_entropy import LinearCrossEntropyImpl, linear_cross_entropy
+    except ImportError:
         return steps
-    liger = LigerFusedLinearCrossEntropyLoss()
-    steps["liger fused CE"] = lambda: liger(weight, hidden, labels).backward()
+    variants = {"cce": dict(impl="cce")}
+    if hasattr(LinearCrossEntropyImpl, "CCE_EXACT"):  # its GitHub source; the PyPI release 25.1.1 lacks it
+        variants["cce_exact"] = dict(impl="cce_exact")
+    else:  # 25.1.1's exact gradient: no filtering (its float32 accumulation options came later)
+        variants["cce filter_eps=None"] = dict(impl="cce", filter_eps=None)
+    for name, options in variants.items():
+        steps[name] = lambda options=options: linear_cross_entropy(hidden, weight, labels, **options).backward()
     return steps
 
 
@@ -119,9 +143,10 @@ def head_step(hidden, weight, labels, impl: str, keep: float) -> Callable[[], No
     return lambda: selective_lm_head_loss(hidden, weight, labels, select, impl=impl).loss.backward()
 
 
-def head_flops(impl: str, rows: int, kept: int, hidden: int, vocab: int) -> float:
-    """Scores over all rows + 3 GEMMs over kept rows; torch's dense path fuses the recompute away."""
-    if impl == "torch" and kept == rows:
+def head_flops(rows: int, kept: int, hidden: int, vocab: int) -> float:
+    """Scores over all rows + 3 GEMMs over kept rows; the dense path (every row kept) fuses the recompute
+    away."""
+    if kept == rows:
         return 3 * logits_flops(rows, hidden, vocab)
     return logits_flops(rows, hidden, vocab) + 3 * logits_flops(kept, hidden, vocab)
 
@@ -168,7 +193,7 @@ def bench_shape(shape: tuple[int, int, int], dtype: torch.dtype, args: argparse.
         kept = kept_count(labels, keep)
         step = head_step(hidden, weight, labels, impl, keep)
         results.append((f"ours {impl}", f"{keep:.1f}",
-                        guarded(step, leaves, args.rep_ms, head_flops(impl, tokens, kept, hidden_size, vocab))))
+                        guarded(step, leaves, args.rep_ms, head_flops(tokens, kept, hidden_size, vocab))))
         phases.append((impl, keep, kept, phase_times(impl, hidden.detach(), weight.detach(), labels, keep,
                                                      args.rep_ms)))
 

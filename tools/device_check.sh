@@ -17,6 +17,8 @@
 #   wheels           the wheels under wheels/ (git-ignored) installed --no-deps, for packages the machine lacks
 #                    and cannot download: the coordinator fills it beforehand, e.g.
 #                      pip download --no-deps torchao -d wheels/      # then carry: ["wheels"]
+#                    (lm_head_bench's Liger-Kernel and Cut Cross-Entropy rows: pip download --no-deps liger-kernel
+#                    cut-cross-entropy -d wheels/, both pure-Python wheels; docs/benchmarks.md)
 #   nccl_faults      issue 29's GPU checks (tests/test_nccl_readiness.py -k gpu): a one-rank NCCL group with
 #                    --distributed-timeout-minutes 0.1 and the stream blocked by torch.cuda._sleep under an
 #                    all-reduce, where the watchdog's line must come before NCCL's own timeout; a checkpoint
@@ -34,7 +36,7 @@
 #                    torchao (the wheels step) and a GPU of compute capability 8.9+
 #   triton_tests     the compiled Triton LM-head kernels against torch in bf16 and fp32 (`TestOnGPU`); slow on a
 #                    fresh machine (the autotuner compiles every tile for every dtype)
-#   lm_head_bench    tools/bench_lm_head_triton.py (quick shapes)
+#   lm_head_bench    tools/bench_lm_head_triton.py (quick shapes), with the Liger and CCE rows when installed
 #   gpt2_step_*      tools/bench_train_step.py at the GPT-2 124M shape in bf16: dense vs ESLM keep 0.3
 #                    (alpha 0.7, the three threshold modes) with MFU, Triton head, then torch head with the
 #                    AdamW implementations

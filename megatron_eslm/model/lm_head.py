@@ -2,7 +2,7 @@
 
 The forward never keeps [tokens x vocab] logits for the backward: it saves the hidden states, the weight,
 the per-row log-sum-exp and the kept row indices, and the backward recomputes logits for kept rows only.
-Dense training (no policy) with the PyTorch kernels computes scores and gradients in one fused pass instead.
+Dense training (no policy) computes scores and gradients in one fused pass instead, with either kernel module.
 
 No host syncs but one: the normalizer and its inverse stay 0-dim device tensors, the selection's validity
 is asserted on the device, and the only host read is ``kept.nonzero()``, which sizes the kept-row
@@ -16,10 +16,10 @@ accumulation of the weight, and with it any hook an engine put there (DeepSpeed 
 the switch is off by default, and the trainer turns it on for its own data parallelism only. The fused
 dense pass computes the weight gradient in the forward, before the incoming gradient that scales it is
 known: that one [V, H] buffer (score dtype) lives until the backward, where it is scaled in place and
-becomes, or is added to, ``.grad`` (no second copy); deferring it would cost a logits recompute, the
-Triton kernels' dense step, which has no single pass to lose, does just that. The weight cast to the
-hidden dtype (bf16 under autocast) is saved from forward to backward, and within ``weight_cast_cache``
-reused across the micro-batches of a step.
+becomes, or is added to, ``.grad`` (no second copy); deferring it would cost a logits recompute (the
+vocab-parallel head's dense step, which does not fuse, does just that). The weight cast to the hidden dtype
+(bf16 under autocast) is saved from forward to backward, and within ``weight_cast_cache`` reused across
+the micro-batches of a step.
 """
 from __future__ import annotations
 
@@ -38,9 +38,8 @@ from megatron_eslm.kernels import lm_head_torch, lm_head_triton
 from megatron_eslm.kernels.lm_head_torch import score_dtype
 
 # Modules implementing lm_head_scores / lm_head_backward_rows / lm_head_partials, by name, and
-# lm_head_fused_dense where one pass saves the recompute (torch; Triton's dense step is its two passes,
-# pass 2 run in the backward). Importing lm_head_triton is cheap: triton itself is imported on the
-# first kernel launch.
+# lm_head_fused_dense, dense training's single pass (scores and both gradients, no logits recompute).
+# Importing lm_head_triton is cheap: triton itself is imported on the first kernel launch.
 IMPLEMENTATIONS: dict[str, ModuleType] = {"torch": lm_head_torch, "triton": lm_head_triton}
 
 

@@ -96,8 +96,8 @@ def micro_batch_flops(cfg: ModelConfig, vocab_size: int, num_tokens: int, num_va
                       num_kept: int, selective: bool, fused_dense: bool = True) -> StepFlops:
     """FLOPs of one forward+backward. `selective` False is dense training, whose head backward runs over
     every row, ignored ones included (their gradient is zeroed, not skipped): fused into the scoring pass
-    (`fused_dense`, the PyTorch head on one tensor-parallel rank: 4hV a row) or as pass 2 recomputing the
-    logits (the Triton and vocab-parallel heads: 6hV a row). The dense baseline is the fused head over the
+    (`fused_dense`, either head on one tensor-parallel rank: 4hV a row) or as pass 2 recomputing the
+    logits (the vocab-parallel head: 6hV a row). The dense baseline is the fused head over the
     valid tokens, without recompute (which `cfg` may ask for, on this run's pipeline stages); `paper` is
     ESLM's count (module docstring)."""
     body = 3.0 * transformer_forward_flops_per_token(cfg) * num_tokens

@@ -33,9 +33,10 @@ Activation recompute (--recompute-granularity full|selective, `layer_units`): a 
 group of blocks keeps only its input, and the backward adds one recomputed unit on top of the forward's
 end; selective drops the attention core's own tensors (under flash: its log-sum-exp).
 Attention is assumed to run a flash kernel (no [s, s] probabilities saved; nor does the ring's math path,
-which one process also runs with --keyed-dropout and attention dropout, counted as flash). Not counted: the PyTorch dense
-LM head's fused gradients (--selection none with --lm-head-impl torch), the frozen models of eslm-kd and
-rho1, ZeRO-3's gathered parameters, the CUDA context and the allocator's fragmentation.
+which one process also runs with --keyed-dropout and attention dropout, counted as flash). Not counted: the
+dense LM head's fused gradients (--selection none on one tensor-parallel rank, either --lm-head-impl), the
+frozen models of eslm-kd and rho1, ZeRO-3's gathered parameters, the CUDA context and the allocator's
+fragmentation.
 """
 from __future__ import annotations
 
