@@ -156,7 +156,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 warmup steps)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return fill_shape(p.parse_args(argv))
+    args = fill_shape(p.parse_args(argv))
+    if args.fp8_format and not args.bf16:
+        raise UserError("--fp8-format needs --bf16, as the trainer's")
+    return args
 
 
 def add_shape_flags(p: argparse.ArgumentParser, defaults: dict = DEFAULTS) -> None:
@@ -176,8 +179,6 @@ def fill_shape(args: argparse.Namespace, defaults: dict = DEFAULTS) -> argparse.
             setattr(args, name, preset.get(name, default))
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.fp8_format and not args.bf16:
-        raise UserError("--fp8-format needs --bf16, as the trainer's")
     return args
 
 
