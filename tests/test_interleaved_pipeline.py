@@ -41,17 +41,20 @@ def test_timetable_is_megatrons_order():
                              Op(True, 1, 1)]
         warmup = next(i for i, op in enumerate(order) if not op.forward)
         assert warmup == (pp - rank - 1) * 2 + (vp - 1) * pp + 1  # the warmup, then the first 1F1B forward
-        ran = [op for op in timetable(pp, vp, m)[rank] if op is not None]
+        ran = [op for step in timetable(pp, vp, m)[rank] if step is not None for op in step]
         assert ran == order and len(set(ran)) == 2 * vp * m
     assert [op.forward for op in rank_order(2, 2, 2, 0, False)][:4] == [True] * 4  # m = PP: all warmup
 
 
 def test_bubble_by_construction():
-    """The idle share of a rank's slots (a backward two forwards long): plain 1F1B's (p-1)/(m+p-1), and
-    interleaving's (p-1)/(vm+p-1), smaller, at PP4, m = 8 (docs/parallelism.md)."""
+    """The idle share of a rank's step (a backward two forwards long, an exchange waiting for both sides):
+    plain 1F1B's (p-1)/(m+p-1), and interleaving's (p-1)/(vm+p-1), smaller, at PP4, m = 8
+    (docs/parallelism.md); at PP2 x VP2 too, which one op a slot (a forward beside a backward in each
+    exchange) had made 13/61, more than plain 1F1B's 1/9."""
     plain, interleaved = idle_fraction(4, 1, 8), idle_fraction(4, 2, 8)
     assert plain == pytest.approx(3 / 11) and interleaved == pytest.approx(3 / 19)
     assert interleaved < plain
+    assert idle_fraction(2, 2, 8) == pytest.approx(1 / 17) and idle_fraction(2, 1, 8) == pytest.approx(1 / 9)
 
 
 @pytest.mark.parametrize("extra,message", [

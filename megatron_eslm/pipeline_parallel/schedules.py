@@ -23,7 +23,7 @@ from torch.autograd import Variable
 from megatron_eslm import parallel_state
 from megatron_eslm.pipeline_parallel import p2p_communication as p2p
 from megatron_eslm.pipeline_parallel.p2p_communication import TensorSpec
-from megatron_eslm.pipeline_parallel.timetable import timetable
+from megatron_eslm.pipeline_parallel.timetable import sends, timetable
 
 ForwardStep = Callable[[Tensor | None], Tensor]
 # backward(output, output_grad): accumulate this stage's gradients of `output` (a loss when output_grad is
@@ -118,10 +118,11 @@ def forward_backward_pipelining_without_interleaving(forward_step: ForwardStep, 
 def forward_backward_pipelining_with_interleaving(forward_step: ForwardStep, num_micro_batches: int,
                                                   forward_only: bool, spec: TensorSpec | None = None,
                                                   backward: Backward = autograd_backward) -> None:
-    """Interleaved 1F1B: each slot of this rank's row of the `timetable` (an op or idle), then one exchange
-    with both ring neighbours of what that slot produced (the table tells each side what the other sends).
-    `forward_step` and `backward` run inside `parallel_state.model_chunk(c)`: `forward_step` must take
-    chunk c's next micro-batch. Sent outputs are freed chunk by chunk, as plain 1F1B frees them."""
+    """Interleaved 1F1B: each slot of this rank's row of the `timetable` (a micro-step of Megatron's: a
+    forward, a forward and a backward, or a backward; or idle), then one exchange with both ring neighbours
+    of what that slot produced (the table tells each side what the other sends). `forward_step` and
+    `backward` run inside `parallel_state.model_chunk(c)`: `forward_step` must take chunk c's next
+    micro-batch. Sent outputs are freed chunk by chunk, as plain 1F1B frees them."""
     pp, vp = parallel_state.pipeline_model_parallel_size(), parallel_state.virtual_pipeline_model_parallel_size()
     rank, stages = parallel_state.pipeline_model_parallel_rank(), pp * vp
     prev_rank, next_rank = (rank - 1) % pp, (rank + 1) % pp
@@ -131,8 +132,8 @@ def forward_backward_pipelining_with_interleaving(forward_step: ForwardStep, num
     kept: dict[tuple[int, int], tuple[Tensor | None, Tensor]] = {}  # (input, output) awaiting their backward
     free = backward is autograd_backward and not forward_only
     for slot in range(len(table[rank])):
-        op, send_next, send_prev = table[rank][slot], None, None
-        if op is not None:
+        send_next, send_prev = None, None
+        for op in table[rank][slot] or ():
             key, stage = (op.chunk, op.micro_batch), op.chunk * pp + rank
             with parallel_state.model_chunk(op.chunk):
                 if op.forward:
@@ -147,10 +148,11 @@ def forward_backward_pipelining_with_interleaving(forward_step: ForwardStep, num
                     input_tensor, output = kept.pop(key)
                     input_grad = _backward_step(backward, input_tensor, output, grads.pop(key, None))
                     send_prev = input_grad if stage > 0 else None
-        before, after = table[prev_rank][slot], table[next_rank][slot]
-        recv_prev = before is not None and before.forward and before.chunk * pp + prev_rank < stages - 1
-        recv_next = after is not None and not after.forward and after.chunk * pp + next_rank > 0
-        from_prev, from_next = p2p.exchange(spec, send_next, send_prev, recv_prev, recv_next)
+        # what the neighbours' slot sends this way: the previous rank's forward output, the next one's gradient
+        before = next((op for op in table[prev_rank][slot] or () if op.forward and sends(op, prev_rank, pp, vp)), None)
+        after = next((op for op in table[next_rank][slot] or () if not op.forward and sends(op, next_rank, pp, vp)),
+                     None)
+        from_prev, from_next = p2p.exchange(spec, send_next, send_prev, before is not None, after is not None)
         if from_prev is not None:  # the previous virtual stage's output; on rank 0, for the next chunk
             inputs[(before.chunk + (rank == 0), before.micro_batch)] = from_prev
         if from_next is not None:  # the next virtual stage's input gradient; on the last rank, the chunk before
