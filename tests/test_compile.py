@@ -2,14 +2,13 @@
 attention core, dropout, the LM head and the selection eager between the regions. A compiled run equals the
 eager one in float32 over 5 steps: the logged numbers and every parameter within 1e-5 relative, the kept
 fractions exactly; with one process under inductor's C++ backend (dense, ESLM by loss, sequence ESLM, full
-recompute), with TP2 + sequence parallelism, PP2 and DeepSpeed ZeRO-3 on two gloo ranks under
+recompute), with TP2 + sequence parallelism and PP2 on two gloo ranks under
 aot_eager (the same regions, graph breaks and collectives, the graphs run by eager kernels: a cold inductor
 compile costs a process some 20 s of CPU, and its kernels are the one-process test's). The compile time is logged once, and sequence selection's
 scoring pass compiles once, not every step.
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -38,8 +37,6 @@ ONE_PROCESS = {
 }
 # name -> (micro-batch, flags): 4 a step on one data-parallel rank, 2 on each of two
 TWO_RANKS = {"tp2-sp": (4, layout_flags(2, 1, True)), "pp2": (4, layout_flags(1, 2, False))}
-if importlib.util.find_spec("deepspeed"):  # ZeRO-3: its hooks gather parameters in the layers (1 and 2 touch
-    TWO_RANKS["dp2 zero3"] = (2, ["--zero-stage", "3"])  # only gradients and optimizer states, after the backward)
 
 
 def run(argv: list[str]) -> dict:
@@ -117,8 +114,7 @@ def test_one_process_compiled_equals_eager(tiny_corpus):
 @pytest.mark.slow
 def test_two_ranks_compiled_equal_eager(tiny_corpus):
     """TP2 with sequence parallelism (the collectives between the regions), PP2 (a stage's layers compiled,
-    the sends and receives between them) and DeepSpeed ZeRO-3 on DP2 (its hooks, which DeepSpeed keeps out
-    of compiled graphs, gather the parameters between the regions), compiled against eager, same layout."""
+    the sends and receives between them), compiled against eager, same layout."""
     cases = {name: case_flags(tiny_corpus, micro_batch, [*SELECTIONS["eslm-loss"], *extra])
              for name, (micro_batch, extra) in TWO_RANKS.items()}
     check(cases, run_on_ranks(2, eager_and_compiled, cases, "aot_eager"))
