@@ -61,7 +61,7 @@ def chunk_positions(cp: int, rank: int, length: int, device: torch.device) -> Te
 
 
 @dataclass(frozen=True)
-class Dropout:
+class AttentionDropout:
     """Attention dropout of the ring: probability `p`, masks from `keep_mask` (keyed by position)."""
     p: float
     keep_mask: KeepMask
@@ -81,13 +81,13 @@ def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
     return scores
 
 
-def _dropped(probs: Tensor, dropout: Dropout | None, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+def _dropped(probs: Tensor, dropout: AttentionDropout | None, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     if dropout is None:
         return probs
     return probs * dropout.keep_mask(q_pos, k_pos) / (1.0 - dropout.p)
 
 
-def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, dropout: Dropout | None = None,
+def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, dropout: AttentionDropout | None = None,
                   q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One block's attention: (output [b, g, n, Lq, d], log-sum-exp [b, g, n, Lq]), both float32 at least.
     With `dropout`, the positions name the rows and columns of the block's mask."""
@@ -106,7 +106,7 @@ def merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tup
 
 
 def block_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, causal: bool,
-                   scale: float, dropout: Dropout | None = None, q_pos: Tensor | None = None,
+                   scale: float, dropout: AttentionDropout | None = None, q_pos: Tensor | None = None,
                    k_pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One block's share of (dq, dk, dv), float32 at least, from the merged `lse` and delta = rowsum(dout *
     out) (flash attention's backward): P = exp(S - lse) are the block's final probabilities, and
@@ -188,7 +188,8 @@ def _positions(ring: Ring, step: int, length: int, device: torch.device) -> tupl
             chunk_positions(ring.cp, (ring.rank - step) % ring.cp, length, device))
 
 
-def ring_forward(q: Tensor, kv: Tensor, ring: Ring, scale: float, dropout: Dropout | None) -> tuple[Tensor, Tensor]:
+def ring_forward(q: Tensor, kv: Tensor, ring: Ring, scale: float,
+                 dropout: AttentionDropout | None) -> tuple[Tensor, Tensor]:
     """q [b, g, n, 2L, d], kv [2, b, g, 1, 2L, d] -> (out float [b, g, n, 2L, d], lse [b, g, n, 2L])."""
     length = q.shape[-2] // 2
     wide = torch.promote_types(q.dtype, torch.float32)
@@ -210,7 +211,7 @@ def ring_forward(q: Tensor, kv: Tensor, ring: Ring, scale: float, dropout: Dropo
 
 
 def ring_backward(q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, dout: Tensor, ring: Ring, scale: float,
-                  dropout: Dropout | None) -> tuple[Tensor, Tensor]:
+                  dropout: AttentionDropout | None) -> tuple[Tensor, Tensor]:
     """(dq [b, g, n, 2L, d], dkv [2, b, g, 1, 2L, d]) in q's and kv's dtypes. The keys and values go round
     again; each block's key/value gradient travels with the ranks that add to it and reaches its owner
     after the last step (one hop more than the keys and values)."""
@@ -244,7 +245,7 @@ def ring_backward(q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, kv: Tensor, ring: Ring, scale: float, dropout: Dropout | None) -> Tensor:
+    def forward(ctx, q: Tensor, kv: Tensor, ring: Ring, scale: float, dropout: AttentionDropout | None) -> Tensor:
         out, lse = ring_forward(q, kv, ring, scale, dropout)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, kv, out, lse)
@@ -258,7 +259,7 @@ class _RingAttention(torch.autograd.Function):
         return dq, dkv, None, None, None
 
 
-def grouped_attention(q: Tensor, k: Tensor, v: Tensor, ring: Ring, dropout: Dropout | None = None) -> Tensor:
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, ring: Ring, dropout: AttentionDropout | None = None) -> Tensor:
     """q [b, 2L, heads, d], k and v [b, 2L, groups, d] (query head i uses group i // (heads / groups)) ->
     [b, 2L, heads, d], causal attention over the whole sequence as `ring` holds it."""
     b, s, heads, d = q.shape
@@ -269,7 +270,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, ring: Ring, dropout: Drop
     return out.permute(0, 3, 1, 2, 4).reshape(b, s, heads, d)
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, dropout: Dropout | None = None) -> Tensor:
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, dropout: AttentionDropout | None = None) -> Tensor:
     """`grouped_attention` over this rank's context-parallel group (at C = 1 over the whole sequence)."""
     cp = parallel_state.context_parallel_size()
     exchange = GroupExchange if cp > 1 else SelfExchange

@@ -154,7 +154,9 @@ class GPTModel(nn.Module):
             seq_length = x.shape[1] * (parallel_state.tensor_model_parallel_size() if self.sequence_parallel else 1)
             rotary = rotary_tables(sequence_positions(seq_length, x.device), self.cfg.kv_channels,
                                    self.cfg.rotary_base)
-        layers = self.layers[chunk * self.chunk_size:(chunk + 1) * self.chunk_size]
+        layers = self.layers  # a chunk's slice only when interleaved (a slice builds a ModuleList per call)
+        if parallel_state.virtual_pipeline_model_parallel_size() > 1:
+            layers = layers[chunk * self.chunk_size:(chunk + 1) * self.chunk_size]
         x = recompute.forward_layers(layers, self.layer_groups, x, rotary)
         if not last:
             return x

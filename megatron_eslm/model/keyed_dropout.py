@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from megatron_eslm import parallel_state
-from megatron_eslm.context_parallel.ring import Dropout
+from megatron_eslm.context_parallel.ring import AttentionDropout
 from megatron_eslm.context_parallel.sharding import positions as sequence_positions
 from megatron_eslm.keyed_random import below, mix
 from megatron_eslm.compiled_regions import outside_compiled_regions
@@ -72,7 +72,7 @@ def build_hidden_dropout(p: float, keyed: bool, sequence_parallel: bool) -> nn.M
     return (layers.ShardedDropout if sequence_parallel else layers.Dropout)(p)
 
 
-def attention_dropout(p: float, q: Tensor, groups: int) -> Dropout:
+def attention_dropout(p: float, q: Tensor, groups: int) -> AttentionDropout:
     """The ring's attention dropout for q [b, s, heads, d] over `groups` key/value groups of this rank:
     masks keyed by (site, row, global head: this tensor-parallel rank's heads are an offset into all,
     query position, key position)."""
@@ -81,4 +81,4 @@ def attention_dropout(p: float, q: Tensor, groups: int) -> Dropout:
     first_head = parallel_state.tensor_model_parallel_rank() * heads
     rows = torch.arange(b, device=q.device).view(b, 1, 1, 1, 1)
     head = (first_head + torch.arange(heads, device=q.device)).view(1, groups, heads // groups, 1, 1)
-    return Dropout(p, lambda q_pos, k_pos: keep_mask(key, p, rows, head, q_pos.view(-1, 1), k_pos.view(1, -1)))
+    return AttentionDropout(p, lambda q_pos, k_pos: keep_mask(key, p, rows, head, q_pos.view(-1, 1), k_pos.view(1, -1)))
