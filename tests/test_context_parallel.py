@@ -3,8 +3,8 @@ runs and checks: in float64, the logged numbers (the kept fraction exactly) and 
 
 Layouts: CP2, and CP2 with selective recompute (2 ranks); CP2xDP2, CP2xTP2 (with sequence parallelism for
 Llama) and CP2xPP2 (4 ranks), in the CPU's default all-gather form; the ring (--cp-comm-type p2p) at CP2
-(GPT-2 ESLM; Llama dense with keyed dropout and selective recompute), CP4 (Llama ESLM, keyed dropout) and
-CP2xTP2+SP (GPT-2 dense, keyed dropout) (`test_ring`).
+(GPT-2 ESLM; Llama dense with keyed dropout and selective recompute), CP4 (Llama ESLM and GPT-2 dense, keyed
+dropout) and CP2xTP2+SP (GPT-2 dense, keyed dropout) (`test_ring`).
 Selections: dense, ESLM by loss (sketch-exact threshold) and by entropy (exact threshold), the previous
 step's threshold (--eslm-threshold-scope previous-step), eslm-is (its draws are keyed by the token's
 global position) and Ada-ESLM; GPT-2 and Llama shapes. Besides: the
@@ -71,7 +71,8 @@ CASES = {
 # the ring (--cp-comm-type p2p), with keyed dropout, per world size
 RING_CASES = {
     2: [("gpt2", "cp2-ring", "eslm-loss"), ("llama", "cp2-ring-recompute", "dense-dropout")],
-    4: [("llama", "cp4-ring", "eslm-loss-dropout"), ("gpt2", "cp2tp2-sp-ring", "dense-dropout")],
+    4: [("llama", "cp4-ring", "eslm-loss-dropout"), ("gpt2", "cp4-ring", "dense-dropout"),
+        ("gpt2", "cp2tp2-sp-ring", "dense-dropout")],
 }
 
 

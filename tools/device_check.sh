@@ -29,6 +29,9 @@
 #   cp_attention     context parallelism's attention on CUDA (tests/test_context_parallel.py, test_cp_ring.py
 #                    -k cuda): the all-gather form's lower-right masks and the ring's blocks and log-sum-exp
 #                    merge (C = 4 simulated ranks) with grouped queries, bf16 and fp32, against fused causal SDPA
+#   pp4_bubble       issue 31's bubble on the machine's CPU cores, a core per rank (no GPU: CUDA_VISIBLE_DEVICES
+#                    is emptied): tools/bench_pipeline_bubble.py --pp 4 --layers 8 --hidden 768, m = 8, plain 1F1B
+#                    against the interleaved schedule (VP2), measured pipeline-idle time and the scaling model's
 #   attention_tests  --attention-backend on CUDA (tests/test_attention_backend.py -k cuda): two bf16 steps under
 #                    each backend against math, and context parallelism's lower-right mask (CausalBias) under
 #                    auto, flash (grouped queries) and efficient running without being materialised
@@ -258,6 +261,8 @@ step cuda_tests 150 "torch triton pytest sentencepiece megatron_eslm" "$PY" -m p
     ${CUDA_TESTS//tests\/test_cp_ring.py/} -k cuda
 step cp_attention 90 "torch pytest megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
     tests/test_context_parallel.py tests/test_cp_ring.py -k cuda
+step pp4_bubble 120 "torch megatron_eslm" env CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 \
+    "$PY" tools/bench_pipeline_bubble.py --pp 4 --layers 8 --hidden 768 --steps 4
 step attention_tests 90 "torch pytest sentencepiece megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
     tests/test_attention_backend.py -k cuda
 step fp8_tests 90 "torch torchao pytest sentencepiece megatron_eslm" "$PY" -m pytest -q -rfE -p no:cacheprovider \
