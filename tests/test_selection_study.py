@@ -108,3 +108,17 @@ def test_threshold_scope_study_runs_on_generated_text(tmp_path, capsys):
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.5 |")]
     # rows from step 2 and from step iters // 2 + 1 (both 2 here), each scope
     assert [line.split(" | ")[1:3] for line in table] == [["2-3", "micro-batch"], ["2-3", "previous-step"]] * 2
+
+
+def test_summary_best_is_the_lowest_evaluation_up_to_the_budget():
+    """selection_study_summary --best: a run stopped at its best evaluation before the budget, or at the
+    budget itself (interpolated), never at an evaluation past it."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from selection_study_summary import best_until, ratios
+    run = [{"executed_flops": str(f), "val_loss": str(loss)} for f, loss in [(1, 5.0), (2, 4.0), (3, 4.5), (4, 3.0)]]
+    assert best_until(run, 3.0, "executed", "val_loss") == 4.0
+    assert best_until(run, 3.5, "executed", "val_loss") == 3.75  # between 4.5 and 3.0: lower than every earlier one
+    rows = [{**r, "variant": "dense", "seed": "1", "paper_flops": r["executed_flops"]} for r in run]
+    rows += [{"variant": "v", "seed": "1", "executed_flops": str(f), "paper_flops": str(f), "val_loss": str(loss)}
+             for f, loss in [(1, 4.2), (3, 4.4)]]
+    assert ratios(rows, {"executed": 3.0}, "val_loss", "dense", best_until)["v"]["executed"] == [pytest.approx(1.2214, 1e-4)]

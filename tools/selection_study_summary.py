@@ -7,6 +7,11 @@ domain: mean over seeds, min-max.
 
     python tools/selection_study_summary.py docs/selection_study/L2-H128-one-pass docs/selection_study/L2-H128-passes8
 
+--best compares early-stopped runs instead: each run's lowest value at an evaluation up to the budget (or at
+the budget itself), over the baseline's lowest. Where the data repeats, dense's validation curve flattens or
+turns up before the budget, and a policy that only trains less (or slower) would look better at the budget
+than dense does there; against the best checkpoint it would not.
+
 Each study folder holds selection_study.md (whose header gives the budgets) and selection_study.csv (every
 evaluation of every run, with the cumulative FLOPs); the loss at a budget is interpolated linearly between
 the two evaluations around it, as the study's own table does.
@@ -63,8 +68,17 @@ def loss_at(rows: list[dict], budget: float, measure: str, key: str) -> float:
     raise UserError(f"a run stops at {points[-1][0]:.3g} {measure} FLOPs, before the budget {budget:.3g}")
 
 
-def ratios(rows: list[dict], budgets: dict[str, float], key: str, baseline: str) -> dict[str, dict[str, list[float]]]:
-    """variant -> measure -> [perplexity over `baseline`'s, per seed] of `key` at each budget."""
+def best_until(rows: list[dict], budget: float, measure: str, key: str) -> float:
+    """The lowest `key` of one run's evaluations up to `budget` of `measure`, and at the budget itself: the
+    run stopped early at its best evaluation."""
+    before = [float(r[key]) for r in rows if float(r[f"{measure}_flops"]) <= budget]
+    return min([*before, loss_at(rows, budget, measure, key)])
+
+
+def ratios(rows: list[dict], budgets: dict[str, float], key: str, baseline: str,
+           at=loss_at) -> dict[str, dict[str, list[float]]]:
+    """variant -> measure -> [perplexity over `baseline`'s, per seed] of `key` at each budget (`at`: the
+    value at the budget, or `best_until` it)."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         runs.setdefault((row["variant"], row["seed"]), []).append(row)
@@ -73,9 +87,8 @@ def ratios(rows: list[dict], budgets: dict[str, float], key: str, baseline: str)
         for measure, budget in budgets.items():
             if (baseline, seed) not in runs:
                 raise UserError(f"--baseline {baseline}: no run of it with seed {seed} in the study")
-            dense = loss_at(runs[(baseline, seed)], budget, measure, key)
-            out.setdefault(variant, {}).setdefault(measure, []).append(
-                math.exp(loss_at(run, budget, measure, key) - dense))
+            dense = at(runs[(baseline, seed)], budget, measure, key)
+            out.setdefault(variant, {}).setdefault(measure, []).append(math.exp(at(run, budget, measure, key) - dense))
     return out
 
 
@@ -90,13 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", help="selection study output folders (--out-dir of selection_study.py)")
     p.add_argument("--baseline", default="dense", help="the variant the perplexities are divided by (same seed)")
+    p.add_argument("--best", action="store_true",
+                   help="each run's lowest perplexity up to the budget (early stopping), not its perplexity there")
     args = p.parse_args(argv)
+    at = best_until if args.best else loss_at
     studies = [read_study(folder) for folder in args.folders]
     columns = []  # (title, study index, CSV key)
     for i, (label, _, heldout, _) in enumerate(studies):
         columns.append((f"{label}: validation documents", i, "val_loss"))
         columns += [(f"{label}: held-out {name}", i, f"loss {name}") for name in heldout]
-    tables = [{key: ratios(rows, budgets, key, args.baseline) for _, j, key in columns if j == i}
+    tables = [{key: ratios(rows, budgets, key, args.baseline, at) for _, j, key in columns if j == i}
               for i, (_, budgets, _, rows) in enumerate(studies)]
     variants = list(dict.fromkeys(row["variant"] for *_, rows in studies for row in rows))
     print("| variant | " + " | ".join(title for title, _, _ in columns) + " |")
