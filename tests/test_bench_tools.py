@@ -87,7 +87,7 @@ def test_device_check_dry_run(tmp_path):
     steps = re.findall(r"^\| (\w+) \| dry run \(timeout (\d+) s\)", report, re.M)
     fp8_steps = ("fp8_tests", "llama_fp8_step", "fp8_loss")  # dry runs with torchao, else skipped and named
     assert [name for name, _ in steps if name not in fp8_steps] == [
-        "env", "install", "wheels", "nccl_faults", "cuda_tests", "cp_attention", "attention_tests", "triton_tests",
+        "env", "install", "wheels", "nccl_faults", "cuda_tests", "cp_attention", "pp4_bubble", "attention_tests", "triton_tests",
         "lm_head_bench", "gpt2_step_triton", "gpt2_step_torch", "llama_step", "compile_gpt2",
         "compile_llama", "llama_memory", "save_bench", "peers",
         "quickstart", "quickstart_bf16", "selection_study"]
@@ -99,6 +99,9 @@ def test_device_check_dry_run(tmp_path):
     study = re.search(r"`\S+ tools/selection_study.py (.*?)` \(", report).group(1)
     args = selection_study.parse(shlex.split(study))
     assert (args.num_layers, args.hidden_size, args.seq_length, args.run_flags) == (12, 768, 1024, "--bf16")
+    assert args.variants == ["dense", "eslm-seq-0.5", "lfr-mask"]
+    # issue 31's bubble: PP4 on the machine's CPU cores, the GPU hidden from the ranks
+    assert re.search(r"CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 \S+ tools/bench_pipeline_bubble.py --pp 4 ", report)
     assert (tmp_path / "logs.tar.gz").exists()
 
 
