@@ -87,8 +87,8 @@ def test_device_check_dry_run(tmp_path):
     steps = re.findall(r"^\| (\w+) \| dry run \(timeout (\d+) s\)", report, re.M)
     fp8_steps = ("fp8_tests", "llama_fp8_step", "fp8_loss")  # dry runs with torchao, else skipped and named
     assert [name for name, _ in steps if name not in fp8_steps] == [
-        "env", "install", "wheels", "nccl_faults", "cuda_tests", "cp_attention", "pp4_bubble", "attention_tests", "triton_tests",
-        "lm_head_bench", "gpt2_step_triton", "gpt2_step_torch", "llama_step", "compile_gpt2",
+        "env", "install", "wheels", "nccl_faults", "cuda_tests", "cp_attention", "pp4_bubble", "attention_tests",
+        "triton_tests", "lm_head_bench", "gpt2_step_triton", "gpt2_step_torch", "llama_step", "compile_gpt2",
         "compile_llama", "llama_memory", "save_bench", "peers",
         "quickstart", "quickstart_bf16", "selection_study"]
     assert "tests/test_lm_head_triton.py" in report and "tests/test_host_syncs.py" in report

@@ -31,7 +31,8 @@
 #                    merge (C = 4 simulated ranks) with grouped queries, bf16 and fp32, against fused causal SDPA
 #   pp4_bubble       issue 31's bubble on the machine's CPU cores, a core per rank (no GPU: CUDA_VISIBLE_DEVICES
 #                    is emptied): tools/bench_pipeline_bubble.py --pp 4 --layers 8 --hidden 768, m = 8, plain 1F1B
-#                    against the interleaved schedule (VP2), measured pipeline-idle time and the scaling model's
+#                    against the interleaved schedule (VP2): the first stage's measured idle time, and the ratio
+#                    tools/scaling_model.py predicts
 #   attention_tests  --attention-backend on CUDA (tests/test_attention_backend.py -k cuda): two bf16 steps under
 #                    each backend against math, and context parallelism's lower-right mask (CausalBias) under
 #                    auto, flash (grouped queries) and efficient running without being materialised
@@ -64,9 +65,9 @@
 #                    the mean lm_loss of the last 20 within 1% of bf16's. Not reached within the default
 #                    budget: DEVICE_CHECK_ONLY="install wheels fp8_tests llama_fp8_step quickstart fp8_loss"
 #   selection_study  issue 28's comparison at the GPT-2 124M shape in bf16 (tools/selection_study.py, seed 1):
-#                    STUDY_VARIANTS (default dense, sequence ESLM at keep 0.5, LFR mask: the CPU study's policy that
-#                    saves compute and its one winner where data repeats; here 20 M tokens read a few M several times) at
-#                    dense's executed FLOPs in 600 steps of 32 x 1024 tokens, on the standard library (train)
+#                    STUDY_VARIANTS (default dense, sequence ESLM at keep 0.5, LFR mask: the CPU study's policy
+#                    that saves compute and its one winner where data repeats, as it does here: 20 M tokens
+#                    read a corpus of a few M several times) at dense's executed FLOPs in 600 steps of 32 x 1024 tokens, on the standard library (train)
 #                    and the licenses text (held-out domain), vocabulary 32768; the table comes back in
 #                    $OUT/selection_study/. About 3 minutes a variant: not reached within the default budget,
 #                    run it alone: DEVICE_CHECK_ONLY=selection_study DEVICE_CHECK_BUDGET_S=580. Its data is

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import statistics
+from typing import Callable
 
 from megatron_eslm.errors import UserError, exit_on_user_error
 
@@ -76,7 +77,7 @@ def best_until(rows: list[dict], budget: float, measure: str, key: str) -> float
 
 
 def ratios(rows: list[dict], budgets: dict[str, float], key: str, baseline: str,
-           at=loss_at) -> dict[str, dict[str, list[float]]]:
+           at: Callable[[list[dict], float, str, str], float] = loss_at) -> dict[str, dict[str, list[float]]]:
     """variant -> measure -> [perplexity over `baseline`'s, per seed] of `key` at each budget (`at`: the
     value at the budget, or `best_until` it)."""
     runs: dict[tuple[str, str], list[dict]] = {}
