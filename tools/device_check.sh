@@ -67,7 +67,8 @@
 #   selection_study  issue 28's comparison at the GPT-2 124M shape in bf16 (tools/selection_study.py, seed 1):
 #                    STUDY_VARIANTS (default dense, sequence ESLM at keep 0.5, LFR mask: the CPU study's policy
 #                    that saves compute and its one winner where data repeats, as it does here: 20 M tokens
-#                    read a corpus of a few M several times) at dense's executed FLOPs in 600 steps of 32 x 1024 tokens, on the standard library (train)
+#                    read a corpus of a few M several times) at dense's executed FLOPs in 600 steps of 32 x 1024
+#                    tokens, on the standard library (train)
 #                    and the licenses text (held-out domain), vocabulary 32768; the table comes back in
 #                    $OUT/selection_study/. About 3 minutes a variant: not reached within the default budget,
 #                    run it alone: DEVICE_CHECK_ONLY=selection_study DEVICE_CHECK_BUDGET_S=580. Its data is
